@@ -1,0 +1,240 @@
+"""Identity annotations of the 1-SHUI datasets, read exactly as the reference code reads them.
+
+The reference (``method/dataset/dataset_classes.py``) numbers images and identities per dataset:
+
+* CelebA: ``<data_dir>/celeba/identity_CelebA.txt``, rows ``<file> <id>`` in file order
+  (000001.jpg .. 202599.jpg). Identity ids are CelebA's own (1..10177). ``identity_to_images``
+  is a *dict* in first-appearance order.
+* CelebA-HQ: ``<data_dir>/CelebAMask-HQ/CelebA-HQ-identity.txt``, rows ``<k>.jpg <person_id>``;
+  image ``k`` is at position ``k``. The number of images is the first line of
+  ``CelebAMask-HQ-attribute-anno.txt`` when that file exists. ``identity_to_images`` is a *list*
+  of length ``max(id) + 1``.
+* MUFAC: ``<data_dir>/mufac/custom_{train,val,test}_dataset.csv`` merged in that order; identity =
+  ``family_id + "_" + person_id``, numbered by first appearance. A list, like CelebA-HQ.
+* SynthFaces (the embedded default): ids 0..K-1 from the generator, a list.
+
+Only identities are read here: the splits need nothing else. Labels and images are read by the
+dataset builders.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+from oneshui_jax.errors import DataError
+
+DATASETS = ("celeba", "celebahq", "mufac", "synthfaces")
+
+CELEBA_LAYOUT = "<data_dir>/celeba/identity_CelebA.txt with rows '<000001.jpg> <identity id>'"
+CELEBAHQ_LAYOUT = (
+    "<data_dir>/CelebAMask-HQ/CelebA-HQ-identity.txt with rows '<k>.jpg <person id>' "
+    "(and optionally CelebAMask-HQ-attribute-anno.txt whose first line is the image count)"
+)
+MUFAC_LAYOUT = (
+    "<data_dir>/mufac/custom_{train,val,test}_dataset.csv with header "
+    "'family_id,person_id,age_class,image_path' and images in <data_dir>/mufac/{split}_images/"
+)
+MUFAC_SPLITS = ("train", "val", "test")
+MUFAC_COLUMNS = ("family_id", "person_id", "age_class", "image_path")
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentityAnnotations:
+    """Which identity each image of a dataset shows, in the reference's dataset order.
+
+    Attributes:
+      dataset: one of ``DATASETS``.
+      identities: int64 array, the identity id of every image (dataset order).
+      files: the image file of every image, relative to ``data_dir``.
+      keyed: ``"dict"`` when the reference keeps ``identity_to_images`` as a dict (CelebA), else
+        ``"list"`` (its length is then ``max(id) + 1`` and ids index it directly).
+    """
+
+    dataset: str
+    identities: np.ndarray
+    files: tuple[str, ...]
+    keyed: Literal["dict", "list"]
+
+    def __post_init__(self):
+        if len(self.files) != len(self.identities):
+            raise ValueError(
+                f"{self.dataset}: {len(self.files)} files but {len(self.identities)} identities"
+            )
+
+    @property
+    def num_images(self) -> int:
+        return len(self.identities)
+
+    def identity_ids(self) -> list[int]:
+        """All identity ids in the reference's order (before any shuffle)."""
+        if self.keyed == "dict":
+            _, first = np.unique(self.identities, return_index=True)
+            return [int(i) for i in self.identities[np.sort(first)]]
+        return list(range(int(self.identities.max()) + 1))
+
+    def identity_to_images(self) -> dict[int, list[int]] | list[list[int]]:
+        """The reference's ``get_identity_to_images()``: image indices per identity."""
+        ids = self.identities.tolist()
+        if self.keyed == "dict":
+            out: dict[int, list[int]] = {}
+            for i, identity in enumerate(ids):
+                out.setdefault(identity, []).append(i)
+            return out
+        table: list[list[int]] = [[] for _ in range(max(ids) + 1)]
+        for i, identity in enumerate(ids):
+            table[identity].append(i)  # identity -1 (no annotation) lands in the last list
+        return table
+
+
+def _require_file(path: str, layout: str) -> None:
+    if not os.path.isdir(os.path.dirname(path) or "."):
+        raise DataError(f"Data directory not found: {os.path.dirname(path)}. Expected {layout}.")
+    if not os.path.isfile(path):
+        raise DataError(f"Annotation file not found: {path}. Expected {layout}.")
+
+
+def _read_rows(path: str, layout: str, num_fields: int) -> list[tuple[int, list[str]]]:
+    """Whitespace-separated rows of ``path`` with at least ``num_fields`` fields, numbered from 1."""
+    _require_file(path, layout)
+    rows = []
+    with open(path, newline=None) as f:
+        for lineno, line in enumerate(f, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) < num_fields:
+                raise DataError(
+                    f"{path}, line {lineno}: expected {num_fields} fields, got {line.strip()!r}. "
+                    f"Expected {layout}."
+                )
+            rows.append((lineno, fields))
+    if not rows:
+        raise DataError(f"{path} is empty. Expected {layout}.")
+    return rows
+
+
+def _parse_int(value: str, path: str, lineno: int, what: str, layout: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise DataError(
+            f"{path}, line {lineno}: {what} {value!r} is not an integer. Expected {layout}."
+        ) from None
+
+
+def read_celeba(data_dir: str) -> IdentityAnnotations:
+    """CelebA identities from ``identity_CelebA.txt`` (file order = torchvision's order)."""
+    path = os.path.join(data_dir, "celeba", "identity_CelebA.txt")
+    files, ids = [], []
+    for lineno, (name, identity, *_) in _read_rows(path, CELEBA_LAYOUT, 2):
+        files.append(os.path.join("celeba", "img_align_celeba", name))
+        ids.append(_parse_int(identity, path, lineno, "identity", CELEBA_LAYOUT))
+    return IdentityAnnotations("celeba", np.asarray(ids, np.int64), tuple(files), "dict")
+
+
+def read_celebahq(data_dir: str) -> IdentityAnnotations:
+    """CelebA-HQ identities; image ``k.jpg`` sits at index ``k``, unannotated images get -1."""
+    folder = os.path.join(data_dir, "CelebAMask-HQ")
+    path = os.path.join(folder, "CelebA-HQ-identity.txt")
+    rows = _read_rows(path, CELEBAHQ_LAYOUT, 2)
+    entries = []
+    for lineno, (name, person, *_) in rows:
+        stem = name.split(".")[0]
+        k = _parse_int(stem, path, lineno, "image number", CELEBAHQ_LAYOUT)
+        entries.append((k, _parse_int(person, path, lineno, "person id", CELEBAHQ_LAYOUT)))
+    attr_path = os.path.join(folder, "CelebAMask-HQ-attribute-anno.txt")
+    if os.path.isfile(attr_path):
+        with open(attr_path) as f:
+            first = f.readline().strip()
+        num_images = _parse_int(first, attr_path, 1, "image count", CELEBAHQ_LAYOUT)
+    else:
+        num_images = max(k for k, _ in entries) + 1
+    identities = np.full(num_images, -1, np.int64)
+    for k, person in entries:
+        if not 0 <= k < num_images:
+            raise DataError(
+                f"{path}: image {k}.jpg is outside 0..{num_images - 1} (the image count in "
+                f"{attr_path}). Expected {CELEBAHQ_LAYOUT}."
+            )
+        identities[k] = person
+    files = tuple(os.path.join("CelebAMask-HQ", "CelebA-HQ-img", f"{k}.jpg")
+                  for k in range(num_images))
+    return IdentityAnnotations("celebahq", identities, files, "list")
+
+
+def read_mufac_rows(data_dir: str) -> list[tuple[str, str, list[str]]]:
+    """MUFAC CSV rows as ``(split, csv_path, row)``, train then val then test, header checked."""
+    rows = []
+    for split in MUFAC_SPLITS:
+        path = os.path.join(data_dir, "mufac", f"custom_{split}_dataset.csv")
+        _require_file(path, MUFAC_LAYOUT)
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None or tuple(h.strip() for h in header[:4]) != MUFAC_COLUMNS:
+                raise DataError(
+                    f"{path}, line 1: header {header!r} does not start with the columns "
+                    f"{','.join(MUFAC_COLUMNS)}. Expected {MUFAC_LAYOUT}."
+                )
+            for lineno, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                if len(row) < 4 or not all(row[:4]):
+                    raise DataError(
+                        f"{path}, line {lineno}: expected 4 non-empty columns "
+                        f"({','.join(MUFAC_COLUMNS)}), got {row!r}."
+                    )
+                rows.append((split, path, row))
+    return rows
+
+
+def read_mufac(data_dir: str) -> IdentityAnnotations:
+    """MUFAC identities ``family_person`` numbered by first appearance over train, val, test."""
+    seen: dict[str, int] = {}
+    ids, files = [], []
+    for split, _, row in read_mufac_rows(data_dir):
+        key = "_".join(row[:2])
+        ids.append(seen.setdefault(key, len(seen)))
+        files.append(os.path.join("mufac", f"{split}_images", row[-1]))
+    return IdentityAnnotations("mufac", np.asarray(ids, np.int64), tuple(files), "list")
+
+
+def read_synthfaces(config_name: str = "default") -> IdentityAnnotations:
+    """SynthFaces identities, computed from the generator without rendering an image."""
+    from oneshui_jax.data import synthfaces
+
+    cfg = synthfaces.named_config(config_name)
+    ids = synthfaces.identity_table(cfg)
+    files = tuple(synthfaces.file_name(int(i), int(k)) for i, k in _within_identity(ids))
+    return IdentityAnnotations("synthfaces", ids.astype(np.int64), files, "list")
+
+
+def _within_identity(ids: np.ndarray) -> Sequence[tuple[int, int]]:
+    """(identity, k-th image of that identity) for every image of a contiguous identity table."""
+    out, last, k = [], None, 0
+    for i in ids.tolist():
+        k = k + 1 if i == last else 0
+        out.append((i, k))
+        last = i
+    return out
+
+
+def read_identities(dataset: str, data_dir: str | None = None,
+                    synthfaces_config: str = "default") -> IdentityAnnotations:
+    """Identity annotations of ``dataset`` under ``data_dir`` (unused for SynthFaces)."""
+    if dataset == "synthfaces":
+        return read_synthfaces(synthfaces_config)
+    readers = {"celeba": read_celeba, "celebahq": read_celebahq, "mufac": read_mufac}
+    if dataset not in readers:
+        raise DataError(f"Unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}.")
+    if not data_dir:
+        raise DataError(f"Dataset {dataset!r} needs a data_dir; none was given.")
+    if not os.path.isdir(data_dir):
+        raise DataError(f"Data directory not found: {data_dir}.")
+    return readers[dataset](data_dir)
