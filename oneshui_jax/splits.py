@@ -4,11 +4,12 @@ Implements ``IdentityUnlearningDataset._split_data``, ``_split_using_target_rati
 ``_init_unlearning`` and ``get_simulated_unlearning_data`` of the original code (SPEC.md section 2):
 
 1. ``random.seed(seed)``; shuffle all identity ids; split them 40/60 *by images*
-   (``_split_using_target_ratio(0.4)``, including its off-by-one when the limit moves left), then the
-   40% part 50/50 into VAL and TEST. TRAIN is the 60% part.
-2. Shuffle all ids again; walk them and take as FORGET the first ``N`` TRAIN identities with at least
-   2 images (at least 6 when ``N == 1``), each with one support image ``random.sample(images, 1)``.
-   Every other TRAIN identity is RETAIN. Support images are held out of every split.
+   (``_split_using_target_ratio(0.4)``, including its off-by-one when the limit moves left),
+   then the 40% part 50/50 into VAL and TEST. TRAIN is the 60% part.
+2. Shuffle all ids again; walk them and take as FORGET the first ``N`` TRAIN identities with at
+   least 2 images (at least 6 when ``N == 1``), each with one support image
+   ``random.sample(images, 1)``. Every other TRAIN identity is RETAIN. Support images are held
+   out of every split.
 3. Simulated requests for meta-training: shuffle TRAIN, cut it into chunks of ``n`` (the last one
    wraps around), draw one support image per identity from the set of its non-support images.
 

@@ -100,7 +100,7 @@ def _require_file(path: str, layout: str) -> None:
 
 
 def _read_rows(path: str, layout: str, num_fields: int) -> list[tuple[int, list[str]]]:
-    """Whitespace-separated rows of ``path`` with at least ``num_fields`` fields, numbered from 1."""
+    """Whitespace-separated rows of ``path`` with ``num_fields`` or more fields (line numbers)."""
     _require_file(path, layout)
     rows = []
     with open(path, newline=None) as f:

@@ -1,0 +1,170 @@
+"""Pretraining and retraining (the oracle) of the task model, SPEC.md section 4.
+
+``pretrain`` fits all TRAIN identities except the held-out support images; ``retrain`` fits the
+RETAIN identities only, from the same initial weights. Both use the reference's recipe: SGD with
+momentum and weight decay on every parameter, per-step warmup then per-epoch cosine
+(``optim.reference_lr``), BCE-with-logits (multi-label) or cross-entropy (classification), bf16
+compute with float32 parameters, validation after every epoch, and the best-by-validation
+parameters kept (strictly better, starting from 0).
+
+The step functions are pure and jit-compiled once per shape: every array, the learning rate
+included, is an argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from oneshui_jax import metrics as metrics_lib
+from oneshui_jax import optim
+from oneshui_jax.models import vit
+
+Batch = dict[str, Any]
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Pretrain / retrain hyper-parameters (SPEC.md 4.2 table)."""
+
+    task: str  # "multilabel" | "classification"
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    warmup_epochs: int = 2
+    compute_dtype: str = "bfloat16"
+
+
+def per_example_loss(task: str, logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """BCE-with-logits averaged over labels (multi-label) or cross-entropy (classification)."""
+    logits = logits.astype(jnp.float32)
+    if task == "multilabel":
+        return optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)).mean(-1)
+    if task == "classification":
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
+    raise ValueError(f"unknown task {task!r}; expected 'multilabel' or 'classification'")
+
+
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    mask = mask.astype(values.dtype)
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def make_train_step(model_cfg: vit.ViTConfig, cfg: TrainConfig,
+                    tx: optax.GradientTransformation) -> Callable:
+    """``step(params, opt_state, batch, lr) -> (params, opt_state, {"loss"})``, jit-compiled."""
+    dtype = jnp.dtype(cfg.compute_dtype)
+
+    def loss_fn(params, batch):
+        logits, _ = vit.apply(model_cfg, params, batch["image"], dtype=dtype)
+        return masked_mean(per_example_loss(cfg.task, logits, batch["label"]), batch["mask"])
+
+    def step(params, opt_state, batch, lr):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = jax.tree.map(lambda p, u: p - lr * u.astype(p.dtype), params, updates)
+        return params, opt_state, {"loss": loss}
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_eval_step(model_cfg: vit.ViTConfig, task: str, compute_dtype: str) -> Callable:
+    """``step(params, images, labels) -> (logits, per-example losses)``, jit-compiled."""
+    dtype = jnp.dtype(compute_dtype)
+
+    def step(params, images, labels):
+        logits, _ = vit.apply(model_cfg, params, images, dtype=dtype)
+        return logits, per_example_loss(task, logits, labels)
+
+    return jax.jit(step)
+
+
+def evaluate(eval_step: Callable, params: Params, batches: Iterator[Batch],
+             task: str) -> dict[str, Any]:
+    """Loss and task metric of one split (SPEC.md 5.1 ``engine.evaluate``).
+
+    ``loss`` is the unweighted mean of per-batch mean losses (the reference's semantics, Q28);
+    ``metric`` is computed once over the whole split; ``losses`` are per-example losses.
+    """
+    logits, labels, losses, batch_means = [], [], [], []
+    for batch in batches:
+        out_logits, out_losses = jax.device_get(eval_step(params, batch["image"], batch["label"]))
+        mask = np.asarray(batch["mask"])
+        logits.append(out_logits[mask])
+        labels.append(np.asarray(batch["label"])[mask])
+        losses.append(out_losses[mask])
+        batch_means.append(float(out_losses[mask].mean()))
+    logits_all, labels_all = np.concatenate(logits), np.concatenate(labels)
+    return {
+        "loss": float(np.mean(batch_means)),
+        "metric": metrics_lib.task_metric(task, logits_all, labels_all),
+        "losses": np.concatenate(losses),
+    }
+
+
+@dataclasses.dataclass
+class FitResult:
+    params: Params  # best-by-validation parameters
+    best_epoch: int
+    history: list[dict[str, float]]
+    seconds: float
+
+
+def fit(model_cfg: vit.ViTConfig, cfg: TrainConfig, params: Params,
+        train_batches: Iterator[Batch], steps_per_epoch: int,
+        validate: Callable[[Params], dict[str, Any]], *, desc: str = "train",
+        progress: bool = True) -> FitResult:
+    """Runs ``cfg.epochs`` epochs over ``train_batches`` and keeps the best-by-validation params."""
+    tx = optim.sgd(cfg.weight_decay, cfg.momentum)
+    params = jax.tree.map(jnp.copy, params)  # the step donates its inputs; keep the caller's
+    opt_state = tx.init(params)
+    step_fn = make_train_step(model_cfg, cfg, tx)
+    best_params, best_metric, best_epoch = None, 0.0, -1
+    history = []
+    start = time.perf_counter()
+    total = cfg.epochs * steps_per_epoch
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
+    step = 0
+    for epoch in range(cfg.epochs):
+        losses, seen, epoch_start = [], 0, time.perf_counter()
+        for _ in range(steps_per_epoch):
+            batch = next(train_batches)
+            lr = optim.reference_lr(step, base_lr=cfg.lr, steps_per_epoch=steps_per_epoch,
+                                    epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs)
+            params, opt_state, out = step_fn(params, opt_state, batch, jnp.float32(lr))
+            losses.append(out["loss"])
+            seen += int(np.sum(batch["mask"]))
+            step += 1
+            bar.update(1)
+            if step % 10 == 0 or step == total:
+                rate = seen / max(time.perf_counter() - epoch_start, 1e-9)
+                bar.set_postfix(epoch=epoch, loss=f"{float(out['loss']):.4f}",
+                                img_s=f"{rate:.0f}")
+        train_loss = float(np.mean(jax.device_get(losses)))
+        if not np.isfinite(train_loss):
+            bar.close()
+            raise FloatingPointError(
+                f"{desc}: training loss became {train_loss} in epoch {epoch}; lower the learning "
+                "rate (config.train.lr) or check the data.")
+        val = validate(params)
+        record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
+                  "val_metric": val["metric"], "lr": lr}
+        history.append(record)
+        if val["metric"] > best_metric:
+            best_metric, best_epoch = val["metric"], epoch
+            best_params = jax.tree.map(jnp.copy, params)
+    bar.close()
+    if best_params is None:  # the reference would crash (Q17); keep the last parameters instead
+        best_params, best_epoch = params, cfg.epochs - 1
+    return FitResult(best_params, best_epoch, history, time.perf_counter() - start)

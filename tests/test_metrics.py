@@ -1,0 +1,75 @@
+"""mAP with torchmetrics-1.3.0 semantics, accuracy, ToW, and the reference's LR schedule."""
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score
+
+from oneshui_jax import metrics, optim
+
+
+def test_average_precision_matches_sklearn_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scores = rng.integers(0, 5, 60) / 4.0  # heavy ties, like bf16 scores
+        targets = rng.integers(0, 2, 60)
+        if targets.sum() == 0:
+            continue
+        assert metrics.average_precision(scores, targets) == pytest.approx(
+            average_precision_score(targets, scores), abs=1e-12)
+
+
+def test_map_skips_labels_without_positives():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(50, 4))
+    targets = rng.integers(0, 2, (50, 4))
+    targets[:, 2] = 0  # no positive: NaN in torchmetrics 1.3.0, left out of the mean
+    expected = np.mean([average_precision_score(targets[:, c], logits[:, c])
+                        for c in (0, 1, 3)]) * 100
+    assert metrics.mean_average_precision(logits, targets) == pytest.approx(expected)
+    assert math.isnan(metrics.mean_average_precision(logits, np.zeros_like(targets)))
+
+
+def test_accuracy_and_task_dispatch():
+    logits = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
+    assert metrics.accuracy(logits, np.array([1, 0, 0])) == pytest.approx(200 / 3)
+    assert metrics.task_metric("classification", logits, np.array([1, 0, 1])) == 100.0
+    with pytest.raises(ValueError, match="unknown task"):
+        metrics.task_metric("regression", logits, np.array([1, 0, 1]))
+
+
+def test_tow():
+    ref = {"retain": 90.0, "forget": 60.0, "test": 80.0}
+    assert metrics.tow(ref, ref) == pytest.approx(100.0)
+    got = {"retain": 80.0, "forget": 70.0, "test": 80.0}
+    assert metrics.tow(got, ref) == pytest.approx(100 * 0.9 * 0.9)
+
+
+def test_reference_lr_schedule():
+    """Values of torch's WarmUpLR + CosineAnnealingLR(T_max=30) as the reference steps them."""
+    kw = dict(base_lr=1e-3, steps_per_epoch=10, epochs=30, warmup_epochs=2)
+    assert optim.reference_lr(0, **kw) == 0.0  # the first batch runs at lr 0
+    assert optim.reference_lr(1, **kw) == pytest.approx(1e-3 / 20)
+    assert optim.reference_lr(19, **kw) == pytest.approx(1e-3 * 19 / 20)
+    assert optim.reference_lr(20, **kw) == pytest.approx(1e-3)  # epoch 2
+    assert optim.reference_lr(29, **kw) == pytest.approx(1e-3)  # constant within an epoch
+    assert optim.reference_lr(30, **kw) == pytest.approx(1e-3 * (1 + math.cos(math.pi / 30)) / 2)
+    last = optim.reference_lr(299, **kw)
+    assert last == pytest.approx(1e-3 * 0.0245, rel=1e-2) and last > 0  # never reaches 0
+
+
+def test_sgd_matches_torch_semantics():
+    """p -= lr * buf, buf = 0.9 buf + (g + wd p): torch.optim.SGD(momentum=0.9, weight_decay)."""
+    import jax.numpy as jnp
+    tx = optim.sgd(weight_decay=0.1, momentum=0.9)
+    p = jnp.array([1.0, -2.0])
+    state = tx.init(p)
+    buf = np.zeros(2)
+    p_ref = np.array([1.0, -2.0])
+    for g in ([0.5, 0.5], [1.0, -1.0], [0.0, 2.0]):
+        u, state = tx.update(jnp.array(g), state, p)
+        p = p - 0.1 * u
+        buf = 0.9 * buf + (np.array(g) + 0.1 * p_ref)
+        p_ref = p_ref - 0.1 * buf
+    np.testing.assert_allclose(p, p_ref, rtol=1e-6)

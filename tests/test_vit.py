@@ -1,0 +1,328 @@
+"""Tests for the ViT backbone: timm parity (names, shapes, counts, computation), functional core."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from oneshui_jax.models import vit
+from oneshui_jax.models.vit import ViTConfig
+
+TINY = ViTConfig.preset("vit_tiny_test", num_classes=5)
+
+
+def _abstract_params(cfg: ViTConfig):
+    """Parameter shapes without materialising weights."""
+    return jax.eval_shape(functools.partial(vit.init_params, cfg), jax.random.key(0))
+
+
+def _perturbed_params(cfg: ViTConfig, seed: int):
+    """Fresh params plus N(0, 0.1) noise on every leaf, so no bias is zero and no scale is one."""
+    params = vit.init_params(cfg, jax.random.key(seed))
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1000), len(leaves))
+    noisy = [
+        p + 0.1 * jax.random.normal(k, p.shape, p.dtype)
+        for p, k in zip(leaves, keys, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, noisy)
+
+
+def _images(cfg: ViTConfig, batch: int, seed: int) -> jax.Array:
+    """Uniform NHWC images in [-1, 1]."""
+    shape = (batch, cfg.image_size, cfg.image_size, cfg.in_chans)
+    return jax.random.uniform(jax.random.key(seed), shape, minval=-1.0, maxval=1.0)
+
+
+def _expected_timm_shapes(depth: int, width: int, tokens: int, patch: int, classes: int):
+    """timm vit_base_patch16_224-style state-dict keys -> torch shapes, in timm order."""
+    shapes = {
+        "cls_token": (1, 1, width),
+        "pos_embed": (1, tokens, width),
+        "patch_embed.proj.weight": (width, 3, patch, patch),
+        "patch_embed.proj.bias": (width,),
+    }
+    for i in range(depth):
+        b = f"blocks.{i}."
+        shapes |= {
+            b + "norm1.weight": (width,), b + "norm1.bias": (width,),
+            b + "attn.qkv.weight": (3 * width, width), b + "attn.qkv.bias": (3 * width,),
+            b + "attn.proj.weight": (width, width), b + "attn.proj.bias": (width,),
+            b + "norm2.weight": (width,), b + "norm2.bias": (width,),
+            b + "mlp.fc1.weight": (4 * width, width), b + "mlp.fc1.bias": (4 * width,),
+            b + "mlp.fc2.weight": (width, 4 * width), b + "mlp.fc2.bias": (width,),
+        }
+    shapes |= {
+        "norm.weight": (width,), "norm.bias": (width,),
+        "head.weight": (classes, width), "head.bias": (classes,),
+    }
+    return shapes
+
+
+# ------------------------------------------------------------------------------------------
+# numpy reference of timm's forward pass, on a torch-layout state dict
+# ------------------------------------------------------------------------------------------
+
+
+def _np_linear(x, sd, name):
+    return x @ sd[name + ".weight"].T + sd[name + ".bias"]
+
+
+def _np_layer_norm(x, sd, name):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + 1e-6) * sd[name + ".weight"] + sd[name + ".bias"]
+
+
+def _np_attention(x, sd, name, heads):
+    """timm Attention: qkv reshape [B, N, 3, heads, hd].permute(2, 0, 3, 1, 4), softmax, proj."""
+    b, n, d = x.shape
+    qkv = _np_linear(x, sd, name + ".qkv").reshape(b, n, 3, heads, d // heads)
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+    scores = (q * (d // heads) ** -0.5) @ k.transpose(0, 1, 3, 2)
+    attn = np.exp(scores - scores.max(-1, keepdims=True))
+    attn /= attn.sum(-1, keepdims=True)
+    return _np_linear((attn @ v).transpose(0, 2, 1, 3).reshape(b, n, d), sd, name + ".proj")
+
+
+def _np_vit(sd, images_nhwc, heads):
+    """timm VisionTransformer.forward on NCHW images; returns (logits, pre-logits)."""
+    x = np.asarray(images_nhwc, np.float64).transpose(0, 3, 1, 2)
+    w = sd["patch_embed.proj.weight"]
+    d, c, p, _ = w.shape
+    b, _, h, _ = x.shape
+    g = h // p
+    patches = x.reshape(b, c, g, p, g, p).transpose(0, 2, 4, 1, 3, 5).reshape(b, g * g, -1)
+    x = patches @ w.reshape(d, -1).T + sd["patch_embed.proj.bias"]
+    cls = np.broadcast_to(sd["cls_token"], (b, 1, d))
+    x = np.concatenate([cls, x], axis=1) + sd["pos_embed"]
+    erf = np.vectorize(math.erf)
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    for i in range(depth):
+        blk = f"blocks.{i}."
+        x = x + _np_attention(_np_layer_norm(x, sd, blk + "norm1"), sd, blk + "attn", heads)
+        hid = _np_linear(_np_layer_norm(x, sd, blk + "norm2"), sd, blk + "mlp.fc1")
+        x = x + _np_linear(0.5 * hid * (1 + erf(hid / math.sqrt(2))), sd, blk + "mlp.fc2")
+    feats = _np_layer_norm(x, sd, "norm")[:, 0]
+    return _np_linear(feats, sd, "head"), feats
+
+
+def _np_state_dict(params):
+    return {k: v.astype(np.float64) for k, v in vit.to_timm_state_dict(params).items()}
+
+
+# ------------------------------------------------------------------------------------------
+# ViT-B/16: counts, names, shapes (shapes only, no weights)
+# ------------------------------------------------------------------------------------------
+
+
+def test_vit_b16_counts_names_and_torch_shapes():
+    cfg = ViTConfig.preset("vit_base_patch16_224", num_classes=40)
+    abstract = _abstract_params(cfg)
+    assert vit.count_params(abstract) == 85_829_416
+    assert len(jax.tree.leaves(abstract)) == 152
+
+    expected = _expected_timm_shapes(depth=12, width=768, tokens=197, patch=16, classes=40)
+    assert len(expected) == 152
+    assert vit.timm_state_dict_keys(cfg) == list(expected)
+
+    # zero-stride arrays: to_timm_state_dict runs on the real layout without allocating weights
+    zeros = jax.tree.map(lambda s: np.broadcast_to(np.float32(0), s.shape), abstract)
+    state_dict = vit.to_timm_state_dict(zeros)
+    assert list(state_dict) == list(expected)
+    assert {k: v.shape for k, v in state_dict.items()} == expected
+
+
+def test_vit_b16_imagenet_head_count():
+    cfg = ViTConfig.preset("vit_base_patch16_224")
+    assert cfg == ViTConfig()
+    assert vit.count_params(_abstract_params(cfg)) == 86_567_656
+
+
+def test_presets_and_config_properties():
+    demo = ViTConfig.preset("vit_small_demo")
+    assert (demo.num_patches, demo.head_dim, demo.mlp_hidden) == (64, 32, 384)
+    assert ViTConfig.preset("vit_base_patch16_224").num_patches == 196
+    assert hash(ViTConfig.preset("vit_tiny_test")) == hash(ViTConfig.preset("vit_tiny_test"))
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"image_size": 30}, "image_size"),
+        ({"num_heads": 5}, "num_heads"),
+        ({"depth": 0}, "depth"),
+        ({"mlp_ratio": -1.0}, "mlp_ratio"),
+        ({"num_classes": 2.5}, "num_classes"),
+    ],
+)
+def test_bad_config_names_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        ViTConfig.preset("vit_tiny_test", **overrides)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="vit_huge"):
+        ViTConfig.preset("vit_huge")
+
+
+# ------------------------------------------------------------------------------------------
+# Tiny model: forward pass
+# ------------------------------------------------------------------------------------------
+
+
+def test_init_follows_timm():
+    cfg = ViTConfig.preset("vit_small_demo")
+    params = vit.init_params(cfg, jax.random.key(0))
+    blk = params["blocks"][0]
+    assert float(jnp.abs(params["cls_token"]).max()) < 1e-5
+    for std_leaf in (params["pos_embed"], blk["attn"]["qkv"]["kernel"], blk["mlp"]["fc1"]["kernel"],
+                     params["head"]["kernel"]):
+        assert 0.015 < float(std_leaf.std()) < 0.021
+        assert float(jnp.abs(std_leaf).max()) <= 0.04 + 1e-6
+    for zero in (params["head"]["bias"], blk["attn"]["qkv"]["bias"], blk["norm1"]["bias"]):
+        assert not jnp.any(zero)
+    assert jnp.all(blk["norm2"]["scale"] == 1) and jnp.all(params["norm"]["scale"] == 1)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
+
+
+def test_tiny_shapes_features_and_head():
+    model = vit.VisionTransformer(TINY, rngs=nnx.Rngs(params=jax.random.key(0)))
+    images = _images(TINY, 3, seed=1)
+    logits, cls = model(images)
+    tokens = model.forward_features(images)
+    assert logits.shape == (3, 5) and cls.shape == (3, 32)
+    assert tokens.shape == (3, 1 + TINY.num_patches, 32)
+    np.testing.assert_array_equal(cls, tokens[:, 0])
+    head = model.head
+    np.testing.assert_allclose(logits, cls @ head.kernel[...] + head.bias[...], atol=1e-6)
+
+
+def test_functional_apply_matches_module_and_init():
+    key = jax.random.key(3)
+    model = vit.VisionTransformer(TINY, rngs=nnx.Rngs(params=key))
+    params = nnx.state(model, nnx.Param).to_pure_dict()
+    jax.tree.map(np.testing.assert_array_equal, vit.init_params(TINY, key), params)
+    images = _images(TINY, 2, seed=4)
+    for got, want in zip(vit.apply(TINY, params, images), model(images), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_matches_numpy_timm_reference():
+    params = _perturbed_params(TINY, seed=5)
+    images = _images(TINY, 2, seed=6)
+    logits, cls = vit.apply(TINY, params, images)
+    ref_logits, ref_cls = _np_vit(_np_state_dict(params), images, TINY.num_heads)
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(cls, ref_cls, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_matches_numpy_reference():
+    cfg = ViTConfig.preset("vit_tiny_test", num_heads=4)
+    params = _perturbed_params(cfg, seed=7)
+    model = nnx.merge(nnx.split(vit.VisionTransformer(cfg, rngs=nnx.Rngs(0)))[0], params)
+    x = jax.random.normal(jax.random.key(8), (2, 1 + cfg.num_patches, cfg.width))
+    got = model.blocks[0].attn(x)
+    want = _np_attention(np.asarray(x, np.float64), _np_state_dict(params), "blocks.0.attn", 4)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_jit_and_bfloat16():
+    params = _perturbed_params(TINY, seed=9)
+    images = _images(TINY, 2, seed=10)
+    jitted = jax.jit(vit.apply, static_argnums=0, static_argnames="dtype")
+    eager_logits, eager_cls = vit.apply(TINY, params, images)
+    jit_logits, jit_cls = jitted(TINY, params, images)
+    np.testing.assert_allclose(jit_logits, eager_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jit_cls, eager_cls, rtol=1e-5, atol=1e-5)
+
+    bf16_logits, bf16_cls = jitted(TINY, params, images, dtype=jnp.bfloat16)
+    assert bf16_logits.dtype == jnp.float32 and bf16_cls.dtype == jnp.float32
+    scale = float(jnp.abs(eager_logits).max())
+    assert float(jnp.abs(bf16_logits - eager_logits).max()) < 0.05 * scale
+    assert float(jnp.abs(bf16_cls - eager_cls).max()) < 0.1
+
+
+def test_jitted_apply_does_not_retrace():
+    traces = []
+
+    def traced_apply(cfg, params, images):
+        traces.append(images.shape)
+        return vit.apply(cfg, params, images)
+
+    jitted = jax.jit(traced_apply, static_argnums=0)
+    params = vit.init_params(TINY, jax.random.key(0))
+    jitted(TINY, params, _images(TINY, 2, seed=0))
+    new_params = jax.tree.map(lambda p: p + 1.0, params)
+    same_cfg = ViTConfig.preset("vit_tiny_test", num_classes=5)  # equal, not identical
+    jitted(same_cfg, new_params, _images(TINY, 2, seed=1))
+    assert len(traces) == 1
+
+
+# ------------------------------------------------------------------------------------------
+# timm state-dict conversion
+# ------------------------------------------------------------------------------------------
+
+
+def test_timm_round_trip():
+    params = _perturbed_params(TINY, seed=11)
+    state_dict = vit.to_timm_state_dict(params)
+    assert list(state_dict) == vit.timm_state_dict_keys(TINY)
+    assert all(isinstance(v, np.ndarray) for v in state_dict.values())
+    back = vit.from_timm_state_dict(TINY, state_dict)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    jax.tree.map(np.testing.assert_array_equal, back, params)
+
+
+def test_timm_mismatch_lists_every_problem():
+    state_dict = vit.to_timm_state_dict(vit.init_params(TINY, jax.random.key(0)))
+    del state_dict["blocks.1.norm2.bias"]
+    state_dict["blocks.7.attn.qkv.weight"] = np.zeros((96, 32), np.float32)
+    state_dict["head.weight"] = np.zeros((1000, 32), np.float32)
+    with pytest.raises(ValueError) as err:
+        vit.from_timm_state_dict(TINY, state_dict)
+    message = str(err.value)
+    for name in ("blocks.1.norm2.bias", "blocks.7.attn.qkv.weight", "head.weight"):
+        assert name in message
+
+
+# ------------------------------------------------------------------------------------------
+# Second order
+# ------------------------------------------------------------------------------------------
+
+
+def _cross_entropy(logits, labels):
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)[:, 0]
+
+
+def test_meta_gradient_matches_finite_difference():
+    cfg = ViTConfig.preset("vit_tiny_test", image_size=16, depth=1, num_classes=3)
+    lr, eps = 0.5, 1e-5
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda p: p.astype(jnp.float64), _perturbed_params(cfg, seed=12))
+        x_in = _images(cfg, 4, seed=13).astype(jnp.float64)
+        x_out = _images(cfg, 3, seed=14).astype(jnp.float64)
+        y_in, y_out = jnp.array([0, 1, 2, 0]), jnp.array([2, 1, 0])
+
+        def inner_loss(p, meta):
+            return jnp.sum(meta * _cross_entropy(vit.apply(cfg, p, x_in)[0], y_in))
+
+        @jax.jit
+        def outer_loss(meta):
+            grads = jax.grad(inner_loss)(params, meta)
+            adapted = jax.tree.map(lambda p, g: p - lr * g, params, grads)
+            return jnp.mean(_cross_entropy(vit.apply(cfg, adapted, x_out)[0], y_out))
+
+        meta = jnp.array([0.5, 1.0, 1.5, 2.0])
+        grad = jax.jit(jax.grad(outer_loss))(meta)
+        basis = np.eye(4)
+        fd = np.array([(outer_loss(meta + eps * e) - outer_loss(meta - eps * e)) / (2 * eps)
+                       for e in basis])
+        assert grad.dtype == jnp.float64
+        assert float(jnp.abs(grad).max()) > 1e-4  # the meta-gradient is not trivially zero
+        np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-9)
+    assert jnp.zeros(()).dtype == jnp.float32  # x64 switched back off
