@@ -66,6 +66,7 @@ def run_stage(stage: str, config, ds, images, init_params) -> dict:
     tcfg = train_config(config, ds.task)
     pcfg = pipeline.PipelineConfig(image_size=config.data.image_size,
                                    batch_size=tcfg.batch_size, seed=config.seed,
+                                   crop_scale=tuple(config.data.crop_scale),
                                    num_threads=config.data.num_threads)
     train_idx = images[TRAIN_DATA[stage]]
     steps = pipeline.steps_per_epoch(len(train_idx), tcfg.batch_size)

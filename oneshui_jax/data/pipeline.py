@@ -38,6 +38,7 @@ class PipelineConfig:
     image_size: int
     batch_size: int
     seed: int = 0
+    crop_scale: tuple[float, float] = transforms.SCALE  # RandomResizedCrop area range
     num_threads: int = 0  # grain read threads; 0 reads in the calling thread (tests)
     prefetch_buffer_size: int = 0
 
@@ -85,9 +86,9 @@ def _load(source: Source, slot_to_index: Callable[[int], tuple[int, bool]]):
     return load
 
 
-def _augment(size: int):
+def _augment(size: int, scale: tuple[float, float]):
     def apply(record: Record, rng: np.random.Generator) -> Record:
-        return {**record, "image": transforms.train_transform(record["image"], size, rng)}
+        return {**record, "image": transforms.train_transform(record["image"], size, rng, scale)}
     return apply
 
 
@@ -103,7 +104,7 @@ def train_dataset(source: Source, indices: np.ndarray, cfg: PipelineConfig,
     slots = _Slots(indices, cfg.batch_size, cfg.seed, shuffle=True)
     return (grain.MapDataset.range(slots.per_epoch * num_epochs)
             .map(_load(source, slots))
-            .random_map(_augment(cfg.image_size), seed=cfg.seed)
+            .random_map(_augment(cfg.image_size, cfg.crop_scale), seed=cfg.seed)
             .batch(cfg.batch_size))
 
 

@@ -49,9 +49,10 @@ def random_resized_crop_params(height: int, width: int, rng: np.random.Generator
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def train_transform(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def train_transform(image: np.ndarray, size: int, rng: np.random.Generator,
+                    scale: tuple[float, float] = SCALE) -> np.ndarray:
     """RandomResizedCrop (PIL bilinear, antialiased) + horizontal flip; float32 in [-1, 1]."""
-    top, left, h, w = random_resized_crop_params(image.shape[0], image.shape[1], rng)
+    top, left, h, w = random_resized_crop_params(image.shape[0], image.shape[1], rng, scale)
     pil = Image.fromarray(image).crop((left, top, left + w, top + h))
     out = np.asarray(pil.resize((size, size), Image.BILINEAR))
     if rng.uniform() < 0.5:

@@ -76,7 +76,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
     ),
     "vit_tiny_test": dict(image_size=32, patch_size=8, width=32, depth=2, num_heads=2),
     # 65 tokens, 0.46M params: trains at a few hundred 32x32 images/s on 2 CPU cores (batch 128)
-    "vit_small_demo": dict(image_size=32, patch_size=4, width=96, depth=4, num_heads=3),
+    "vit_small_demo": dict(image_size=32, patch_size=8, width=96, depth=4, num_heads=3),
 }
 
 

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One prepared run of every GPU check (see README "Benchmarks"). On the GPU machine:
+#   bash bench/gpu_check.sh   (with .device/torch_reference_style.py copied from ../shared/anchors)
+# Writes JSON under $OUT (or bench_out/) and prints a short table.
+set -uo pipefail
+OUT="${OUT:-bench_out}"
+mkdir -p "$OUT/fixtures"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import jax, flax, optax, timm, torch; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'timm', timm.__version__, 'torch', torch.__version__)"
+echo "== timm fixture"; python3 tools/make_timm_fixture.py --out "$OUT/fixtures"
+echo "== timm parity"; python3 tools/check_timm_parity.py --fixture_dir "$OUT/fixtures" | tee "$OUT/timm_parity.json"
+echo "== anchor (PyTorch reference style)"
+if [ -f .device/torch_reference_style.py ]; then
+  timeout 240 python3 .device/torch_reference_style.py | tee "$OUT/anchor.json"
+fi
+echo "== ours: ViT-B/16 train step"
+timeout 240 python3 bench/train_throughput.py --model vit_base_patch16_224 --batch 128 \
+  --dtype bfloat16 --steps 30 --out "$OUT/jax_train_b16.json"
