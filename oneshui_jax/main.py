@@ -44,7 +44,8 @@ def train_config(config, task: str) -> train_lib.TrainConfig:
     t = config.train
     return train_lib.TrainConfig(task=task, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
                                  weight_decay=t.weight_decay, momentum=t.momentum,
-                                 warmup_epochs=t.warmup_epochs, compute_dtype=t.compute_dtype)
+                                 warmup_epochs=t.warmup_epochs, compute_dtype=t.compute_dtype,
+                                 optimizer=t.optimizer)
 
 
 def evaluate_splits(eval_step, params, ds, images, config) -> dict:

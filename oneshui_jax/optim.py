@@ -24,6 +24,25 @@ def sgd(weight_decay: float, momentum: float = 0.9) -> optax.GradientTransformat
     return optax.chain(optax.add_decayed_weights(weight_decay), optax.trace(decay=momentum))
 
 
+def adamw(weight_decay: float, b1: float = 0.9, b2: float = 0.999,
+          eps: float = 1e-8) -> optax.GradientTransformation:
+    """torch.optim.AdamW (decoupled decay ``lr * wd * p``) without the learning-rate scale."""
+    return optax.chain(optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+                       optax.add_decayed_weights(weight_decay))
+
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def make(name: str, weight_decay: float, momentum: float = 0.9) -> optax.GradientTransformation:
+    """The optimiser called ``name``: ``sgd`` (the reference's, default) or ``adamw``."""
+    if name == "sgd":
+        return sgd(weight_decay, momentum)
+    if name == "adamw":
+        return adamw(weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+
+
 def reference_lr(step: int, *, base_lr: float, steps_per_epoch: int, epochs: int,
                  warmup_epochs: int = 2, t_max: float | None = None) -> float:
     """Learning rate of global batch ``step`` (0-based) under the reference's schedule."""

@@ -44,6 +44,7 @@ class TrainConfig:
     momentum: float = 0.9
     warmup_epochs: int = 2
     compute_dtype: str = "bfloat16"
+    optimizer: str = "sgd"  # the reference's; "adamw" for from-scratch demos
 
 
 def per_example_loss(task: str, logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -126,7 +127,7 @@ def fit(model_cfg: vit.ViTConfig, cfg: TrainConfig, params: Params,
         validate: Callable[[Params], dict[str, Any]], *, desc: str = "train",
         progress: bool = True) -> FitResult:
     """Runs ``cfg.epochs`` epochs over ``train_batches`` and keeps the best-by-validation params."""
-    tx = optim.sgd(cfg.weight_decay, cfg.momentum)
+    tx = optim.make(cfg.optimizer, cfg.weight_decay, cfg.momentum)
     params = jax.tree.map(jnp.copy, params)  # the step donates its inputs; keep the caller's
     opt_state = tx.init(params)
     step_fn = make_train_step(model_cfg, cfg, tx)

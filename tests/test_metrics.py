@@ -73,3 +73,23 @@ def test_sgd_matches_torch_semantics():
         buf = 0.9 * buf + (np.array(g) + 0.1 * p_ref)
         p_ref = p_ref - 0.1 * buf
     np.testing.assert_allclose(p, p_ref, rtol=1e-6)
+
+
+def test_adamw_matches_torch_semantics():
+    """torch.optim.AdamW: p -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * p)."""
+    import jax.numpy as jnp
+    tx = optim.make("adamw", weight_decay=0.01)
+    p = jnp.array([1.0, -2.0])
+    state = tx.init(p)
+    m = v = np.zeros(2)
+    p_ref = np.array([1.0, -2.0])
+    for t, g in enumerate(([0.5, 0.5], [1.0, -1.0], [0.0, 2.0]), start=1):
+        u, state = tx.update(jnp.array(g), state, p)
+        p = p - 0.1 * u
+        m = 0.9 * m + 0.1 * np.array(g)
+        v = 0.999 * v + 0.001 * np.array(g) ** 2
+        p_ref = p_ref - 0.1 * (m / (1 - 0.9**t) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+                               + 0.01 * p_ref)
+    np.testing.assert_allclose(p, p_ref, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        optim.make("lion", 0.0)
