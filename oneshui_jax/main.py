@@ -16,7 +16,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from oneshui_jax import metrics as metrics_lib
@@ -140,6 +140,16 @@ def run(config) -> list[dict]:
     return records
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing; an unknown config field is one clear line, not a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        words = str(e).replace("\\n", " ").replace("\\", "").replace("'", "").split()
+        field, hint = (words[0], " ".join(words[1:])) if words else ("?", "")
+        raise SystemExit(f"error: unknown config field {field!r}. {hint}".rstrip()) from None
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -161,4 +171,4 @@ def main(argv):
 
 if __name__ == "__main__":
     np.set_printoptions(precision=4)
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
