@@ -36,7 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dataset = "synthfaces"
     config.num_identities = int(args.get("N", 10))  # N_S: identities in the deletion request
     config.seed = 0
-    config.workdir = "workdir/synthfaces"
+    config.workdir = "workdir/synthfaces"  # results, tables, plots
+    config.checkpoint_dir = "checkpoints"  # <dir>/<dataset>/<model>/<stage>_<N>_<seed>/
     config.stages = ("pretrain", "retrain")  # run in this order
 
     config.data = ml_collections.ConfigDict()

@@ -10,3 +10,11 @@ class DataError(ValueError):
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the setting and what was expected."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, foreign, corrupt or does not match the request.
+
+    The message names the path and what was expected there; an underlying orbax / tensorstore
+    error, if any, is kept as ``__cause__``.
+    """

@@ -14,6 +14,7 @@ included, is an argument.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,10 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from tqdm.auto import tqdm
 
 from oneshui_jax import metrics as metrics_lib
 from oneshui_jax import optim
+from oneshui_jax.errors import ConfigError
 from oneshui_jax.models import vit
 
 Batch = dict[str, Any]
@@ -45,6 +48,18 @@ class TrainConfig:
     warmup_epochs: int = 2
     compute_dtype: str = "bfloat16"
     optimizer: str = "sgd"  # the reference's; "adamw" for from-scratch demos
+
+    def __post_init__(self):
+        if self.task not in ("multilabel", "classification"):
+            raise ConfigError(f"task must be 'multilabel' or 'classification', got {self.task!r}")
+        if self.optimizer not in optim.OPTIMIZERS:
+            raise ConfigError(f"config.train.optimizer must be one of {optim.OPTIMIZERS}, "
+                              f"got {self.optimizer!r}")
+        try:
+            jnp.dtype(self.compute_dtype)
+        except TypeError:
+            raise ConfigError(f"config.train.compute_dtype {self.compute_dtype!r} is not a "
+                              "dtype (use 'float32' or 'bfloat16')") from None
 
 
 def per_example_loss(task: str, logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -119,25 +134,56 @@ class FitResult:
     params: Params  # best-by-validation parameters
     best_epoch: int
     history: list[dict[str, float]]
-    seconds: float
+    seconds: float  # training time of this process (a resumed run counts from the resume)
+    resumed_from_epoch: int = 0
+
+
+class TrainingDiverged(FloatingPointError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def _copy(tree):
+    return jax.tree.map(jnp.copy, tree)
+
+
+def _append_jsonl(path: str | None, record: dict) -> None:
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def fit(model_cfg: vit.ViTConfig, cfg: TrainConfig, params: Params,
-        train_batches: Iterator[Batch], steps_per_epoch: int,
+        train_batches, steps_per_epoch: int,
         validate: Callable[[Params], dict[str, Any]], *, desc: str = "train",
-        progress: bool = True) -> FitResult:
-    """Runs ``cfg.epochs`` epochs over ``train_batches`` and keeps the best-by-validation params."""
+        progress: bool = True, checkpointer=None, metrics_log: str | None = None) -> FitResult:
+    """Runs ``cfg.epochs`` epochs over ``train_batches`` and keeps the best-by-validation params.
+
+    ``train_batches`` is a grain iterator over all epochs. With a ``checkpointer``
+    (``checkpoints.TrainCheckpointer``) the training state (parameters, optimiser state, best
+    parameters, epoch, history and the iterator position) is saved after every epoch, and a run
+    that finds a saved state resumes from it: the result equals an uninterrupted run. One JSON line
+    per epoch goes to ``metrics_log``. A non-finite loss raises ``TrainingDiverged`` before the
+    epoch is saved, so the last good state stays on disk.
+    """
     tx = optim.make(cfg.optimizer, cfg.weight_decay, cfg.momentum)
-    params = jax.tree.map(jnp.copy, params)  # the step donates its inputs; keep the caller's
-    opt_state = tx.init(params)
+    params = _copy(params)  # the step donates its inputs; keep the caller's
+    arrays = {"params": params, "opt_state": tx.init(params), "best_params": _copy(params)}
+    meta = {"epoch": 0, "step": 0, "best_metric": 0.0, "best_epoch": -1, "history": []}
+    restored = checkpointer.restore(arrays) if checkpointer is not None else None
+    if restored is not None:
+        arrays, meta = restored
+        train_batches.set_state(meta["iterator"])
+        logging.info("%s: resuming after epoch %d (step %d)", desc, meta["epoch"] - 1,
+                     meta["step"])
+    resumed_from = meta["epoch"]
+    params, opt_state = arrays["params"], arrays["opt_state"]
     step_fn = make_train_step(model_cfg, cfg, tx)
-    best_params, best_metric, best_epoch = None, 0.0, -1
-    history = []
     start = time.perf_counter()
     total = cfg.epochs * steps_per_epoch
-    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
-    step = 0
-    for epoch in range(cfg.epochs):
+    bar = tqdm(total=total, initial=meta["step"], desc=desc, unit="step",
+               disable=not progress, dynamic_ncols=True)
+    step = meta["step"]
+    for epoch in range(meta["epoch"], cfg.epochs):
         losses, seen, epoch_start = [], 0, time.perf_counter()
         for _ in range(steps_per_epoch):
             batch = next(train_batches)
@@ -155,17 +201,28 @@ def fit(model_cfg: vit.ViTConfig, cfg: TrainConfig, params: Params,
         train_loss = float(np.mean(jax.device_get(losses)))
         if not np.isfinite(train_loss):
             bar.close()
-            raise FloatingPointError(
-                f"{desc}: training loss became {train_loss} in epoch {epoch}; lower the learning "
-                "rate (config.train.lr) or check the data.")
+            raise TrainingDiverged(
+                f"{desc}: the training loss became {train_loss} in epoch {epoch}; training "
+                "stopped and the last good checkpoint was kept. Lower the learning rate "
+                "(config.train.lr) or check the data.")
         val = validate(params)
-        record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
-                  "val_metric": val["metric"], "lr": lr}
-        history.append(record)
-        if val["metric"] > best_metric:
-            best_metric, best_epoch = val["metric"], epoch
-            best_params = jax.tree.map(jnp.copy, params)
+        record = {"epoch": epoch, "step": step, "train_loss": train_loss,
+                  "val_loss": val["loss"], "val_metric": val["metric"], "lr": lr,
+                  "images_per_s": seen / max(time.perf_counter() - epoch_start, 1e-9)}
+        meta["history"].append(record)
+        _append_jsonl(metrics_log, record)
+        logging.info("%s epoch %d: train loss %.4f, val loss %.4f, val metric %.2f", desc,
+                     epoch, train_loss, val["loss"], val["metric"])
+        if val["metric"] > meta["best_metric"]:
+            meta["best_metric"], meta["best_epoch"] = float(val["metric"]), epoch
+            arrays["best_params"] = _copy(params)
+        arrays["params"], arrays["opt_state"] = params, opt_state
+        meta.update(epoch=epoch + 1, step=step)
+        if checkpointer is not None:
+            checkpointer.save(step, arrays, {**meta, "iterator": train_batches.get_state()})
     bar.close()
-    if best_params is None:  # the reference would crash (Q17); keep the last parameters instead
+    best_params, best_epoch = arrays["best_params"], meta["best_epoch"]
+    if best_epoch < 0:  # the reference would crash (Q17); keep the last parameters instead
         best_params, best_epoch = params, cfg.epochs - 1
-    return FitResult(best_params, best_epoch, history, time.perf_counter() - start)
+    return FitResult(best_params, best_epoch, meta["history"], time.perf_counter() - start,
+                     resumed_from)

@@ -1,20 +1,21 @@
-"""End to end: the study CLI on the small SynthFaces variant, and the training step."""
+"""End to end: the study on the small SynthFaces variant, training, resume, reuse, errors."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
 
-from oneshui_jax import main as main_lib
-from oneshui_jax import optim
+from oneshui_jax import checkpoints, optim, study
 from oneshui_jax import train as train_lib
-from oneshui_jax.errors import ConfigError, DataError
+from oneshui_jax.data import pipeline
+from oneshui_jax.errors import CheckpointError, ConfigError, DataError
 from oneshui_jax.models import vit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,45 +24,81 @@ import synthfaces as synthfaces_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def small_config(tmp_path_factory):
+def tfds_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def small_config(tfds_dir, root, epochs=2):
     config = synthfaces_config.get_config("N=5,size=small")
-    config.data.tfds_dir = str(tmp_path_factory.mktemp("tfds"))
-    config.workdir = str(tmp_path_factory.mktemp("work"))
-    config.train.epochs = 2
+    config.data.tfds_dir = tfds_dir
+    config.workdir = os.path.join(root, "work")
+    config.checkpoint_dir = os.path.join(root, "ckpt")
+    config.train.epochs = epochs
     config.data.num_threads = 0
     config.progress = False
     return config
 
 
-def test_study_runs_end_to_end(small_config):
-    flags.FLAGS.mark_as_parsed()
-    records = main_lib.run(small_config)
+@pytest.fixture(scope="module")
+def finished_study(tfds_dir, tmp_path_factory):
+    config = small_config(tfds_dir, str(tmp_path_factory.mktemp("study")))
+    return config, study.run(config)
+
+
+def test_study_runs_end_to_end(finished_study):
+    config, records = finished_study
     assert [r["method"] for r in records] == ["pretrain", "retrain"]
     for r in records:
-        for split in main_lib.EVAL_SPLITS:
+        for split in study.EVAL_SPLITS:
             assert 0.0 < r[split]["metric"] <= 100.0 and np.isfinite(r[split]["loss"])
         assert len(r["history"]) == 2
     assert records[1]["tow"] == pytest.approx(100.0)  # the oracle against itself
     assert records[0]["tow"] < 100.0
-    saved = json.load(open(os.path.join(small_config.workdir, "results.json")))
+    saved = json.load(open(os.path.join(config.workdir, "results.json")))
     assert saved["results"][0]["forget"] == records[0]["forget"]
     assert saved["splits"]["forget"] == 5
-    table = main_lib.format_table(records, "mAP")
-    assert "| pretrain |" in table and "| retrain |" in table
+    for name in ("results.md", "results.csv", "methods.png", "training_curves.png"):
+        assert os.path.getsize(os.path.join(config.workdir, name)) > 0
+    rdir = checkpoints.run_dir(config.checkpoint_dir, "synthfaces", "vit_small_demo",
+                               "pretrain", 5, 0)
+    lines = open(os.path.join(rdir, "metrics.jsonl")).read().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+    assert checkpoints.read_metadata(rdir)["record"]["forget"] == records[0]["forget"]
 
 
-def test_unknown_stage_is_rejected_before_work(small_config):
-    config = small_config.copy_and_resolve_references()
-    config.stages = ("pretrain", "meta_unlearn_typo")
+def test_finished_stages_are_reused(finished_study):
+    config, records = finished_study
+    again = study.run(config)
+    assert all(r.get("reused") for r in again)
+    assert [r["forget"] for r in again] == [r["forget"] for r in records]
+
+
+def test_checkpoint_of_another_split_is_refused(finished_study, tmp_path):
+    config, _ = finished_study
+    other = config.copy_and_resolve_references()
+    other.seed = 1  # other split, but point at the seed-0 run directory
+    other.workdir = str(tmp_path)
+    ctx = study.prepare(other)
+    ctx.run_dir = lambda stage: checkpoints.run_dir(
+        config.checkpoint_dir, "synthfaces", "vit_small_demo", stage, 5, 0)
+    with pytest.raises(CheckpointError, match="splits differ"):
+        study.train_stage(ctx, "pretrain", None)
+
+
+def test_config_errors_before_any_work(finished_study):
+    config, _ = finished_study
+    bad = config.copy_and_resolve_references()
+    bad.stages = ("pretrain", "meta_unlearn_typo")
     with pytest.raises(ConfigError, match="meta_unlearn_typo"):
-        main_lib.run(config)
-
-
-def test_real_dataset_without_builder_is_a_clear_error(small_config):
-    config = small_config.copy_and_resolve_references()
-    config.dataset = "mufac"
+        study.run(bad)
+    bad = config.copy_and_resolve_references()
+    bad.train.optimizer = "adam"
+    with pytest.raises(ConfigError, match="optimizer"):
+        study.run(bad)
+    bad = config.copy_and_resolve_references()
+    bad.dataset = "mufac"
     with pytest.raises(DataError, match="mufac"):
-        main_lib.run(config)
+        study.run(bad)
 
 
 def test_cli_rejects_config_typo_without_traceback():
@@ -70,6 +107,121 @@ def test_cli_rejects_config_typo_without_traceback():
          "--config.train.epoch=3"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode != 0
     assert 'Did you mean "epochs"' in result.stderr and "Traceback" not in result.stderr
+
+
+def _tiny_setup(n=24, epochs=3):
+    cfg = vit.ViTConfig.preset("vit_tiny_test", num_classes=3)
+    tcfg = train_lib.TrainConfig(task="classification", compute_dtype="float32", epochs=epochs,
+                                 batch_size=8, lr=3e-3, optimizer="adamw", warmup_epochs=1)
+    rng = np.random.default_rng(0)
+    source = [{"image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+               "label": int(rng.integers(0, 3)), "identity": i} for i in range(n)]
+    pcfg = pipeline.PipelineConfig(image_size=32, batch_size=8, crop_scale=(0.5, 1.0))
+    eval_step = train_lib.make_eval_step(cfg, "classification", "float32")
+
+    def batches():
+        return pipeline.to_iterator(pipeline.train_dataset(source, np.arange(n), pcfg, epochs),
+                                    pcfg)
+
+    def validate(params):
+        return train_lib.evaluate(eval_step, params,
+                                  pipeline.eval_batches(source, np.arange(n), pcfg),
+                                  "classification")
+    return cfg, tcfg, vit.init_params(cfg, jax.random.key(0)), batches, validate
+
+
+def test_fit_resumes_after_interruption_with_identical_result(tmp_path):
+    cfg, tcfg, init, batches, validate = _tiny_setup()
+    steps = 3
+    straight = train_lib.fit(cfg, tcfg, init, batches(), steps, validate, progress=False)
+
+    calls = []
+
+    def dies_in_second_epoch(params):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed after epoch 0 was checkpointed
+        return validate(params)
+
+    with checkpoints.TrainCheckpointer(str(tmp_path)) as ckpt, pytest.raises(KeyboardInterrupt):
+        train_lib.fit(cfg, tcfg, init, batches(), steps, dies_in_second_epoch, progress=False,
+                      checkpointer=ckpt)
+    with checkpoints.TrainCheckpointer(str(tmp_path)) as ckpt:
+        assert ckpt.latest_step() == steps
+        resumed = train_lib.fit(cfg, tcfg, init, batches(), steps, validate, progress=False,
+                                checkpointer=ckpt)
+    assert resumed.resumed_from_epoch == 1
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
+    assert resumed.best_epoch == straight.best_epoch
+    assert checkpoints.params_hash(resumed.params) == checkpoints.params_hash(straight.params)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg, tcfg, init, batches, validate = _tiny_setup()
+    calls = []
+
+    def poison_after_first_epoch(params):
+        calls.append(1)
+        return validate(params)
+
+    class Poisoned:
+        """Feeds NaN images from the second epoch on."""
+
+        def __init__(self, it):
+            self.it, self.n = it, 0
+
+        def __next__(self):
+            batch = next(self.it)
+            self.n += 1
+            if self.n > 3:
+                batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+            return batch
+
+        def get_state(self):
+            return self.it.get_state()
+
+        def set_state(self, state):
+            self.it.set_state(state)
+
+    with checkpoints.TrainCheckpointer(str(tmp_path)) as ckpt:
+        with pytest.raises(train_lib.TrainingDiverged, match="last good checkpoint"):
+            train_lib.fit(cfg, tcfg, init, Poisoned(batches()), 3, poison_after_first_epoch,
+                          progress=False, checkpointer=ckpt)
+        assert ckpt.latest_step() == 3  # epoch 0 is on disk, the NaN epoch is not
+        arrays, state = ckpt.restore({"params": init, "opt_state": optim.make(
+            "adamw", tcfg.weight_decay).init(init), "best_params": init})
+        assert state["epoch"] == 1
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(arrays["params"]))
+
+
+def test_killed_cli_run_resumes(tfds_dir, tmp_path):
+    """SIGKILL a training run after its first checkpoint; the rerun resumes and finishes."""
+    config_args = ["--config=configs/synthfaces.py:N=5,size=small",
+                   f"--config.data.tfds_dir={tfds_dir}", f"--config.workdir={tmp_path}/work",
+                   f"--config.checkpoint_dir={tmp_path}/ckpt", "--config.train.epochs=4",
+                   "--config.stages=('pretrain',)", "--config.progress=False",
+                   "--config.data.num_threads=0"]
+    cmd = [sys.executable, "-m", "oneshui_jax.main", *config_args]
+    rdir = checkpoints.run_dir(f"{tmp_path}/ckpt", "synthfaces", "vit_small_demo", "pretrain",
+                               5, 0)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = os.path.join(rdir, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(log) and len(open(log).read().splitlines()) >= 1:
+            break
+        time.sleep(0.1)
+    time.sleep(0.5)  # let the checkpoint of that epoch commit (it is written after the log)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    epochs_before = len(open(log).read().splitlines())
+    assert epochs_before < 4, "the run finished before it could be killed"
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming after epoch" in done.stderr
+    epochs = [json.loads(line)["epoch"] for line in open(log).read().splitlines()]
+    assert epochs[-1] == 3 and sorted(set(epochs)) == [0, 1, 2, 3]
+    assert checkpoints.is_finished(rdir)
 
 
 def test_train_step_compiles_once_and_learns():

@@ -145,7 +145,7 @@ def test_vit_b16_imagenet_head_count():
 
 def test_presets_and_config_properties():
     demo = ViTConfig.preset("vit_small_demo")
-    assert (demo.num_patches, demo.head_dim, demo.mlp_hidden) == (64, 32, 384)
+    assert (demo.num_patches, demo.head_dim, demo.mlp_hidden) == (16, 32, 384)
     assert ViTConfig.preset("vit_base_patch16_224").num_patches == 196
     assert hash(ViTConfig.preset("vit_tiny_test")) == hash(ViTConfig.preset("vit_tiny_test"))
 

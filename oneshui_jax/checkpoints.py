@@ -1,0 +1,616 @@
+"""Checkpoints of trained models and resumable training state (orbax).
+
+Corresponds to the reference's ``.pth`` checkpoints ``{"args", "splits", "state_dict"}`` (SPEC.md
+4.4), with orbax instead of pickles. One directory per run, like the reference::
+
+    <root>/<dataset>/<model>/<stage>_<N>_<seed>/     run_dir(); stage: pretrain, retrain, a method
+        params/          the finished model's parameters (orbax StandardCheckpointer, committed
+                         atomically: written to a temporary folder, then renamed)
+        metadata.json    config, splits, metrics, library versions, params_hash, created,
+                         status ("training" | "done"); written atomically (temp file + rename)
+        train_state/     while training runs: the latest resumable state (TrainCheckpointer,
+                         orbax CheckpointManager; one folder per step, the newest 1-2 kept)
+
+Parameters are a plain nested dict (``vit.init_params``) whose keys are strings or ints (block
+indices). Orbax stores every key as a string, so ``save_params`` records the leaf key paths with
+their types (JSON keeps ints apart from strings) in the checkpoint's custom metadata, and
+``load_params`` restores into a target tree rebuilt from them: the ints come back as ints.
+
+Every failure a user can cause (missing, foreign or corrupt directory, a mismatching run) raises
+one ``CheckpointError`` naming the path and what was expected; orbax's own exception is kept as
+``__cause__``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple, TypeVar
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from oneshui_jax.errors import CheckpointError
+from oneshui_jax.splits import save_json
+
+PARAMS_DIR = "params"
+TRAIN_STATE_DIR = "train_state"
+METADATA_FILE = "metadata.json"
+STATUSES = ("training", "done")
+KEY_PATHS = "oneshui_jax/key_paths"
+"""Custom-metadata entry of ``params/``: every leaf's key path, ints kept as ints."""
+
+_VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+_REQUIRED_CONFIG = ("dataset", "model", "num_identities", "seed")
+_LISTED = 8  # how many names an error message lists before "..."
+
+Params = Any
+T = TypeVar("T")
+
+
+class LeafInfo(NamedTuple):
+    """One array of a checkpoint, read from orbax metadata (no array is loaded)."""
+
+    name: str  # dotted key path, e.g. "blocks.0.attn.qkv.kernel"
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def count(self) -> int:
+        """Number of scalars."""
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the array in memory."""
+        return self.count * self.dtype.itemsize
+
+
+# --------------------------------------------------------------------------------------------
+# Names, hashes, JSON
+# --------------------------------------------------------------------------------------------
+
+
+def run_dir(root: str, dataset: str, model: str, stage: str, num_identities: int,
+            seed: int) -> str:
+    """``<root>/<dataset>/<model>/<stage>_<N>_<seed>``: the folder of one run."""
+    return os.path.join(root, dataset, model, f"{stage}_{num_identities}_{seed}")
+
+
+def _key_value(key: Any) -> str | int:
+    """The plain key of one ``jax.tree_util`` path entry (dict key, index or attribute)."""
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return getattr(key, attr)
+    raise TypeError(f"unsupported pytree key {key!r}")
+
+
+def leaf_name(path: tuple[Any, ...]) -> str:
+    """Dotted name of a key path (``jax.tree_util`` or plain keys): ``blocks.0.mlp.fc1.bias``."""
+    return ".".join(str(k if isinstance(k, str | int) else _key_value(k)) for k in path)
+
+
+def named_leaves(tree: Any) -> list[tuple[str, Any]]:
+    """``(dotted name, leaf)`` for every leaf, in ``jax.tree`` order."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(leaf_name(path), leaf) for path, leaf in flat]
+
+
+def params_hash(params: Params) -> str:
+    """sha256 over every leaf (name, dtype, shape, bytes) in name order; numpy or jax arrays."""
+    digest = hashlib.sha256()
+    for name, leaf in sorted(named_leaves(params), key=lambda item: item[0]):
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{name}|{array.dtype.name}|{array.shape}\n".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _json_default(obj: Any) -> Any:
+    """For ``json.dumps``: numpy / jax scalars and arrays, ConfigDicts -> plain JSON values."""
+    if hasattr(obj, "to_dict"):  # ml_collections.ConfigDict
+        return obj.to_dict()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray | jax.Array):
+        return np.asarray(obj).tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
+
+
+def to_json(obj: Any, what: str) -> Any:
+    """``obj`` as plain JSON values (numpy scalars and arrays converted); CheckpointError if not."""
+    try:
+        return json.loads(json.dumps(obj, default=_json_default))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{what} cannot be written as JSON: {e}") from e
+
+
+def splits_hash(splits: Mapping[str, Any]) -> str:
+    """sha256 of a splits dict (keys sorted, list order kept): equal splits, equal hash."""
+    text = json.dumps(to_json(dict(splits), "the splits"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries a checkpoint depends on."""
+    versions = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def short_list(items: list[Any]) -> str:
+    """At most ``_LISTED`` items, then how many more."""
+    shown = ", ".join(map(str, items[:_LISTED]))
+    return shown + (f", ... ({len(items) - _LISTED} more)" if len(items) > _LISTED else "")
+
+
+# --------------------------------------------------------------------------------------------
+# Orbax plumbing
+# --------------------------------------------------------------------------------------------
+
+
+def _is_orbax_straggler(report: Any) -> bool:
+    """An unraisable report left behind by a failed orbax read (see ``_drop_orbax_stragglers``)."""
+    if isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == \
+            "Event loop is closed":
+        return True
+    code = getattr(report.object, "cr_code", None)  # an abandoned coroutine of orbax's
+    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+
+
+def _drop_orbax_stragglers() -> None:
+    """Silences the stragglers of failed orbax reads (a ``sys.unraisablehook``, installed once).
+
+    When one read of a corrupt checkpoint fails, orbax closes its event loop while its other
+    reads are still pending (it may even catch the failure itself and log a warning): tensorstore
+    later reports ``RuntimeError('Event loop is closed')`` and the abandoned orbax coroutines
+    report their errors when collected, as bare tracebacks on stderr long after the
+    CheckpointError was raised. Exactly those are dropped; every other report goes to the
+    previous hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_orbax_stragglers", False):
+        return
+
+    def hook(report: Any) -> None:
+        if not _is_orbax_straggler(report):
+            previous(report)
+
+    hook.drops_orbax_stragglers = True
+    sys.unraisablehook = hook
+
+
+def _orbax(fn: Callable[[], T], path: str, action: str, *, reading: bool = True) -> T:
+    """Runs an orbax call; any failure becomes one CheckpointError naming ``path``."""
+    _drop_orbax_stragglers()
+    try:
+        return fn()
+    except CheckpointError:
+        raise
+    except Exception as e:  # orbax / tensorstore raise many types; the message is what matters
+        detail = (str(e).strip().splitlines() or [""])[0][:300]
+        why = ": it is corrupt or not an orbax checkpoint" if reading else ""
+        raise CheckpointError(
+            f"could not {action} {path}{why} ({type(e).__name__}: {detail})") from e
+
+
+def _default_sharding() -> jax.sharding.Sharding:
+    """Arrays restore onto the default device (not the device they were saved from)."""
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def _abstract(tree: Any) -> Any:
+    """Target tree for an orbax restore: a ShapeDtypeStruct per leaf (arrays or structs)."""
+    sharding = _default_sharding()
+
+    def leaf(x: Any) -> jax.ShapeDtypeStruct:
+        x_sharding = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x_sharding or sharding)
+
+    return jax.tree.map(leaf, tree)
+
+
+def _dict_key_paths(tree: Any, prefix: tuple[str | int, ...] = ()) -> Iterator[list[str | int]]:
+    """Key paths of a nested dict of arrays; TypeError for anything else (lists, None, ...)."""
+    if not isinstance(tree, Mapping):
+        raise TypeError(f"params must be a nested dict of arrays; {leaf_name(prefix) or 'the root'}"
+                        f" is a {type(tree).__name__}")
+    as_text = [str(k) for k in tree]
+    if len(set(as_text)) != len(as_text):
+        raise TypeError(f"params at {leaf_name(prefix) or 'the root'} have keys that are equal as "
+                        f"strings ({sorted(as_text)}); orbax cannot store both")
+    for key, value in tree.items():
+        if not isinstance(key, str | int) or isinstance(key, bool):
+            raise TypeError(f"params keys must be str or int; found {key!r} under "
+                            f"{leaf_name(prefix) or 'the root'}")
+        path = (*prefix, key)
+        if isinstance(value, Mapping):
+            yield from _dict_key_paths(value, path)
+        elif hasattr(value, "shape") and hasattr(value, "dtype"):
+            yield list(path)
+        else:
+            raise TypeError(f"params leaf {leaf_name(path)} is a {type(value).__name__}, "
+                            "not an array")
+
+
+def _metadata_leaf(tree: Mapping[str, Any], path: list[str | int]) -> Any:
+    """The orbax metadata leaf at ``path`` (orbax keys are strings); None if absent."""
+    node: Any = tree
+    for key in path:
+        if not isinstance(node, Mapping) or str(key) not in node:
+            return None
+        node = node[str(key)]
+    return node
+
+
+def _stored_leaves(path: str) -> list[tuple[list[str | int], Any]]:
+    """``(key path, orbax array metadata)`` of every leaf of a ``params/`` folder, saved order."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        step = _orbax(lambda: checkpointer.metadata(path), path, "read the metadata of")
+    key_paths = (step.custom_metadata or {}).get(KEY_PATHS)
+    tree = getattr(step.item_metadata, "tree", None)
+    if key_paths is None or not isinstance(tree, Mapping):
+        raise CheckpointError(f"{path} is corrupt or was not written by oneshui_jax.checkpoints:"
+                              " its orbax metadata (_CHECKPOINT_METADATA, _METADATA) is missing, "
+                              "unreadable or lacks the key paths that save_params records")
+    leaves = [(key_path, _metadata_leaf(tree, key_path)) for key_path in key_paths]
+    missing = [leaf_name(p) for p, m in leaves if m is None]
+    if missing:
+        raise CheckpointError(f"{path} is corrupt: arrays {short_list(missing)} are recorded but "
+                              "missing from its orbax metadata")
+    return leaves
+
+
+def _nested(items: list[tuple[list[str | int], Any]]) -> dict:
+    """Nested dict from ``(key path, value)`` pairs."""
+    out: dict = {}
+    for key_path, value in items:
+        node = out
+        for key in key_path[:-1]:
+            node = node.setdefault(key, {})
+        node[key_path[-1]] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Run directories: metadata and finished parameters
+# --------------------------------------------------------------------------------------------
+
+
+def _check_run_dir(path: str) -> None:
+    """CheckpointError unless ``path`` is a folder holding ``metadata.json``."""
+    expected = f"expected a run directory holding {METADATA_FILE} and {PARAMS_DIR}/"
+    if not os.path.exists(path):
+        raise CheckpointError(f"no checkpoint at {path}: the directory does not exist ({expected})")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is a file, not a checkpoint: {expected}")
+    if not os.path.isfile(os.path.join(path, METADATA_FILE)):
+        found = sorted(os.listdir(path))
+        contents = f"it holds {short_list(found)}" if found else "it is empty"
+        raise CheckpointError(f"{path} is not a checkpoint: {expected} "
+                              f"(written by oneshui_jax.checkpoints), but {contents}")
+
+
+def read_metadata(run_dir: str) -> dict:
+    """The run's ``metadata.json`` (no array is read), with ``run_dir`` set to where it was read."""
+    _check_run_dir(run_dir)
+    path = os.path.join(run_dir, METADATA_FILE)
+    try:
+        with open(path) as f:
+            metadata = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not readable JSON: {e}") from e
+    if not isinstance(metadata, dict) or metadata.get("status") not in STATUSES:
+        raise CheckpointError(f"{path} is not checkpoint metadata: expected a JSON object with "
+                              f"'status' one of {STATUSES}")
+    metadata["run_dir"] = os.path.abspath(run_dir)
+    return metadata
+
+
+def is_finished(run_dir: str) -> bool:
+    """True if ``run_dir`` holds a finished run (status "done" and a committed ``params/``)."""
+    try:
+        metadata = read_metadata(run_dir)
+    except CheckpointError:
+        return False
+    return metadata["status"] == "done" and os.path.isdir(os.path.join(run_dir, PARAMS_DIR))
+
+
+def _check_fields(metadata: Mapping[str, Any]) -> None:
+    """CheckpointError unless ``metadata`` has a config naming the run and a splits dict."""
+    config = metadata.get("config")
+    if not isinstance(config, Mapping):
+        raise CheckpointError("checkpoint metadata needs 'config' (a dict with "
+                              f"{', '.join(_REQUIRED_CONFIG)})")
+    missing = [k for k, v in run_identity(metadata).items() if v is None]
+    if missing:
+        raise CheckpointError(f"checkpoint metadata 'config' lacks {missing}; expected "
+                              f"{_REQUIRED_CONFIG} (model as config['model']['name'])")
+    if not isinstance(metadata.get("splits"), Mapping):
+        raise CheckpointError("checkpoint metadata needs 'splits' (a dict of id lists)")
+
+
+def write_metadata(run_dir: str, metadata: Mapping[str, Any], *, status: str = "training") -> dict:
+    """Writes ``metadata.json`` atomically with ``status``, versions, creation time; returns it.
+
+    ``metadata`` holds ``config`` (a dict or ``ConfigDict`` naming dataset, model.name,
+    num_identities, seed), ``splits`` (dict of lists) and optionally ``metrics`` or anything else
+    JSON-able (numpy values are converted).
+    """
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {STATUSES}, not {status!r}")
+    record = to_json(dict(metadata), "checkpoint metadata")
+    _check_fields(record)
+    record.update(status=status, run_dir=os.path.abspath(run_dir),
+                  splits_hash=splits_hash(record["splits"]), versions=library_versions(),
+                  created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
+    save_json(record, os.path.join(run_dir, METADATA_FILE))
+    return record
+
+
+def save_params(run_dir: str, params: Params, metadata: Mapping[str, Any], *,
+                overwrite: bool = False) -> str:
+    """Saves finished parameters to ``run_dir/params`` and marks the run done; returns the hash.
+
+    ``metadata.json`` says "training" while ``params/`` is (re)written, so an interrupted save
+    leaves an unfinished run, never a finished one with the wrong parameters. Replacing a finished
+    run needs ``overwrite=True``.
+    """
+    if is_finished(run_dir) and not overwrite:
+        raise CheckpointError(f"{run_dir} already holds a finished run; pass overwrite=True to "
+                              "replace it")
+    key_paths = list(_dict_key_paths(params))
+    digest = params_hash(params)
+    write_metadata(run_dir, {k: v for k, v in metadata.items() if k != "params_hash"},
+                   status="training")
+    path = os.path.join(os.path.abspath(run_dir), PARAMS_DIR)
+
+    def save() -> None:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(path, params, force=True, custom_metadata={KEY_PATHS: key_paths})
+            checkpointer.wait_until_finished()
+
+    _orbax(save, path, "save parameters to", reading=False)
+    write_metadata(run_dir, {**metadata, "params_hash": digest}, status="done")
+    return digest
+
+
+def params_info(run_dir: str) -> list[LeafInfo]:
+    """Name, shape and dtype of every saved parameter, from orbax metadata (nothing loaded)."""
+    path, _ = _finished(run_dir)
+    return [LeafInfo(leaf_name(key_path), tuple(meta.shape), np.dtype(meta.dtype))
+            for key_path, meta in _stored_leaves(path)]
+
+
+def _finished(run_dir: str) -> tuple[str, dict]:
+    """``(run_dir/params, metadata)`` of a finished run; CheckpointError otherwise."""
+    metadata = read_metadata(run_dir)
+    if metadata["status"] != "done":
+        raise CheckpointError(f"{run_dir} is not finished (status {metadata['status']!r}): its "
+                              f"{PARAMS_DIR}/ were never committed")
+    path = os.path.join(os.path.abspath(run_dir), PARAMS_DIR)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is missing: {METADATA_FILE} says the run is done, so the "
+                              "parameters were deleted or moved")
+    return path, metadata
+
+
+def structure_differences(a: Mapping[str, tuple[int, ...]], b: Mapping[str, tuple[int, ...]],
+                          name_a: str, name_b: str) -> list[str]:
+    """How two trees given as ``{leaf name: shape}`` differ (empty list: same structure)."""
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    shapes = [f"{name} {tuple(a[name])} vs {tuple(b[name])}" for name in sorted(set(a) & set(b))
+              if tuple(a[name]) != tuple(b[name])]
+    parts = ((f"only in {name_a}", only_a), (f"only in {name_b}", only_b),
+             ("shapes differ", shapes))
+    return [f"{label}: {short_list(items)}" for label, items in parts if items]
+
+
+def _check_template(path: str, stored: Mapping[str, tuple[int, ...]], template: Any) -> None:
+    """CheckpointError naming the leaves in which ``template`` and the stored tree differ."""
+    differences = structure_differences(
+        stored, {name: leaf.shape for name, leaf in named_leaves(template)}, "the checkpoint",
+        "the template")
+    if differences:
+        raise CheckpointError(f"{path} does not match the template: " + "; ".join(differences))
+
+
+def load_params(run_dir: str, template: Params = None, *, verify: bool = True) -> Params:
+    """Restores the finished parameters of ``run_dir`` as jax arrays on the default device.
+
+    Without ``template`` the tree is rebuilt from the recorded key paths (int keys stay ints);
+    with one (arrays or ``jax.ShapeDtypeStruct``), the result has its structure. ``verify``
+    checks the content hash against ``metadata.json`` (mismatch: CheckpointError "corrupt").
+    """
+    path, metadata = _finished(run_dir)
+    stored = _stored_leaves(path)
+    if template is None:
+        sharding = _default_sharding()
+        target = _nested([(key_path, jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype,
+                                                          sharding=sharding))
+                          for key_path, meta in stored])
+    else:
+        _check_template(path, {leaf_name(key_path): meta.shape for key_path, meta in stored},
+                        template)
+        target = _abstract(template)
+
+    def restore() -> Params:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(path, target)
+
+    params = _orbax(restore, path, "restore parameters from")
+    if verify:
+        expected = metadata.get("params_hash")
+        actual = params_hash(params)
+        if actual != expected:
+            raise CheckpointError(f"{path} is corrupt: its content hash {actual[:16]}... differs "
+                                  f"from {str(expected)[:16]}... recorded in {METADATA_FILE}")
+    return params
+
+
+# --------------------------------------------------------------------------------------------
+# Compatibility of a checkpoint with a request
+# --------------------------------------------------------------------------------------------
+
+
+def run_identity(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """``dataset``, ``model``, ``num_identities``, ``seed`` recorded in ``metadata['config']``."""
+    config = metadata.get("config") or {}
+    model = config.get("model")
+    if isinstance(model, Mapping):
+        model = model.get("name")
+    return {"dataset": config.get("dataset"), "model": model,
+            "num_identities": config.get("num_identities"), "seed": config.get("seed")}
+
+
+def _split_difference(name: str, stored: Any, wanted: Any) -> str:
+    """How one split list of the checkpoint differs from the requested one."""
+    if stored is None:
+        return f"{name}: not recorded in the checkpoint"
+    if not isinstance(stored, list) or not isinstance(wanted, list):
+        return f"{name}: {stored!r} vs {wanted!r}"
+    only_stored = [x for x in stored if x not in set(wanted)]
+    only_wanted = [x for x in wanted if x not in set(stored)]
+    if not only_stored and not only_wanted:
+        return f"{name}: the same {len(stored)} entries in another order"
+    return (f"{name}: {len(stored)} vs {len(wanted)} entries, {len(only_stored)} only in the "
+            f"checkpoint [{short_list(only_stored)}], {len(only_wanted)} only in the request "
+            f"[{short_list(only_wanted)}]")
+
+
+def check_compatible(metadata: Mapping[str, Any], *, dataset: str, model: str,
+                     splits: Mapping[str, Any] | None = None, num_identities: int | None = None,
+                     seed: int | None = None) -> None:
+    """CheckpointError listing every way the checkpoint differs from the request.
+
+    ``splits``: the split lists named in it must equal the recorded ones, in order (compared by
+    ``splits_hash``; the message says which lists differ and how).
+    """
+    recorded = run_identity(metadata)
+    requested = {"dataset": dataset, "model": model, "num_identities": num_identities,
+                 "seed": seed}
+    problems = [f"{field} {recorded[field]!r} but the request is {wanted!r}"
+                for field, wanted in requested.items()
+                if wanted is not None and recorded[field] != wanted]
+    if splits is not None:
+        stored = metadata.get("splits") or {}
+        wanted = to_json(dict(splits), "the requested splits")
+        stored_part = {name: stored.get(name) for name in wanted}
+        if splits_hash(stored_part) != splits_hash(wanted):
+            differences = [_split_difference(name, stored_part[name], wanted[name])
+                           for name in sorted(wanted) if stored_part[name] != wanted[name]]
+            problems.append(f"splits differ ({'; '.join(differences)})")
+    if problems:
+        where = metadata.get("run_dir", "(unknown path)")
+        raise CheckpointError(f"checkpoint {where} was trained on " + "; ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------
+# Resumable training state
+# --------------------------------------------------------------------------------------------
+
+
+class TrainCheckpointer:
+    """The latest resumable training state of a run, in ``run_dir/train_state/<step>/``.
+
+    Each step holds ``arrays`` (any pytree of arrays: params, optax state, best params, ...) and
+    ``state`` (a JSON-able dict: epoch, history, data-iterator state, seeds, ...). Saves are
+    synchronous and atomic (orbax writes a temporary folder and renames it when complete), so a
+    process killed mid-save leaves the previous step restorable; unfinished temporary folders
+    are ignored and cleaned up. Only the newest ``max_to_keep`` steps are kept.
+    """
+
+    def __init__(self, run_dir: str, max_to_keep: int = 1) -> None:
+        self.directory = os.path.join(os.path.abspath(run_dir), TRAIN_STATE_DIR)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=False,
+            cleanup_tmp_directories=True, create=True)
+        handlers = {"arrays": ocp.StandardCheckpointHandler(),
+                    "state": ocp.JsonCheckpointHandler()}
+        self._manager = _orbax(
+            lambda: ocp.CheckpointManager(self.directory, options=options,
+                                          item_handlers=handlers),
+            self.directory, "open training state in", reading=False)
+
+    def save(self, step: int, arrays: Any, state: Mapping[str, Any]) -> None:
+        """Saves step ``step`` and returns once it is committed to disk."""
+        record = to_json(dict(state), "the training state")
+        args = ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
+                                  state=ocp.args.JsonSave(record))
+
+        def save() -> None:
+            self._manager.save(step, args=args, force=True)
+            self._manager.wait_until_finished()
+
+        _orbax(save, self.directory, f"save step {step} to", reading=False)
+
+    def latest_step(self) -> int | None:
+        """The newest committed step on disk (re-read, so saves by other processes count)."""
+        _orbax(self._manager.reload, self.directory, "list the steps of")
+        return self._manager.latest_step()
+
+    def restore(self, template_arrays: Any) -> tuple[Any, dict] | None:
+        """``(arrays, state)`` of the latest step, arrays shaped like ``template_arrays``.
+
+        ``template_arrays`` has the saved tree's structure (arrays or ``jax.ShapeDtypeStruct``;
+        optax namedtuples included). None if nothing was saved yet.
+        """
+        step = self.latest_step()
+        if step is None:
+            return None
+        where = os.path.join(self.directory, str(step))
+        _check_template(where, {leaf.name: leaf.shape for leaf in self._leaves(step)},
+                        template_arrays)
+        args = ocp.args.Composite(arrays=ocp.args.StandardRestore(_abstract(template_arrays)),
+                                  state=ocp.args.JsonRestore())
+        restored = _orbax(lambda: self._manager.restore(step, args=args), where,
+                          "restore training state from")
+        return restored["arrays"], restored["state"]
+
+    def _leaves(self, step: int) -> list[LeafInfo]:
+        """The arrays of ``step`` from orbax metadata, in natural name order (nothing loaded)."""
+        where = os.path.join(self.directory, str(step))
+        metadata = _orbax(lambda: self._manager.item_metadata(step), where, "read the metadata of")
+        tree = getattr(metadata.get("arrays"), "tree", None)
+        if tree is None:
+            raise CheckpointError(f"{where} has no array metadata; expected a step written by "
+                                  "TrainCheckpointer.save")
+        leaves = [LeafInfo(name, tuple(meta.shape), np.dtype(meta.dtype))
+                  for name, meta in named_leaves(tree)]
+        return sorted(leaves, key=lambda leaf: _natural(leaf.name))
+
+    def info(self) -> tuple[int, list[LeafInfo], dict] | None:
+        """``(step, arrays' leaves, JSON state)`` of the latest step without loading arrays."""
+        step = self.latest_step()
+        if step is None:
+            return None
+        args = ocp.args.Composite(state=ocp.args.JsonRestore())
+        restored = _orbax(lambda: self._manager.restore(step, args=args),
+                          os.path.join(self.directory, str(step)), "read the training state of")
+        return step, self._leaves(step), restored["state"]
+
+    def close(self) -> None:
+        """Waits for pending work and releases orbax's threads."""
+        self._manager.close()
+
+    def __enter__(self) -> TrainCheckpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _natural(name: str) -> list[tuple[int, int | str]]:
+    """Sort key ordering ``blocks.2`` before ``blocks.10`` (orbax metadata keys are strings)."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in name.split(".")]

@@ -1,0 +1,213 @@
+"""Inspect checkpoints: parameter tree, run metadata, and per-layer differences of two runs.
+
+Usage::
+
+    python -m oneshui_jax.inspect RUN_DIR                 # tree + metadata of a run
+    python -m oneshui_jax.inspect RUN_DIR/train_state     # latest resumable training state
+    python -m oneshui_jax.inspect --diff RUN_A RUN_B      # ||a - b|| / ||a|| per tensor
+    python -m oneshui_jax.inspect RUN_DIR --json          # the same, machine-readable
+
+``RUN_DIR`` is a folder written by ``oneshui_jax.checkpoints`` (``params/``, ``metadata.json``,
+see that module). The tree is read from orbax metadata (names, shapes, dtypes), without loading
+any array; ``--diff`` loads both parameter sets (verifying their hashes). A path that is not a
+checkpoint prints one ``error: ...`` line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from oneshui_jax import checkpoints
+from oneshui_jax.errors import CheckpointError
+
+
+def _leaves_summary(leaves: list[checkpoints.LeafInfo]) -> dict[str, Any]:
+    """Rows and totals of a parameter tree."""
+    rows = [{"name": leaf.name, "shape": list(leaf.shape), "dtype": leaf.dtype.name,
+             "count": leaf.count} for leaf in leaves]
+    totals = {"tensors": len(leaves), "parameters": sum(leaf.count for leaf in leaves),
+              "bytes": sum(leaf.nbytes for leaf in leaves)}
+    return {"leaves": rows, "totals": totals}
+
+
+def train_state_summary(run_dir: str) -> dict[str, Any]:
+    """Latest step of ``run_dir/train_state``: its arrays (metadata only) and JSON state."""
+    directory = os.path.join(run_dir, checkpoints.TRAIN_STATE_DIR)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"no training state at {directory}: the directory does not exist")
+    with checkpoints.TrainCheckpointer(run_dir) as checkpointer:
+        info = checkpointer.info()
+    if info is None:
+        raise CheckpointError(f"{directory} holds no committed step (expected step folders "
+                              "written by TrainCheckpointer.save)")
+    step, leaves, state = info
+    return {"path": directory, "kind": "train_state", "step": step, "state": state,
+            **_leaves_summary(leaves)}
+
+
+def run_summary(path: str) -> dict[str, Any]:
+    """Metadata and parameter tree of a run folder (or of a ``train_state/`` folder)."""
+    path = os.path.normpath(path)
+    if os.path.basename(path) == checkpoints.TRAIN_STATE_DIR:
+        return train_state_summary(os.path.dirname(path))
+    metadata = checkpoints.read_metadata(path)
+    splits = metadata.get("splits") or {}
+    summary = {
+        "path": metadata["run_dir"], "kind": "run", "status": metadata["status"],
+        "created": metadata.get("created"), "params_hash": metadata.get("params_hash"),
+        "run": checkpoints.run_identity(metadata),
+        "splits": {name: len(ids) for name, ids in splits.items() if isinstance(ids, list)},
+        "metrics": metadata.get("metrics"), "versions": metadata.get("versions", {}),
+    }
+    if metadata["status"] == "done":
+        return {**summary, **_leaves_summary(checkpoints.params_info(path))}
+    return summary
+
+
+def _relative(diff_norm: float, ref_norm: float) -> float:
+    """``diff / ref``; 0 when both are 0, infinity when only ``ref`` is 0."""
+    if ref_norm > 0:
+        return diff_norm / ref_norm
+    return 0.0 if diff_norm == 0 else float("inf")
+
+
+def diff_summary(path_a: str, path_b: str) -> dict[str, Any]:
+    """Per-tensor relative change ``||a - b|| / ||a||`` (Frobenius), largest first, and global.
+
+    The structures are compared first, from metadata; then both parameter sets are loaded.
+    """
+    differences = checkpoints.structure_differences(
+        {leaf.name: leaf.shape for leaf in checkpoints.params_info(path_a)},
+        {leaf.name: leaf.shape for leaf in checkpoints.params_info(path_b)}, path_a, path_b)
+    if differences:
+        raise CheckpointError("the parameter trees differ in structure; " + "; ".join(differences))
+    a = dict(checkpoints.named_leaves(checkpoints.load_params(path_a)))
+    b = dict(checkpoints.named_leaves(checkpoints.load_params(path_b)))
+    rows, diff_sq, ref_sq = [], 0.0, 0.0
+    for name in a:
+        a_leaf, b_leaf = np.asarray(a[name], np.float64), np.asarray(b[name], np.float64)
+        diff_norm = float(np.linalg.norm(a_leaf - b_leaf))
+        ref_norm = float(np.linalg.norm(a_leaf))
+        diff_sq, ref_sq = diff_sq + diff_norm**2, ref_sq + ref_norm**2
+        rows.append({"name": name, "relative_change": _relative(diff_norm, ref_norm),
+                     "norm_a": ref_norm, "norm_diff": diff_norm})
+    rows.sort(key=lambda row: row["relative_change"], reverse=True)
+    return {"a": os.path.abspath(path_a), "b": os.path.abspath(path_b), "layers": rows,
+            "global_relative_change": _relative(diff_sq**0.5, ref_sq**0.5),
+            "changed_tensors": sum(row["norm_diff"] > 0 for row in rows)}
+
+
+def _table(header: Sequence[str], rows: list[Sequence[str]], right: set[int]) -> list[str]:
+    """Aligned text columns (``right``: indices of right-aligned columns)."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    return [line(header), *map(line, rows)]
+
+
+def _flat_scalars(value: Any, prefix: str = "") -> list[str]:
+    """``name value`` for the scalars of a nested dict; lists as their length."""
+    if isinstance(value, Mapping):
+        return [item for key, sub in value.items()
+                for item in _flat_scalars(sub, f"{prefix}.{key}" if prefix else str(key))]
+    if isinstance(value, list):
+        return [f"{prefix} [{len(value)} items]"]
+    if isinstance(value, float):
+        return [f"{prefix} {value:.4g}"]
+    return [f"{prefix} {value}"]
+
+
+def _format_leaves(summary: dict[str, Any]) -> list[str]:
+    rows = [(leaf["name"], str(tuple(leaf["shape"])), leaf["dtype"], f"{leaf['count']:,}")
+            for leaf in summary["leaves"]]
+    totals = summary["totals"]
+    return [*_table(("name", "shape", "dtype", "count"), rows, right={3}),
+            f"total: {totals['tensors']} tensors, {totals['parameters']:,} parameters, "
+            f"{totals['bytes']:,} bytes"]
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Human-readable text of ``run_summary``."""
+    if summary["kind"] == "train_state":
+        lines = [f"training state {summary['path']}", f"step       {summary['step']}",
+                 "state      " + ", ".join(_flat_scalars(summary["state"])), "",
+                 "arrays (orbax metadata, nothing loaded):"]
+        return "\n".join([*lines, *_format_leaves(summary)])
+    run = summary["run"]
+    lines = [
+        f"run        {summary['path']}",
+        f"status     {summary['status']}",
+        f"created    {summary['created']}",
+        f"hash       sha256 {summary['params_hash'] or '-'}",
+        f"config     dataset {run['dataset']}, model {run['model']}, "
+        f"N {run['num_identities']}, seed {run['seed']}",
+        "splits     " + ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
+        + (" (identities; support: images)" if "support" in summary["splits"] else ""),
+    ]
+    if summary["metrics"]:
+        lines.append("metrics    " + ", ".join(_flat_scalars(summary["metrics"])))
+    lines.append("versions   " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()))
+    if "leaves" not in summary:
+        state = os.path.join(summary["path"], checkpoints.TRAIN_STATE_DIR)
+        hint = f"; see {state}" if os.path.isdir(state) else ""
+        return "\n".join([*lines, "", f"parameters: not written yet (status training{hint})"])
+    return "\n".join([*lines, "", "parameters (orbax metadata, nothing loaded):",
+                      *_format_leaves(summary)])
+
+
+def format_diff(diff: dict[str, Any]) -> str:
+    """Human-readable text of ``diff_summary``."""
+    rows = [(row["name"], f"{row['relative_change']:.3e}", f"{row['norm_a']:.4g}")
+            for row in diff["layers"]]
+    return "\n".join([
+        f"a: {diff['a']}", f"b: {diff['b']}",
+        "relative change ||a - b|| / ||a|| per tensor, largest first:",
+        *_table(("name", "relative change", "||a||"), rows, right={1, 2}),
+        f"global relative change: {diff['global_relative_change']:.3e} "
+        f"({diff['changed_tensors']} of {len(rows)} tensors changed)",
+    ])
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m oneshui_jax.inspect",
+        description="Print a checkpoint's parameter tree and metadata, or compare two.")
+    parser.add_argument("path", nargs="?", help="run directory (or its train_state/ folder)")
+    parser.add_argument("--diff", nargs=2, metavar=("PATH_A", "PATH_B"),
+                        help="per-tensor relative change ||a - b|| / ||a|| of two runs")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary instead")
+    args = parser.parse_args(argv)
+    if (args.path is None) == (args.diff is None):
+        parser.error("give either PATH or --diff PATH_A PATH_B")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status (2: not a usable checkpoint)."""
+    args = parse_args(argv)
+    logging.getLogger("absl").setLevel(logging.CRITICAL)  # errors are reported as one line
+    try:
+        summary = diff_summary(*args.diff) if args.diff else run_summary(args.path)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_diff(summary) if args.diff else format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,445 @@
+"""The results report: the paper-style table and plots of a study.
+
+Rows are methods (pretrain, retrain, unlearning methods); columns are the task metric on the
+retain / forget / test identities, ToW against the retrained model and, when measured, the MIA
+AUC, as in the tables of De Min et al. (TMLR 2025). Runs of several seeds are summarised as
+``mean ± std`` per (method, N).
+
+``write_report`` writes, atomically, into a study's workdir:
+
+* ``results.json``: ``{"config": ..., "results": records, **extra}``, numpy values made plain;
+* ``results.md``: a title line, the table (and the per-run table when seeds are averaged), a legend;
+* ``results.csv``: one flat row per record (``CSV_COLUMNS``);
+* ``training_curves.png``: losses and validation metric per epoch (only when a record has a
+  ``history``);
+* ``methods.png``: retain / forget / test metric bars per method, ToW above each group.
+
+Plots use matplotlib's object-oriented API on an Agg canvas (``Figure``, not ``pyplot``): they
+work without a display, touch no global backend, and are freed with the ``Figure`` object. The
+``*_figure`` functions return the figure, for inspection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from typing import IO, Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+MULTILABEL_DATASETS = ("celeba", "celebahq", "synthfaces")
+CLASSIFICATION_DATASETS = ("mufac",)
+SPLITS = ("retain", "forget", "test")  # the table's metric columns, in order
+EVAL_SPLITS = SPLITS + ("val",)
+STATS = tuple(f"{s}_{k}" for s in EVAL_SPLITS for k in ("metric", "loss")) + (
+    "tow", "mia_auc", "mia_acc", "seconds")
+CSV_COLUMNS = ("method", "dataset", "num_identities", "seed") + STATS
+SPLIT_COLORS = {"retain": "tab:blue", "forget": "tab:red", "test": "tab:green"}
+
+Row = dict[str, Any]  # a record of the study, or a row of ``aggregate``
+
+
+def metric_name(dataset: str) -> str:
+    """The paper's metric for ``dataset``: "mAP" (multi-label attributes) or "acc" (MUFAC)."""
+    if dataset in MULTILABEL_DATASETS:
+        return "mAP"
+    if dataset in CLASSIFICATION_DATASETS:
+        return "acc"
+    raise ValueError(f"unknown dataset {dataset!r}; expected one of "
+                     f"{', '.join(MULTILABEL_DATASETS + CLASSIFICATION_DATASETS)}")
+
+
+def _metric_name_of(records: Sequence[Row]) -> str:
+    """The metric name shared by the records' datasets; ValueError when they differ."""
+    names = {metric_name(r["dataset"]) for r in records}
+    if len(names) != 1:
+        raise ValueError(f"records mix metrics {sorted(names)}; report one task at a time")
+    return names.pop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Flat statistics and aggregation over seeds
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float; None stays None."""
+    return None if value is None else float(value)
+
+
+def _nan_if_none(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+def record_stats(record: Row) -> dict[str, float | None]:
+    """The numbers of one record under the flat names of ``STATS``; None where missing."""
+    out: dict[str, float | None] = {}
+    for split in EVAL_SPLITS:
+        entry = record.get(split) or {}
+        out[f"{split}_metric"] = _number(entry.get("metric"))
+        out[f"{split}_loss"] = _number(entry.get("loss"))
+    mia = record.get("mia") or {}
+    out["tow"] = _number(record.get("tow"))
+    out["mia_auc"] = _number(mia.get("auc"))
+    out["mia_acc"] = _number(mia.get("acc"))
+    out["seconds"] = _number(record.get("seconds"))
+    return out
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof=1) of the present values.
+
+    The mean is None when no value is present, the std when fewer than two are.
+    """
+    present = [v for v in values if v is not None]
+    if not present:
+        return None, None
+    std = float(np.std(present, ddof=1)) if len(present) > 1 else None
+    return float(np.mean(present)), std
+
+
+def aggregate(records: Sequence[Row]) -> list[Row]:
+    """Mean and std over seeds per (method, num_identities), in order of first appearance.
+
+    Each row: ``method``, ``dataset``, ``num_identities``, ``seeds`` (sorted), ``mean`` and
+    ``std`` (dicts over ``STATS``). The std is the sample std (ddof=1) over the seeds that have
+    the value; None with one seed. Missing values (ToW without a retrained model, no MIA) are
+    left out; a statistic missing everywhere is None.
+    """
+    groups: dict[tuple[str, Any], list[Row]] = {}
+    for r in records:
+        groups.setdefault((r["method"], r.get("num_identities")), []).append(r)
+    rows = []
+    for (method, num_identities), members in groups.items():
+        stats = [record_stats(r) for r in members]
+        mean, std = {}, {}
+        for name in STATS:
+            mean[name], std[name] = _mean_std([s[name] for s in stats])
+        rows.append({"method": method, "dataset": members[0].get("dataset"),
+                     "num_identities": num_identities,
+                     "seeds": sorted(r.get("seed") for r in members),
+                     "mean": mean, "std": std})
+    return rows
+
+
+def has_repeated_seeds(records: Sequence[Row]) -> bool:
+    """True when some (method, num_identities) has more than one record (several seeds)."""
+    keys = [(r["method"], r.get("num_identities")) for r in records]
+    return len(set(keys)) < len(keys)
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown table
+
+
+def _is_aggregated(row: Row) -> bool:
+    return "mean" in row
+
+
+def _cell(row: Row, stat: str) -> str:
+    """One number with 2 decimals (``mean ± std`` for an aggregated row); blank when missing."""
+    if _is_aggregated(row):
+        mean, std = row["mean"][stat], row["std"][stat]
+    else:
+        mean, std = record_stats(row)[stat], None
+    if mean is None:
+        return ""
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def _varies(rows: Sequence[Row], key: str) -> bool:
+    return len({str(r.get(key)) for r in rows}) > 1
+
+
+def _has_mia(rows: Sequence[Row]) -> bool:
+    return any(_cell(r, "mia_auc") for r in rows)
+
+
+def markdown_table(rows: Sequence[Row], metric_name: str) -> str:
+    """The results table: one row per record, or per ``aggregate`` row (``mean ± std``).
+
+    Columns: method, [N when rows span several N], [seed when records span several seeds],
+    retain / forget / test metric, ToW (blank without a retrained model), [MIA AUC when some row
+    has it], seconds.
+    """
+    columns: list[tuple[str, Callable[[Row], str]]] = [("method", lambda r: str(r["method"]))]
+    if _varies(rows, "num_identities"):
+        columns.append(("N", lambda r: str(r.get("num_identities"))))
+    if not any(_is_aggregated(r) for r in rows) and _varies(rows, "seed"):
+        columns.append(("seed", lambda r: str(r.get("seed"))))
+    for split in SPLITS:
+        columns.append((f"{split} {metric_name}", lambda r, s=split: _cell(r, f"{s}_metric")))
+    columns.append(("ToW", lambda r: _cell(r, "tow")))
+    if _has_mia(rows):
+        columns.append(("MIA AUC", lambda r: _cell(r, "mia_auc")))
+    columns.append(("seconds", lambda r: _cell(r, "seconds")))
+    lines = ["| " + " | ".join(name for name, _ in columns) + " |",
+             "|" + "|".join("---" if name in ("method", "N", "seed") else "---:"
+                            for name, _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row) for _, fmt in columns) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV and JSON
+
+
+def csv_rows(records: Sequence[Row]) -> list[dict[str, Any]]:
+    """One flat dict per record over ``CSV_COLUMNS``; None where a value is missing."""
+    rows = []
+    for r in records:
+        row = {key: to_jsonable(r.get(key)) for key in ("method", "dataset", "num_identities",
+                                                         "seed")}
+        row.update(record_stats(r))
+        rows.append(row)
+    return rows
+
+
+def write_csv(path: str, records: Sequence[Row]) -> str:
+    """Writes ``csv_rows(records)`` to ``path`` atomically (None as an empty cell); returns
+    ``path``."""
+    with atomic_open(path, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(csv_rows(records))
+    return path
+
+
+def to_jsonable(obj: Any) -> Any:
+    """``obj`` with numpy scalars and arrays made plain Python, tuples made lists, keys strings."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic files
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+    """Opens a temporary file next to ``path``; renames it onto ``path`` when the block succeeds.
+
+    Text modes default to UTF-8. On an error the temporary file is removed and ``path`` is left
+    as it was.
+    """
+    if "b" not in mode:
+        kwargs.setdefault("encoding", "utf-8")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.splitext(path)[1])
+    try:
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_figure(fig: Figure, path: str, dpi: int = 120) -> str:
+    """Saves ``fig`` as PNG to ``path`` atomically; returns ``path``."""
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi)
+    return path
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    """A figure on an Agg canvas (no pyplot, no display, nothing global to close)."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def _run_label(record: Row, runs: Sequence[Row]) -> str:
+    """The method, with N and seed where these vary among ``runs``."""
+    details = [f"N={record.get('num_identities')}"] if _varies(runs, "num_identities") else []
+    if _varies(runs, "seed"):
+        details.append(f"seed {record.get('seed')}")
+    return f"{record['method']} ({', '.join(details)})" if details else str(record["method"])
+
+
+def training_curves_figure(records: Sequence[Row]) -> Figure | None:
+    """Train (solid) / val (dashed) loss (left) and val metric (right) vs epoch, one colour per
+    record with a ``history``, the best epoch starred; None when no record has a history."""
+    runs = [r for r in records if r.get("history")]
+    if not runs:
+        return None
+    fig = _new_figure(11, 4.2)
+    ax_loss, ax_metric = fig.subplots(1, 2)
+    for i, r in enumerate(runs):
+        color, epochs = f"C{i % 10}", [h["epoch"] for h in r["history"]]
+        ax_loss.plot(epochs, [h["train_loss"] for h in r["history"]], "-", color=color)
+        ax_loss.plot(epochs, [h["val_loss"] for h in r["history"]], "--", color=color)
+        ax_metric.plot(epochs, [h["val_metric"] for h in r["history"]], "-o", markersize=3,
+                       color=color, label=_run_label(r, runs))
+        best = r.get("best_epoch")
+        if best is not None and best in epochs:
+            ax_metric.plot(best, r["history"][epochs.index(best)]["val_metric"], "*",
+                           markersize=12, color=color, markeredgecolor="black")
+    name = _metric_name_of(runs)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss (solid: train, dashed: val)")
+    ax_metric.set(xlabel="epoch", ylabel=f"val {name}",
+                  title=f"validation {name} (star: best epoch)")
+    for ax in (ax_loss, ax_metric):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    fig.legend(loc="outside right upper", fontsize=8)
+    fig.suptitle(subject(runs), fontsize=10)
+    return fig
+
+
+def plot_training_curves(records: Sequence[Row], path: str) -> str | None:
+    """Writes ``training_curves_figure(records)`` to ``path``; None (nothing written) when no
+    record has a history."""
+    fig = training_curves_figure(records)
+    return None if fig is None else save_figure(fig, path)
+
+
+def _group_label(row: Row, rows: Sequence[Row]) -> str:
+    label = str(row["method"])
+    if _varies(rows, "num_identities"):
+        label += f"\nN={row.get('num_identities')}"
+    return label
+
+
+def _retrain_forget(rows: Sequence[Row]) -> dict[Any, float]:
+    """The retrained model's mean forget metric per num_identities."""
+    return {r["num_identities"]: r["mean"]["forget_metric"] for r in rows
+            if r["method"] == "retrain" and r["mean"]["forget_metric"] is not None}
+
+
+def method_bars_figure(records: Sequence[Row], metric_name: str) -> Figure:
+    """Grouped bars per method (per (method, N) over several N): retain / forget / test metric,
+    mean over seeds with std error bars; ToW above each group; a dashed segment over each group at
+    the retrained model's forget metric (same N) when a "retrain" record exists."""
+    rows = aggregate(records)
+    n = len(rows)
+    fig = _new_figure(max(6.0, 1.6 * n + 2.5), 4.5)
+    ax = fig.subplots()
+    x = np.arange(n)
+    width = 0.8 / len(SPLITS)
+    top = 0.0
+    for j, split in enumerate(SPLITS):
+        means = [_nan_if_none(r["mean"][f"{split}_metric"]) for r in rows]
+        stds = [_nan_if_none(r["std"][f"{split}_metric"]) for r in rows]
+        yerr = stds if np.isfinite(stds).any() else None  # error bars only over seeds
+        bars = ax.bar(x + (j - 1) * width, means, width, yerr=yerr, capsize=3,
+                      color=SPLIT_COLORS[split], label=f"{split} {metric_name}")
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+        top = max(top, np.nanmax(np.add(means, np.nan_to_num(stds)), initial=0.0))
+    reference = _retrain_forget(rows)
+    segments = [(i, reference[r["num_identities"]]) for i, r in enumerate(rows)
+                if r["num_identities"] in reference]
+    for k, (i, y) in enumerate(segments):
+        ax.hlines(y, i - 0.5, i + 0.5, colors="black", linestyles="dashed", linewidth=1,
+                  label=f"retrain forget {metric_name}" if k == 0 else None)
+    for i, r in enumerate(rows):
+        if r["mean"]["tow"] is not None:
+            ax.annotate(f"ToW {_cell(r, 'tow')}", (i, top), xytext=(0, 14),
+                        textcoords="offset points", ha="center", fontsize=8)
+    ax.set_xticks(x, [_group_label(r, rows) for r in rows])
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.set_ylim(0, top * 1.2 if top > 0 else 1.0)
+    ax.set_ylabel(f"{metric_name} (%)")
+    averaged = " (mean ± std over seeds)" if has_repeated_seeds(records) else ""
+    ax.set_title(subject(records) + averaged, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
+def plot_method_bars(records: Sequence[Row], path: str, metric_name: str) -> str:
+    """Writes ``method_bars_figure(records, metric_name)`` to ``path``; returns ``path``."""
+    return save_figure(method_bars_figure(records, metric_name), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def _joined(values: Sequence[Any]) -> str:
+    return ", ".join(str(v) for v in sorted(set(values)))
+
+
+def subject(records: Sequence[Row]) -> str:
+    """``<dataset>, N=<n>, seed <s>`` (or ``seeds <s1>, <s2>, ...``) of the records."""
+    seeds = [r.get("seed") for r in records]
+    seed_text = f"seed {seeds[0]}" if len(set(seeds)) == 1 else f"seeds {_joined(seeds)}"
+    return (f"{_joined([r.get('dataset') for r in records])}, "
+            f"N={_joined([r.get('num_identities') for r in records])}, {seed_text}")
+
+
+def legend(metric: str, with_mia: bool) -> str:
+    """What the columns mean."""
+    lines = [
+        f"- **retain / forget / test {metric}** (%): the task metric on images of the retain "
+        "identities (training identities that stay), the forget identities (the people who ask "
+        "to be forgotten) and the test identities (never trained on).",
+        "- **ToW** (Tug-of-War, %): 100 × Π over retain, forget and test of (1 − |metric − "
+        "metric of the retrained model| / 100). It compares each model with the model retrained "
+        "without the forget identities (the oracle, ToW 100); higher is better. Blank when there "
+        "is no retrained model.",
+    ]
+    if with_mia:
+        lines.append("- **MIA AUC** (%): AUC of the membership-inference attack on the forget "
+                     "identities; 50 means the attack cannot tell them from unseen people.")
+    lines.append("- **seconds**: wall-clock time of the stage.")
+    return "\n".join(lines)
+
+
+def markdown_report(records: Sequence[Row]) -> str:
+    """The content of results.md: title, table(s), legend."""
+    metric = _metric_name_of(records)
+    parts = [f"# Results: {subject(records)}", ""]
+    if has_repeated_seeds(records):
+        rows = aggregate(records)
+        parts += ["Mean ± std (sample std) over seeds:", "", markdown_table(rows, metric), "",
+                  "Per run:", ""]
+    parts += [markdown_table(records, metric), "", legend(metric, _has_mia(records)), ""]
+    return "\n".join(parts)
+
+
+def write_report(workdir: str, records: Sequence[Row], *, config: dict | None = None,
+                 extra: dict | None = None) -> dict[str, str]:
+    """Writes results.json, results.md, results.csv, methods.png and (when some record has a
+    history) training_curves.png into ``workdir``, each atomically; returns {file name: path}."""
+    if not records:
+        raise ValueError("write_report needs at least one record")
+    extra = extra or {}
+    clash = {"config", "results"} & set(extra)
+    if clash:
+        raise ValueError(f"extra must not contain {sorted(clash)}")
+    metric = _metric_name_of(records)
+    path = lambda name: os.path.join(workdir, name)
+    with atomic_open(path("results.json")) as f:
+        json.dump(to_jsonable({"config": config, "results": list(records), **extra}), f,
+                  indent=1)
+    with atomic_open(path("results.md")) as f:
+        f.write(markdown_report(records))
+    written = {"results.json": path("results.json"), "results.md": path("results.md"),
+               "results.csv": write_csv(path("results.csv"), records),
+               "methods.png": plot_method_bars(records, path("methods.png"), metric)}
+    curves = plot_training_curves(records, path("training_curves.png"))
+    if curves is not None:
+        written["training_curves.png"] = curves
+    return written

@@ -1,0 +1,216 @@
+"""The results report: table, aggregation over seeds, CSV, JSON, plots, atomic files."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from matplotlib.container import BarContainer, ErrorbarContainer
+
+from oneshui_jax import report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def make_record(method: str, seed: int = 0, *, retain: float = 65.1, forget: float = 68.2,
+                test: float = 45.0, tow: float | None = 80.3, history: bool = True,
+                mia: dict | None = None) -> dict:
+    record = {"method": method, "dataset": "synthfaces", "num_identities": 10, "seed": seed,
+              "retain": {"metric": retain, "loss": 0.41}, "forget": {"metric": forget,
+                                                                     "loss": 0.39},
+              "test": {"metric": test, "loss": 0.61}, "val": {"metric": 44.8, "loss": 0.62},
+              "tow": tow, "seconds": 101.2}
+    if history:
+        record["best_epoch"] = 1
+        record["history"] = [{"epoch": e, "train_loss": 0.7 - 0.1 * e, "val_loss": 0.72 - 0.05 * e,
+                              "val_metric": 40.0 + 2 * e, "lr": 1e-3} for e in range(3)]
+    if mia is not None:
+        record["mia"] = mia
+    return record
+
+
+@pytest.fixture
+def records() -> list[dict]:
+    return [make_record("pretrain", retain=65.1, forget=68.2, test=45.0, tow=80.3),
+            make_record("retrain", retain=64.0, forget=50.5, test=44.5, tow=100.0)]
+
+
+def table_rows(table: str) -> list[list[str]]:
+    """The cells of a markdown table, header first, the separator line left out."""
+    lines = [line for line in table.splitlines() if not line.startswith("|---")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+
+
+def test_metric_name():
+    assert [report.metric_name(d) for d in ("celeba", "celebahq", "synthfaces", "mufac")] == [
+        "mAP", "mAP", "mAP", "acc"]
+    with pytest.raises(ValueError, match="unknown dataset"):
+        report.metric_name("imagenet")
+
+
+def test_markdown_table_cells(records):
+    records[1]["tow"] = None
+    header, pretrain, retrain = table_rows(report.markdown_table(records, "mAP"))
+    assert header == ["method", "retain mAP", "forget mAP", "test mAP", "ToW", "seconds"]
+    assert pretrain == ["pretrain", "65.10", "68.20", "45.00", "80.30", "101.20"]
+    assert retrain[0] == "retrain" and retrain[4] == ""  # ToW blank when None
+
+
+def test_markdown_table_mia_column_only_when_present(records):
+    assert "MIA" not in report.markdown_table(records, "mAP")
+    records[0]["mia"] = {"auc": 55.0, "acc": 40.0}
+    header, pretrain, retrain = table_rows(report.markdown_table(records, "acc"))
+    assert header[1] == "retain acc" and header[5] == "MIA AUC"
+    assert pretrain[5] == "55.00" and retrain[5] == ""
+
+
+def test_aggregate_mean_and_std_over_three_seeds():
+    forget = [60.0, 62.0, 67.0]
+    records = [make_record("pretrain", seed, forget=f) for seed, f in enumerate(forget)]
+    records += [make_record("retrain", seed, tow=None if seed else 100.0) for seed in range(3)]
+    assert report.has_repeated_seeds(records)
+    pretrain, retrain = report.aggregate(records)
+    assert pretrain["method"] == "pretrain" and pretrain["seeds"] == [0, 1, 2]
+    assert pretrain["mean"]["forget_metric"] == pytest.approx(np.mean(forget))
+    assert pretrain["std"]["forget_metric"] == pytest.approx(np.std(forget, ddof=1))
+    assert pretrain["std"]["retain_metric"] == pytest.approx(0.0)
+    assert pretrain["mean"]["mia_auc"] is None
+    assert retrain["mean"]["tow"] == 100.0 and retrain["std"]["tow"] is None  # one seed has it
+
+    _, row, _ = table_rows(report.markdown_table([pretrain, retrain], "mAP"))
+    std = np.std(forget, ddof=1)
+    assert row[2] == f"{np.mean(forget):.2f} ± {std:.2f}"
+
+
+def test_table_shows_seed_and_n_columns_when_they_vary():
+    records = [make_record("pretrain", 0), make_record("pretrain", 1)]
+    records[1]["num_identities"] = 50
+    header = table_rows(report.markdown_table(records, "mAP"))[0]
+    assert header[:3] == ["method", "N", "seed"]
+
+
+def test_csv_round_trip(tmp_path, records):
+    records[1]["tow"] = None
+    records[0]["mia"] = {"auc": np.float32(55.5), "acc": 40.0}
+    path = report.write_csv(str(tmp_path / "results.csv"), records)
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == report.CSV_COLUMNS
+    assert rows[0]["method"] == "pretrain" and int(rows[0]["num_identities"]) == 10
+    assert float(rows[0]["forget_metric"]) == pytest.approx(68.2)
+    assert float(rows[0]["val_loss"]) == pytest.approx(0.62)
+    assert float(rows[0]["mia_auc"]) == pytest.approx(55.5)
+    assert rows[1]["tow"] == "" and rows[1]["mia_auc"] == "" and rows[1]["mia_acc"] == ""
+    assert float(rows[1]["seconds"]) == pytest.approx(101.2)
+
+
+def test_write_report_files_and_json_round_trip(tmp_path, records):
+    records[0]["forget"]["metric"] = np.float64(68.25)
+    records[0]["tow"] = np.float32(80.5)
+    records[0]["history"][0]["lr"] = np.float32(1e-3)
+    extra = {"splits": {"forget": np.int64(10)}, "seconds": np.float64(3.5)}
+    written = report.write_report(str(tmp_path), records, config={"seed": 0, "crop": (0.35, 1)},
+                                  extra=extra)
+    expected = {"results.json", "results.md", "results.csv", "training_curves.png",
+                "methods.png"}
+    assert set(written) == expected
+    assert sorted(os.listdir(tmp_path)) == sorted(expected)  # no temporary files left
+
+    with open(written["results.json"]) as f:
+        data = json.load(f)
+    assert data["config"] == {"seed": 0, "crop": [0.35, 1]}
+    assert data["splits"] == {"forget": 10} and data["seconds"] == 3.5
+    assert data["results"][0]["forget"]["metric"] == 68.25
+    assert data["results"][0]["tow"] == pytest.approx(80.5)
+    assert data["results"][1]["history"] == records[1]["history"]
+
+    with open(written["results.md"], encoding="utf-8") as f:
+        md = f.read()
+    assert md.startswith("# Results: synthfaces, N=10, seed 0\n")
+    assert "| pretrain | 65.10 | 68.25 | 45.00 | 80.50 | 101.20 |" in md
+    assert "ToW" in md and "higher is better" in md and "MIA" not in md
+
+    for name in ("training_curves.png", "methods.png"):
+        with open(written[name], "rb") as f:
+            png = f.read()
+        assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
+
+
+def test_write_report_without_history_tow_or_mia(tmp_path):
+    records = [make_record("pretrain", history=False, tow=None)]
+    written = report.write_report(str(tmp_path), records)
+    assert "training_curves.png" not in written
+    assert sorted(os.listdir(tmp_path)) == ["methods.png", "results.csv", "results.json",
+                                            "results.md"]
+    with open(written["results.json"]) as f:
+        assert json.load(f) == {"config": None, "results": records}
+
+
+def test_write_report_averages_seeds_in_markdown(tmp_path):
+    records = [make_record(m, seed) for m in ("pretrain", "retrain") for seed in range(3)]
+    written = report.write_report(str(tmp_path), records)
+    with open(written["results.md"], encoding="utf-8") as f:
+        md = f.read()
+    assert md.startswith("# Results: synthfaces, N=10, seeds 0, 1, 2\n")
+    assert "| pretrain | 65.10 ± 0.00 |" in md and "Per run:" in md
+
+
+def test_write_report_rejects_clashing_extra(tmp_path, records):
+    with pytest.raises(ValueError, match="extra"):
+        report.write_report(str(tmp_path), records, extra={"results": []})
+    assert os.listdir(tmp_path) == []
+
+
+def test_method_bars_groups_and_retrain_reference(records):
+    records.append(make_record("metaunlearn", forget=55.0, tow=None))
+    fig = report.method_bars_figure(records, "mAP")
+    ax = fig.axes[0]
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert len(bars) == 3  # retain / forget / test
+    assert all(len(c.patches) == 3 for c in bars)  # one bar per method in each
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["pretrain", "retrain", "metaunlearn"]
+    assert bars[1].patches[0].get_height() == pytest.approx(68.2)
+    reference = [c for c in ax.collections if c.get_label() == "retrain forget mAP"]
+    assert len(reference) == 1 and reference[0].get_segments()[0][0][1] == pytest.approx(50.5)
+    tows = [t.get_text() for t in ax.texts if t.get_text().startswith("ToW")]
+    assert tows == ["ToW 80.30", "ToW 100.00"]  # metaunlearn has none
+
+
+def test_method_bars_without_retrain_have_no_reference():
+    fig = report.method_bars_figure([make_record("pretrain", tow=None)], "mAP")
+    ax = fig.axes[0]
+    assert not ax.collections or all(c.get_label() != "retrain forget mAP"
+                                     for c in ax.collections)
+    assert not [t for t in ax.texts if t.get_text().startswith("ToW")]
+
+
+def test_training_curves_one_line_per_method(records):
+    records.append(make_record("metaunlearn", history=False))
+    fig = report.training_curves_figure(records)
+    ax_loss, ax_metric = fig.axes
+    assert len(ax_loss.get_lines()) == 4  # train and val loss of the two records with history
+    labels = [line.get_label() for line in ax_metric.get_lines()]
+    assert labels[::2] == ["pretrain", "retrain"]  # each followed by its best-epoch star
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["pretrain", "retrain"]
+    assert report.training_curves_figure([make_record("x", history=False)]) is None
+
+
+def test_method_bars_average_seeds_with_error_bars():
+    records = [make_record(m, seed, forget=60.0 + seed) for m in ("pretrain", "retrain")
+               for seed in range(3)]
+    ax = report.method_bars_figure(records, "mAP").axes[0]
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert [len(c.patches) for c in bars] == [2, 2, 2]  # two groups: pretrain, retrain
+    assert bars[1].patches[0].get_height() == pytest.approx(61.0)
+    assert sum(isinstance(c, ErrorbarContainer) for c in ax.containers) == 3
+
+
+def test_atomic_open_keeps_old_file_on_error(tmp_path):
+    path = tmp_path / "results.md"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), report.atomic_open(str(path)) as f:
+        f.write("new")
+        raise RuntimeError("interrupted")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["results.md"]
