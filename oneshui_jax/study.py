@@ -93,7 +93,10 @@ def evaluate_splits(ctx: Context, eval_step, params) -> dict[str, dict[str, floa
     out = {}
     for split in EVAL_SPLITS:
         batches = pipeline.eval_batches(ctx.dataset.source, ctx.images[split], cfg)
-        result = train_lib.evaluate(eval_step, params, batches, ctx.dataset.task)
+        result = train_lib.evaluate(
+            eval_step, params, batches, ctx.dataset.task,
+            desc=f"eval {split}" if ctx.config.progress else None,
+            total=pipeline.steps_per_epoch(len(ctx.images[split]), cfg.batch_size))
         out[split] = {"metric": result["metric"], "loss": result["loss"]}
     return out
 

@@ -107,14 +107,17 @@ def make_eval_step(model_cfg: vit.ViTConfig, task: str, compute_dtype: str) -> C
 
 
 def evaluate(eval_step: Callable, params: Params, batches: Iterator[Batch],
-             task: str) -> dict[str, Any]:
+             task: str, *, desc: str | None = None, total: int | None = None) -> dict[str, Any]:
     """Loss and task metric of one split (SPEC.md 5.1 ``engine.evaluate``).
 
     ``loss`` is the unweighted mean of per-batch mean losses (the reference's semantics, Q28);
-    ``metric`` is computed once over the whole split; ``losses`` are per-example losses.
+    ``metric`` is computed once over the whole split; ``losses`` are per-example losses. With
+    ``desc``, a progress bar (``total`` batches) shows images/s and ETA.
     """
     logits, labels, losses, batch_means = [], [], [], []
-    for batch in batches:
+    bar = tqdm(batches, desc=desc, total=total, unit="batch", leave=False, dynamic_ncols=True,
+               disable=desc is None)
+    for batch in bar:
         out_logits, out_losses = jax.device_get(eval_step(params, batch["image"], batch["label"]))
         mask = np.asarray(batch["mask"])
         logits.append(out_logits[mask])

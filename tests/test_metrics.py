@@ -93,3 +93,14 @@ def test_adamw_matches_torch_semantics():
     np.testing.assert_allclose(p, p_ref, rtol=1e-5)
     with pytest.raises(ValueError, match="unknown optimizer"):
         optim.make("lion", 0.0)
+
+
+def test_reference_lr_equals_torch_trajectory():
+    """Every batch's lr equals torch's WarmUpLR + CosineAnnealingLR (tools/make_lr_fixture.py)."""
+    import json
+    import os
+    path = os.path.join(os.path.dirname(__file__), "golden", "reference_lr.json")
+    for case in json.load(open(path))["cases"]:
+        torch_lrs = case.pop("lrs")
+        ours = [optim.reference_lr(k, **case) for k in range(len(torch_lrs))]
+        np.testing.assert_allclose(ours, torch_lrs, rtol=1e-8, atol=1e-15)
