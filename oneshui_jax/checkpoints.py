@@ -38,7 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from oneshui_jax.errors import CheckpointError
-from oneshui_jax.splits import save_json
+from oneshui_jax.files import save_json
 
 PARAMS_DIR = "params"
 TRAIN_STATE_DIR = "train_state"

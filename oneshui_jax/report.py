@@ -21,19 +21,19 @@ work without a display, touch no global backend, and are freed with the ``Figure
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from typing import IO, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from oneshui_jax.files import atomic_open
 
 MULTILABEL_DATASETS = ("celeba", "celebahq", "synthfaces")
 CLASSIFICATION_DATASETS = ("mufac",)
@@ -224,32 +224,6 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic files
-
-
-@contextlib.contextmanager
-def atomic_open(path: str, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
-    """Opens a temporary file next to ``path``; renames it onto ``path`` when the block succeeds.
-
-    Text modes default to UTF-8. On an error the temporary file is removed and ``path`` is left
-    as it was.
-    """
-    if "b" not in mode:
-        kwargs.setdefault("encoding", "utf-8")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, mode, **kwargs) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_figure(fig: Figure, path: str, dpi: int = 120) -> str:

@@ -29,16 +29,14 @@ Command line::
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import random
-import tempfile
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from oneshui_jax.data.annotations import IdentityAnnotations
 from oneshui_jax.errors import ConfigError
+from oneshui_jax.files import save_json
 
 SPLIT_NAMES = ("train", "val", "test", "support", "forget", "retain")
 
@@ -234,21 +232,6 @@ def retain_images(ann: IdentityAnnotations, splits: Splits,
     """Images of every TRAIN identity not in ``request`` (minus real support), dataset order."""
     others = set(splits.train) - set(request.identities)
     return image_indices(ann, others, splits.support)
-
-
-def save_json(obj: dict, path: str) -> None:
-    """Writes JSON atomically (temporary file in the same folder, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def export(ann: IdentityAnnotations, splits: Splits, seed: int, num_identities: int) -> dict:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from matplotlib.container import BarContainer, ErrorbarContainer
 
-from oneshui_jax import report
+from oneshui_jax import files, report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -210,7 +210,7 @@ def test_method_bars_average_seeds_with_error_bars():
 def test_atomic_open_keeps_old_file_on_error(tmp_path):
     path = tmp_path / "results.md"
     path.write_text("old")
-    with pytest.raises(RuntimeError), report.atomic_open(str(path)) as f:
+    with pytest.raises(RuntimeError), files.atomic_open(str(path)) as f:
         f.write("new")
         raise RuntimeError("interrupted")
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["results.md"]
