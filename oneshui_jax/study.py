@@ -67,7 +67,7 @@ def train_config(config, task: str) -> train_lib.TrainConfig:
     return train_lib.TrainConfig(task=task, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
                                  weight_decay=t.weight_decay, momentum=t.momentum,
                                  warmup_epochs=t.warmup_epochs, compute_dtype=t.compute_dtype,
-                                 optimizer=t.optimizer)
+                                 optimizer=t.optimizer, attention=t.attention)
 
 
 def validate_config(config) -> None:
@@ -134,7 +134,8 @@ def train_stage(ctx: Context, stage: str, init_params) -> tuple[dict, Any]:
     pcfg = ctx.pipeline_config(tcfg.batch_size, crop_scale=tuple(config.data.crop_scale))
     batches = pipeline.to_iterator(
         pipeline.train_dataset(ds.source, train_idx, pcfg, tcfg.epochs), pcfg)
-    eval_step = train_lib.make_eval_step(ctx.model_cfg, ds.task, tcfg.compute_dtype)
+    eval_step = train_lib.make_eval_step(ctx.model_cfg, ds.task, tcfg.compute_dtype,
+                                         tcfg.attention)
     val_cfg = ctx.pipeline_config(config.data.eval_batch_size)
 
     def validate(params):

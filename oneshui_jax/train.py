@@ -48,6 +48,7 @@ class TrainConfig:
     warmup_epochs: int = 2
     compute_dtype: str = "bfloat16"
     optimizer: str = "sgd"  # the reference's; "adamw" for from-scratch demos
+    attention: str = "xla"  # "cudnn": fused attention on GPUs (vit.ATTENTION_IMPLEMENTATIONS)
 
     def __post_init__(self):
         if self.task not in ("multilabel", "classification"):
@@ -55,6 +56,9 @@ class TrainConfig:
         if self.optimizer not in optim.OPTIMIZERS:
             raise ConfigError(f"config.train.optimizer must be one of {optim.OPTIMIZERS}, "
                               f"got {self.optimizer!r}")
+        if self.attention not in vit.ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(f"config.train.attention must be one of "
+                              f"{vit.ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
         try:
             jnp.dtype(self.compute_dtype)
         except TypeError:
@@ -83,7 +87,8 @@ def make_train_step(model_cfg: vit.ViTConfig, cfg: TrainConfig,
     dtype = jnp.dtype(cfg.compute_dtype)
 
     def loss_fn(params, batch):
-        logits, _ = vit.apply(model_cfg, params, batch["image"], dtype=dtype)
+        logits, _ = vit.apply(model_cfg, params, batch["image"], dtype=dtype,
+                              attention=cfg.attention)
         return masked_mean(per_example_loss(cfg.task, logits, batch["label"]), batch["mask"])
 
     def step(params, opt_state, batch, lr):
@@ -95,12 +100,13 @@ def make_train_step(model_cfg: vit.ViTConfig, cfg: TrainConfig,
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def make_eval_step(model_cfg: vit.ViTConfig, task: str, compute_dtype: str) -> Callable:
+def make_eval_step(model_cfg: vit.ViTConfig, task: str, compute_dtype: str,
+                   attention: str = "xla") -> Callable:
     """``step(params, images, labels) -> (logits, per-example losses)``, jit-compiled."""
     dtype = jnp.dtype(compute_dtype)
 
     def step(params, images, labels):
-        logits, _ = vit.apply(model_cfg, params, images, dtype=dtype)
+        logits, _ = vit.apply(model_cfg, params, images, dtype=dtype, attention=attention)
         return logits, per_example_loss(task, logits, labels)
 
     return jax.jit(step)

@@ -326,3 +326,20 @@ def test_meta_gradient_matches_finite_difference():
         assert float(jnp.abs(grad).max()) > 1e-4  # the meta-gradient is not trivially zero
         np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-9)
     assert jnp.zeros(()).dtype == jnp.float32  # x64 switched back off
+
+
+def test_fused_attention_path_matches_plain_attention():
+    """The padded, length-masked path used for cuDNN gives plain attention (checked with XLA)."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 17, 3, 8)), jnp.float32) for _ in range(3))
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8)
+    plain = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, -1), v)
+    fused = vit.fused_attention(q, k, v, implementation="xla")
+    np.testing.assert_allclose(np.asarray(fused), np.asarray(plain), atol=1e-5)
+
+
+def test_unknown_attention_implementation_is_rejected():
+    cfg = ViTConfig.preset("vit_tiny_test", num_classes=3)
+    params = vit.init_params(cfg, jax.random.key(0))
+    with pytest.raises(ValueError, match="attention"):
+        vit.apply(cfg, params, jnp.zeros((1, 32, 32, 3)), attention="flash")
