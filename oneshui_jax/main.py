@@ -11,10 +11,11 @@ written with plots to ``config.workdir``.
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from oneshui_jax import report, study
@@ -35,9 +36,22 @@ def parse_flags(argv: list[str]) -> list[str]:
         raise SystemExit(f"error: unknown config field {field!r}. {hint}".rstrip()) from None
 
 
+class _OwnInfoOnly(std_logging.Filter):
+    """Keeps this package's INFO lines and every library's warnings, minus known noise."""
+
+    NOISE = ("OpenCV is not installed",)
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if f"{os.sep}oneshui_jax{os.sep}" in record.pathname:
+            return True
+        return record.levelno >= std_logging.WARNING and not any(
+            n in record.getMessage() for n in self.NOISE)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_OwnInfoOnly())
     config = _CONFIG.value
     try:
         records = study.run(config)
