@@ -38,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seed = 0
     config.workdir = "workdir/synthfaces"  # results, tables, plots
     config.checkpoint_dir = "checkpoints"  # <dir>/<dataset>/<model>/<stage>_<N>_<seed>/
-    config.stages = ("pretrain", "retrain")  # run in this order
+    config.stages = ("pretrain", "retrain", "meta_unlearn")  # run in this order
 
     config.data = ml_collections.ConfigDict()
     config.data.synthfaces_config = args.get("size", "default")  # default | small
@@ -68,6 +68,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.warmup_epochs = 2
     config.train.compute_dtype = "float32"  # bf16 matmuls are slow on CPU
     config.train.attention = "xla"  # "cudnn" on GPUs: fused attention, 1.31x faster (ViT-B/16)
+
+    # MetaUnlearn (SPEC.md 6.6; the reference's CelebA values unless noted).
+    config.meta_unlearn = ml = ml_collections.ConfigDict()
+    ml.epochs = 3
+    ml.lr = 1e-4  # AdamW(AMSGrad) of the meta-loss
+    ml.weight_decay = 0.0
+    ml.meta_lr = 0.1  # step size of the inner step and of the request-time step
+    ml.batch_size = 64
+    ml.num_identities_simulation = config.num_identities  # identities per simulated request
+    ml.forget_epochs = 1
+    ml.forget_loss = "smooth_l1"  # smooth_l1 | l1 | l2
+    ml.loss_type = "full"  # full | original | unlearned | rev | scrub
+    ml.use_accs = True
+    ml.use_retain = False
+    ml.use_train_aug = True  # retain batches with the train transform (use_retain / scrub)
+    ml.hidden_size = 512
+    ml.num_layers = 0
+    ml.dropout = 0.5
+    ml.use_feats = True
+    ml.use_ids = True
+    ml.use_targets = True
+    ml.compute_dtype = "float32"  # outer passes (the reference: bfloat16 on GPUs)
+    ml.simulated_draws_per_epoch = 2  # the reference draws twice per epoch (SPEC Q23)
 
     config.progress = True
     return config

@@ -459,6 +459,40 @@ def load_params(run_dir: str, template: Params = None, *, verify: bool = True) -
     return params
 
 
+def save_tree(run_dir: str, name: str, tree: Params) -> str:
+    """Saves another array tree of a run (e.g. a trained meta-loss) to ``run_dir/name``.
+
+    Committed atomically by orbax; returns its content hash (record it in the metadata).
+    """
+    path = os.path.join(os.path.abspath(run_dir), name)
+
+    def save() -> None:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(path, tree, force=True)
+            checkpointer.wait_until_finished()
+
+    _orbax(save, path, f"save {name} to")
+    return params_hash(tree)
+
+
+def load_tree(run_dir: str, name: str, template: Params, expected_hash: str | None = None
+              ) -> Params:
+    """Restores ``run_dir/name`` shaped like ``template``; checks ``expected_hash`` if given."""
+    path = os.path.join(os.path.abspath(run_dir), name)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} does not exist: the run at {run_dir} has no {name!r}")
+
+    def restore() -> Params:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(path, _abstract(template))
+
+    tree = _orbax(restore, path, f"restore {name} from")
+    if expected_hash is not None and params_hash(tree) != expected_hash:
+        raise CheckpointError(f"{path} is corrupt: its content hash differs from the one "
+                              f"recorded in {METADATA_FILE}")
+    return tree
+
+
 # --------------------------------------------------------------------------------------------
 # Compatibility of a checkpoint with a request
 # --------------------------------------------------------------------------------------------

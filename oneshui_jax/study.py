@@ -30,10 +30,10 @@ from oneshui_jax.data import datasets as datasets_lib
 from oneshui_jax.data import pipeline
 from oneshui_jax.errors import CheckpointError, ConfigError
 from oneshui_jax.models import vit
+from oneshui_jax.unlearn import METHODS
 
 EVAL_SPLITS = ("retain", "forget", "test", "val")
 TRAINING_STAGES = {"pretrain": "train", "retrain": "retain"}  # stage -> identities it fits
-METHODS: dict[str, Any] = {}  # unlearning methods: name -> function (added by later stages)
 
 
 @dataclasses.dataclass
@@ -101,9 +101,9 @@ def evaluate_splits(ctx: Context, eval_step, params) -> dict[str, dict[str, floa
     return out
 
 
-def _metadata(ctx: Context, stage: str, record: dict | None = None) -> dict:
+def _metadata(ctx: Context, stage: str, record: dict | None = None, **extra) -> dict:
     return {"config": ctx.config.to_dict(), "splits": ctx.splits.to_dict(), "stage": stage,
-            "model_config": dataclasses.asdict(ctx.model_cfg), "record": record}
+            "model_config": dataclasses.asdict(ctx.model_cfg), "record": record, **extra}
 
 
 def _reuse(ctx: Context, stage: str, template) -> tuple[dict, Any] | None:
@@ -162,6 +162,30 @@ def train_stage(ctx: Context, stage: str, init_params) -> tuple[dict, Any]:
     return record, result.params
 
 
+def method_stage(ctx: Context, name: str, base_params, base_dir: str) -> tuple[dict, Any]:
+    """Runs unlearning method ``name`` on the pretrained model, or reuses its checkpoint."""
+    reused = _reuse(ctx, name, base_params)
+    if reused is not None:
+        return reused
+    config = ctx.config
+    rdir = ctx.run_dir(name)
+    os.makedirs(rdir, exist_ok=True)
+    base = {"base_run_dir": os.path.abspath(base_dir),
+            "base_params_hash": checkpoints.read_metadata(base_dir).get("params_hash")}
+    checkpoints.write_metadata(rdir, _metadata(ctx, name, **base), status="training")
+    start = time.perf_counter()
+    params, info = METHODS[name](ctx, base_params, rdir)
+    record = {"method": name, "dataset": config.dataset, "num_identities": config.num_identities,
+              "seed": config.seed, "seconds": time.perf_counter() - start, **info["record"]}
+    eval_step = train_lib.make_eval_step(ctx.model_cfg, ctx.dataset.task,
+                                         config.train.compute_dtype, config.train.attention)
+    record.update(evaluate_splits(ctx, eval_step, params))
+    checkpoints.save_params(rdir, params, _metadata(ctx, name, record, **base, **info["metadata"]),
+                            overwrite=True)
+    shutil.rmtree(os.path.join(rdir, checkpoints.TRAIN_STATE_DIR), ignore_errors=True)
+    return record, params
+
+
 def prepare(config) -> Context:
     """Validates the config, opens the dataset and makes the reference-exact split."""
     validate_config(config)
@@ -188,12 +212,14 @@ def run(config) -> list[dict]:
     start = time.perf_counter()
     ctx = prepare(config)
     init = vit.init_params(ctx.model_cfg, jax.random.key(config.seed))
-    records = []
+    records, trained = [], {}
     for stage in config.stages:
         if stage in TRAINING_STAGES:
-            record, _ = train_stage(ctx, stage, init)
+            record, trained[stage] = train_stage(ctx, stage, init)
         else:
-            raise ConfigError(f"stage {stage!r} is not available yet")
+            if "pretrain" not in trained:  # methods start from the pretrained model
+                _, trained["pretrain"] = train_stage(ctx, "pretrain", init)
+            record, _ = method_stage(ctx, stage, trained["pretrain"], ctx.run_dir("pretrain"))
         records.append(record)
     add_tow(records)
     report.write_report(config.workdir, records, config=config.to_dict(), extra={
