@@ -30,7 +30,7 @@ from oneshui_jax.data import datasets as datasets_lib
 from oneshui_jax.data import pipeline
 from oneshui_jax.errors import CheckpointError, ConfigError
 from oneshui_jax.models import vit
-from oneshui_jax.unlearn import METHODS
+from oneshui_jax.unlearn.registry import METHODS
 
 EVAL_SPLITS = ("retain", "forget", "test", "val")
 TRAINING_STAGES = {"pretrain": "train", "retrain": "retain"}  # stage -> identities it fits

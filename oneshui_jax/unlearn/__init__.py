@@ -1,13 +1,5 @@
-"""Unlearning methods. ``METHODS`` maps a method name to its study stage function.
+"""Unlearning methods (one module per method); ``registry.METHODS`` maps names to study stages.
 
-A stage function takes ``(ctx, base_params, run_dir)`` (the study context, the pretrained
-parameters and the run's checkpoint folder) and returns ``(params, info)``: the unlearned
-parameters and a dict with ``record`` (extra fields of the results record) and ``metadata``
-(extra fields of the checkpoint metadata).
+Kept free of imports so that the pure method code (e.g. ``meta_unlearn``) loads without the
+input-pipeline dependencies (grain, tensorflow-datasets).
 """
-
-from oneshui_jax.unlearn import meta_train
-
-METHODS = {
-    "meta_unlearn": meta_train.run_stage,
-}
