@@ -16,3 +16,8 @@ if [ -f .device/torch_reference_style.py ]; then
 fi
 echo "== ours: ViT-B/16 train step (xla and cudnn attention)"
 timeout 300 python3 bench/attention_variants.py --batches 128 --out "$OUT/attention_variants.json"
+echo "== ours: MetaUnlearn meta-step (naive vs streamed meta-gradient) and request latency, vs the anchor"
+ANCHOR_ARGS=()
+if [ -f .device/torch_reference_style.py ]; then ANCHOR_ARGS=(--anchor .device/torch_reference_style.py); fi
+timeout 300 python3 bench/meta_step.py --model vit_base_patch16_224 --timeout 280 \
+  ${ANCHOR_ARGS[@]+"${ANCHOR_ARGS[@]}"} --out "$OUT/meta_step.json"

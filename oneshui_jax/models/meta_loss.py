@@ -212,20 +212,21 @@ def meta_inputs(cfg: MetaLossConfig, logits: jax.Array, cls_features: jax.Array 
     batch, c = logits.shape[0], cfg.num_classes
     if logits.shape != (batch, c):
         raise ValueError(f"logits must have shape [B, {c}], got {logits.shape}")
-    parts = [jax.nn.sigmoid(logits.astype(jnp.float32))]
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)  # float32, or float64 in x64 tests
+    parts = [jax.nn.sigmoid(logits.astype(dtype))]
     if cfg.use_feats:
         if cls_features is None or cls_features.shape != (batch, cfg.feature_dim):
             got = None if cls_features is None else cls_features.shape
             raise ValueError(
                 f"cls_features must have shape [{batch}, {cfg.feature_dim}], got {got}")
-        parts.append(cls_features.astype(jnp.float32))
+        parts.append(cls_features.astype(dtype))
     if cfg.use_targets:
         if labels is None:
             raise ValueError("labels are required when use_targets is on")
         if cfg.task == "classification" and labels.shape == (batch,):
-            targets = jax.nn.one_hot(labels, c, dtype=jnp.float32)
+            targets = jax.nn.one_hot(labels, c, dtype=dtype)
         elif labels.shape == (batch, c):
-            targets = labels.astype(jnp.float32)
+            targets = labels.astype(dtype)
         else:
             expected = f"[{batch}] or [{batch}, {c}]" if cfg.task == "classification" else (
                 f"[{batch}, {c}]")
@@ -270,7 +271,7 @@ def apply(cfg: MetaLossConfig, params: Params, x: jax.Array, identity_rows: jax.
     the embedding table ``[B]`` (ignored, may be None, when ``use_ids`` is off). Dropout is applied
     iff ``dropout_rng`` is given. Pure: jit with ``static_argnums=0``; safe under nested grad.
     """
-    x = x.astype(jnp.float32)
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     if x.ndim != 2 or x.shape[1] != cfg.features_size:
         raise ValueError(f"x must have shape [B, {cfg.features_size}], got {x.shape}")
     if cfg.use_ids:

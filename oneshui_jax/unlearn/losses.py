@@ -29,6 +29,11 @@ LOSS_TYPES = ("full", "original", "unlearned", "rev", "scrub")
 DISTANCES = ("smooth_l1", "l1", "l2")
 
 
+def _f32(x: jax.Array) -> jax.Array:
+    """At least float32 (float64 stays float64, for finite-difference tests)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     mask = mask.astype(values.dtype)
     while mask.ndim < values.ndim:
@@ -39,9 +44,9 @@ def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
 
 def task_loss(task: str, logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean BCE-with-logits over valid rows x labels, or mean cross-entropy over valid rows."""
-    logits = logits.astype(jnp.float32)
+    logits = _f32(logits)
     if task == "multilabel":
-        per = optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32))
+        per = optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype))
         return masked_mean(per, mask)
     return masked_mean(
         optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32)), mask)
@@ -99,8 +104,8 @@ def weighted_loss(task: str, logits, labels, mask, use_accs: bool) -> jax.Array:
 
 def kl_mean(student_logits, teacher_logits, mask, temperature: float = 4.0) -> jax.Array:
     """``F.kl_div(log_softmax(s/T), softmax(t/T))`` with 'mean' reduction (batch x classes)."""
-    log_p = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, -1)
-    log_q = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, -1)
+    log_p = jax.nn.log_softmax(_f32(student_logits) / temperature, -1)
+    log_q = jax.nn.log_softmax(_f32(teacher_logits) / temperature, -1)
     return masked_mean(jnp.exp(log_q) * (log_q - log_p), mask)
 
 

@@ -171,7 +171,8 @@ def meta_gradient(model_cfg, ml_cfg, cfg: MetaUnlearnConfig, theta, phi, support
 
     zeros = jax.tree.map(jnp.zeros_like, theta_u)
     num_batches = forget["mask"].shape[0]
-    (g, loss), _ = jax.lax.scan(body, (zeros, jnp.float32(0.0)), jnp.arange(num_batches))
+    loss0 = jnp.zeros((), jnp.promote_types(jax.tree.leaves(theta_u)[0].dtype, jnp.float32))
+    (g, loss), _ = jax.lax.scan(body, (zeros, loss0), jnp.arange(num_batches))
     (grad_phi,) = pullback(g)
     return loss, grad_phi, theta_u
 
