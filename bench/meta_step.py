@@ -288,18 +288,22 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variants {unknown}; expected a subset of {VARIANTS}")
     deadline = time.monotonic() + args.timeout
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def write(summary: dict[str, Any]) -> None:  # after every subprocess: partial results too
+        with open(args.out, "w") as f:
+            json.dump(summary, f, indent=2)
+
     anchor = None
     if args.anchor:  # first: its own process, done before ours start
         anchor = _run(["python3", args.anchor], deadline, f"anchor {args.anchor}")
         print(f"anchor: {json.dumps(anchor)}", flush=True)
-    results = {}
+    results: dict[str, dict] = {}
     for variant in variants:
+        write({"results": results, "anchor": anchor, "partial": True})
         results[variant] = _run(_child_argv(args, variant), deadline, variant)
         print(f"{variant}: {json.dumps(results[variant])}", flush=True)
-    summary = report(args, results, anchor)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(summary, f, indent=2)
+    write(report(args, results, anchor))
     print(f"\nwrote {args.out}")
 
 

@@ -12,6 +12,9 @@ from oneshui_jax.unlearn import losses
 from oneshui_jax.unlearn import meta_unlearn as mu
 
 C = 4
+# Jitted once per config (static: model, meta-loss and MetaUnlearn configs, the objective).
+meta_gradient = jax.jit(mu.meta_gradient, static_argnums=(0, 1, 2, 10))
+meta_gradient_naive = jax.jit(mu.meta_gradient_naive, static_argnums=(0, 1, 2, 10))
 
 
 def _setup(task="multilabel", loss_type="full", dtype=jnp.float32, use_accs=True, **kw):
@@ -48,10 +51,10 @@ def _setup(task="multilabel", loss_type="full", dtype=jnp.float32, use_accs=True
 def test_streamed_meta_gradient_equals_differentiating_everything(loss_type):
     model_cfg, ml_cfg, cfg, theta, phi, support, forget, val, retain = _setup(loss_type=loss_type)
     rng = jax.random.key(7)  # dropout on, the same masks in both
-    loss_s, grad_s, _ = jax.jit(mu.meta_gradient, static_argnums=(0, 1, 2))(
-        model_cfg, ml_cfg, cfg, theta, phi, support, forget, val, retain, rng)
-    loss_n, grad_n = jax.jit(mu.meta_gradient_naive, static_argnums=(0, 1, 2))(
-        model_cfg, ml_cfg, cfg, theta, phi, support, forget, val, retain, rng)
+    loss_s, grad_s, _ = meta_gradient(model_cfg, ml_cfg, cfg, theta, phi, support, forget, val,
+                                      retain, rng, mu.outer_batch_loss)
+    loss_n, grad_n = meta_gradient_naive(model_cfg, ml_cfg, cfg, theta, phi, support, forget,
+                                         val, retain, rng, mu.outer_batch_loss)
     np.testing.assert_allclose(loss_s, loss_n, rtol=1e-5)
     flat_s, flat_n = jax.tree.leaves(grad_s), jax.tree.leaves(grad_n)
     scale = max(float(jnp.abs(g).max()) for g in flat_n)
@@ -70,11 +73,11 @@ def test_meta_gradient_matches_finite_differences_in_float64():
         rng = jax.random.key(3)
 
         def total(p):
-            return mu.meta_gradient_naive(model_cfg, ml_cfg, cfg, theta, p, support, forget,
-                                          val, None, rng)[0]
+            return meta_gradient_naive(model_cfg, ml_cfg, cfg, theta, p, support, forget, val,
+                                       None, rng, mu.outer_batch_loss)[0]
 
-        _, grad, _ = mu.meta_gradient(model_cfg, ml_cfg, cfg, theta, phi, support, forget, val,
-                                      None, rng)
+        _, grad, _ = meta_gradient(model_cfg, ml_cfg, cfg, theta, phi, support, forget, val,
+                                   None, rng, mu.outer_batch_loss)
         direction = jax.tree.map(
             lambda x: jnp.asarray(np.random.default_rng(x.size).normal(size=x.shape)), phi)
         eps = 1e-5
@@ -129,14 +132,14 @@ def test_loss_types_differ_and_classification_works():
     values = {}
     for loss_type in ("full", "original", "unlearned", "rev"):
         model_cfg, ml_cfg, cfg, theta, phi, support, forget, val, _ = _setup(loss_type=loss_type)
-        values[loss_type] = float(mu.meta_gradient(model_cfg, ml_cfg, cfg, theta, phi, support,
-                                                   forget, val, None, None)[0])
+        values[loss_type] = float(meta_gradient(model_cfg, ml_cfg, cfg, theta, phi, support,
+                                                forget, val, None, None, mu.outer_batch_loss)[0])
     assert values["full"] == pytest.approx(values["original"] + values["unlearned"], rel=1e-5)
     assert values["rev"] != pytest.approx(values["full"])
     model_cfg, ml_cfg, cfg, theta, phi, support, forget, val, retain = _setup(
         task="classification", use_retain=True)
-    loss, grad, _ = mu.meta_gradient(model_cfg, ml_cfg, cfg, theta, phi, support, forget, val,
-                                     retain, None, mu.retain_batch_loss)
+    loss, grad, _ = meta_gradient(model_cfg, ml_cfg, cfg, theta, phi, support, forget, val,
+                                  retain, None, mu.retain_batch_loss)
     assert np.isfinite(float(loss))
 
 

@@ -34,6 +34,7 @@ def small_config(tfds_dir, root, epochs=2):
     config.workdir = os.path.join(root, "work")
     config.checkpoint_dir = os.path.join(root, "ckpt")
     config.train.epochs = epochs
+    config.meta_unlearn.epochs = 1
     config.data.num_threads = 0
     config.progress = False
     return config
@@ -47,11 +48,12 @@ def finished_study(tfds_dir, tmp_path_factory):
 
 def test_study_runs_end_to_end(finished_study):
     config, records = finished_study
-    assert [r["method"] for r in records] == ["pretrain", "retrain"]
+    assert [r["method"] for r in records] == ["pretrain", "retrain", "meta_unlearn"]
     for r in records:
         for split in study.EVAL_SPLITS:
             assert 0.0 < r[split]["metric"] <= 100.0 and np.isfinite(r[split]["loss"])
-        assert len(r["history"]) == 2
+    assert [len(r["history"]) for r in records[:2]] == [2, 2]
+    assert records[2]["meta_history"][0]["requests"] > 0 and records[2]["unlearn_seconds"] > 0
     assert records[1]["tow"] == pytest.approx(100.0)  # the oracle against itself
     assert records[0]["tow"] < 100.0
     saved = json.load(open(os.path.join(config.workdir, "results.json")))
@@ -64,7 +66,15 @@ def test_study_runs_end_to_end(finished_study):
     lines = open(os.path.join(rdir, "metrics.jsonl")).read().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
     assert checkpoints.read_metadata(rdir)["record"]["forget"] == records[0]["forget"]
-
+    # MetaUnlearn's run holds the trained meta-loss and points at the model it started from.
+    mdir = rdir.replace("pretrain_5_0", "meta_unlearn_5_0")
+    meta = checkpoints.read_metadata(mdir)
+    assert meta["base_run_dir"] == os.path.abspath(rdir)
+    assert os.path.isdir(os.path.join(mdir, "meta_loss"))
+    assert not os.path.exists(os.path.join(mdir, checkpoints.TRAIN_STATE_DIR))
+    unlearned = checkpoints.load_params(mdir)
+    pretrained = checkpoints.load_params(rdir)
+    assert checkpoints.params_hash(unlearned) != checkpoints.params_hash(pretrained)
 
 def test_finished_stages_are_reused(finished_study):
     config, records = finished_study
@@ -248,3 +258,15 @@ def test_masked_examples_do_not_count():
     per = train_lib.per_example_loss("multilabel", logits, labels)
     mask = jnp.array([True, True, False])
     assert float(train_lib.masked_mean(per, mask)) == pytest.approx(float(per[:2].mean()))
+
+
+def test_inspect_reads_every_checkpoint_of_the_study(finished_study, capsys):
+    from oneshui_jax import inspect as inspect_cli
+
+    config, records = finished_study
+    for r in records:
+        rdir = checkpoints.run_dir(config.checkpoint_dir, "synthfaces", "vit_small_demo",
+                                   r["method"], 5, 0)
+        inspect_cli.main([rdir])
+        out = capsys.readouterr().out
+        assert "blocks.0.attn.qkv.kernel" in out and r["method"] in out
