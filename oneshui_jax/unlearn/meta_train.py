@@ -93,8 +93,13 @@ def _request_data(ctx, request, cfg: mu.MetaUnlearnConfig, rows, rng: np.random.
 
 
 def meta_train(ctx, theta, cfg: mu.MetaUnlearnConfig, ml_cfg: meta_loss.MetaLossConfig,
-               checkpointer=None, progress: bool = True) -> MetaTrainResult:
-    """Meta-trains the forget (and optional retain) meta-loss on ``theta``; resumable."""
+               checkpointer=None, progress: bool = True,
+               checkpoint_every: int = CHECKPOINT_EVERY) -> MetaTrainResult:
+    """Meta-trains the forget (and optional retain) meta-loss on ``theta``; resumable.
+
+    With a ``checkpointer`` the state is saved every ``checkpoint_every`` requests and at the end
+    of every epoch; a run that finds a saved state continues from it with the same result.
+    """
     seed = ctx.config.seed
     rows = identity_rows(ctx.splits.train)
     tx = mu.optimizer(cfg)
@@ -146,7 +151,7 @@ def meta_train(ctx, theta, cfg: mu.MetaUnlearnConfig, ml_cfg: meta_loss.MetaLoss
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}",
                             meta_loss=f"{float(stats['meta_loss']):.4f}")
             state.update(epoch=epoch, request=i + 1)
-            if checkpointer is not None and (i + 1) % CHECKPOINT_EVERY == 0:
+            if checkpointer is not None and (i + 1) % checkpoint_every == 0:
                 checkpointer.save(epoch * 1_000_000 + i + 1, arrays, state)
         bar.close()
         record = {"epoch": epoch, "outer_loss": float(np.mean(losses)) if losses else None,

@@ -1,0 +1,82 @@
+"""Meta-training on simulated requests of the small SynthFaces variant: data, resume."""
+
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from oneshui_jax import checkpoints, study
+from oneshui_jax.models import vit
+from oneshui_jax.unlearn import meta_train
+from oneshui_jax.unlearn import meta_unlearn as mu
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "configs"))
+import synthfaces as synthfaces_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    config = synthfaces_config.get_config("N=5,size=small")
+    root = str(tmp_path_factory.mktemp("meta"))
+    config.data.tfds_dir = os.path.join(root, "tfds")
+    config.checkpoint_dir = os.path.join(root, "ckpt")
+    config.data.num_threads = 0
+    config.progress = False
+    config.meta_unlearn.epochs = 2
+    config.meta_unlearn.num_identities_simulation = 30  # 4 requests per epoch: fast
+    config.meta_unlearn.hidden_size = 32
+    return study.prepare(config)
+
+
+def test_request_batches_follow_the_reference_layout(ctx):
+    import random
+
+    from oneshui_jax import splits as splits_lib
+    cfg, _ = meta_train.configs_from(ctx)
+    request = splits_lib.simulated_requests(ctx.dataset.annotations, ctx.splits, 30,
+                                            random.Random(0))[0]
+    rows = meta_train.identity_rows(ctx.splits.train)
+    support, forget, val, retain = meta_train._request_data(ctx, request, cfg, rows,
+                                                            np.random.default_rng(0))
+    assert support["image"].shape[0] == 30 and bool(support["mask"].all())
+    expected_rows = [rows[int(ctx.dataset.annotations.identities[i])] for i in request.support]
+    assert support["row"].tolist() == expected_rows
+    k = -(-len(request.forget) // cfg.batch_size)
+    assert forget["image"].shape[:2] == (k, cfg.batch_size)
+    assert int(forget["mask"].sum()) == len(request.forget)
+    assert val["image"].shape[:2] == (k, cfg.batch_size) and retain is None
+
+
+def test_meta_training_resumes_with_identical_result(ctx, tmp_path, monkeypatch):
+    cfg, ml_cfg = meta_train.configs_from(ctx)
+    theta = vit.init_params(ctx.model_cfg, jax.random.key(0))
+    straight = meta_train.meta_train(ctx, theta, cfg, ml_cfg, progress=False)
+    assert [h["epoch"] for h in straight.history] == [0, 1]
+
+    real_make = mu.make_meta_step
+    calls = []
+
+    def dying_make(*args, **kwargs):
+        step = real_make(*args, **kwargs)
+
+        def wrapped(*a):
+            calls.append(1)
+            if len(calls) == 7:  # epoch 1, request 3 (saved after request 2)
+                raise KeyboardInterrupt
+            return step(*a)
+        return wrapped
+
+    monkeypatch.setattr(mu, "make_meta_step", dying_make)
+    with checkpoints.TrainCheckpointer(str(tmp_path)) as ckpt, pytest.raises(KeyboardInterrupt):
+        meta_train.meta_train(ctx, theta, cfg, ml_cfg, ckpt, progress=False, checkpoint_every=2)
+    monkeypatch.setattr(mu, "make_meta_step", real_make)
+    with checkpoints.TrainCheckpointer(str(tmp_path)) as ckpt:
+        _, state = ckpt.restore({"phi": straight.phi, "opt_state": mu.optimizer(cfg).init(
+            straight.phi)})
+        assert (state["epoch"], state["request"]) == (1, 2)
+        resumed = meta_train.meta_train(ctx, theta, cfg, ml_cfg, ckpt, progress=False,
+                                        checkpoint_every=2)
+    assert checkpoints.params_hash(resumed.phi) == checkpoints.params_hash(straight.phi)
