@@ -9,8 +9,9 @@ the training data is gone.
 
 Where the model and the meta-loss come from (:func:`resolve_sources`), given ``--checkpoint PATH``:
 
-* PATH is a ``meta_unlearn`` run directory (it holds ``meta_loss/``): the meta-loss is PATH's and
-  the model is the one it was meta-trained on, PATH's ``base_run_dir`` (the pretrained model);
+* PATH is a ``meta_unlearn`` run directory (it holds ``meta_loss/``): the meta-loss is PATH's
+  (unless ``--meta_loss`` names another) and the model is the one it was meta-trained on, PATH's
+  ``base_run_dir`` (the pretrained model), not the model PATH unlearned for the study's request;
 * PATH is any other run directory (a pretrained model, or the output of an earlier request, so
   deletions chain): the model is PATH's parameters and the meta-loss is ``--meta_loss RUN_DIR``
   or, failing that, the ``meta_loss_run_dir`` recorded in PATH's metadata (request outputs record
@@ -33,6 +34,22 @@ of that size reuse it. :func:`serve_request` is the command line's work: read an
 portraits, unlearn, write the output run directory (``params/``, ``metadata.json``) and
 ``receipt.json``. Errors a user can cause raise one :class:`DataError` / :class:`ConfigError` /
 :class:`CheckpointError` naming the file or setting, before anything is written.
+
+The output directory is a run directory like the study's (``checkpoints.save_params``): the
+source's ``config``, ``splits`` and ``model_config``, ``stage: "request"``, ``request_id``,
+``requests`` (the ids of every request in the chain), ``source_checkpoint``,
+``source_params_hash``, ``meta_loss_run_dir``, ``meta_loss_hashes``, and ``base_run_dir`` /
+``base_params_hash`` of the pretrained model at the start of the chain. ``receipt.json``
+(written last, atomically) holds ``receipt_version``, ``request_id``, ``created`` (UTC),
+``method``, ``portraits`` (``sha256``, ``width``, ``height`` per file; no names or pixels),
+``identities`` (one per portrait), ``labels`` and ``labels_predicted``, ``params_hash_before`` /
+``params_hash_after``, ``source_checkpoint``, ``meta_loss_run_dir``, ``meta_loss_hashes``,
+``base_params_hash``, ``output``, ``hyperparameters`` (``meta_lr``, ``forget_epochs``,
+``use_retain``, ``meta_loss`` and ``meta_unlearn`` configs), ``seeds`` (the study's and the
+meta-loss's; the request itself draws no random numbers), ``versions``, ``device`` and
+``timings`` in seconds: ``load_s`` (checkpoints, portraits, preprocessing), ``predict_s`` (label
+prediction), ``compile_s``, ``compute_s`` (the unlearning steps, to completion), ``save_s``,
+``total_s``.
 """
 
 from __future__ import annotations
@@ -57,7 +74,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from oneshui_jax import checkpoints, files
-from oneshui_jax.data import pipeline
+from oneshui_jax.data import transforms
 from oneshui_jax.errors import CheckpointError, ConfigError, DataError
 from oneshui_jax.models import meta_loss, vit
 from oneshui_jax.unlearn import meta_unlearn as mu
@@ -163,7 +180,7 @@ class Request:
     identities: list[int | None]
     labels: np.ndarray  # uint8 multi-hot [n, C] or int32 class [n]
     labels_predicted: bool
-    timings: dict[str, float]  # prepare_s, compile_s (of the label prediction, if any)
+    timings: dict[str, float]  # prepare_s (preprocessing), predict_s and compile_s (labels)
 
 
 class Unlearner:
@@ -277,21 +294,23 @@ class Unlearner:
                 raise DataError(f"portrait {k} must be a non-empty uint8 HxWx3 RGB array, got "
                                 f"{image.dtype} {image.shape}")
         ids, rows = self._identity_rows(identities, n)
-        images = jnp.asarray(pipeline.preprocess_eval(portraits, self.model_cfg.image_size))
-        compile_s, predicted = 0.0, labels is None
+        images = jnp.asarray(transforms.preprocess_eval(portraits, self.model_cfg.image_size))
+        timings = {"prepare_s": time.perf_counter() - start, "predict_s": 0.0, "compile_s": 0.0}
+        predicted = labels is None
         if labels is not None:
             labels = self._check_labels(labels, n)
         else:
             theta = self.params if params is None else params
-            predict, compile_s = self._compile("predict", self._predict, theta, images)
+            predict, timings["compile_s"] = self._compile("predict", self._predict, theta,
+                                                          images)
+            start = time.perf_counter()
             logits = np.asarray(predict(theta, images))
             labels = (logits.argmax(-1).astype(np.int32) if self.ml_cfg.task == "classification"
                       else (logits > 0).astype(np.uint8))
+            timings["predict_s"] = time.perf_counter() - start
         support = {"image": images, "label": jnp.asarray(labels),
                    "row": jnp.asarray(rows), "mask": jnp.ones(n, bool)}
-        return Request(support, ids, labels, predicted,
-                       {"prepare_s": time.perf_counter() - start - compile_s,
-                        "compile_s": compile_s})
+        return Request(support, ids, labels, predicted, timings)
 
     def unlearn(self, request: Request, params: Params = None) -> tuple[Params, dict[str, float]]:
         """``forget_epochs`` meta-loss steps on the request's support (+ the retain one).
@@ -309,13 +328,12 @@ class Unlearner:
     def forget(self, portraits: Sequence[np.ndarray], identities: int | Sequence[int] | None,
                labels: Sequence[Any] | None = None, params: Params = None
                ) -> tuple[Params, dict[str, float]]:
-        """:meth:`prepare` then :meth:`unlearn`: ``(new params, {prepare_s, compile_s,
-        compute_s})`` (compile_s covers the label prediction too)."""
+        """:meth:`prepare` then :meth:`unlearn`: ``(new params, {prepare_s, predict_s,
+        compile_s, compute_s})`` (compile_s covers the label prediction too)."""
         request = self.prepare(portraits, identities, labels, params)
         new, timings = self.unlearn(request, params)
-        return new, {"prepare_s": request.timings["prepare_s"],
-                     "compile_s": request.timings["compile_s"] + timings["compile_s"],
-                     "compute_s": timings["compute_s"]}
+        return new, {**request.timings, "compute_s": timings["compute_s"],
+                     "compile_s": request.timings["compile_s"] + timings["compile_s"]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,6 +458,7 @@ def serve_request(checkpoint: str, portraits: Sequence[str], out: str, *,
             "versions": checkpoints.library_versions(),
             "device": str(jax.devices()[0].platform),
             "timings": {"load_s": load_s + request.timings["prepare_s"],
+                        "predict_s": request.timings["predict_s"],
                         "compile_s": request.timings["compile_s"] + timings["compile_s"],
                         "compute_s": timings["compute_s"],
                         "save_s": time.perf_counter() - save_start},
@@ -496,8 +515,9 @@ def summary(receipt: Mapping[str, Any]) -> str:
         f"params     sha256 {receipt['params_hash_before'][:16]}... -> "
         f"{receipt['params_hash_after'][:16]}...",
         f"labels     {labels}",
-        f"time       load {t['load_s']:.2f} s, compile {t['compile_s']:.2f} s, "
-        f"compute {t['compute_s'] * 1e3:.1f} ms, save {t['save_s']:.2f} s",
+        f"time       load {t['load_s']:.2f} s, compile {t['compile_s']:.2f} s, labels "
+        f"{t['predict_s'] * 1e3:.1f} ms, unlearn {t['compute_s'] * 1e3:.1f} ms, save "
+        f"{t['save_s']:.2f} s",
         f"wrote      {receipt['output']} (params/, {checkpoints.METADATA_FILE}, {RECEIPT_FILE})",
     ])
 

@@ -132,8 +132,3 @@ def to_iterator(dataset: grain.MapDataset, cfg: PipelineConfig) -> grain.Dataset
 def eval_batches(source: Source, indices: np.ndarray, cfg: PipelineConfig) -> Iterator[Record]:
     """Convenience: iterate over ``eval_dataset``."""
     return to_iterator(eval_dataset(source, indices, cfg), cfg)
-
-
-def preprocess_eval(images: Sequence[np.ndarray], size: int) -> np.ndarray:
-    """Eval-transform a list of uint8 HWC images of any size (e.g. portraits) into a batch."""
-    return np.stack([transforms.eval_transform(np.asarray(im), size) for im in images])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -89,3 +90,8 @@ def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
 def eval_transform(image: np.ndarray, size: int) -> np.ndarray:
     """Normalise to [-1, 1], then resize to ``size x size`` without antialiasing."""
     return resize_bilinear(normalize(image), size, size)
+
+
+def preprocess_eval(images: Sequence[np.ndarray], size: int) -> np.ndarray:
+    """Eval-transform a list of uint8 HWC images of any size (e.g. portraits) into a batch."""
+    return np.stack([eval_transform(np.asarray(im), size) for im in images])
