@@ -118,6 +118,15 @@ def _reuse(ctx: Context, stage: str, template) -> tuple[dict, Any] | None:
         raise CheckpointError(
             f"checkpoint {rdir} holds a model {metadata.get('model_config')} but the request is "
             f"{dataclasses.asdict(ctx.model_cfg)}")
+    block = "train" if stage in TRAINING_STAGES else stage
+    stored = (metadata.get("config") or {}).get(block)
+    wanted = ctx.config[block].to_dict() if block in ctx.config else None
+    if stored is not None and wanted is not None and stored != wanted:
+        changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+        details = ", ".join(f"{k}: {stored.get(k)!r} -> {wanted.get(k)!r}" for k in changed)
+        raise CheckpointError(
+            f"checkpoint {rdir} was made with other config.{block} values ({details}); delete it "
+            "or point config.checkpoint_dir elsewhere to run the stage again")
     logging.info("%s: reusing the finished checkpoint %s", stage, rdir)
     return dict(metadata["record"], reused=True), checkpoints.load_params(rdir, template)
 

@@ -270,3 +270,12 @@ def test_inspect_reads_every_checkpoint_of_the_study(finished_study, capsys):
         inspect_cli.main([rdir])
         out = capsys.readouterr().out
         assert "blocks.0.attn.qkv.kernel" in out and r["method"] in out
+
+
+def test_checkpoint_with_other_hyperparameters_is_refused(finished_study, tmp_path):
+    config, _ = finished_study
+    other = config.copy_and_resolve_references()
+    other.workdir = str(tmp_path)
+    other.meta_unlearn.meta_lr = 0.5
+    with pytest.raises(CheckpointError, match="meta_lr: 0.0003 -> 0.5"):
+        study.run(other)
