@@ -27,6 +27,7 @@ def ctx(tmp_path_factory):
     config.progress = False
     config.meta_unlearn.epochs = 2
     config.meta_unlearn.num_identities_simulation = 30  # 4 requests per epoch: fast
+    config.meta_unlearn.batch_size = 256  # one outer batch per request: one compilation
     config.meta_unlearn.hidden_size = 32
     return study.prepare(config)
 
@@ -45,6 +46,7 @@ def test_request_batches_follow_the_reference_layout(ctx):
     expected_rows = [rows[int(ctx.dataset.annotations.identities[i])] for i in request.support]
     assert support["row"].tolist() == expected_rows
     k = -(-len(request.forget) // cfg.batch_size)
+    assert k == 1
     assert forget["image"].shape[:2] == (k, cfg.batch_size)
     assert int(forget["mask"].sum()) == len(request.forget)
     assert val["image"].shape[:2] == (k, cfg.batch_size) and retain is None

@@ -101,7 +101,9 @@ def test_request_writes_model_and_receipt(run, first):
     assert r["params_hash_after"] == checkpoints.params_hash(written) != before
     assert r["identities"] == [run.identity, run.identity]
     assert r["labels_predicted"] is True and np.shape(r["labels"]) == (2, 24)
-    assert r["hyperparameters"]["meta_lr"] == 0.1 and r["hyperparameters"]["forget_epochs"] == 1
+    expected = run.metadata["meta_unlearn"]
+    assert r["hyperparameters"]["meta_lr"] == expected["meta_lr"]
+    assert r["hyperparameters"]["forget_epochs"] == expected["forget_epochs"] == 1
     assert r["hyperparameters"]["meta_loss"] == run.metadata["meta_loss"]
     assert r["versions"] == checkpoints.library_versions()
     assert set(r["timings"]) >= {"load_s", "compile_s", "compute_s"}
