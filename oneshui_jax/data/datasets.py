@@ -12,8 +12,6 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
 from oneshui_jax.data.annotations import IdentityAnnotations, read_identities
 from oneshui_jax.errors import DataError
 
@@ -61,8 +59,3 @@ def load(dataset: str, data_cfg) -> Dataset:
             "not part of this release yet; its identity splits work already "
             "(python -m oneshui_jax.splits).")
     raise DataError(f"unknown dataset {dataset!r}; expected synthfaces, celeba, celebahq, mufac")
-
-
-def labels_of(ds: Dataset, indices: np.ndarray) -> np.ndarray:
-    """Labels of the given records (reads the records)."""
-    return np.stack([np.asarray(ds.source[int(i)]["label"]) for i in indices])
