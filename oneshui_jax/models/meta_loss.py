@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -77,11 +77,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from oneshui_jax.errors import ConfigError
+from oneshui_jax.models.tree import Path, flat_paths, get_path, set_path
 
 Params = dict[str, Any]
 """Nested dict of arrays as returned by :func:`init_params`."""
 
-Path = tuple[str | int, ...]
 
 LN_EPS = 1e-5
 """LayerNorm epsilon of the meta-loss (torch's default)."""
@@ -182,17 +182,17 @@ def init_params(cfg: MetaLossConfig, rng: jax.Array) -> Params:
     linears = _linear_shapes(cfg)
     keys = jax.random.split(rng, 2 * len(linears) + 1)
     if cfg.use_ids:
-        _set(params, ("embed", "embedding"),
+        set_path(params, ("embed", "embedding"),
              jax.random.normal(keys[-1], (cfg.num_identities, cfg.embed_size), jnp.float32))
     for n, (path, fan_in, fan_out) in enumerate(linears):
         bound = 1.0 / math.sqrt(fan_in)
-        _set(params, (*path, "kernel"), jax.random.uniform(
+        set_path(params, (*path, "kernel"), jax.random.uniform(
             keys[2 * n], (fan_in, fan_out), jnp.float32, -bound, bound))
-        _set(params, (*path, "bias"), jax.random.uniform(
+        set_path(params, (*path, "bias"), jax.random.uniform(
             keys[2 * n + 1], (fan_out,), jnp.float32, -bound, bound))
     for path in _norm_paths(cfg):
-        _set(params, (*path, "scale"), jnp.ones((cfg.hidden_size,), jnp.float32))
-        _set(params, (*path, "bias"), jnp.zeros((cfg.hidden_size,), jnp.float32))
+        set_path(params, (*path, "scale"), jnp.ones((cfg.hidden_size,), jnp.float32))
+        set_path(params, (*path, "bias"), jnp.zeros((cfg.hidden_size,), jnp.float32))
     return params
 
 
@@ -363,12 +363,12 @@ def torch_state_dict_keys(cfg: MetaLossConfig) -> list[str]:
 def to_torch_state_dict(params: Params) -> dict[str, np.ndarray]:
     """Our params -> the torch module's state dict (numpy; Linear weights ``[out, in]``)."""
     paths = _param_paths(_config_of(params))
-    extra = set(_flat_paths(params)) - set(paths)
+    extra = set(flat_paths(params)) - set(paths)
     if extra:
         raise ValueError(f"params have unknown entries: {sorted(map(str, extra))}")
     state_dict = {}
     for path in paths:
-        array = np.asarray(_get(params, path))
+        array = np.asarray(get_path(params, path))
         state_dict[_torch_key(path)] = array.T if path[-1] == "kernel" else array
     return state_dict
 
@@ -381,7 +381,7 @@ def from_torch_state_dict(cfg: MetaLossConfig, state_dict: Mapping[str, Any]) ->
     abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     missing, mis_shaped, rules = [], [], {}
     for path in _param_paths(cfg):
-        shape = _get(abstract, path).shape
+        shape = get_path(abstract, path).shape
         torch_shape = shape[::-1] if path[-1] == "kernel" else shape
         key = _torch_key(path)
         rules[key] = path
@@ -397,25 +397,7 @@ def from_torch_state_dict(cfg: MetaLossConfig, state_dict: Mapping[str, Any]) ->
     params: Params = {}
     for key, path in rules.items():
         array = np.asarray(state_dict[key], dtype=np.float32)
-        _set(params, path, jnp.asarray(array.T if path[-1] == "kernel" else array))
+        set_path(params, path, jnp.asarray(array.T if path[-1] == "kernel" else array))
     return params
 
 
-def _get(tree: Mapping[Any, Any], path: Path) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: dict[Any, Any], path: Path, value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _flat_paths(tree: Mapping[Any, Any], prefix: Path = ()) -> Iterator[Path]:
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _flat_paths(value, (*prefix, key))
-        else:
-            yield (*prefix, key)

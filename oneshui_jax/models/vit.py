@@ -52,7 +52,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -61,11 +61,11 @@ import numpy as np
 from flax import nnx
 
 from oneshui_jax.errors import ConfigError
+from oneshui_jax.models.tree import Path, flat_paths, get_path, set_path
 
 Params = dict[str, Any]
 """Nested dict of arrays as returned by :func:`init_params` (block indices are int keys)."""
 
-Path = tuple[str | int, ...]
 
 LN_EPS = 1e-6
 """LayerNorm epsilon used everywhere (timm's ViT)."""
@@ -397,29 +397,6 @@ def _torch_axes(path: Path, ndim: int) -> tuple[int, ...] | None:
     return _KERNEL_TO_TORCH[ndim] if path[-1] == "kernel" else None
 
 
-def _get(tree: Mapping[Any, Any], path: Path) -> Any:
-    """The leaf of a nested dict at ``path``."""
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _flat_paths(tree: Mapping[Any, Any], prefix: Path = ()) -> Iterator[Path]:
-    """Paths of all leaves of a nested dict."""
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _flat_paths(value, (*prefix, key))
-        else:
-            yield (*prefix, key)
-
-
-def _set(tree: dict[Any, Any], path: Path, value: Any) -> None:
-    """Store ``value`` at ``path`` in a nested dict, creating intermediate dicts."""
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
 def timm_state_dict_keys(cfg: ViTConfig) -> list[str]:
     """timm's state-dict keys for this architecture, in timm's order (152 for ViT-B/16)."""
     return [_timm_key(path) for path in _param_paths(cfg.depth)]
@@ -428,12 +405,12 @@ def timm_state_dict_keys(cfg: ViTConfig) -> list[str]:
 def to_timm_state_dict(params: Params) -> dict[str, np.ndarray]:
     """Our params -> timm state dict (numpy, torch layouts), in timm's key order."""
     paths = _param_paths(len(params["blocks"]))
-    extra = set(_flat_paths(params)) - set(paths)
+    extra = set(flat_paths(params)) - set(paths)
     if extra:
         raise ValueError(f"params have unknown entries: {sorted(map(str, extra))}")
     state_dict = {}
     for path in paths:
-        array = np.asarray(_get(params, path))
+        array = np.asarray(get_path(params, path))
         perm = _torch_axes(path, array.ndim)
         state_dict[_timm_key(path)] = array if perm is None else np.transpose(array, perm)
     return state_dict
@@ -447,7 +424,7 @@ def from_timm_state_dict(cfg: ViTConfig, state_dict: Mapping[str, Any]) -> Param
     abstract = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
     missing, mis_shaped, rules = [], [], {}
     for path in _param_paths(cfg.depth):
-        shape = _get(abstract, path).shape
+        shape = get_path(abstract, path).shape
         key, perm = _timm_key(path), _torch_axes(path, len(shape))
         torch_shape = shape if perm is None else tuple(shape[a] for a in perm)
         rules[key] = (path, perm)
@@ -467,5 +444,5 @@ def from_timm_state_dict(cfg: ViTConfig, state_dict: Mapping[str, Any]) -> Param
         array = np.asarray(state_dict[key], dtype=np.float32)
         if perm is not None:
             array = np.transpose(array, np.argsort(perm))
-        _set(params, path, jnp.asarray(array))
+        set_path(params, path, jnp.asarray(array))
     return params
