@@ -162,3 +162,19 @@ def test_meta_lr_schedule_is_per_epoch_cosine():
     cfg = mu.MetaUnlearnConfig(task="multilabel", epochs=3, lr=1.0)
     assert [round(cfg.lr_at(e), 6) for e in range(3)] == [1.0, 0.75, 0.25]
     assert dataclasses.replace(cfg, epochs=1).lr_at(0) == 1.0
+
+
+def test_reference_hyperparameter_table():
+    """SPEC.md 6.6, the reference's const.py."""
+    h = mu.reference_hyperparameters
+    assert h("celeba", 5) == dict(batch_size=64, num_identities_simulation=5, tuned=True,
+                                  epochs=3, lr=1e-4, meta_lr=0.1)
+    assert (h("mufac", 5)["epochs"], h("mufac", 5)["lr"], h("mufac", 5)["meta_lr"]) == (
+        10, 1e-2, 1e-3)
+    assert (h("mufac", 10)["lr"], h("mufac", 10)["meta_lr"]) == (1e-3, 1e-3)
+    assert h("celebahq", 1)["num_identities_simulation"] == 50
+    assert h("celeba", 1)["lr"] == 1e-3 and h("celeba", 1)["num_identities_simulation"] == 10
+    fallback = h("mufac", 20)
+    assert not fallback["tuned"] and fallback["meta_lr"] == 0.1 and fallback["epochs"] == 8
+    with pytest.raises(ValueError, match="synthfaces"):
+        h("synthfaces", 10)

@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 
 from oneshui_jax import optim
 from oneshui_jax.errors import ConfigError
@@ -75,6 +76,37 @@ class MetaUnlearnConfig:
     def lr_at(self, epoch: int) -> float:
         """Per-epoch cosine without warmup: ``lr (1 + cos(π e / E)) / 2``."""
         return self.lr * (1.0 + math.cos(math.pi * epoch / self.epochs)) / 2.0
+
+
+def reference_hyperparameters(dataset: str, num_identities: int) -> dict[str, Any]:
+    """The reference's per-(dataset, N) MetaUnlearn values (``const.py``; SPEC.md 6.6).
+
+    Returns ``epochs``, ``lr``, ``meta_lr``, ``num_identities_simulation`` and ``batch_size``,
+    plus ``tuned``: False (with a logged warning) where the reference has no tuned values for the
+    pair and falls back to its generic defaults.
+    """
+    n = num_identities
+    out = {"batch_size": 64, "num_identities_simulation": n, "tuned": True}
+    if n == 1:
+        table = {"celebahq": (3, 1e-4, 0.1, 50), "celeba": (3, 1e-3, 0.1, 10),
+                 "mufac": (8, 1e-3, 0.1, 10)}
+        if dataset in table:
+            epochs, lr, meta_lr, sim = table[dataset]
+            return {**out, "epochs": epochs, "lr": lr, "meta_lr": meta_lr,
+                    "num_identities_simulation": sim}
+    elif dataset in ("celeba", "celebahq"):
+        return {**out, "epochs": 3, "lr": 1e-4, "meta_lr": 0.1}
+    elif dataset == "mufac" and n == 5:
+        return {**out, "epochs": 10, "lr": 1e-2, "meta_lr": 1e-3}
+    elif dataset == "mufac" and n == 10:
+        return {**out, "epochs": 3, "lr": 1e-3, "meta_lr": 1e-3}
+    elif dataset == "mufac":
+        out.update(epochs=8, lr=0.1, meta_lr=0.1, tuned=False)
+        logging.warning("MetaUnlearn: the reference has no tuned values for mufac with N=%d; "
+                        "using its fallback (epochs 8, lr 0.1, meta_lr 0.1)", n)
+        return out
+    raise ConfigError(f"the reference has no MetaUnlearn values for dataset {dataset!r}; "
+                      "expected celeba, celebahq or mufac")
 
 
 def optimizer(cfg: MetaUnlearnConfig) -> optax.GradientTransformation:
