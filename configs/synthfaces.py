@@ -5,6 +5,10 @@ each and a CelebA-like multi-label attribute task, some attributes following the
 image and some an identity-specific annotator quirk that only memorisation can fit (so a model
 trained on a person fits them better than one that never saw the person).
 
+The study pretrains a small ViT from scratch, retrains it without the forget identities (the
+oracle), meta-trains MetaUnlearn and unlearns the request from its support images, then reports
+retain / forget / test mAP and ToW for each.
+
 Run it (from the repository root)::
 
     python -m oneshui_jax.main --config=configs/synthfaces.py
