@@ -216,12 +216,16 @@ def test_killed_cli_run_resumes(tfds_dir, tmp_path):
                                5, 0)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = os.path.join(rdir, "metrics.jsonl")
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(log) and len(open(log).read().splitlines()) >= 1:
-            break
-        time.sleep(0.1)
-    time.sleep(0.5)  # let the checkpoint of that epoch commit (it is written after the log)
+    state_dir = os.path.join(rdir, checkpoints.TRAIN_STATE_DIR)
+
+    def committed_steps():  # orbax renames a step's folder to its number once it is complete
+        if not os.path.isdir(state_dir):
+            return []
+        return [name for name in os.listdir(state_dir) if name.isdigit()]
+
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not committed_steps():
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     epochs_before = len(open(log).read().splitlines())
