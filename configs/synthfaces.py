@@ -57,6 +57,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "vit_small_demo"  # a ViT preset of oneshui_jax.models.vit
+    # Initial weights: a timm .safetensors, a Google ViT .npz or a converted run directory
+    # (oneshui_jax.models.pretrained). Empty: train from scratch, as SynthFaces does.
+    config.model.init = ""
 
     # Pretrain / retrain: the reference's schedule (linear warmup, then per-epoch cosine). The
     # reference fine-tunes ImageNet ViT-B/16 weights with SGD; a tiny ViT trained from scratch

@@ -207,6 +207,22 @@ def prepare(config) -> Context:
     return Context(config, ds, splits, images, model_config(config, ds.num_classes))
 
 
+def initial_params(ctx: Context):
+    """Where pretrain and retrain start: ``config.model.init`` (ImageNet weights, as the reference
+    does) or, when it is empty, a fresh initialisation from the seed (SynthFaces)."""
+    key = jax.random.key(ctx.config.seed)
+    if not ctx.config.model.get("init"):
+        return vit.init_params(ctx.model_cfg, key)
+    from oneshui_jax.models import pretrained
+
+    report: list[str] = []
+    params = pretrained.load_pretrained(os.path.expanduser(ctx.config.model.init),
+                                        ctx.model_cfg, rng=key, report=report)
+    for line in report:
+        logging.info("model.init: %s", line)
+    return params
+
+
 def add_tow(records: list[dict]) -> None:
     """ToW of every record against the retrained model's retain / forget / test metrics."""
     retrain = next((r for r in records if r["method"] == "retrain"), None)
@@ -220,7 +236,7 @@ def run(config) -> list[dict]:
     """Runs the study described by ``config``; returns one record per model."""
     start = time.perf_counter()
     ctx = prepare(config)
-    init = vit.init_params(ctx.model_cfg, jax.random.key(config.seed))
+    init = initial_params(ctx)
     records, trained = [], {}
     for stage in config.stages:
         if stage in TRAINING_STAGES:

@@ -1,0 +1,204 @@
+"""Pretrained ImageNet weights from local files (SPEC.md section 3: timm vit_base_patch16_224,
+augreg2_in21k_ft_in1k): timm safetensors, Google npz (both namings), our run directories, the
+pos_embed / head adaptations, the errors and the convert CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from oneshui_jax import checkpoints
+from oneshui_jax.errors import CheckpointError
+from oneshui_jax.models import pretrained, vit
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+NPZ = os.path.join(FIXTURES, "timm_tiny_vit.npz")
+SAFETENSORS = os.path.join(FIXTURES, "timm_tiny_vit.safetensors")
+TINY = vit.ViTConfig(image_size=32, patch_size=8, width=48, depth=2, num_heads=3, num_classes=5)
+ARCH = ["--width", "48", "--depth", "2", "--num_heads", "3", "--patch_size", "8"]
+
+
+def _fixture_cfg() -> vit.ViTConfig:
+    c = json.loads(str(np.load(NPZ)["meta"]))["config"]
+    return vit.ViTConfig(image_size=c["img_size"], patch_size=c["patch_size"], width=c["embed_dim"],
+                         depth=c["depth"], num_heads=c["num_heads"], mlp_ratio=c["mlp_ratio"],
+                         num_classes=c["num_classes"])
+
+
+def _flat(params) -> dict[str, np.ndarray]:
+    return {name: np.asarray(leaf) for name, leaf in checkpoints.named_leaves(params)}
+
+
+def _assert_same(a, b, skip=()):
+    fa, fb = _flat(a), _flat(b)
+    assert set(fa) == set(fb)
+    for name in fa:
+        if name not in skip:
+            np.testing.assert_array_equal(fa[name], fb[name], err_msg=name)
+
+
+def test_timm_fixture_reproduces_timm_logits():
+    cfg = _fixture_cfg()
+    state_dict = pretrained.load_timm_safetensors(SAFETENSORS)
+    assert set(state_dict) == set(vit.timm_state_dict_keys(cfg))
+    report: list[str] = []
+    params = pretrained.load_pretrained(SAFETENSORS, cfg, rng=jax.random.key(0), report=report)
+    assert report == []
+    data = np.load(NPZ)
+    logits, _ = vit.apply(cfg, params, data["images_nhwc"])
+    np.testing.assert_allclose(np.asarray(logits), data["logits"], atol=1e-5, rtol=0)
+
+
+def _to_google(params, cfg: vit.ViTConfig, big_vision: bool) -> dict[str, np.ndarray]:
+    """Inverse mapping, written independently: our params -> Google checkpoint names."""
+    d, h, hd = cfg.width, cfg.num_heads, cfg.head_dim
+    f = _flat(params)
+    w = {"embedding/kernel": f["patch_embed.proj.kernel"],
+         "embedding/bias": f["patch_embed.proj.bias"], "cls": f["cls_token"],
+         "Transformer/encoder_norm/scale": f["norm.scale"],
+         "Transformer/encoder_norm/bias": f["norm.bias"],
+         "head/kernel": f["head.kernel"], "head/bias": f["head.bias"]}
+    w["pos_embedding" if big_vision else "Transformer/posembed_input/pos_embedding"] = \
+        f["pos_embed"]
+    ln2, mha, mlp = ("LayerNorm_1", "MultiHeadDotProductAttention_0", "MlpBlock_0") \
+        if big_vision else ("LayerNorm_2", "MultiHeadDotProductAttention_1", "MlpBlock_3")
+    for i in range(cfg.depth):
+        b, o = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+        for ours, theirs in (("norm1", "LayerNorm_0"), ("norm2", ln2)):
+            w[f"{b}{theirs}/scale"] = f[f"{o}{ours}.scale"]
+            w[f"{b}{theirs}/bias"] = f[f"{o}{ours}.bias"]
+        kernel, bias = f[f"{o}attn.qkv.kernel"], f[f"{o}attn.qkv.bias"]
+        for j, name in enumerate(("query", "key", "value")):
+            w[f"{b}{mha}/{name}/kernel"] = kernel[:, j * d:(j + 1) * d].reshape(d, h, hd)
+            w[f"{b}{mha}/{name}/bias"] = bias[j * d:(j + 1) * d].reshape(h, hd)
+        w[f"{b}{mha}/out/kernel"] = f[f"{o}attn.proj.kernel"].reshape(h, hd, d)
+        w[f"{b}{mha}/out/bias"] = f[f"{o}attn.proj.bias"]
+        for r in range(2):
+            w[f"{b}{mlp}/Dense_{r}/kernel"] = f[f"{o}mlp.fc{r + 1}.kernel"]
+            w[f"{b}{mlp}/Dense_{r}/bias"] = f[f"{o}mlp.fc{r + 1}.bias"]
+    return w
+
+
+@pytest.mark.parametrize("big_vision", [False, True], ids=["vision_transformer", "big_vision"])
+def test_google_npz_round_trip(tmp_path, big_vision):
+    params = vit.init_params(TINY, jax.random.key(1))
+    path = str(tmp_path / "vit.npz")
+    np.savez(path, **_to_google(params, TINY, big_vision))
+    _assert_same(pretrained.load_pretrained(path, TINY, rng=jax.random.key(0)), params)
+
+
+def test_google_pre_logits_refused(tmp_path):
+    w = _to_google(vit.init_params(TINY, jax.random.key(1)), TINY, big_vision=False)
+    w["pre_logits/kernel"] = np.zeros((48, 48), np.float32)
+    path = str(tmp_path / "vit.npz")
+    np.savez(path, **w)
+    with pytest.raises(CheckpointError, match="pre_logits.*lossy"):
+        pretrained.load_google_npz(path)
+
+
+def test_new_head_and_resized_pos_embed():
+    source = pretrained.load_pretrained(SAFETENSORS, TINY, rng=jax.random.key(0))
+    cfg = vit.ViTConfig(image_size=64, patch_size=8, width=48, depth=2, num_heads=3,
+                        num_classes=1000)
+    report: list[str] = []
+    params = pretrained.load_pretrained(SAFETENSORS, cfg, rng=jax.random.key(3), report=report)
+    assert len(report) == 2 and "grid 4x4 to 8x8" in report[0] and "head" in report[1]
+    _assert_same(params, source, skip=("head.kernel", "head.bias", "pos_embed"))
+    kernel = np.asarray(params["head"]["kernel"])
+    # vit.init_params' head init: std 0.02 before truncation at +-2 std (0.0176 after)
+    assert kernel.shape == (48, 1000) and abs(kernel.std() - 0.0176) < 0.001
+    assert np.abs(kernel).max() <= 0.04 + 1e-6  # truncated at 2 std
+    np.testing.assert_array_equal(params["head"]["bias"], np.zeros(1000))
+
+    pos, src = np.asarray(params["pos_embed"]), np.asarray(source["pos_embed"])
+    assert pos.shape == (1, 65, 48)
+    np.testing.assert_array_equal(pos[:, 0], src[:, 0])
+    # bilinear, half-pixel centres, clamped edges (torch align_corners=False), separably in numpy
+    coords = np.clip((np.arange(8) + 0.5) * 4 / 8 - 0.5, 0, 3)
+    lo = np.floor(coords).astype(int)
+    hi, frac = np.minimum(lo + 1, 3), coords - np.floor(coords)
+    interp = np.zeros((8, 4))
+    np.add.at(interp, (np.arange(8), lo), 1 - frac)
+    np.add.at(interp, (np.arange(8), hi), frac)
+    grid = src[0, 1:].reshape(4, 4, 48)
+    expected = np.einsum("yi,xj,ijd->yxd", interp, interp, grid).reshape(64, 48)
+    np.testing.assert_allclose(pos[0, 1:], expected, atol=1e-6)
+
+
+def test_same_shapes_keep_the_head():
+    params = pretrained.load_pretrained(SAFETENSORS, TINY, rng=jax.random.key(0))
+    state_dict = pretrained.load_timm_safetensors(SAFETENSORS)
+    np.testing.assert_array_equal(params["head"]["kernel"], state_dict["head.weight"].T)
+
+
+def test_one_error_names_every_problem(tmp_path):
+    state_dict = pretrained.load_timm_safetensors(SAFETENSORS)
+    del state_dict["norm.bias"]
+    state_dict["extra_token"] = np.zeros(3, np.float32)
+    state_dict["blocks.1.mlp.fc2.bias"] = np.zeros(7, np.float32)
+    path = str(tmp_path / "broken.safetensors")
+    save_file(state_dict, path)
+    with pytest.raises(CheckpointError) as e:
+        pretrained.load_pretrained(path, TINY, rng=jax.random.key(0))
+    message = str(e.value)
+    for part in (path, "missing: norm.bias", "unexpected: extra_token",
+                 "mis-shaped: blocks.1.mlp.fc2.bias (7,) (expected (48,))"):
+        assert part in message
+
+
+def test_missing_file_says_what_to_download(tmp_path):
+    path = str(tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="vit_base_patch16_224.augreg2_in21k_ft_in1k.*"
+                                              "--config.model.init") as e:
+        pretrained.load_pretrained(path, TINY, rng=jax.random.key(0))
+    assert path in str(e.value)
+
+
+def _convert(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "oneshui_jax.models.convert", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_convert_cli_writes_a_run_directory(tmp_path):
+    out = str(tmp_path / "imagenet")
+    result = _convert(SAFETENSORS, out, *ARCH)
+    assert result.returncode == 0, result.stderr
+    params = checkpoints.load_params(out)
+    assert f"params hash: {checkpoints.params_hash(params)}" in result.stdout
+    assert "32 tensors" in result.stdout and "no adaptation" in result.stdout
+    _assert_same(params, pretrained.load_pretrained(SAFETENSORS, TINY, rng=jax.random.key(0)))
+    metadata = checkpoints.read_metadata(out)
+    assert metadata["adaptations"] == [] and metadata["splits"] == {}
+    assert metadata["config"]["model"]["num_classes"] == 5
+
+    # run directories are inputs too; OUT existing is refused and leaves it untouched
+    again = _convert(out, out, *ARCH, "--num_classes", "7")
+    assert again.returncode == 2 and again.stderr.startswith("error: ")
+    assert "already exists" in again.stderr and again.stdout == ""
+    assert checkpoints.params_hash(checkpoints.load_params(out)) == metadata["params_hash"]
+    assert sorted(os.listdir(tmp_path)) == ["imagenet"]
+
+
+def test_study_starts_from_config_model_init(tmp_path):
+    """``config.model.init`` feeds the study's initial parameters; a missing file is one clear
+    error before any training."""
+    from oneshui_jax import study
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+    import synthfaces as synthfaces_config
+
+    config = synthfaces_config.get_config("N=5,size=small")
+    config.data.tfds_dir = str(tmp_path / "tfds")
+    config.data.num_threads = 0
+    config.model.init = str(tmp_path / "missing.safetensors")
+    ctx = study.prepare(config)
+    with pytest.raises(CheckpointError, match="config.model.init"):
+        study.initial_params(ctx)
+    config.model.init = ""
+    assert vit.count_params(study.initial_params(ctx)) == vit.count_params(
+        vit.init_params(ctx.model_cfg, jax.random.key(0)))
