@@ -77,7 +77,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from oneshui_jax.errors import ConfigError
-from oneshui_jax.models.tree import Path, flat_paths, get_path, set_path
+from oneshui_jax.models.tree import Path, flat_paths, from_torch_layout, get_path, set_path
 
 Params = dict[str, Any]
 """Nested dict of arrays as returned by :func:`init_params`."""
@@ -379,25 +379,8 @@ def from_torch_state_dict(cfg: MetaLossConfig, state_dict: Mapping[str, Any]) ->
     Raises one ``ValueError`` listing every missing, unexpected and mis-shaped key.
     """
     abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    missing, mis_shaped, rules = [], [], {}
-    for path in _param_paths(cfg):
-        shape = get_path(abstract, path).shape
-        torch_shape = shape[::-1] if path[-1] == "kernel" else shape
-        key = _torch_key(path)
-        rules[key] = path
-        if key not in state_dict:
-            missing.append(key)
-        elif tuple(np.shape(state_dict[key])) != torch_shape:
-            mis_shaped.append(f"{key}: got {tuple(np.shape(state_dict[key]))}, "
-                              f"expected {torch_shape}")
-    unexpected = sorted(set(state_dict) - set(rules))
-    if missing or unexpected or mis_shaped:
-        raise ValueError(f"torch MetaLoss state dict does not match {cfg}: missing keys "
-                         f"{missing}; unexpected keys {unexpected}; mis-shaped keys {mis_shaped}")
-    params: Params = {}
-    for key, path in rules.items():
-        array = np.asarray(state_dict[key], dtype=np.float32)
-        set_path(params, path, jnp.asarray(array.T if path[-1] == "kernel" else array))
-    return params
+    rules = {_torch_key(path): (path, (1, 0) if path[-1] == "kernel" else None)
+             for path in _param_paths(cfg)}
+    return from_torch_layout(abstract, rules, state_dict, f"torch MetaLoss state dict for {cfg}")
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import jax.numpy as jnp
+import numpy as np
+
 Path = tuple[str | int, ...]
 
 
@@ -29,3 +32,36 @@ def flat_paths(tree: Mapping[Any, Any], prefix: Path = ()) -> Iterator[Path]:
             yield from flat_paths(value, (*prefix, key))
         else:
             yield (*prefix, key)
+
+
+Rules = Mapping[str, tuple[Path, tuple[int, ...] | None]]
+"""torch key -> (our path, axis permutation from our layout to torch's, or None)."""
+
+
+def from_torch_layout(abstract: Mapping[Any, Any], rules: Rules, state_dict: Mapping[str, Any],
+                      what: str) -> dict[Any, Any]:
+    """Our float32 params from a torch-layout state dict, after checking every key at once.
+
+    ``abstract`` gives our shapes (e.g. ``jax.eval_shape`` of an init). One ``ValueError`` lists
+    every missing, unexpected and mis-shaped key of ``what``.
+    """
+    missing, mis_shaped = [], []
+    for key, (path, perm) in rules.items():
+        shape = get_path(abstract, path).shape
+        torch_shape = shape if perm is None else tuple(shape[a] for a in perm)
+        if key not in state_dict:
+            missing.append(key)
+        elif tuple(np.shape(state_dict[key])) != torch_shape:
+            mis_shaped.append(f"{key}: got {tuple(np.shape(state_dict[key]))}, "
+                              f"expected {torch_shape}")
+    unexpected = sorted(set(state_dict) - set(rules))
+    if missing or unexpected or mis_shaped:
+        raise ValueError(f"{what} does not match: missing keys {missing}; unexpected keys "
+                         f"{unexpected}; mis-shaped keys {mis_shaped}")
+    params: dict[Any, Any] = {}
+    for key, (path, perm) in rules.items():
+        array = np.asarray(state_dict[key], dtype=np.float32)
+        if perm is not None:
+            array = np.transpose(array, np.argsort(perm))
+        set_path(params, path, jnp.asarray(array))
+    return params

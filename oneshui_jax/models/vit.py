@@ -61,7 +61,7 @@ import numpy as np
 from flax import nnx
 
 from oneshui_jax.errors import ConfigError
-from oneshui_jax.models.tree import Path, flat_paths, get_path, set_path
+from oneshui_jax.models.tree import Path, flat_paths, from_torch_layout, get_path
 
 Params = dict[str, Any]
 """Nested dict of arrays as returned by :func:`init_params` (block indices are int keys)."""
@@ -422,27 +422,6 @@ def from_timm_state_dict(cfg: ViTConfig, state_dict: Mapping[str, Any]) -> Param
     Raises one ``ValueError`` listing every missing, unexpected and mis-shaped key.
     """
     abstract = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
-    missing, mis_shaped, rules = [], [], {}
-    for path in _param_paths(cfg.depth):
-        shape = get_path(abstract, path).shape
-        key, perm = _timm_key(path), _torch_axes(path, len(shape))
-        torch_shape = shape if perm is None else tuple(shape[a] for a in perm)
-        rules[key] = (path, perm)
-        if key not in state_dict:
-            missing.append(key)
-        elif tuple(np.shape(state_dict[key])) != torch_shape:
-            mis_shaped.append(f"{key}: got {tuple(np.shape(state_dict[key]))}, "
-                              f"expected {torch_shape}")
-    unexpected = sorted(set(state_dict) - set(rules))
-    if missing or unexpected or mis_shaped:
-        raise ValueError(
-            f"timm state dict does not match {cfg}: missing keys {missing}; "
-            f"unexpected keys {unexpected}; mis-shaped keys {mis_shaped}"
-        )
-    params: Params = {}
-    for key, (path, perm) in rules.items():
-        array = np.asarray(state_dict[key], dtype=np.float32)
-        if perm is not None:
-            array = np.transpose(array, np.argsort(perm))
-        set_path(params, path, jnp.asarray(array))
-    return params
+    rules = {_timm_key(path): (path, _torch_axes(path, len(get_path(abstract, path).shape)))
+             for path in _param_paths(cfg.depth)}
+    return from_torch_layout(abstract, rules, state_dict, f"timm state dict for {cfg}")
