@@ -77,7 +77,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from oneshui_jax.errors import ConfigError
-from oneshui_jax.models.tree import Path, flat_paths, from_torch_layout, get_path, set_path
+from oneshui_jax.models.tree import Path, from_torch_layout, set_path, to_torch_layout
 
 Params = dict[str, Any]
 """Nested dict of arrays as returned by :func:`init_params`."""
@@ -355,6 +355,12 @@ def _config_of(params: Params) -> MetaLossConfig:
         embed_size=64 if embed is None else embed.shape[1], use_ids=embed is not None)
 
 
+def _rules(cfg: MetaLossConfig) -> dict[str, tuple[Path, tuple[int, ...] | None]]:
+    """torch key -> (our path, axis permutation): Linear kernels are transposed."""
+    return {_torch_key(path): (path, (1, 0) if path[-1] == "kernel" else None)
+            for path in _param_paths(cfg)}
+
+
 def torch_state_dict_keys(cfg: MetaLossConfig) -> list[str]:
     """The torch ``MetaLoss``'s state-dict keys for ``cfg``, in its order."""
     return [_torch_key(path) for path in _param_paths(cfg)]
@@ -362,15 +368,7 @@ def torch_state_dict_keys(cfg: MetaLossConfig) -> list[str]:
 
 def to_torch_state_dict(params: Params) -> dict[str, np.ndarray]:
     """Our params -> the torch module's state dict (numpy; Linear weights ``[out, in]``)."""
-    paths = _param_paths(_config_of(params))
-    extra = set(flat_paths(params)) - set(paths)
-    if extra:
-        raise ValueError(f"params have unknown entries: {sorted(map(str, extra))}")
-    state_dict = {}
-    for path in paths:
-        array = np.asarray(get_path(params, path))
-        state_dict[_torch_key(path)] = array.T if path[-1] == "kernel" else array
-    return state_dict
+    return to_torch_layout(params, _rules(_config_of(params)))
 
 
 def from_torch_state_dict(cfg: MetaLossConfig, state_dict: Mapping[str, Any]) -> Params:
@@ -379,8 +377,7 @@ def from_torch_state_dict(cfg: MetaLossConfig, state_dict: Mapping[str, Any]) ->
     Raises one ``ValueError`` listing every missing, unexpected and mis-shaped key.
     """
     abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    rules = {_torch_key(path): (path, (1, 0) if path[-1] == "kernel" else None)
-             for path in _param_paths(cfg)}
-    return from_torch_layout(abstract, rules, state_dict, f"torch MetaLoss state dict for {cfg}")
+    return from_torch_layout(abstract, _rules(cfg), state_dict,
+                             f"torch MetaLoss state dict for {cfg}")
 
 

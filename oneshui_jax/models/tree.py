@@ -65,3 +65,18 @@ def from_torch_layout(abstract: Mapping[Any, Any], rules: Rules, state_dict: Map
             array = np.transpose(array, np.argsort(perm))
         set_path(params, path, jnp.asarray(array))
     return params
+
+
+def to_torch_layout(params: Mapping[Any, Any], rules: Rules) -> dict[str, np.ndarray]:
+    """The torch-layout state dict of ``params`` (numpy), in ``rules``' key order.
+
+    Every leaf of ``params`` must have a rule; a leaf without one is an error.
+    """
+    extra = set(flat_paths(params)) - {path for path, _ in rules.values()}
+    if extra:
+        raise ValueError(f"params have unknown entries: {sorted(map(str, extra))}")
+    state_dict = {}
+    for key, (path, perm) in rules.items():
+        array = np.asarray(get_path(params, path))
+        state_dict[key] = array if perm is None else np.transpose(array, perm)
+    return state_dict

@@ -61,7 +61,7 @@ import numpy as np
 from flax import nnx
 
 from oneshui_jax.errors import ConfigError
-from oneshui_jax.models.tree import Path, flat_paths, from_torch_layout, get_path
+from oneshui_jax.models.tree import Path, from_torch_layout, get_path, to_torch_layout
 
 Params = dict[str, Any]
 """Nested dict of arrays as returned by :func:`init_params` (block indices are int keys)."""
@@ -404,16 +404,9 @@ def timm_state_dict_keys(cfg: ViTConfig) -> list[str]:
 
 def to_timm_state_dict(params: Params) -> dict[str, np.ndarray]:
     """Our params -> timm state dict (numpy, torch layouts), in timm's key order."""
-    paths = _param_paths(len(params["blocks"]))
-    extra = set(flat_paths(params)) - set(paths)
-    if extra:
-        raise ValueError(f"params have unknown entries: {sorted(map(str, extra))}")
-    state_dict = {}
-    for path in paths:
-        array = np.asarray(get_path(params, path))
-        perm = _torch_axes(path, array.ndim)
-        state_dict[_timm_key(path)] = array if perm is None else np.transpose(array, perm)
-    return state_dict
+    rules = {_timm_key(path): (path, _torch_axes(path, np.ndim(get_path(params, path))))
+             for path in _param_paths(len(params["blocks"]))}
+    return to_torch_layout(params, rules)
 
 
 def from_timm_state_dict(cfg: ViTConfig, state_dict: Mapping[str, Any]) -> Params:
