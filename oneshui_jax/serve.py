@@ -196,7 +196,7 @@ class Unlearner:
                  meta_loss_metadata: Mapping[str, Any] | None = None) -> None:
         self.model_cfg, self.params, self.cfg, self.ml_cfg = model_cfg, params, cfg, ml_cfg
         self.phi, self.phi_retain = phi, phi_retain
-        self.rows = {int(identity): row for row, identity in enumerate(train_ids)}
+        self.rows = mu.identity_rows([int(i) for i in train_ids])
         self.model_metadata = dict(model_metadata or {})
         self.meta_loss_metadata = dict(meta_loss_metadata or {})
         self._step = mu.make_unlearn_step(model_cfg, ml_cfg, cfg.meta_lr)

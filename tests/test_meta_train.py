@@ -39,7 +39,7 @@ def test_request_batches_follow_the_reference_layout(ctx):
     cfg, _ = meta_train.configs_from(ctx)
     request = splits_lib.simulated_requests(ctx.dataset.annotations, ctx.splits, 30,
                                             random.Random(0))[0]
-    rows = meta_train.identity_rows(ctx.splits.train)
+    rows = mu.identity_rows(ctx.splits.train)
     support, forget, val, retain = meta_train._request_data(ctx, request, cfg, rows,
                                                             np.random.default_rng(0))
     assert support["image"].shape[0] == 30 and bool(support["mask"].all())

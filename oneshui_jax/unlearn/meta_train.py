@@ -33,11 +33,6 @@ from oneshui_jax.unlearn import meta_unlearn as mu
 CHECKPOINT_EVERY = 50  # meta-steps between saves of the meta-training state
 
 
-def identity_rows(train_ids: list[int]) -> dict[int, int]:
-    """The reference's ``identity_map``: identity id -> row of the embedding table."""
-    return {identity: row for row, identity in enumerate(train_ids)}
-
-
 def load_batches(source, indices: np.ndarray, pcfg: pipeline.PipelineConfig,
                  rows: dict[int, int] | None = None, train: bool = False,
                  num_batches: int | None = None) -> dict[str, jax.Array]:
@@ -101,7 +96,7 @@ def meta_train(ctx, theta, cfg: mu.MetaUnlearnConfig, ml_cfg: meta_loss.MetaLoss
     of every epoch; a run that finds a saved state continues from it with the same result.
     """
     seed = ctx.config.seed
-    rows = identity_rows(ctx.splits.train)
+    rows = mu.identity_rows(ctx.splits.train)
     tx = mu.optimizer(cfg)
     key = jax.random.key(seed)
     phi = meta_loss.init_params(ml_cfg, jax.random.fold_in(key, 1))
@@ -199,7 +194,7 @@ def run_stage(ctx, base_params, run_dir: str) -> tuple[Any, dict]:
     if result.phi_retain is not None:
         hashes["meta_loss_retain"] = checkpoints.save_tree(run_dir, "meta_loss_retain",
                                                            result.phi_retain)
-    rows = identity_rows(ctx.splits.train)
+    rows = mu.identity_rows(ctx.splits.train)
     support = support_batch(ctx.dataset.source, ctx.splits.support, ctx.config.data.image_size,
                             rows)
     step = mu.make_unlearn_step(ctx.model_cfg, ml_cfg, cfg.meta_lr)

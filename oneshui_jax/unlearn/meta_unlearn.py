@@ -109,6 +109,11 @@ def reference_hyperparameters(dataset: str, num_identities: int) -> dict[str, An
                       "expected celeba, celebahq or mufac")
 
 
+def identity_rows(train_ids: list[int]) -> dict[int, int]:
+    """The reference's ``identity_map``: identity id -> row of the embedding table."""
+    return {identity: row for row, identity in enumerate(train_ids)}
+
+
 def optimizer(cfg: MetaUnlearnConfig) -> optax.GradientTransformation:
     """torch's AdamW(amsgrad=True) without the learning rate (applied by the step)."""
     return optim.torch_adamw_amsgrad(weight_decay=cfg.weight_decay)
