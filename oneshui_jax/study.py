@@ -26,6 +26,7 @@ from oneshui_jax import checkpoints, report
 from oneshui_jax import metrics as metrics_lib
 from oneshui_jax import splits as splits_lib
 from oneshui_jax import train as train_lib
+from oneshui_jax.data import audit as audit_lib
 from oneshui_jax.data import datasets as datasets_lib
 from oneshui_jax.data import pipeline
 from oneshui_jax.errors import CheckpointError, ConfigError
@@ -45,6 +46,7 @@ class Context:
     splits: splits_lib.Splits
     images: dict[str, Any]
     model_cfg: vit.ViTConfig
+    data_audit: dict[str, Any] | None = None  # real datasets: data.audit summary of this split
 
     def run_dir(self, stage: str) -> str:
         c = self.config
@@ -103,7 +105,8 @@ def evaluate_splits(ctx: Context, eval_step, params) -> dict[str, dict[str, floa
 
 def _metadata(ctx: Context, stage: str, record: dict | None = None, **extra) -> dict:
     return {"config": ctx.config.to_dict(), "splits": ctx.splits.to_dict(), "stage": stage,
-            "model_config": dataclasses.asdict(ctx.model_cfg), "record": record, **extra}
+            "model_config": dataclasses.asdict(ctx.model_cfg), "record": record,
+            "data_audit": ctx.data_audit, **extra}
 
 
 def _reuse(ctx: Context, stage: str, template) -> tuple[dict, Any] | None:
@@ -198,13 +201,24 @@ def method_stage(ctx: Context, name: str, base_params, base_dir: str) -> tuple[d
 def prepare(config) -> Context:
     """Validates the config, opens the dataset and makes the reference-exact split."""
     validate_config(config)
-    ds = datasets_lib.load(config.dataset, config.data)
+    ds = datasets_lib.load(config.dataset, config.data, progress=config.progress)
+    if ds.merged_identities:
+        logging.warning("config.data.dedup=merge: %d identities merged into others because they "
+                        "share byte-identical images (a deviation from the reference)",
+                        ds.merged_identities)
     splits = splits_lib.make_splits(ds.annotations, config.num_identities, config.seed)
     images = splits_lib.split_images(ds.annotations, splits)
     logging.info("splits: identities train/val/test %d/%d/%d, forget %d (%d images)",
                  len(splits.train), len(splits.val), len(splits.test), len(splits.forget),
                  len(images["forget"]))
-    return Context(config, ds, splits, images, model_config(config, ds.num_classes))
+    data_audit = None
+    if ds.audit is not None:
+        roles = {r: images[r] for r in ("forget", "support", "retain", "val", "test")}
+        data_audit = {**ds.audit.summary(roles), "dedup": config.data.get("dedup", "none"),
+                      "merged_identities": ds.merged_identities}
+        for line in audit_lib.format_summary(data_audit, data_audit["dedup"]).splitlines():
+            logging.info("%s", line)
+    return Context(config, ds, splits, images, model_config(config, ds.num_classes), data_audit)
 
 
 def initial_params(ctx: Context):
@@ -249,5 +263,6 @@ def run(config) -> list[dict]:
     add_tow(records)
     report.write_report(config.workdir, records, config=config.to_dict(), extra={
         "splits": {k: len(v) for k, v in ctx.splits.to_dict().items()},
+        "data_audit": ctx.data_audit,
         "seconds": time.perf_counter() - start})
     return records

@@ -13,8 +13,8 @@ The reference (``method/dataset/dataset_classes.py``) numbers images and identit
   ``family_id + "_" + person_id``, numbered by first appearance. A list, like CelebA-HQ.
 * SynthFaces (the embedded default): ids 0..K-1 from the generator, a list.
 
-Only identities are read here: the splits need nothing else. Labels and images are read by the
-dataset builders.
+``read_identities`` reads only identities (all the splits need). ``read_labels`` reads the task
+labels the dataset builders store next to every image, decoded as the reference decodes them.
 """
 
 from __future__ import annotations
@@ -42,6 +42,19 @@ MUFAC_LAYOUT = (
 )
 MUFAC_SPLITS = ("train", "val", "test")
 MUFAC_COLUMNS = ("family_id", "person_id", "age_class", "image_path")
+MUFAC_AGE_CLASSES = ("0-6 years old", "7-12 years old", "13-19 years old", "20-30 years old",
+                     "31-45 years old", "46-55 years old", "56-66 years old", "67-80 years old")
+MUFAC_AGE_MAP = {letter: i for i, letter in enumerate("abcdefgh")}  # the reference's age_map
+CELEBA_ATTR_LAYOUT = (
+    "<data_dir>/celeba/list_attr_celeba.txt: line 1 the image count, line 2 the 40 attribute "
+    "names, then rows '<000001.jpg> v1 .. v40' with values -1 or 1; and "
+    "<data_dir>/celeba/list_eval_partition.txt with rows '<000001.jpg> <0|1|2>' (its row order is "
+    "the dataset order)"
+)
+CELEBAHQ_ATTR_LAYOUT = (
+    "<data_dir>/CelebAMask-HQ/CelebAMask-HQ-attribute-anno.txt: line 1 the image count, line 2 "
+    "the 40 attribute names, then rows '<k>.jpg a1 .. a40' with values -1 or 1"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,8 +181,9 @@ def read_celebahq(data_dir: str) -> IdentityAnnotations:
     return IdentityAnnotations("celebahq", identities, files, "list")
 
 
-def read_mufac_rows(data_dir: str) -> list[tuple[str, str, list[str]]]:
-    """MUFAC CSV rows as ``(split, csv_path, row)``, train then val then test, header checked."""
+def read_mufac_rows(data_dir: str) -> list[tuple[str, str, int, list[str]]]:
+    """MUFAC CSV rows as ``(split, csv_path, line, row)``, train then val then test, header
+    checked."""
     rows = []
     for split in MUFAC_SPLITS:
         path = os.path.join(data_dir, "mufac", f"custom_{split}_dataset.csv")
@@ -190,7 +204,7 @@ def read_mufac_rows(data_dir: str) -> list[tuple[str, str, list[str]]]:
                         f"{path}, line {lineno}: expected 4 non-empty columns "
                         f"({','.join(MUFAC_COLUMNS)}), got {row!r}."
                     )
-                rows.append((split, path, row))
+                rows.append((split, path, lineno, row))
     return rows
 
 
@@ -198,7 +212,7 @@ def read_mufac(data_dir: str) -> IdentityAnnotations:
     """MUFAC identities ``family_person`` numbered by first appearance over train, val, test."""
     seen: dict[str, int] = {}
     ids, files = [], []
-    for split, _, row in read_mufac_rows(data_dir):
+    for split, _, _, row in read_mufac_rows(data_dir):
         key = "_".join(row[:2])
         ids.append(seen.setdefault(key, len(seen)))
         files.append(os.path.join("mufac", f"{split}_images", row[-1]))
@@ -238,3 +252,124 @@ def read_identities(dataset: str, data_dir: str | None = None,
     if not os.path.isdir(data_dir):
         raise DataError(f"Data directory not found: {data_dir}.")
     return readers[dataset](data_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class Labels:
+    """The task labels of a dataset, in the order of its ``IdentityAnnotations``.
+
+    Attributes:
+      task: ``"multilabel"`` (CelebA, CelebA-HQ: 40 attributes) or ``"classification"`` (MUFAC).
+      names: the class or attribute names.
+      values: uint8 multi-hot ``[n, C]`` (multi-label) or int64 class indices ``[n]``.
+    """
+
+    task: str
+    names: tuple[str, ...]
+    values: np.ndarray
+
+
+def _attribute_file(path: str, layout: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Line 1: image count; line 2: attribute names; then ``name v1 .. vC`` rows, checked."""
+    _require_file(path, layout)
+    with open(path, newline=None) as f:
+        lines = f.read().splitlines()
+    if len(lines) < 2:
+        raise DataError(f"{path}: expected a count line and a names line. Expected {layout}.")
+    count = _parse_int(lines[0].strip(), path, 1, "image count", layout)
+    names = lines[1].split()
+    rows = []
+    for lineno, line in enumerate(lines[2:], start=3):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != len(names) + 1:
+            raise DataError(f"{path}, line {lineno}: expected a file name and {len(names)} values, "
+                            f"got {len(fields)} fields. Expected {layout}.")
+        rows.append((lineno, fields))
+    if len(rows) != count:
+        raise DataError(f"{path}: line 1 announces {count} images but {len(rows)} rows follow. "
+                        f"Expected {layout}.")
+    return names, rows
+
+
+def _plus_minus_one(fields: list[str], path: str, lineno: int, layout: str) -> list[int]:
+    try:
+        values = [int(v) for v in fields]
+    except ValueError:
+        values = None
+    if values is None or any(v not in (-1, 1) for v in values):
+        raise DataError(f"{path}, line {lineno}: attribute values must be -1 or 1, got "
+                        f"{' '.join(fields)!r}. Expected {layout}.")
+    return values
+
+
+def read_celeba_labels(data_dir: str, ann: IdentityAnnotations) -> Labels:
+    """CelebA's 40 attributes as torchvision reads them for ``split="all"``: ``(v + 1) // 2``.
+
+    The dataset order is the row order of ``list_eval_partition.txt`` (the official partition
+    itself is ignored, as in the reference); the identity and attribute files must list the same
+    images in the same order.
+    """
+    folder = os.path.join(data_dir, "celeba")
+    partition_path = os.path.join(folder, "list_eval_partition.txt")
+    order = [fields[0] for _, fields in _read_rows(partition_path, CELEBA_ATTR_LAYOUT, 2)]
+    attr_path = os.path.join(folder, "list_attr_celeba.txt")
+    names, rows = _attribute_file(attr_path, CELEBA_ATTR_LAYOUT)
+    expected = [os.path.basename(f) for f in ann.files]
+    for path, listed in ((partition_path, order), (attr_path, [f[0] for _, f in rows])):
+        if listed != expected:
+            at = next((i for i, (a, b) in enumerate(zip(listed, expected, strict=False)) if a != b),
+                      min(len(listed), len(expected)))
+            raise DataError(
+                f"{path} lists {len(listed)} images and identity_CelebA.txt {len(expected)}; they "
+                f"first differ at row {at + 1} ({listed[at] if at < len(listed) else 'end'} vs "
+                f"{expected[at] if at < len(expected) else 'end'}). Every CelebA annotation file "
+                f"must list the same images in the same order. Expected {CELEBA_ATTR_LAYOUT}.")
+    values = np.asarray([_plus_minus_one(f[1:], attr_path, n, CELEBA_ATTR_LAYOUT)
+                         for n, f in rows], np.int64).reshape(len(rows), len(names))
+    return Labels("multilabel", tuple(names), ((values + 1) // 2).astype(np.uint8))
+
+
+def read_celebahq_labels(data_dir: str, ann: IdentityAnnotations) -> Labels:
+    """CelebA-HQ's 40 attributes: image ``k.jpg`` has attribute ``j`` when its value is not -1."""
+    path = os.path.join(data_dir, "CelebAMask-HQ", "CelebAMask-HQ-attribute-anno.txt")
+    names, rows = _attribute_file(path, CELEBAHQ_ATTR_LAYOUT)
+    values = np.zeros((ann.num_images, len(names)), np.uint8)
+    seen = np.zeros(ann.num_images, bool)
+    for lineno, fields in rows:
+        k = _parse_int(fields[0].split(".")[0], path, lineno, "image number", CELEBAHQ_ATTR_LAYOUT)
+        if not 0 <= k < ann.num_images:
+            raise DataError(f"{path}, line {lineno}: image {fields[0]} is outside 0.."
+                            f"{ann.num_images - 1}. Expected {CELEBAHQ_ATTR_LAYOUT}.")
+        row = _plus_minus_one(fields[1:], path, lineno, CELEBAHQ_ATTR_LAYOUT)
+        values[k] = np.asarray(row) != -1
+        seen[k] = True
+    if not seen.all():
+        missing = np.flatnonzero(~seen)
+        raise DataError(f"{path} has no row for {len(missing)} images (first: {missing[0]}.jpg). "
+                        f"Expected {CELEBAHQ_ATTR_LAYOUT}.")
+    return Labels("multilabel", tuple(names), values)
+
+
+def read_mufac_labels(data_dir: str, ann: IdentityAnnotations) -> Labels:
+    """MUFAC age classes: the ``age_class`` letter a..h as class 0..7."""
+    values = []
+    for _, path, lineno, row in read_mufac_rows(data_dir):
+        if row[2] not in MUFAC_AGE_MAP:
+            raise DataError(f"{path}, line {lineno}: age_class {row[2]!r} is not one of a..h. "
+                            f"Expected {MUFAC_LAYOUT}.")
+        values.append(MUFAC_AGE_MAP[row[2]])
+    if len(values) != ann.num_images:
+        raise DataError(f"{data_dir}/mufac: the CSVs changed while they were read; read again.")
+    return Labels("classification", MUFAC_AGE_CLASSES, np.asarray(values, np.int64))
+
+
+def read_labels(dataset: str, data_dir: str, ann: IdentityAnnotations) -> Labels:
+    """The task labels of a real dataset, aligned with its identity annotations ``ann``."""
+    readers = {"celeba": read_celeba_labels, "celebahq": read_celebahq_labels,
+               "mufac": read_mufac_labels}
+    if dataset not in readers:
+        raise DataError(f"No labels to read for dataset {dataset!r}; expected one of "
+                        f"{', '.join(readers)}.")
+    return readers[dataset](data_dir, ann)

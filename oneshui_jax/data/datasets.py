@@ -1,19 +1,33 @@
-"""One entry point to a dataset: its records, identity annotations and task.
+"""One entry point to a dataset: its records, identity annotations, task and integrity audit.
 
 ``load(dataset, data_cfg)`` returns a ``Dataset`` whose ``source`` is a random-access sequence of
 records (``image`` uint8 HWC, ``label``, ``identity``, ``index``) read from the dataset's built
 array_record files, and whose ``annotations`` are the reference's identity numbering (for splits).
+
+For the real datasets (CelebA, CelebA-HQ, MUFAC) it first reads the annotation files under
+``data_cfg.data_dir`` and audits every image (``oneshui_jax.data.audit``): missing or unreadable
+images stop the run with one message naming them; byte-identical images are reported, and with
+``data_cfg.dedup == "merge"`` the identities sharing them are merged before splitting. Then it
+builds the dataset once (``tfds_builders.faces``) and opens it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
+from oneshui_jax.data import annotations as annotations_lib
+from oneshui_jax.data import audit as audit_lib
 from oneshui_jax.data.annotations import IdentityAnnotations, read_identities
 from oneshui_jax.errors import DataError
+
+REAL_DATASETS = ("celeba", "celebahq", "mufac")
+DEDUP_OPTIONS = ("none", "merge")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,10 +37,40 @@ class Dataset:
     label_names: tuple[str, ...]
     source: Sequence[dict[str, Any]]
     annotations: IdentityAnnotations
+    audit: audit_lib.Audit | None = None  # real datasets only
+    merged_identities: int = 0  # identities removed by dedup=merge
 
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """An image file's bytes as uint8 HWC RGB: the reference's ``Image.open(p).convert("RGB")``."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+class DecodedSource(Sequence):
+    """Records of a built real dataset with the image decoded (and identities remapped)."""
+
+    def __init__(self, source: Sequence[dict[str, Any]], identities: np.ndarray | None = None):
+        self.source = source
+        self.identities = identities  # dedup=merge: the merged id of every image
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index):
+        if not isinstance(index, (int, np.integer)):
+            raise TypeError(f"records are read one index at a time, got {type(index).__name__}")
+        record = self.source[int(index)]
+        identity = (record["identity"] if self.identities is None
+                    else self.identities[int(index)])
+        return {"image": decode_image(record["image"]), "label": record["label"],
+                "identity": identity, "index": record["index"]}
 
 
 def _check_records(name: str, source, ann: IdentityAnnotations) -> None:
@@ -42,7 +86,47 @@ def _check_records(name: str, source, ann: IdentityAnnotations) -> None:
                 f"say {int(ann.identities[i])}; the built dataset is stale, build it again.")
 
 
-def load(dataset: str, data_cfg) -> Dataset:
+def audit_cache_path(tfds_dir: str, dataset: str, data_dir: str) -> str:
+    """Where the per-file audit results of ``data_dir`` are cached (one file per data_dir)."""
+    import hashlib
+
+    key = hashlib.sha256(os.path.abspath(data_dir).encode()).hexdigest()[:12]
+    return os.path.join(tfds_dir, "oneshui_audit", f"{dataset}-{key}.jsonl")
+
+
+def _load_real(dataset: str, data_cfg, tfds_dir: str, progress: bool) -> Dataset:
+    dedup = data_cfg.get("dedup", "none")
+    if dedup not in DEDUP_OPTIONS:
+        raise DataError(f"config.data.dedup is {dedup!r}; expected one of {DEDUP_OPTIONS}")
+    data_dir = os.path.expanduser(data_cfg.get("data_dir") or "")
+    ann = read_identities(dataset, data_dir)
+    labels = annotations_lib.read_labels(dataset, data_dir, ann)
+    audit = audit_lib.audit(dataset, data_dir, ann, audit_cache_path(tfds_dir, dataset, data_dir),
+                            num_threads=max(2, data_cfg.get("num_threads", 2)), progress=progress)
+    problems = audit.problems()
+    if problems:
+        raise DataError(f"{dataset} under {data_dir}: {problems}. Restore these files (expected "
+                        f"layout: {_layout(dataset)}); nothing was built.")
+    from oneshui_jax.data.tfds_builders import faces
+
+    table = faces.FaceTable(dataset, data_dir, ann.files, ann.identities, labels,
+                            tuple(c.sha256 for c in audit.checks))
+    records = faces.build(table, tfds_dir)
+    _check_records(dataset, records, ann)
+    merged_ids, removed = None, 0
+    if dedup == "merge":
+        ann, removed = audit_lib.merge_identities(ann, audit.duplicate_groups)
+        merged_ids = ann.identities
+    return Dataset(dataset, labels.task, labels.names, DecodedSource(records, merged_ids), ann,
+                   audit, removed)
+
+
+def _layout(dataset: str) -> str:
+    return {"celeba": annotations_lib.CELEBA_LAYOUT, "celebahq": annotations_lib.CELEBAHQ_LAYOUT,
+            "mufac": annotations_lib.MUFAC_LAYOUT}[dataset]
+
+
+def load(dataset: str, data_cfg, progress: bool = False) -> Dataset:
     """Builds (once) and opens ``dataset``; ``data_cfg`` is the config's ``data`` block."""
     tfds_dir = os.path.expanduser(data_cfg.tfds_dir)
     if dataset == "synthfaces":
@@ -53,9 +137,6 @@ def load(dataset: str, data_cfg) -> Dataset:
         ann = read_identities("synthfaces", synthfaces_config=data_cfg.synthfaces_config)
         _check_records(dataset, source, ann)
         return Dataset(dataset, "multilabel", tuple(synthfaces.ATTRIBUTE_NAMES), source, ann)
-    if dataset in ("celeba", "celebahq", "mufac"):
-        raise DataError(
-            f"dataset {dataset!r}: reading images needs its tensorflow-datasets builder, which is "
-            "not part of this release yet; its identity splits work already "
-            "(python -m oneshui_jax.splits).")
-    raise DataError(f"unknown dataset {dataset!r}; expected synthfaces, celeba, celebahq, mufac")
+    if dataset in REAL_DATASETS:
+        return _load_real(dataset, data_cfg, tfds_dir, progress)
+    raise DataError(f"unknown dataset {dataset!r}; expected synthfaces, {', '.join(REAL_DATASETS)}")
