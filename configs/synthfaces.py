@@ -20,32 +20,22 @@ default 10) and ``size`` (``default`` or ``small``, the SynthFaces variant).
 
 import ml_collections
 
-
-def _parse(arg: str | None) -> dict[str, str]:
-    out = {}
-    for item in filter(None, (arg or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"config argument {item!r} is not key=value (e.g. 'N=10,size=small')")
-        out[key.strip()] = value.strip()
-    unknown = set(out) - {"N", "size"}
-    if unknown:
-        raise ValueError(f"unknown config arguments {sorted(unknown)}; expected N, size")
-    return out
+from oneshui_jax import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = _parse(arg)
+    args = config_lib.parse_arg(arg, {"N": 10, "size": "default"},
+                                choices={"size": ("default", "small")})
     config = ml_collections.ConfigDict()
     config.dataset = "synthfaces"
-    config.num_identities = int(args.get("N", 10))  # N_S: identities in the deletion request
+    config.num_identities = args["N"]  # N_S: identities in the deletion request
     config.seed = 0
     config.workdir = "workdir/synthfaces"  # results, tables, plots
     config.checkpoint_dir = "checkpoints"  # <dir>/<dataset>/<model>/<stage>_<N>_<seed>/
     config.stages = ("pretrain", "retrain", "meta_unlearn")  # run in this order
 
     config.data = ml_collections.ConfigDict()
-    config.data.synthfaces_config = args.get("size", "default")  # default | small
+    config.data.synthfaces_config = args["size"]  # default | small
     config.data.data_dir = ""  # unused for SynthFaces (generated, nothing read)
     config.data.tfds_dir = "~/tensorflow_datasets"  # where the built records live
     config.data.image_size = 32  # model input; SynthFaces images are 48 px (32 for "small")
@@ -54,6 +44,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.crop_scale = (0.35, 1.0)
     config.data.num_threads = 2  # grain read threads
     config.data.eval_batch_size = 256
+    # "none" | "merge": merge identities that share byte-identical images (a documented deviation
+    # for real data; SynthFaces has none).
+    config.data.dedup = "none"
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "vit_small_demo"  # a ViT preset of oneshui_jax.models.vit

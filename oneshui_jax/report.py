@@ -417,3 +417,50 @@ def write_report(workdir: str, records: Sequence[Row], *, config: dict | None = 
     if curves is not None:
         written["training_curves.png"] = curves
     return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Combining studies: python -m oneshui_jax.report --out DIR RESULTS.json ...
+
+
+def load_records(paths: Sequence[str]) -> list[Row]:
+    """The records of several ``results.json`` files, in order; ValueError naming a bad file."""
+    records: list[Row] = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                results = json.load(f)["results"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a results.json written by a study ({e})") from None
+        records.extend(results)
+    return records
+
+
+def combine(paths: Sequence[str], out: str) -> dict[str, str]:
+    """One report (mean ± std over seeds, per N) from the ``results.json`` of several studies."""
+    records = load_records(paths)
+    if not records:
+        raise ValueError("no records in " + ", ".join(paths))
+    return write_report(out, records, extra={"sources": [os.path.abspath(p) for p in paths]})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m oneshui_jax.report",
+        description="Combine the results.json of several studies (seeds, N) into one report.")
+    parser.add_argument("results", nargs="+", help="results.json files of finished studies")
+    parser.add_argument("--out", required=True, help="folder for results.{json,md,csv} + plots")
+    args = parser.parse_args(argv)
+    try:
+        written = combine(args.results, args.out)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    with open(written["results.md"]) as f:
+        print(f.read())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 from absl import logging
 
-from oneshui_jax import checkpoints, report
+from oneshui_jax import checkpoints, hparams, report
 from oneshui_jax import metrics as metrics_lib
 from oneshui_jax import splits as splits_lib
 from oneshui_jax import train as train_lib
@@ -75,6 +75,11 @@ def train_config(config, task: str) -> train_lib.TrainConfig:
 def validate_config(config) -> None:
     """Rejects what would fail later, before any work starts."""
     unknown = [s for s in config.stages if s not in TRAINING_STAGES and s not in METHODS]
+    planned = [s for s in unknown if s in hparams.METHODS]
+    if planned:
+        raise ConfigError(f"config.stages: {planned} carry the reference's hyper-parameters "
+                          f"(config.{planned[0]}) but are not implemented yet; available "
+                          f"methods: {sorted(METHODS)}")
     if unknown:
         raise ConfigError(f"config.stages has unknown stages {unknown}; available: "
                           f"{sorted(TRAINING_STAGES) + sorted(METHODS)}")

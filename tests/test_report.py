@@ -214,3 +214,22 @@ def test_atomic_open_keeps_old_file_on_error(tmp_path):
         f.write("new")
         raise RuntimeError("interrupted")
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["results.md"]
+
+
+def test_combine_averages_studies_over_seeds(tmp_path):
+    paths = []
+    for seed, forget in ((0, 60.0), (1, 64.0)):
+        recs = [{"method": "pretrain", "dataset": "mufac", "num_identities": 5, "seed": seed,
+                 "retain": {"metric": 50.0, "loss": 1.0}, "forget": {"metric": forget, "loss": 1.0},
+                 "test": {"metric": 40.0, "loss": 1.0}, "val": {"metric": 40.0, "loss": 1.0},
+                 "tow": 90.0 + seed, "seconds": 1.0}]
+        report.write_report(str(tmp_path / f"s{seed}"), recs)
+        paths.append(str(tmp_path / f"s{seed}" / "results.json"))
+    assert report.main(paths + ["--out", str(tmp_path / "all")]) == 0
+    md = (tmp_path / "all" / "results.md").read_text()
+    assert "62.00 ± 2.83" in md and "90.50 ± 0.71" in md
+    saved = json.load(open(tmp_path / "all" / "results.json"))
+    assert len(saved["results"]) == 2 and saved["sources"] == paths
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "bad.json"), "--out", str(tmp_path / "x")])

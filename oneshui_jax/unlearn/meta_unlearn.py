@@ -83,30 +83,15 @@ def reference_hyperparameters(dataset: str, num_identities: int) -> dict[str, An
 
     Returns ``epochs``, ``lr``, ``meta_lr``, ``num_identities_simulation`` and ``batch_size``,
     plus ``tuned``: False (with a logged warning) where the reference has no tuned values for the
-    pair and falls back to its generic defaults.
+    pair and falls back to its generic defaults. The table is ``oneshui_jax.hparams``.
     """
-    n = num_identities
-    out = {"batch_size": 64, "num_identities_simulation": n, "tuned": True}
-    if n == 1:
-        table = {"celebahq": (3, 1e-4, 0.1, 50), "celeba": (3, 1e-3, 0.1, 10),
-                 "mufac": (8, 1e-3, 0.1, 10)}
-        if dataset in table:
-            epochs, lr, meta_lr, sim = table[dataset]
-            return {**out, "epochs": epochs, "lr": lr, "meta_lr": meta_lr,
-                    "num_identities_simulation": sim}
-    elif dataset in ("celeba", "celebahq"):
-        return {**out, "epochs": 3, "lr": 1e-4, "meta_lr": 0.1}
-    elif dataset == "mufac" and n == 5:
-        return {**out, "epochs": 10, "lr": 1e-2, "meta_lr": 1e-3}
-    elif dataset == "mufac" and n == 10:
-        return {**out, "epochs": 3, "lr": 1e-3, "meta_lr": 1e-3}
-    elif dataset == "mufac":
-        out.update(epochs=8, lr=0.1, meta_lr=0.1, tuned=False)
-        logging.warning("MetaUnlearn: the reference has no tuned values for mufac with N=%d; "
-                        "using its fallback (epochs 8, lr 0.1, meta_lr 0.1)", n)
-        return out
-    raise ConfigError(f"the reference has no MetaUnlearn values for dataset {dataset!r}; "
-                      "expected celeba, celebahq or mufac")
+    from oneshui_jax import hparams
+
+    h = hparams.reference("meta_unlearn", dataset, num_identities)
+    if not h.tuned:  # as hparams.warn_if_untuned, logged from here
+        logging.warning("MetaUnlearn: %s", h.note)
+    keys = ("batch_size", "num_identities_simulation", "epochs", "lr", "meta_lr")
+    return {**{k: h.values[k] for k in keys}, "tuned": h.tuned}
 
 
 def identity_rows(train_ids: list[int]) -> dict[int, int]:

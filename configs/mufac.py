@@ -1,0 +1,41 @@
+r"""MUFAC: the paper's 1-SHUI study on MUFAC (Korean faces, 8 age classes; SPEC.md 1.3).
+
+MUFAC (Machine Unlearning for Facial Age Classifier) holds 13,068 face images (128x128 JPEG) of
+1,216 people, labelled with one of 8 age groups: a classification task (metric: accuracy). Its
+files must be under ``<data_dir>`` in the original layout::
+
+    <data_dir>/mufac/{custom_train_dataset.csv, custom_val_dataset.csv, custom_test_dataset.csv,
+                      train_images/, val_images/, test_images/}
+
+The paper's grid on MUFAC is N in {5, 10} forget identities. Each command pretrains, retrains
+without the forget identities (the oracle) and runs the method (run from the repository root)::
+
+    python -m oneshui_jax.main --config=configs/mufac.py:method=meta_unlearn,N=5 \
+        --config.data.data_dir=/path/to/data
+    python -m oneshui_jax.main --config=configs/mufac.py:method=meta_unlearn,N=10 \
+        --config.data.data_dir=/path/to/data
+
+``profile=cpu`` is the same study shrunk to run on CPU (a small ViT from scratch on 32 px images;
+``oneshui_jax.config_lib.CPU_PROFILE``), e.g. on the copy of MUFAC in ``../shared/data``::
+
+    python -m oneshui_jax.main --config=configs/mufac.py:N=5,profile=cpu \
+        --config.data.data_dir=../shared/data --config.seed=1
+
+``get_config(arg)`` takes ``key=value`` pairs separated by commas: ``method`` (default
+``meta_unlearn``; one of ``oneshui_jax.hparams.METHODS``), ``N`` (forget identities, default 10)
+and ``profile`` (``paper``, the default, or ``cpu``). Values of the reference's ``const.py`` for
+(method, mufac, N); the reference has none for other N and falls back to generic defaults (a
+warning is logged).
+"""
+
+from oneshui_jax import config_lib, hparams
+
+
+def get_config(arg: str | None = None):
+    args = config_lib.parse_arg(
+        arg, {"method": "meta_unlearn", "N": 10, "profile": "paper"},
+        choices={"method": hparams.METHODS, "profile": ("paper", "cpu")})
+    config = config_lib.real_data_config("mufac", args["method"], args["N"])
+    if args["profile"] == "cpu":
+        config_lib.cpu_profile(config)
+    return config

@@ -1,0 +1,239 @@
+"""Building blocks of the config files under ``configs/``.
+
+Config files are loaded by path (``--config=configs/mufac.py``) and cannot import each other, so
+what they share lives here:
+
+* ``parse_arg``: the ``key=value,key=value`` argument after the colon of ``--config=file.py:arg``;
+* ``real_data_config``: the paper's setting for CelebA, CelebA-HQ or MUFAC (the reference's
+  ``parser.py`` defaults and ``const.py`` values, ``oneshui_jax.hparams``);
+* ``cpu_profile``: the same study shrunk to run on CPU (MUFAC, a small ViT from scratch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from oneshui_jax import hparams
+
+_TRUE = ("true", "t", "y", "yes", "1")
+_FALSE = ("false", "f", "n", "no", "0")
+
+
+def _convert(key: str, value: str, default: Any) -> Any:
+    """``value`` as the type of ``default`` (str, int, float or bool)."""
+    if isinstance(default, bool):
+        if value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+        raise ValueError(f"config argument {key}={value!r} is not a boolean (true / false)")
+    if isinstance(default, int | float):
+        try:
+            return type(default)(value)
+        except ValueError:
+            raise ValueError(f"config argument {key}={value!r} is not "
+                             f"{'an int' if isinstance(default, int) else 'a number'}") from None
+    return value
+
+
+def parse_arg(arg: str | None, allowed: dict[str, Any],
+              choices: dict[str, tuple[Any, ...]] | None = None) -> dict[str, Any]:
+    """Parses ``"key=value,key=value"`` into ``allowed`` (key -> default value).
+
+    A value takes the type of its default (``N=5`` is an int when the default is). ``choices``
+    optionally lists the values a key accepts. A malformed item, an unknown key, a value of the
+    wrong type or outside its choices raises one ``ValueError`` naming the key.
+    """
+    out = dict(allowed)
+    expected = ", ".join(f"{k} (default {v!r})" for k, v in allowed.items())
+    for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            example = ",".join(f"{k}={v}" for k, v in allowed.items())
+            raise ValueError(f"config argument {item!r} is not key=value (e.g. {example!r}); "
+                             f"keys: {expected}")
+        if key not in allowed:
+            raise ValueError(f"unknown config argument {key!r}; expected {expected}")
+        out[key] = _convert(key, value, allowed[key])
+        if choices and key in choices and out[key] not in choices[key]:
+            raise ValueError(f"config argument {key}={value!r} must be one of "
+                             f"{', '.join(map(str, choices[key]))}")
+    return out
+
+
+def real_data_config(dataset: str, method: str, num_identities: int) -> ml_collections.ConfigDict:
+    """The paper's setting for ``dataset`` (celeba | celebahq | mufac) and one method.
+
+    Same blocks as ``configs/synthfaces.py`` (``data``, ``model``, ``train``, ``meta_unlearn``)
+    with the reference's values (``parser.py`` defaults, ``const.py`` per method / dataset / N),
+    plus a block named like the method (``scrub``, ``bad_teacher``, ``ssd``, ``lipschitz``,
+    ``pgu``) for a baseline. Logs a warning for a pair the reference never tuned; the notes of
+    where every method's values come from are ``config.hparams_note``.
+    """
+    pretrain = hparams.reference("pretrain", dataset, num_identities)  # validates all three
+    method_h = hparams.reference(method, dataset, num_identities)
+    meta_h = hparams.reference("meta_unlearn", dataset, num_identities)
+
+    config = ml_collections.ConfigDict()
+    config.dataset = dataset
+    config.num_identities = num_identities  # N: identities in the deletion request
+    config.seed = 0  # decides the splits (the reference's --seed)
+    config.workdir = f"workdir/{dataset}"  # results, tables, plots
+    config.checkpoint_dir = "checkpoints"  # <dir>/<dataset>/<model>/<stage>_<N>_<seed>/
+    training = ("pretrain", "retrain")
+    config.stages = training if method in training else training + (method,)
+
+    config.data = data = ml_collections.ConfigDict()
+    data.data_dir = "datasets/"  # the reference's --data_dir default; the original layout below
+    data.tfds_dir = "~/tensorflow_datasets"  # where the built records live
+    data.image_size = 224  # the reference resizes every dataset to 224 (ViT-B/16)
+    data.crop_scale = (0.08, 1.0)  # the reference's RandomResizedCrop area range
+    data.num_threads = 8  # grain read threads (the reference's num_workers 8)
+    data.eval_batch_size = 256
+    # "none" (the reference) | "merge": merge identities that share byte-identical images (MUFAC
+    # has thousands of such images under different identities); a documented deviation.
+    data.dedup = "none"
+    data.synthfaces_config = "default"  # unused for real data
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "vit_base_patch16_224"  # the reference's --model
+    # timm's ImageNet weights, as the reference (--pretrained True); bring the file, see README
+    # "Pretrained weights".
+    config.model.init = ("checkpoints/imagenet/"
+                         "vit_base_patch16_224.augreg2_in21k_ft_in1k.safetensors")
+
+    # Pretrain / retrain (SPEC.md 4.2): SGD, linear warmup then per-epoch cosine (t_max = epochs),
+    # no gradient clipping (clip_grad 0), bf16 autocast.
+    p = pretrain.values
+    config.train = t = ml_collections.ConfigDict()
+    t.optimizer = p["optimizer"]  # sgd | adamw
+    t.epochs = p["epochs"]
+    t.batch_size = p["batch_size"]
+    t.lr = p["lr"]
+    t.weight_decay = p["weight_decay"]  # 1e-3 for CelebA-HQ, 1e-4 otherwise
+    t.momentum = p["momentum"]  # SGD only
+    t.warmup_epochs = p["warmup_epochs"]
+    t.compute_dtype = "bfloat16"  # the reference's autocast
+    t.attention = "xla"  # "cudnn" on GPUs: fused attention, 1.31x faster (ViT-B/16)
+
+    # MetaUnlearn (SPEC.md 6.6). Always present: the study reads it.
+    m = meta_h.values
+    config.meta_unlearn = ml = ml_collections.ConfigDict()
+    ml.epochs = m["epochs"]
+    ml.lr = m["lr"]  # AdamW(AMSGrad) of the meta-loss
+    ml.weight_decay = m["weight_decay"]
+    ml.meta_lr = m["meta_lr"]  # step size of the inner step and of the request-time step
+    ml.batch_size = m["batch_size"]
+    ml.num_identities_simulation = m["num_identities_simulation"]  # identities per simulated req.
+    ml.forget_epochs = m["forget_epochs"]
+    ml.forget_loss = m["forget_loss"]  # smooth_l1 | l1 | l2
+    ml.loss_type = m["loss_type"]  # full | original | unlearned | rev | scrub
+    ml.use_accs = m["use_accs"]
+    ml.use_retain = m["use_retain"]
+    # Retain batches with the train transform; read only with use_retain (off), so it changes
+    # nothing by default.
+    ml.use_train_aug = m["use_train_aug"]
+    ml.hidden_size = m["hidden_size"]
+    ml.num_layers = m["num_layers"]
+    ml.dropout = m["prob_dropout"]
+    ml.use_feats = m["use_feats"]
+    ml.use_ids = m["use_ids"]
+    ml.use_targets = m["use_targets"]
+    ml.compute_dtype = "bfloat16"  # outer passes, the reference's autocast
+    ml.simulated_draws_per_epoch = 2  # the reference draws twice per epoch (SPEC Q23)
+
+    v = method_h.values
+    if method == "scrub":  # SPEC.md 7.1
+        config.scrub = b = ml_collections.ConfigDict()
+        b.epochs = v["epochs"]
+        b.lr = v["lr"]
+        b.momentum = v["momentum"]
+        b.weight_decay = v["weight_decay"]
+        b.batch_size = v["batch_size"]  # forget batches
+        b.batch_size_retain = v["batch_size_retain"]
+        b.forgetting_epochs = int(v["forgetting_epochs"])  # epochs with the max-step
+        b.alpha = v["alpha_scrub"]  # KL weight of the min-step
+        b.gamma = v["gamma_scrub"]  # task-loss weight of the min-step
+        b.temperature = v["temperature_scrub"]
+        b.use_train_aug = v["use_train_aug"]
+        b.optimizer = v["optimizer"]
+        b.scheduler = v["scheduler"]  # per-epoch cosine over epochs
+    elif method == "bad_teacher":  # SPEC.md 7.2
+        config.bad_teacher = b = ml_collections.ConfigDict()
+        b.batch_size = v["batch_size"]
+        b.lr = v["lr"]
+        b.epochs = v["epochs"]
+        b.momentum = v["momentum"]
+        b.weight_decay = v["weight_decay"]
+        b.use_train_aug = v["use_train_aug"]
+        b.optimizer = v["optimizer"]
+        b.scheduler = v["scheduler"]  # per-epoch cosine over epochs
+    elif method == "ssd":  # SPEC.md 7.3
+        config.ssd = b = ml_collections.ConfigDict()
+        b.batch_size = v["batch_size"]
+        b.dampening_constant = v["ssd_dampening_constant"]  # λ
+        b.selection_weighting = v["ssd_selection_weighting"]  # α
+    elif method == "lipschitz":  # SPEC.md 7.4
+        config.lipschitz = b = ml_collections.ConfigDict()
+        b.batch_size = v["batch_size"]
+        b.lr = v["lr"]
+        b.weighting = v["lipschitz_weighting"]  # noise σ (30 for ViT)
+        b.n_samples = v["lipschitz_n_samples"]
+    elif method == "pgu":  # SPEC.md 7.5
+        config.pgu = b = ml_collections.ConfigDict()
+        b.batch_size = v["batch_size"]
+        b.lr = v["lr"]
+        b.epochs = v["epochs"]
+        b.gamma = v["pgu_gamma"]  # energy kept by the projection
+        # The support images always get the eval transform, so this changes nothing.
+        b.use_train_aug = v["use_train_aug"]
+
+    config.progress = True
+    notes = []
+    for stage in config.stages:
+        h = hparams.reference(stage, dataset, num_identities)
+        hparams.warn_if_untuned(h)
+        notes.append(h.note)
+    config.hparams_note = tuple(notes)
+    return config
+
+
+# The CPU profile of the MUFAC study: a small ViT trained from scratch (ImageNet weights cannot
+# be downloaded here) on 32 px images, AdamW and float32. These values will be tuned; change them
+# here. Keys are dotted paths into the config; "{dataset}" is filled in.
+CPU_PROFILE: dict[str, Any] = {
+    "workdir": "workdir/{dataset}_cpu",
+    "model.name": "vit_small_demo",
+    "model.init": "",  # from scratch
+    "data.image_size": 32,
+    "data.crop_scale": (0.35, 1.0),  # (0.08, 1) leaves too little of a 32 px face
+    "data.num_threads": 2,
+    "train.optimizer": "adamw",  # SGD learns far too slowly from scratch in a CPU budget
+    "train.epochs": 20,
+    "train.batch_size": 64,
+    "train.lr": 1e-3,
+    "train.weight_decay": 1e-4,
+    "train.warmup_epochs": 2,
+    "train.compute_dtype": "float32",  # bf16 matmuls are slow on CPU
+    "meta_unlearn.lr": 1e-3,
+    "meta_unlearn.meta_lr": 3e-4,
+    "meta_unlearn.compute_dtype": "float32",
+}
+
+
+def cpu_profile(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Applies ``CPU_PROFILE`` to ``config`` (in place) and returns it.
+
+    Other values (e.g. MetaUnlearn's epochs and simulated request size) keep the reference's for
+    the config's (dataset, N).
+    """
+    for path, value in CPU_PROFILE.items():
+        *parents, leaf = path.split(".")
+        block = config
+        for name in parents:
+            block = block[name]
+        if isinstance(value, str):
+            value = value.format(dataset=config.dataset)
+        block[leaf] = value
+    return config

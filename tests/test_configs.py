@@ -1,0 +1,276 @@
+"""The reference's hyper-parameter table (hparams) and the config files built on it."""
+
+import glob
+import importlib.util
+import logging
+import os
+
+import pytest
+
+from oneshui_jax import config_lib, hparams, study
+from oneshui_jax.errors import ConfigError
+from oneshui_jax.unlearn import meta_unlearn as mu
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER_N = {"celeba": (5, 10), "celebahq": (20, 50), "mufac": (5, 10)}  # SPEC.md 6.6
+DEFAULT_N = {"celeba": 10, "celebahq": 20, "mufac": 10}
+STUDY_BLOCKS = ("data", "model", "train", "meta_unlearn")
+
+
+def load_config_file(name: str):
+    path = os.path.join(REPO, "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_oneshui_test_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def flat(config) -> dict:
+    out = {}
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            out.update({f"{key}.{k}": v for k, v in flat(value).items()})
+        else:
+            out[key] = value
+    return out
+
+
+def ref(method, dataset, n):
+    return hparams.reference(method, dataset, n).values
+
+
+# ---------------------------------------------------------------------------------------------
+# hparams: spot checks against SPEC.md 4.2, 6.6, 7
+
+
+def test_pretrain_and_retrain_values():
+    for method in ("pretrain", "retrain"):
+        for dataset, wd in (("celebahq", 1e-3), ("celeba", 1e-4), ("mufac", 1e-4)):
+            h = hparams.reference(method, dataset, 7)
+            assert h.tuned
+            v = h.values
+            assert (v["optimizer"], v["epochs"], v["batch_size"], v["lr"], v["momentum"]) == (
+                "sgd", 30, 32, 1e-3, 0.9)
+            assert v["weight_decay"] == wd
+            assert (v["scheduler"], v["t_max"], v["warmup_epochs"], v["clip_grad"]) == (
+                "cosine", 30, 2, 0.0)
+
+
+def test_meta_unlearn_values():
+    v = ref("meta_unlearn", "mufac", 5)
+    assert (v["epochs"], v["lr"], v["meta_lr"], v["num_identities_simulation"]) == (
+        10, 1e-2, 1e-3, 5)
+    v = ref("meta_unlearn", "mufac", 10)
+    assert (v["epochs"], v["lr"], v["meta_lr"]) == (3, 1e-3, 1e-3)
+    for dataset in ("celeba", "celebahq"):
+        v = ref("meta_unlearn", dataset, 20)
+        assert (v["epochs"], v["lr"], v["meta_lr"], v["num_identities_simulation"]) == (
+            3, 1e-4, 0.1, 20)
+    assert ref("meta_unlearn", "celebahq", 1)["num_identities_simulation"] == 50
+    assert ref("meta_unlearn", "celebahq", 1)["lr"] == 1e-4
+    assert ref("meta_unlearn", "celeba", 1)["num_identities_simulation"] == 10
+    assert ref("meta_unlearn", "celeba", 1)["lr"] == 1e-3
+    v = ref("meta_unlearn", "mufac", 10)
+    assert (v["batch_size"], v["optimizer"], v["amsgrad"], v["weight_decay"]) == (
+        64, "adamw", True, 0.0)
+    assert (v["scheduler"], v["warmup_epochs"], v["use_train_aug"]) == ("cosine", 0, True)
+    assert (v["hidden_size"], v["num_layers"], v["prob_dropout"], v["forget_epochs"]) == (
+        512, 0, 0.5, 1)
+
+
+def test_baseline_values():
+    v = ref("scrub", "celeba", 5)
+    assert (v["lr"], v["use_train_aug"], v["forgetting_epochs"]) == (5e-3, False, 5)
+    assert (v["epochs"], v["momentum"], v["weight_decay"], v["batch_size_retain"]) == (
+        10, 0.9, 5e-4, 32)
+    assert (v["alpha_scrub"], v["gamma_scrub"], v["temperature_scrub"]) == (0.001, 0.99, 4.0)
+    v = ref("scrub", "mufac", 10)
+    assert (v["lr"], v["use_train_aug"], v["forgetting_epochs"]) == (1e-3, True, 5)
+    v = ref("ssd", "mufac", 10)
+    assert (v["ssd_dampening_constant"], v["ssd_selection_weighting"], v["batch_size"]) == (
+        0.1, 1.0, 128)
+    assert ref("ssd", "celebahq", 50)["ssd_dampening_constant"] == 0.5
+    assert isinstance(ref("ssd", "celeba", 5)["ssd_dampening_constant"], float)  # const: int 2
+    v = ref("pgu", "mufac", 10)
+    assert (v["lr"], v["epochs"], v["pgu_gamma"], v["batch_size"]) == (0.1, 10, 0.75, 128)
+    assert ref("pgu", "celeba", 200)["lr"] == 0.01
+    v = ref("lipschitz", "celebahq", 20)
+    assert (v["lipschitz_weighting"], v["lr"], v["lipschitz_n_samples"]) == (30.0, 0.01, 25)
+    v = ref("bad_teacher", "celebahq", 500)
+    assert (v["batch_size"], v["lr"], v["use_train_aug"], v["epochs"]) == (256, 1e-5, False, 5)
+    assert ref("bad_teacher", "mufac", 5)["use_train_aug"] is True
+
+
+def test_untuned_pairs():
+    untuned = [("meta_unlearn", "mufac", 7), ("meta_unlearn", "mufac", 1),
+               ("scrub", "celeba", 20), ("scrub", "celeba", 50), ("ssd", "mufac", 7),
+               ("pgu", "mufac", 20), ("pgu", "celeba", 30), ("bad_teacher", "celeba", 20)]
+    for args in untuned:
+        h = hparams.reference(*args)
+        assert not h.tuned, args
+        assert h.note.startswith(f"no tuned {args[0]} values for {args[1]} N={args[2]}")
+    v = ref("scrub", "celeba", 20)  # SPEC Q24: pure fine-tuning on the retain set
+    assert (v["lr"], v["forgetting_epochs"], v["use_train_aug"]) == (0.1, 0, True)
+    assert isinstance(v["forgetting_epochs"], int)
+    v = ref("meta_unlearn", "mufac", 7)
+    assert (v["epochs"], v["lr"], v["meta_lr"], v["num_identities_simulation"]) == (
+        8, 0.1, 0.1, 7)
+    assert "epochs 8, lr 0.1, meta_lr 0.1" in hparams.reference("meta_unlearn", "mufac", 7).note
+    v = ref("meta_unlearn", "mufac", 1)
+    assert (v["epochs"], v["lr"], v["meta_lr"], v["num_identities_simulation"]) == (
+        8, 1e-3, 0.1, 10)
+    assert (ref("ssd", "mufac", 7)["ssd_dampening_constant"],
+            ref("ssd", "mufac", 7)["ssd_selection_weighting"]) == (0.1, 0.1)
+    assert (ref("pgu", "mufac", 20)["lr"], ref("pgu", "mufac", 20)["pgu_gamma"]) == (0.1, 0.8)
+    assert ref("bad_teacher", "celeba", 20)["lr"] == 0.1
+    tuned = [("pretrain", "mufac", 7), ("lipschitz", "mufac", 7), ("ssd", "celeba", 7),
+             ("meta_unlearn", "celeba", 7), ("scrub", "celebahq", 50)]
+    for args in tuned:
+        h = hparams.reference(*args)
+        assert h.tuned and h.note.startswith("const.py: "), args
+    assert hparams.reference("meta_unlearn", "mufac", 5).note == (
+        "const.py: meta_unlearn, mufac, N=5")
+
+
+def test_warning_only_for_untuned(caplog):
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        hparams.warn_if_untuned(hparams.reference("meta_unlearn", "mufac", 10))
+        assert not caplog.records
+        hparams.warn_if_untuned(hparams.reference("meta_unlearn", "mufac", 7))
+    assert len(caplog.records) == 1 and "mufac N=7" in caplog.records[0].getMessage()
+
+
+def test_errors():
+    with pytest.raises(ConfigError, match="method 'fancy'"):
+        hparams.reference("fancy", "mufac", 5)
+    with pytest.raises(ConfigError, match="dataset 'synthfaces'"):
+        hparams.reference("meta_unlearn", "synthfaces", 5)
+    with pytest.raises(ConfigError, match="N"):
+        hparams.reference("meta_unlearn", "mufac", 0)
+
+
+def test_meta_unlearn_module_reads_the_same_table(caplog):
+    for dataset, n in (("mufac", 5), ("mufac", 10), ("celeba", 1), ("celebahq", 20)):
+        got = mu.reference_hyperparameters(dataset, n)
+        h = hparams.reference("meta_unlearn", dataset, n)
+        assert got == {**{k: h.values[k] for k in ("batch_size", "num_identities_simulation",
+                                                   "epochs", "lr", "meta_lr")}, "tuned": True}
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        assert not mu.reference_hyperparameters("mufac", 20)["tuned"]
+    assert len(caplog.records) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# config files
+
+
+def test_parse_arg():
+    allowed = {"N": 10, "size": "default", "flag": False, "x": 0.5}
+    assert config_lib.parse_arg(None, allowed) == allowed
+    assert config_lib.parse_arg(" N=5 , flag=true,x=2", allowed) == {
+        "N": 5, "size": "default", "flag": True, "x": 2.0}
+    for arg, key in (("N=five", "N"), ("bogus=1", "bogus"), ("N", "N"), ("flag=maybe", "flag")):
+        with pytest.raises(ValueError, match=key):
+            config_lib.parse_arg(arg, allowed)
+    with pytest.raises(ValueError, match="size"):
+        config_lib.parse_arg("size=huge", allowed, choices={"size": ("default", "small")})
+
+
+def real_config_names():
+    names = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs",
+                                                                               "*.py")))
+    assert {"celeba", "celebahq", "mufac", "synthfaces"} <= set(names)
+    return [n for n in names if n != "synthfaces"]
+
+
+def test_every_config_loads_for_every_method_and_paper_n():
+    synth = load_config_file("synthfaces").get_config()
+    assert synth.data.dedup == "none"
+    for name in real_config_names():
+        module = load_config_file(name)
+        default = module.get_config()
+        assert default.dataset == name and default.num_identities == DEFAULT_N[name]
+        for method in hparams.METHODS:
+            for n in PAPER_N[name]:
+                config = module.get_config(f"method={method},N={n}")
+                assert config.num_identities == n
+                stages = ("pretrain", "retrain") + (
+                    () if method in ("pretrain", "retrain") else (method,))
+                assert config.stages == stages
+                assert len(config.hparams_note) == len(stages)
+                baselines = {"scrub", "bad_teacher", "ssd", "lipschitz", "pgu"}
+                assert {b for b in baselines if b in config} == ({method} & baselines)
+                assert set(synth) <= set(config)
+                for block in STUDY_BLOCKS:
+                    assert set(synth[block]) <= set(config[block]), (name, block)
+                m = ref("meta_unlearn", name, n)
+                assert (config.meta_unlearn.epochs, config.meta_unlearn.lr,
+                        config.meta_unlearn.meta_lr) == (m["epochs"], m["lr"], m["meta_lr"])
+
+
+def test_real_config_values():
+    config = load_config_file("celebahq").get_config("method=scrub,N=20")
+    assert (config.workdir, config.data.data_dir, config.data.image_size) == (
+        "workdir/celebahq", "datasets/", 224)
+    assert tuple(config.data.crop_scale) == (0.08, 1.0) and config.data.dedup == "none"
+    assert config.model.name == "vit_base_patch16_224"
+    assert config.model.init.endswith("vit_base_patch16_224.augreg2_in21k_ft_in1k.safetensors")
+    t = config.train
+    assert (t.optimizer, t.epochs, t.batch_size, t.lr, t.weight_decay, t.momentum,
+            t.warmup_epochs, t.compute_dtype) == ("sgd", 30, 32, 1e-3, 1e-3, 0.9, 2, "bfloat16")
+    assert config.meta_unlearn.compute_dtype == "bfloat16"
+    assert (config.scrub.lr, config.scrub.forgetting_epochs, config.scrub.alpha,
+            config.scrub.temperature, config.scrub.batch_size_retain) == (1e-2, 5, 0.001, 4.0, 32)
+    mufac = load_config_file("mufac")
+    assert mufac.get_config().train.weight_decay == 1e-4
+    assert (mufac.get_config("method=ssd,N=10").ssd.selection_weighting,
+            mufac.get_config("method=pgu,N=10").pgu.gamma,
+            mufac.get_config("method=lipschitz,N=5").lipschitz.weighting,
+            mufac.get_config("method=bad_teacher,N=5").bad_teacher.lr) == (1.0, 0.75, 30.0, 1e-3)
+
+
+def test_untuned_config_warns(caplog):
+    mufac = load_config_file("mufac")
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        config = mufac.get_config("N=7")
+    assert [r.getMessage().startswith("meta_unlearn: no tuned") for r in caplog.records] == [True]
+    assert config.hparams_note[-1].startswith("no tuned meta_unlearn values for mufac N=7")
+
+
+@pytest.mark.parametrize("name,arg,key", [
+    ("mufac", "method=fancy", "method"), ("mufac", "N=ten", "N"), ("mufac", "profile=gpu",
+                                                                   "profile"),
+    ("mufac", "bogus=1", "bogus"), ("celeba", "N=0", "N"), ("celebahq", "profile=cpu", "profile"),
+    ("celeba", "N", "N"), ("synthfaces", "size=huge", "size"), ("synthfaces", "method=scrub",
+                                                                "method"),
+])
+def test_bad_config_args(name, arg, key):
+    with pytest.raises(ValueError, match=key):
+        load_config_file(name).get_config(arg)
+
+
+def test_cpu_profile_changes_only_what_it_says():
+    mufac = load_config_file("mufac")
+    paper = flat(mufac.get_config("N=5"))
+    cpu_config = mufac.get_config("N=5,profile=cpu")
+    cpu = flat(cpu_config)
+    assert set(paper) == set(cpu)
+    changed = {k for k in paper if paper[k] != cpu[k]}
+    assert changed <= set(config_lib.CPU_PROFILE)
+    assert {"model.name", "model.init", "train.optimizer", "workdir"} <= changed
+    for key, value in config_lib.CPU_PROFILE.items():
+        expected = value.format(dataset="mufac") if isinstance(value, str) else value
+        assert cpu[key] == expected, key
+    assert cpu["workdir"] == "workdir/mufac_cpu" and cpu["model.init"] == ""
+    # MetaUnlearn keeps the reference's (mufac, N=5) values except lr, meta_lr and dtype.
+    assert (cpu["meta_unlearn.epochs"], cpu["meta_unlearn.num_identities_simulation"]) == (10, 5)
+    assert (cpu["meta_unlearn.lr"], cpu["meta_unlearn.meta_lr"]) == (1e-3, 3e-4)
+    study.validate_config(cpu_config)
+    study.validate_config(mufac.get_config("N=10"))  # the paper setting validates too
+
+
+def test_the_study_names_baselines_that_are_configured_but_not_implemented():
+    config = load_config_file("celebahq").get_config("method=scrub,N=20")
+    with pytest.raises(ConfigError, match=r"\['scrub'\] carry the reference's hyper-parameters "
+                                          r"\(config.scrub\) but are not implemented yet"):
+        study.validate_config(config)
