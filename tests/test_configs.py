@@ -262,9 +262,9 @@ def test_cpu_profile_changes_only_what_it_says():
         expected = value.format(dataset="mufac") if isinstance(value, str) else value
         assert cpu[key] == expected, key
     assert cpu["workdir"] == "workdir/mufac_cpu" and cpu["model.init"] == ""
-    # MetaUnlearn keeps the reference's (mufac, N=5) values except lr, meta_lr and dtype.
+    # MetaUnlearn keeps the reference's (mufac, N=5) values; only the dtype changes.
     assert (cpu["meta_unlearn.epochs"], cpu["meta_unlearn.num_identities_simulation"]) == (10, 5)
-    assert (cpu["meta_unlearn.lr"], cpu["meta_unlearn.meta_lr"]) == (1e-3, 3e-4)
+    assert (cpu["meta_unlearn.lr"], cpu["meta_unlearn.meta_lr"]) == (1e-2, 1e-3)
     study.validate_config(cpu_config)
     study.validate_config(mufac.get_config("N=10"))  # the paper setting validates too
 

@@ -6,6 +6,7 @@ their exact formats, written from the real annotation files with tiny images (re
 
 import csv
 import glob
+import json
 import os
 import shutil
 
@@ -14,7 +15,9 @@ import numpy as np
 import pytest
 import real_fixtures
 from PIL import Image
+from test_configs import load_config_file
 
+from oneshui_jax import checkpoints, study
 from oneshui_jax import splits as splits_lib
 from oneshui_jax.data import annotations, audit, datasets
 from oneshui_jax.errors import DataError
@@ -280,3 +283,33 @@ def test_truncated_and_missing_images_stop_before_anything_is_built(shared_data,
 def test_an_unknown_dedup_option_is_rejected(shared_data, tmp_path):
     with pytest.raises(DataError, match="config.data.dedup is 'drop'; expected one of"):
         datasets.load("mufac", data_cfg(shared_data, tmp_path, dedup="drop"))
+
+
+# --------------------------------------------------------------------------- the study
+
+
+@pytest.mark.slow
+def test_the_study_runs_on_real_mufac_faces_and_records_the_audit(shared_data, tmp_path):
+    real_fixtures.write_mufac_subset(str(tmp_path / "data"), shared_data,
+                                     {"train": 600, "val": 150, "test": 150})
+    config = load_config_file("mufac").get_config("N=5,profile=cpu")
+    config.data.data_dir = str(tmp_path / "data")
+    config.data.tfds_dir = str(tmp_path / "tfds")
+    config.workdir = str(tmp_path / "work")
+    config.checkpoint_dir = str(tmp_path / "ckpt")
+    config.model.name = "vit_tiny_test"
+    config.data.image_size = 32
+    config.data.num_threads = 0
+    config.train.epochs = 1
+    config.meta_unlearn.epochs = 1
+    config.progress = False
+    records = study.run(config)
+    assert [r["method"] for r in records] == ["pretrain", "retrain", "meta_unlearn"]
+    assert all(0.0 <= r[s]["metric"] <= 100.0 for r in records for s in study.EVAL_SPLITS)
+    saved = json.load(open(tmp_path / "work" / "results.json"))
+    audit_summary = saved["data_audit"]
+    assert audit_summary["images"] == 900 and audit_summary["duplicate_groups"] > 0
+    assert audit_summary["dedup"] == "none" and "groups_crossing_split" in audit_summary
+    rdir = checkpoints.run_dir(config.checkpoint_dir, "mufac", "vit_tiny_test", "pretrain", 5, 0)
+    assert checkpoints.read_metadata(rdir)["data_audit"] == audit_summary
+    assert "| pretrain |" in (tmp_path / "work" / "results.md").read_text()
