@@ -313,3 +313,10 @@ def test_the_study_runs_on_real_mufac_faces_and_records_the_audit(shared_data, t
     rdir = checkpoints.run_dir(config.checkpoint_dir, "mufac", "vit_tiny_test", "pretrain", 5, 0)
     assert checkpoints.read_metadata(rdir)["data_audit"] == audit_summary
     assert "| pretrain |" in (tmp_path / "work" / "results.md").read_text()
+
+
+def test_celeba_annotation_files_are_checked_against_the_official_md5(shared_data, tmp_path):
+    assert annotations.celeba_md5_mismatches(shared_data) == []  # the real identity file
+    real_fixtures.write_celeba(str(tmp_path), shared_data, n=6)
+    assert sorted(os.path.basename(p) for p in annotations.celeba_md5_mismatches(str(tmp_path))) \
+        == ["identity_CelebA.txt", "list_attr_celeba.txt", "list_eval_partition.txt"]

@@ -40,6 +40,11 @@ MUFAC_LAYOUT = (
     "<data_dir>/mufac/custom_{train,val,test}_dataset.csv with header "
     "'family_id,person_id,age_class,image_path' and images in <data_dir>/mufac/{split}_images/"
 )
+CELEBA_MD5 = {  # what torchvision checks before it reads CelebA (the reference's loader)
+    "identity_CelebA.txt": "32bd1bd63d3c78cd57e08160ec5ed1e2",
+    "list_attr_celeba.txt": "75e246fa4810816ffd6ee81facbd244c",
+    "list_eval_partition.txt": "d32c9cbf5e040fd4025c592c306e6668",
+}
 MUFAC_SPLITS = ("train", "val", "test")
 MUFAC_COLUMNS = ("family_id", "person_id", "age_class", "image_path")
 MUFAC_AGE_CLASSES = ("0-6 years old", "7-12 years old", "13-19 years old", "20-30 years old",
@@ -363,6 +368,24 @@ def read_mufac_labels(data_dir: str, ann: IdentityAnnotations) -> Labels:
     if len(values) != ann.num_images:
         raise DataError(f"{data_dir}/mufac: the CSVs changed while they were read; read again.")
     return Labels("classification", MUFAC_AGE_CLASSES, np.asarray(values, np.int64))
+
+
+def celeba_md5_mismatches(data_dir: str) -> list[str]:
+    """CelebA annotation files whose md5 differs from the official one torchvision verifies.
+
+    The reference (through torchvision) refuses such files; we read them and warn, because a
+    re-saved file (other line ends) can hold the same annotations.
+    """
+    import hashlib
+
+    out = []
+    for name, expected in CELEBA_MD5.items():
+        path = os.path.join(data_dir, "celeba", name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                if hashlib.md5(f.read()).hexdigest() != expected:
+                    out.append(path)
+    return out
 
 
 def read_labels(dataset: str, data_dir: str, ann: IdentityAnnotations) -> Labels:

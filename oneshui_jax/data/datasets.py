@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from oneshui_jax.data import annotations as annotations_lib
 from oneshui_jax.data import audit as audit_lib
@@ -101,6 +102,10 @@ def _load_real(dataset: str, data_cfg, tfds_dir: str, progress: bool) -> Dataset
     data_dir = os.path.expanduser(data_cfg.get("data_dir") or "")
     ann = read_identities(dataset, data_dir)
     labels = annotations_lib.read_labels(dataset, data_dir, ann)
+    if dataset == "celeba":
+        for path in annotations_lib.celeba_md5_mismatches(data_dir):
+            logging.warning("%s is not the official file (its md5 differs from the one "
+                            "torchvision verifies); the reference would refuse it", path)
     audit = audit_lib.audit(dataset, data_dir, ann, audit_cache_path(tfds_dir, dataset, data_dir),
                             num_threads=max(2, data_cfg.get("num_threads", 2)), progress=progress)
     problems = audit.problems()
