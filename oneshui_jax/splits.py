@@ -261,9 +261,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num_identities", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--dedup", default="none", choices=("none", "merge"),
+                        help="merge: identities sharing byte-identical images become one before "
+                             "splitting (audits the images; a deviation from the reference)")
     args = parser.parse_args(argv)
     try:
         ann = read_identities(args.dataset, args.data_dir, args.synthfaces_config)
+        if args.dedup == "merge":
+            from oneshui_jax.data import audit
+
+            if args.dataset == "synthfaces":
+                raise DataError("--dedup merge needs a real dataset's image files")
+            checked = audit.audit(args.dataset, args.data_dir, ann)
+            if checked.problems():
+                raise DataError(f"{args.dataset} under {args.data_dir}: {checked.problems()}")
+            ann, removed = audit.merge_identities(ann, checked.duplicate_groups)
+            print(f"dedup=merge: {removed} identities merged into others")
         start = time.perf_counter()
         splits = make_splits(ann, args.num_identities, args.seed)
         seconds = time.perf_counter() - start

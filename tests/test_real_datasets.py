@@ -320,3 +320,12 @@ def test_celeba_annotation_files_are_checked_against_the_official_md5(shared_dat
     real_fixtures.write_celeba(str(tmp_path), shared_data, n=6)
     assert sorted(os.path.basename(p) for p in annotations.celeba_md5_mismatches(str(tmp_path))) \
         == ["identity_CelebA.txt", "list_attr_celeba.txt", "list_eval_partition.txt"]
+
+
+def test_the_splits_cli_can_merge_duplicate_identities(shared_data, tmp_path, capsys):
+    out = tmp_path / "split.json"
+    splits_lib.main(["--dataset", "mufac", "--data_dir", shared_data, "--num_identities", "5",
+                     "--out", str(out), "--dedup", "merge"])
+    assert "dedup=merge: 375 identities merged" in capsys.readouterr().out
+    merged = json.load(open(out))
+    assert len(merged["train"]) + len(merged["val"]) + len(merged["test"]) == 841
