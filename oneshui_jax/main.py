@@ -39,7 +39,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 class _OwnInfoOnly(std_logging.Filter):
     """Keeps this package's INFO lines and every library's warnings, minus known noise."""
 
-    NOISE = ("OpenCV is not installed",)
+    NOISE = ("OpenCV is not installed", "Using custom data configuration")
 
     def filter(self, record: std_logging.LogRecord) -> bool:
         if f"{os.sep}oneshui_jax{os.sep}" in record.pathname:

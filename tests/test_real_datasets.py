@@ -329,3 +329,15 @@ def test_the_splits_cli_can_merge_duplicate_identities(shared_data, tmp_path, ca
     assert "dedup=merge: 375 identities merged" in capsys.readouterr().out
     merged = json.load(open(out))
     assert len(merged["train"]) + len(merged["val"]) + len(merged["test"]) == 841
+
+
+def test_merge_identities_on_a_small_table():
+    ann = annotations.IdentityAnnotations(
+        "celebahq", np.asarray([0, 1, 2, 3, 4, -1, 2], np.int64),
+        tuple(f"{k}.jpg" for k in range(7)), "list")
+    merged, removed = audit.merge_identities(ann, [[1, 3], [3, 6]])  # joins ids 1, 3 and 2
+    assert merged.identities.tolist() == [0, 1, 1, 1, 2, -1, 1] and removed == 2
+    keyed = annotations.IdentityAnnotations("celeba", np.asarray([7, 9, 5, 9]), ("a", "b", "c",
+                                                                              "d"), "dict")
+    merged, removed = audit.merge_identities(keyed, [[0, 2]])  # CelebA keeps its own ids
+    assert merged.identities.tolist() == [5, 9, 5, 9] and removed == 1

@@ -279,8 +279,9 @@ def merge_identities(ann: IdentityAnnotations, groups: Sequence[Sequence[int]]
             if a != b:
                 parent[max(a, b)] = min(a, b)
     merged = np.asarray([find(int(i)) for i in ann.identities.tolist()], np.int64)
-    if ann.keyed == "list":
-        _, merged = np.unique(merged, return_inverse=True)
-        merged = merged.astype(np.int64)
+    if ann.keyed == "list":  # renumber 0..K-1 in order; unannotated images (-1) stay -1
+        known = merged >= 0
+        _, dense = np.unique(merged[known], return_inverse=True)
+        merged[known] = dense
     removed = len(np.unique(ann.identities)) - len(np.unique(merged))
     return dataclasses.replace(ann, identities=merged), removed

@@ -1,9 +1,11 @@
 """TFDS builders of oneshui_jax (importing this package imports tensorflow_datasets).
 
-Builders register with TFDS when imported. Other code must stay importable without TFDS, so import
-this package only where a TFDS build or data source is needed.
+Builders register with TFDS when imported: ``synth_faces`` (the embedded default, generated) and
+``celeba``, ``celebahq``, ``mufac`` (the paper's datasets, read from local files). Other code must
+stay importable without TFDS, so import this package only where a build or data source is needed.
 """
 
+from oneshui_jax.data.tfds_builders.faces import BUILDERS, FaceTable, build, face_builder
 from oneshui_jax.data.tfds_builders.synthfaces import (
     SynthFaces,
     SynthFacesBuilderConfig,
@@ -11,4 +13,5 @@ from oneshui_jax.data.tfds_builders.synthfaces import (
     synthfaces_builder,
 )
 
-__all__ = ["SynthFaces", "SynthFacesBuilderConfig", "build_synthfaces", "synthfaces_builder"]
+__all__ = ["BUILDERS", "FaceTable", "SynthFaces", "SynthFacesBuilderConfig", "build",
+           "build_synthfaces", "face_builder", "synthfaces_builder"]
