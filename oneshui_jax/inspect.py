@@ -66,6 +66,7 @@ def run_summary(path: str) -> dict[str, Any]:
         "run": checkpoints.run_identity(metadata),
         "splits": {name: len(ids) for name, ids in splits.items() if isinstance(ids, list)},
         "metrics": metadata.get("metrics"), "versions": metadata.get("versions", {}),
+        "data_audit": metadata.get("data_audit"),
     }
     if metadata["status"] == "done":
         return {**summary, **_leaves_summary(checkpoints.params_info(path))}
@@ -158,6 +159,12 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary["metrics"]:
         lines.append("metrics    " + ", ".join(_flat_scalars(summary["metrics"])))
     lines.append("versions   " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()))
+    audit = summary.get("data_audit")
+    if audit:
+        lines.append(f"data       {audit['images']} images, {audit['missing']} missing, "
+                     f"{audit['unreadable']} unreadable, {audit['duplicate_groups']} duplicate "
+                     f"groups ({audit['groups_spanning_identities']} spanning identities), "
+                     f"dedup={audit.get('dedup', 'none')}")
     if "leaves" not in summary:
         state = os.path.join(summary["path"], checkpoints.TRAIN_STATE_DIR)
         hint = f"; see {state}" if os.path.isdir(state) else ""

@@ -312,6 +312,10 @@ def test_the_study_runs_on_real_mufac_faces_and_records_the_audit(shared_data, t
     assert audit_summary["dedup"] == "none" and "groups_crossing_split" in audit_summary
     rdir = checkpoints.run_dir(config.checkpoint_dir, "mufac", "vit_tiny_test", "pretrain", 5, 0)
     assert checkpoints.read_metadata(rdir)["data_audit"] == audit_summary
+    from oneshui_jax import inspect as inspect_lib
+
+    text = inspect_lib.format_summary(inspect_lib.run_summary(rdir))
+    assert f"{audit_summary['duplicate_groups']} duplicate groups" in text
     assert "| pretrain |" in (tmp_path / "work" / "results.md").read_text()
 
 
