@@ -114,6 +114,16 @@ def _metadata(ctx: Context, stage: str, record: dict | None = None, **extra) -> 
             "data_audit": ctx.data_audit, **extra}
 
 
+TRAINING_DATA_KEYS = ("crop_scale", "dedup")
+"""config.data fields a checkpoint must agree on to be reused (the image size is in the model
+config, the dataset and split are checked separately)."""
+
+
+def _plain(value):
+    """Tuples and lists compare equal (metadata JSON turns tuples into lists)."""
+    return list(value) if isinstance(value, tuple | list) else value
+
+
 def _reuse(ctx: Context, stage: str, template) -> tuple[dict, Any] | None:
     """The finished checkpoint of ``stage``, if any, after checking it fits the request."""
     rdir = ctx.run_dir(stage)
@@ -127,14 +137,21 @@ def _reuse(ctx: Context, stage: str, template) -> tuple[dict, Any] | None:
             f"checkpoint {rdir} holds a model {metadata.get('model_config')} but the request is "
             f"{dataclasses.asdict(ctx.model_cfg)}")
     block = "train" if stage in TRAINING_STAGES else stage
-    stored = (metadata.get("config") or {}).get(block)
-    wanted = ctx.config[block].to_dict() if block in ctx.config else None
-    if stored is not None and wanted is not None and stored != wanted:
+    stored_config = metadata.get("config") or {}
+    if stored_config.get(block) is not None and block in ctx.config:
+        stored = {f"{block}.{k}": _plain(v) for k, v in stored_config[block].items()}
+        wanted = {f"{block}.{k}": _plain(v) for k, v in ctx.config[block].to_dict().items()}
+        stored_data, wanted_data = stored_config.get("data") or {}, ctx.config.data.to_dict()
+        for key in TRAINING_DATA_KEYS:  # data settings that shape what the stage learns
+            if key in stored_data or key in wanted_data:
+                stored[f"data.{key}"] = _plain(stored_data.get(key))
+                wanted[f"data.{key}"] = _plain(wanted_data.get(key))
         changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
-        details = ", ".join(f"{k}: {stored.get(k)!r} -> {wanted.get(k)!r}" for k in changed)
-        raise CheckpointError(
-            f"checkpoint {rdir} was made with other config.{block} values ({details}); delete it "
-            "or point config.checkpoint_dir elsewhere to run the stage again")
+        if changed:
+            details = ", ".join(f"{k}: {stored.get(k)!r} -> {wanted.get(k)!r}" for k in changed)
+            raise CheckpointError(
+                f"checkpoint {rdir} was made with other settings ({details}); delete it or "
+                "point config.checkpoint_dir elsewhere to run the stage again")
     logging.info("%s: reusing the finished checkpoint %s", stage, rdir)
     return dict(metadata["record"], reused=True), checkpoints.load_params(rdir, template)
 

@@ -281,5 +281,10 @@ def test_checkpoint_with_other_hyperparameters_is_refused(finished_study, tmp_pa
     other = config.copy_and_resolve_references()
     other.workdir = str(tmp_path)
     other.meta_unlearn.meta_lr = 0.5
-    with pytest.raises(CheckpointError, match="meta_lr: 0.0003 -> 0.5"):
+    with pytest.raises(CheckpointError, match=r"meta_unlearn.meta_lr: 0.0003 -> 0.5"):
+        study.run(other)
+    other = config.copy_and_resolve_references()
+    other.workdir = str(tmp_path)
+    other.data.crop_scale = (1.0, 1.0)  # the augmentation shapes what pretrain learned
+    with pytest.raises(CheckpointError, match=r"data.crop_scale: \[0.35, 1.0\] -> \[1.0, 1.0\]"):
         study.run(other)
