@@ -56,7 +56,7 @@ def test_celebahq_attributes_are_read_from_the_real_file(shared_data):
     path = os.path.join(shared_data, "CelebAMask-HQ", "CelebAMask-HQ-attribute-anno.txt")
     with open(path) as f:
         lines = f.read().splitlines()[2:]
-    for line in (lines[0], lines[12345], lines[-1]):  # rows are not in k order everywhere
+    for line in (lines[0], lines[12345], lines[-1]):
         fields = line.split()
         k = int(fields[0].split(".")[0])
         assert labels.values[k].tolist() == [int(v != "-1") for v in fields[1:]]
