@@ -10,6 +10,15 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once: os.umask is process-wide and not thread-safe
+
+
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
     """Opens a temporary file next to ``path``; renames it onto ``path`` when the block succeeds.
@@ -23,6 +32,7 @@ def atomic_open(path: str, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.splitext(path)[1])
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
         os.replace(tmp, path)

@@ -233,3 +233,8 @@ def test_combine_averages_studies_over_seeds(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(SystemExit):
         report.main([str(tmp_path / "bad.json"), "--out", str(tmp_path / "x")])
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    files.save_json({"a": 1}, str(tmp_path / "x.json"))
+    assert os.stat(tmp_path / "x.json").st_mode & 0o777 == 0o666 & ~files._UMASK
