@@ -128,6 +128,14 @@ def check_files(data_dir: str, files: Sequence[str], cache_path: str | None = No
     return out  # type: ignore[return-value]
 
 
+def content_hash(files: Sequence[str], digests: Sequence[str | None]):
+    """A running sha256 over every (file name, content sha256) pair, in order."""
+    h = hashlib.sha256()
+    for rel, digest in zip(files, digests, strict=True):
+        h.update(f"{rel}\0{digest}\n".encode())
+    return h
+
+
 @dataclasses.dataclass(frozen=True)
 class Audit:
     """The audit of one dataset: per-image checks plus duplicate groups (image indices)."""
@@ -160,11 +168,8 @@ class Audit:
         return [g for g in self.duplicate_groups if len(set(self.identities[g].tolist())) > 1]
 
     def fingerprint(self) -> str:
-        """sha256 over every (file, content hash): names the exact image set a build holds."""
-        h = hashlib.sha256()
-        for rel, c in zip(self.files, self.checks, strict=True):
-            h.update(f"{rel}\0{c.sha256}\n".encode())
-        return h.hexdigest()
+        """sha256 over every (file, content hash): names the exact image set."""
+        return content_hash(self.files, [c.sha256 for c in self.checks]).hexdigest()
 
     def problems(self) -> str | None:
         """One message naming every missing or unreadable image (first ten), or None."""

@@ -36,6 +36,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from oneshui_jax.data import annotations as annotations_lib
+from oneshui_jax.data import audit as audit_lib
 from oneshui_jax.errors import DataError
 
 SPLIT = "train"
@@ -54,9 +55,7 @@ class FaceTable:
     sha256: tuple[str, ...]  # content hash of every file (from the audit)
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for rel, digest in zip(self.files, self.sha256, strict=True):
-            h.update(f"{rel}\0{digest}\n".encode())
+        h = audit_lib.content_hash(self.files, self.sha256)
         h.update(np.ascontiguousarray(self.identities, np.int64).tobytes())
         h.update(np.ascontiguousarray(self.labels.values).tobytes())
         h.update("\n".join(self.labels.names).encode())
