@@ -114,9 +114,10 @@ def _metadata(ctx: Context, stage: str, record: dict | None = None, **extra) -> 
             "data_audit": ctx.data_audit, **extra}
 
 
-TRAINING_DATA_KEYS = ("crop_scale", "dedup")
-"""config.data fields a checkpoint must agree on to be reused (the image size is in the model
-config, the dataset and split are checked separately)."""
+TRAINING_DATA_KEYS = {"crop_scale": None, "dedup": "none"}
+"""config.data fields a checkpoint must agree on to be reused, with the value to assume when an
+older checkpoint does not record one (the image size is in the model config, the dataset and
+split are checked separately)."""
 
 
 def _plain(value):
@@ -142,10 +143,10 @@ def _reuse(ctx: Context, stage: str, template) -> tuple[dict, Any] | None:
         stored = {f"{block}.{k}": _plain(v) for k, v in stored_config[block].items()}
         wanted = {f"{block}.{k}": _plain(v) for k, v in ctx.config[block].to_dict().items()}
         stored_data, wanted_data = stored_config.get("data") or {}, ctx.config.data.to_dict()
-        for key in TRAINING_DATA_KEYS:  # data settings that shape what the stage learns
+        for key, absent in TRAINING_DATA_KEYS.items():  # data settings that shape training
             if key in stored_data or key in wanted_data:
-                stored[f"data.{key}"] = _plain(stored_data.get(key))
-                wanted[f"data.{key}"] = _plain(wanted_data.get(key))
+                stored[f"data.{key}"] = _plain(stored_data.get(key, absent))
+                wanted[f"data.{key}"] = _plain(wanted_data.get(key, absent))
         changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
         if changed:
             details = ", ".join(f"{k}: {stored.get(k)!r} -> {wanted.get(k)!r}" for k in changed)
