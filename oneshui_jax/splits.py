@@ -268,13 +268,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         ann = read_identities(args.dataset, args.data_dir, args.synthfaces_config)
         if args.dedup == "merge":
-            from oneshui_jax.data import audit
+            from oneshui_jax.data import audit, datasets
 
             if args.dataset == "synthfaces":
                 raise DataError("--dedup merge needs a real dataset's image files")
-            checked = audit.audit(args.dataset, args.data_dir, ann)
-            if checked.problems():
-                raise DataError(f"{args.dataset} under {args.data_dir}: {checked.problems()}")
+            checked = datasets.audited(args.dataset, args.data_dir, ann)
             ann, removed = audit.merge_identities(ann, checked.duplicate_groups)
             print(f"dedup=merge: {removed} identities merged into others")
         start = time.perf_counter()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -154,7 +155,7 @@ class Audit:
     def unreadable(self) -> list[int]:
         return [i for i, c in enumerate(self.checks) if c.error not in (None, "missing")]
 
-    @property
+    @functools.cached_property
     def duplicate_groups(self) -> list[list[int]]:
         """Groups (two or more images) of byte-identical files, in dataset order."""
         by_hash: dict[str, list[int]] = {}

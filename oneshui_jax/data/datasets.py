@@ -55,11 +55,12 @@ def decode_image(data: bytes) -> np.ndarray:
 
 
 class DecodedSource(Sequence):
-    """Records of a built real dataset with the image decoded (and identities remapped)."""
+    """Records of a built real dataset with the image decoded and the identity of ``identities``
+    (the annotations': raw, or merged with ``dedup=merge``)."""
 
-    def __init__(self, source: Sequence[dict[str, Any]], identities: np.ndarray | None = None):
+    def __init__(self, source: Sequence[dict[str, Any]], identities: np.ndarray):
         self.source = source
-        self.identities = identities  # dedup=merge: the merged id of every image
+        self.identities = identities
 
     def __len__(self) -> int:
         return len(self.source)
@@ -68,10 +69,8 @@ class DecodedSource(Sequence):
         if not isinstance(index, (int, np.integer)):
             raise TypeError(f"records are read one index at a time, got {type(index).__name__}")
         record = self.source[int(index)]
-        identity = (record["identity"] if self.identities is None
-                    else self.identities[int(index)])
         return {"image": decode_image(record["image"]), "label": record["label"],
-                "identity": identity, "index": record["index"]}
+                "identity": self.identities[int(index)], "index": record["index"]}
 
 
 def _check_records(name: str, source, ann: IdentityAnnotations) -> None:
@@ -106,24 +105,30 @@ def _load_real(dataset: str, data_cfg, tfds_dir: str, progress: bool) -> Dataset
         for path in annotations_lib.celeba_md5_mismatches(data_dir):
             logging.warning("%s is not the official file (its md5 differs from the one "
                             "torchvision verifies); the reference would refuse it", path)
-    audit = audit_lib.audit(dataset, data_dir, ann, audit_cache_path(tfds_dir, dataset, data_dir),
-                            num_threads=max(2, data_cfg.get("num_threads", 2)), progress=progress)
-    problems = audit.problems()
-    if problems:
-        raise DataError(f"{dataset} under {data_dir}: {problems}. Restore these files (expected "
-                        f"layout: {_layout(dataset)}); nothing was built.")
+    audit = audited(dataset, data_dir, ann, audit_cache_path(tfds_dir, dataset, data_dir),
+                    num_threads=max(2, data_cfg.get("num_threads", 2)), progress=progress)
     from oneshui_jax.data.tfds_builders import faces
 
     table = faces.FaceTable(dataset, data_dir, ann.files, ann.identities, labels,
                             tuple(c.sha256 for c in audit.checks))
     records = faces.build(table, tfds_dir)
     _check_records(dataset, records, ann)
-    merged_ids, removed = None, 0
+    removed = 0
     if dedup == "merge":
         ann, removed = audit_lib.merge_identities(ann, audit.duplicate_groups)
-        merged_ids = ann.identities
-    return Dataset(dataset, labels.task, labels.names, DecodedSource(records, merged_ids), ann,
+    return Dataset(dataset, labels.task, labels.names, DecodedSource(records, ann.identities), ann,
                    audit, removed)
+
+
+def audited(dataset: str, data_dir: str, ann: IdentityAnnotations, cache_path: str | None = None,
+            num_threads: int = 8, progress: bool = False) -> audit_lib.Audit:
+    """The audit of ``ann``'s images; one DataError naming every missing or unreadable image."""
+    audit = audit_lib.audit(dataset, data_dir, ann, cache_path, num_threads, progress)
+    problems = audit.problems()
+    if problems:
+        raise DataError(f"{dataset} under {data_dir}: {problems}. Restore these files (expected "
+                        f"layout: {_layout(dataset)}); nothing was built.")
+    return audit
 
 
 def _layout(dataset: str) -> str:
