@@ -1,5 +1,6 @@
 """End to end: the study on the small SynthFaces variant, training, resume, reuse, errors."""
 
+import glob
 import json
 import os
 import signal
@@ -288,3 +289,21 @@ def test_checkpoint_with_other_hyperparameters_is_refused(finished_study, tmp_pa
     other.data.crop_scale = (1.0, 1.0)  # the augmentation shapes what pretrain learned
     with pytest.raises(CheckpointError, match=r"data.crop_scale: \[0.35, 1.0\] -> \[1.0, 1.0\]"):
         study.run(other)
+
+
+def test_an_older_checkpoint_without_dedup_is_reused_as_dedup_none(finished_study, tmp_path):
+    import shutil
+
+    config, records = finished_study
+    old = config.copy_and_resolve_references()
+    old.checkpoint_dir = str(tmp_path / "ckpt")
+    old.workdir = str(tmp_path / "work")
+    shutil.copytree(config.checkpoint_dir, old.checkpoint_dir)
+    for path in glob.glob(os.path.join(old.checkpoint_dir, "*", "*", "*", "metadata.json")):
+        metadata = json.load(open(path))
+        metadata["config"]["data"].pop("dedup")  # written before data.dedup existed
+        with open(path, "w") as f:
+            json.dump(metadata, f)
+    again = study.run(old)
+    assert all(r.get("reused") for r in again)
+    assert [r["forget"] for r in again] == [r["forget"] for r in records]
