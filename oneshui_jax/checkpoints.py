@@ -38,7 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from oneshui_jax.errors import CheckpointError
-from oneshui_jax.files import save_json
+from oneshui_jax.files import save_json, to_json
 
 PARAMS_DIR = "params"
 TRAIN_STATE_DIR = "train_state"
@@ -113,28 +113,17 @@ def params_hash(params: Params) -> str:
     return digest.hexdigest()
 
 
-def _json_default(obj: Any) -> Any:
-    """For ``json.dumps``: numpy / jax scalars and arrays, ConfigDicts -> plain JSON values."""
-    if hasattr(obj, "to_dict"):  # ml_collections.ConfigDict
-        return obj.to_dict()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray | jax.Array):
-        return np.asarray(obj).tolist()
-    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
-
-
-def to_json(obj: Any, what: str) -> Any:
-    """``obj`` as plain JSON values (numpy scalars and arrays converted); CheckpointError if not."""
+def _as_json(obj: Any, what: str) -> Any:
+    """``files.to_json(obj)``, its TypeError or ValueError as a CheckpointError naming ``what``."""
     try:
-        return json.loads(json.dumps(obj, default=_json_default))
+        return to_json(obj)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{what} cannot be written as JSON: {e}") from e
 
 
 def splits_hash(splits: Mapping[str, Any]) -> str:
     """sha256 of a splits dict (keys sorted, list order kept): equal splits, equal hash."""
-    text = json.dumps(to_json(dict(splits), "the splits"), sort_keys=True, separators=(",", ":"))
+    text = json.dumps(_as_json(dict(splits), "the splits"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -350,7 +339,7 @@ def write_metadata(run_dir: str, metadata: Mapping[str, Any], *, status: str = "
     """
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, not {status!r}")
-    record = to_json(dict(metadata), "checkpoint metadata")
+    record = _as_json(dict(metadata), "checkpoint metadata")
     _check_fields(record)
     record.update(status=status, run_dir=os.path.abspath(run_dir),
                   splits_hash=splits_hash(record["splits"]), versions=library_versions(),
@@ -539,7 +528,7 @@ def check_compatible(metadata: Mapping[str, Any], *, dataset: str, model: str,
                 if wanted is not None and recorded[field] != wanted]
     if splits is not None:
         stored = metadata.get("splits") or {}
-        wanted = to_json(dict(splits), "the requested splits")
+        wanted = _as_json(dict(splits), "the requested splits")
         stored_part = {name: stored.get(name) for name in wanted}
         if splits_hash(stored_part) != splits_hash(wanted):
             differences = [_split_difference(name, stored_part[name], wanted[name])
@@ -579,7 +568,7 @@ class TrainCheckpointer:
 
     def save(self, step: int, arrays: Any, state: Mapping[str, Any]) -> None:
         """Saves step ``step`` and returns once it is committed to disk."""
-        record = to_json(dict(state), "the training state")
+        record = _as_json(dict(state), "the training state")
         args = ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
                                   state=ocp.args.JsonSave(record))
 

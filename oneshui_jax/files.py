@@ -1,13 +1,20 @@
-"""Files that are never half-written: write to a temporary name in the same folder, then rename."""
+"""Files that are never half-written (write to a temporary name in the same folder, then
+rename), and ``to_json``: any record of the package (configs, splits, metrics, results) as plain
+JSON values.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import IO, Any
+
+import numpy as np
 
 
 def _read_umask() -> int:
@@ -46,3 +53,50 @@ def save_json(obj: Any, path: str, **kwargs: Any) -> None:
     """Writes ``obj`` as JSON to ``path`` atomically."""
     with atomic_open(path) as f:
         json.dump(obj, f, **kwargs)
+
+
+def to_json(obj: Any) -> Any:
+    """``obj`` as plain JSON values (dict, list, str, int, float, bool, None).
+
+    Dict keys become strings, tuples and lists lists, numpy scalars and arrays and jax arrays
+    Python values and (nested) lists, objects with ``to_dict()`` (``ml_collections.ConfigDict``)
+    and dataclass instances dicts (as ``dataclasses.asdict``); float NaN and infinities stay
+    floats. Anything else raises TypeError naming its type and where it was found (a key path
+    such as ``config.model[0]``); a container that contains itself raises ValueError.
+    """
+    return _to_json(obj, "", set())
+
+
+def _to_json(obj: Any, path: str, open_containers: set[int]) -> Any:
+    if obj is None or type(obj) in (str, int, float, bool):
+        return obj
+    if isinstance(obj, np.generic):  # before float: np.float64 is a float
+        return _to_json(obj.item(), path, open_containers)
+    for plain in (str, int, float):  # subclasses (enums, ...) as the plain value
+        if isinstance(obj, plain):
+            return plain(obj)
+    if isinstance(obj, np.ndarray) or _is_jax_array(obj):
+        return _to_json(np.asarray(obj).tolist(), path, open_containers)
+    if isinstance(obj, Mapping | list | tuple):
+        if id(obj) in open_containers:
+            raise ValueError(f"circular reference at {path or '(top level)'}")
+        open_containers.add(id(obj))
+        try:
+            if isinstance(obj, Mapping):
+                return {str(k): _to_json(v, f"{path}.{k}" if path else str(k), open_containers)
+                        for k, v in obj.items()}
+            return [_to_json(v, f"{path}[{i}]", open_containers) for i, v in enumerate(obj)]
+        finally:
+            open_containers.discard(id(obj))
+    if hasattr(obj, "to_dict"):  # ml_collections.ConfigDict
+        return _to_json(obj.to_dict(), path, open_containers)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+        return _to_json(fields, path, open_containers)
+    raise TypeError(f"{type(obj).__name__} at {path or '(top level)'} is not JSON-serialisable")
+
+
+def _is_jax_array(obj: Any) -> bool:
+    """Whether ``obj`` is a jax array, without importing jax (none exists unless it is loaded)."""
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(obj, jax.Array)

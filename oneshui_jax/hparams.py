@@ -24,11 +24,11 @@ from typing import Any
 
 from absl import logging
 
+from oneshui_jax.data import catalog
 from oneshui_jax.errors import ConfigError
 
 METHODS = ("pretrain", "retrain", "meta_unlearn", "scrub", "bad_teacher", "ssd", "lipschitz",
            "pgu")
-DATASETS = ("celeba", "celebahq", "mufac")
 
 SAME_AS_N = "N"  # a value resolved to the request size N
 
@@ -246,9 +246,10 @@ class Hyperparameters:
 def _check(method: str, dataset: str, num_identities: int) -> None:
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    if dataset not in DATASETS:
+    covered = catalog.names(reference_table=True)
+    if dataset not in covered:
         raise ConfigError(f"unknown dataset {dataset!r}; the reference's table covers "
-                          f"{', '.join(DATASETS)}")
+                          f"{', '.join(covered)}")
     if isinstance(num_identities, bool) or not isinstance(num_identities, numbers.Integral):
         raise ConfigError(f"N (num_identities) must be an int, got {num_identities!r}")
     if num_identities < 1:

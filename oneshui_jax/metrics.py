@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
+EVAL_SPLITS = ("retain", "forget", "test", "val")  # the identity splits every model is scored on
+TABLE_SPLITS = ("retain", "forget", "test")  # the results table's metric columns and ToW's splits
+
 
 def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
     """AP of one label; NaN when ``targets`` has no positive."""
@@ -57,7 +60,7 @@ def task_metric(task: str, logits: np.ndarray, targets: np.ndarray) -> float:
 
 
 def tow(metrics: dict[str, float], retrain: dict[str, float],
-        splits=("retain", "forget", "test")) -> float:
+        splits: tuple[str, ...] = TABLE_SPLITS) -> float:
     """Tug-of-War: 100 * prod over splits of (1 - |metric - retrained metric| / 100)."""
     out = 1.0
     for split in splits:

@@ -33,12 +33,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from oneshui_jax.files import atomic_open
+from oneshui_jax.data import catalog
+from oneshui_jax.files import atomic_open, to_json
+from oneshui_jax.metrics import EVAL_SPLITS, TABLE_SPLITS
 
-MULTILABEL_DATASETS = ("celeba", "celebahq", "synthfaces")
-CLASSIFICATION_DATASETS = ("mufac",)
-SPLITS = ("retain", "forget", "test")  # the table's metric columns, in order
-EVAL_SPLITS = SPLITS + ("val",)
 STATS = tuple(f"{s}_{k}" for s in EVAL_SPLITS for k in ("metric", "loss")) + (
     "tow", "mia_auc", "mia_acc", "seconds")
 CSV_COLUMNS = ("method", "dataset", "num_identities", "seed") + STATS
@@ -48,13 +46,11 @@ Row = dict[str, Any]  # a record of the study, or a row of ``aggregate``
 
 
 def metric_name(dataset: str) -> str:
-    """The paper's metric for ``dataset``: "mAP" (multi-label attributes) or "acc" (MUFAC)."""
-    if dataset in MULTILABEL_DATASETS:
-        return "mAP"
-    if dataset in CLASSIFICATION_DATASETS:
-        return "acc"
-    raise ValueError(f"unknown dataset {dataset!r}; expected one of "
-                     f"{', '.join(MULTILABEL_DATASETS + CLASSIFICATION_DATASETS)}")
+    """The paper's metric for ``dataset``: "mAP" (multi-label attributes) or "acc" (MUFAC).
+
+    ConfigError (a ValueError) for a dataset the catalog does not know.
+    """
+    return catalog.spec(dataset).metric
 
 
 def _metric_name_of(records: Sequence[Row]) -> str:
@@ -174,7 +170,7 @@ def markdown_table(rows: Sequence[Row], metric_name: str) -> str:
         columns.append(("N", lambda r: str(r.get("num_identities"))))
     if not any(_is_aggregated(r) for r in rows) and _varies(rows, "seed"):
         columns.append(("seed", lambda r: str(r.get("seed"))))
-    for split in SPLITS:
+    for split in TABLE_SPLITS:
         columns.append((f"{split} {metric_name}", lambda r, s=split: _cell(r, f"{s}_metric")))
     columns.append(("ToW", lambda r: _cell(r, "tow")))
     if _has_mia(rows):
@@ -196,7 +192,7 @@ def csv_rows(records: Sequence[Row]) -> list[dict[str, Any]]:
     """One flat dict per record over ``CSV_COLUMNS``; None where a value is missing."""
     rows = []
     for r in records:
-        row = {key: to_jsonable(r.get(key)) for key in ("method", "dataset", "num_identities",
+        row = {key: to_json(r.get(key)) for key in ("method", "dataset", "num_identities",
                                                          "seed")}
         row.update(record_stats(r))
         rows.append(row)
@@ -211,19 +207,6 @@ def write_csv(path: str, records: Sequence[Row]) -> str:
         writer.writeheader()
         writer.writerows(csv_rows(records))
     return path
-
-
-def to_jsonable(obj: Any) -> Any:
-    """``obj`` with numpy scalars and arrays made plain Python, tuples made lists, keys strings."""
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 
 def save_figure(fig: Figure, path: str, dpi: int = 120) -> str:
@@ -311,9 +294,9 @@ def method_bars_figure(records: Sequence[Row], metric_name: str) -> Figure:
     fig = _new_figure(max(6.0, 1.6 * n + 2.5), 4.5)
     ax = fig.subplots()
     x = np.arange(n)
-    width = 0.8 / len(SPLITS)
+    width = 0.8 / len(TABLE_SPLITS)
     top = 0.0
-    for j, split in enumerate(SPLITS):
+    for j, split in enumerate(TABLE_SPLITS):
         means = [_nan_if_none(r["mean"][f"{split}_metric"]) for r in rows]
         stds = [_nan_if_none(r["std"][f"{split}_metric"]) for r in rows]
         yerr = stds if np.isfinite(stds).any() else None  # error bars only over seeds
@@ -406,7 +389,7 @@ def write_report(workdir: str, records: Sequence[Row], *, config: dict | None = 
     metric = _metric_name_of(records)
     path = lambda name: os.path.join(workdir, name)
     with atomic_open(path("results.json")) as f:
-        json.dump(to_jsonable({"config": config, "results": list(records), **extra}), f,
+        json.dump(to_json({"config": config, "results": list(records), **extra}), f,
                   indent=1)
     with atomic_open(path("results.md")) as f:
         f.write(markdown_report(records))

@@ -248,13 +248,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     import sys
     import time
 
-    from oneshui_jax.data.annotations import DATASETS, read_identities
+    from oneshui_jax.data import catalog
+    from oneshui_jax.data.annotations import read_identities
     from oneshui_jax.errors import DataError
 
     parser = argparse.ArgumentParser(
         prog="python -m oneshui_jax.splits",
         description="Export a reference-exact 1-SHUI identity split as JSON.")
-    parser.add_argument("--dataset", required=True, choices=DATASETS)
+    parser.add_argument("--dataset", required=True, choices=tuple(catalog.DATASETS))
     parser.add_argument("--data_dir", default=None,
                         help="folder holding celeba/, CelebAMask-HQ/ or mufac/ (not synthfaces)")
     parser.add_argument("--synthfaces_config", default="default", choices=("default", "small"))

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from oneshui_jax import metrics as metrics_lib
 from oneshui_jax import optim
 from oneshui_jax.errors import ConfigError
+from oneshui_jax.losses import masked_mean, per_example_loss
 from oneshui_jax.models import vit
 
 Batch = dict[str, Any]
@@ -64,21 +65,6 @@ class TrainConfig:
         except TypeError:
             raise ConfigError(f"config.train.compute_dtype {self.compute_dtype!r} is not a "
                               "dtype (use 'float32' or 'bfloat16')") from None
-
-
-def per_example_loss(task: str, logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """BCE-with-logits averaged over labels (multi-label) or cross-entropy (classification)."""
-    logits = logits.astype(jnp.float32)
-    if task == "multilabel":
-        return optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)).mean(-1)
-    if task == "classification":
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
-    raise ValueError(f"unknown task {task!r}; expected 'multilabel' or 'classification'")
-
-
-def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-    mask = mask.astype(values.dtype)
-    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def make_train_step(model_cfg: vit.ViTConfig, cfg: TrainConfig,

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from oneshui_jax import losses
 from oneshui_jax.models import meta_loss, vit
-from oneshui_jax.unlearn import losses
 from oneshui_jax.unlearn import meta_unlearn as mu
 
 C = 4

@@ -17,7 +17,7 @@ import real_fixtures
 from PIL import Image
 from test_configs import load_config_file
 
-from oneshui_jax import checkpoints, study
+from oneshui_jax import checkpoints, metrics, study
 from oneshui_jax import splits as splits_lib
 from oneshui_jax.data import annotations, audit, datasets
 from oneshui_jax.errors import DataError
@@ -305,7 +305,7 @@ def test_the_study_runs_on_real_mufac_faces_and_records_the_audit(shared_data, t
     config.progress = False
     records = study.run(config)
     assert [r["method"] for r in records] == ["pretrain", "retrain", "meta_unlearn"]
-    assert all(0.0 <= r[s]["metric"] <= 100.0 for r in records for s in study.EVAL_SPLITS)
+    assert all(0.0 <= r[s]["metric"] <= 100.0 for r in records for s in metrics.EVAL_SPLITS)
     saved = json.load(open(tmp_path / "work" / "results.json"))
     audit_summary = saved["data_audit"]
     assert audit_summary["images"] == 900 and audit_summary["duplicate_groups"] > 0

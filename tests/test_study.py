@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oneshui_jax import checkpoints, optim, study
+from oneshui_jax import checkpoints, metrics, optim, study
+from oneshui_jax import losses as losses_lib
 from oneshui_jax import train as train_lib
 from oneshui_jax.data import pipeline
 from oneshui_jax.errors import CheckpointError, ConfigError, DataError
@@ -51,7 +52,7 @@ def test_study_runs_end_to_end(finished_study):
     config, records = finished_study
     assert [r["method"] for r in records] == ["pretrain", "retrain", "meta_unlearn"]
     for r in records:
-        for split in study.EVAL_SPLITS:
+        for split in metrics.EVAL_SPLITS:
             assert 0.0 < r[split]["metric"] <= 100.0 and np.isfinite(r[split]["loss"])
     assert [len(r["history"]) for r in records[:2]] == [2, 2]
     assert records[2]["meta_history"][0]["requests"] > 0 and records[2]["unlearn_seconds"] > 0
@@ -260,9 +261,9 @@ def test_train_step_compiles_once_and_learns():
 def test_masked_examples_do_not_count():
     logits = jnp.array([[2.0, -1.0], [0.5, 0.5], [9.0, 9.0]])
     labels = jnp.array([[1, 0], [0, 1], [0, 0]])
-    per = train_lib.per_example_loss("multilabel", logits, labels)
+    per = losses_lib.per_example_loss("multilabel", logits, labels)
     mask = jnp.array([True, True, False])
-    assert float(train_lib.masked_mean(per, mask)) == pytest.approx(float(per[:2].mean()))
+    assert float(losses_lib.masked_mean(per, mask)) == pytest.approx(float(per[:2].mean()))
 
 
 def test_inspect_reads_every_checkpoint_of_the_study(finished_study, capsys):

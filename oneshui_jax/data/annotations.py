@@ -27,9 +27,8 @@ from typing import Literal
 
 import numpy as np
 
+from oneshui_jax.data import catalog
 from oneshui_jax.errors import DataError
-
-DATASETS = ("celeba", "celebahq", "mufac", "synthfaces")
 
 CELEBA_LAYOUT = "<data_dir>/celeba/identity_CelebA.txt with rows '<000001.jpg> <identity id>'"
 CELEBAHQ_LAYOUT = (
@@ -67,7 +66,7 @@ class IdentityAnnotations:
     """Which identity each image of a dataset shows, in the reference's dataset order.
 
     Attributes:
-      dataset: one of ``DATASETS``.
+      dataset: one of ``catalog.DATASETS``.
       identities: int64 array, the identity id of every image (dataset order).
       files: the image file of every image, relative to ``data_dir``.
       keyed: ``"dict"`` when the reference keeps ``identity_to_images`` as a dict (CelebA), else
@@ -251,7 +250,8 @@ def read_identities(dataset: str, data_dir: str | None = None,
         return read_synthfaces(synthfaces_config)
     readers = {"celeba": read_celeba, "celebahq": read_celebahq, "mufac": read_mufac}
     if dataset not in readers:
-        raise DataError(f"Unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}.")
+        raise DataError(f"Unknown dataset {dataset!r}; expected one of "
+                        f"{', '.join(catalog.DATASETS)}.")
     if not data_dir:
         raise DataError(f"Dataset {dataset!r} needs a data_dir; none was given.")
     if not os.path.isdir(data_dir):

@@ -24,10 +24,10 @@ from absl import logging
 
 from oneshui_jax.data import annotations as annotations_lib
 from oneshui_jax.data import audit as audit_lib
+from oneshui_jax.data import catalog
 from oneshui_jax.data.annotations import IdentityAnnotations, read_identities
 from oneshui_jax.errors import DataError
 
-REAL_DATASETS = ("celeba", "celebahq", "mufac")
 DEDUP_OPTIONS = ("none", "merge")
 
 
@@ -146,7 +146,8 @@ def load(dataset: str, data_cfg, progress: bool = False) -> Dataset:
         source = build_synthfaces(tfds_dir, data_cfg.synthfaces_config)
         ann = read_identities("synthfaces", synthfaces_config=data_cfg.synthfaces_config)
         _check_records(dataset, source, ann)
-        return Dataset(dataset, "multilabel", tuple(synthfaces.ATTRIBUTE_NAMES), source, ann)
-    if dataset in REAL_DATASETS:
+        return Dataset(dataset, catalog.spec(dataset).task, tuple(synthfaces.ATTRIBUTE_NAMES),
+                       source, ann)
+    if dataset in catalog.names(real=True):
         return _load_real(dataset, data_cfg, tfds_dir, progress)
-    raise DataError(f"unknown dataset {dataset!r}; expected synthfaces, {', '.join(REAL_DATASETS)}")
+    raise DataError(f"unknown dataset {dataset!r}; expected one of {', '.join(catalog.DATASETS)}")

@@ -29,10 +29,9 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from oneshui_jax import optim
+from oneshui_jax import losses, optim
 from oneshui_jax.errors import ConfigError
 from oneshui_jax.models import meta_loss, vit
-from oneshui_jax.unlearn import losses
 
 Params = Any
 Batch = dict[str, jax.Array]  # image [B,H,W,3], label, row (meta-loss identity row), mask

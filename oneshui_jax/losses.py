@@ -1,6 +1,11 @@
-"""Outer objectives of MetaUnlearn (SPEC.md 6.3, ``MetaUnlearn.forget_loss_fn``, ``step``).
+"""Losses: the task losses of pretraining and retraining (SPEC.md 4) and MetaUnlearn's outer
+objectives (SPEC.md 6.3, ``MetaUnlearn.forget_loss_fn``, ``step``).
 
-For each forget batch ``f`` of a request, paired with one validation batch ``v``:
+Task losses: BCE-with-logits averaged over labels (multi-label) or cross-entropy (classification),
+per example (``per_example_loss``, used by ``train``) or as a mean over valid rows
+(``task_loss``, used by the outer objectives).
+
+Outer objectives. For each forget batch ``f`` of a request, paired with one validation batch ``v``:
 
     A(logits, y, acc) = task_loss(logits, y) * (1 - acc)      (use_accs; acc is a constant)
     D(f, v)           = Dist(A(f), stop_gradient(A(v)))       Dist: smooth_l1 | l1 | l2
@@ -35,11 +40,27 @@ def _f32(x: jax.Array) -> jax.Array:
 
 
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of ``values`` over all elements of the valid rows (0 when no row is valid).
+
+    ``mask`` ``[B]`` marks the valid rows of ``values`` ``[B, ...]`` (leading axis) and is
+    broadcast over the trailing dims: for ``[B, C]`` values the result is the mean over valid
+    rows x C, for ``[B]`` values the mean over valid rows.
+    """
     mask = mask.astype(values.dtype)
     while mask.ndim < values.ndim:
         mask = mask[..., None]
     count = jnp.maximum(jnp.sum(jnp.broadcast_to(mask, values.shape)), 1.0)
     return jnp.sum(values * mask) / count
+
+
+def per_example_loss(task: str, logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """BCE-with-logits averaged over labels (multi-label) or cross-entropy (classification)."""
+    logits = logits.astype(jnp.float32)
+    if task == "multilabel":
+        return optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)).mean(-1)
+    if task == "classification":
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels.astype(jnp.int32))
+    raise ValueError(f"unknown task {task!r}; expected 'multilabel' or 'classification'")
 
 
 def task_loss(task: str, logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
