@@ -1,12 +1,12 @@
 """``python -m oneshui_jax.unlearn``: serve a deletion request (see :mod:`oneshui_jax.serve`).
 
-    python -m oneshui_jax.unlearn --checkpoint RUN_DIR --method meta_unlearn \\
-        --portrait a.jpg [--portrait b.jpg ...] --identity ID --out DIR [--meta_loss RUN_DIR]
+    python -m oneshui_jax.unlearn --checkpoint RUN_DIR --portrait a.jpg [--portrait b.jpg ...]
+        [--identity ID ...] --out DIR [--artifacts METHOD_RUN_DIR]
 """
 
 import sys
 
-from oneshui_jax import serve
+from oneshui_jax.serve.cli import main
 
 if __name__ == "__main__":
-    sys.exit(serve.main())
+    sys.exit(main())

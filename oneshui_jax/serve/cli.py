@@ -1,0 +1,194 @@
+"""The command line of serving: one request end to end (``python -m oneshui_jax.unlearn``).
+
+    python -m oneshui_jax.unlearn --checkpoint RUN_DIR --portrait a.jpg [--portrait b.jpg ...]
+        [--identity ID ...] [--labels SPEC ...] --out DIR [--artifacts METHOD_RUN_DIR]
+        [--method NAME] [--request_id ID] [--overwrite]
+
+:func:`serve_request` is the work: read and hash the portraits, load the :class:`Engine`
+(``serve/engine.py``: which model and method run), unlearn, write the output run directory and
+``receipt.json`` (``serve/request.py``). Every error a user can cause is one
+:class:`DataError` / :class:`ConfigError` / :class:`CheckpointError` raised before anything is
+written; :func:`main` prints it as one ``error: ...`` line on stderr and returns 2.
+
+The output directory is a run directory like the study's: the source's ``config``, ``splits``
+and ``model_config``, ``stage: "request"``, ``method``, ``access``, ``method_config``,
+``request_id``, ``requests`` (the ids of every request in the chain), ``source_checkpoint``,
+``source_params_hash``, ``method_run_dir``, ``artifacts_hash``, and ``base_run_dir`` /
+``base_params_hash`` of the pretrained model at the start of the chain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+
+import jax
+
+from oneshui_jax import checkpoints
+from oneshui_jax.errors import CheckpointError, ConfigError, DataError
+from oneshui_jax.serve import request as request_lib
+from oneshui_jax.serve.engine import Engine
+from oneshui_jax.serve.request import RECEIPT_FILE, REQUEST_STAGE, Receipt
+
+PROG = "python -m oneshui_jax.unlearn"
+
+
+def serve_request(checkpoint: str, portraits: Sequence[str], out: str, *,
+                  artifacts_dir: str | None = None, identities: Sequence[int] | None = None,
+                  labels: Sequence[str] | None = None, request_id: str | None = None,
+                  method: str | None = None, overwrite: bool = False) -> Receipt:
+    """Serves one request end to end and returns its receipt (also written to ``out``).
+
+    ``method``, if given, only asserts that the method run was made by that method.
+    """
+    start = time.perf_counter()
+    if not portraits:
+        raise DataError("an empty request: give at least one --portrait")
+    request_lib.check_output(out, overwrite, ())
+    read = [request_lib.read_portrait(path) for path in portraits]
+    engine = Engine.from_checkpoint(checkpoint, artifacts_dir)
+    model_meta, method_meta = engine.model_metadata, engine.method_metadata
+    if method is not None and method != engine.method:
+        raise ConfigError(f"--method {method} was given, but the method run "
+                          f"{method_meta['run_dir']} was made by {engine.method}")
+    request_lib.check_output(out, overwrite,
+                             (model_meta["run_dir"], method_meta["run_dir"], checkpoint))
+    given = None if labels is None else request_lib.parse_labels(
+        labels, engine.model.task, engine.model.num_classes)
+    load_s = time.perf_counter() - start
+    prepared = engine.prepare([image for image, _ in read], identities or None, given)
+    params, unlearned = engine.unlearn(prepared)
+    request_id = request_id or str(uuid.uuid4())
+    created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    hash_before = model_meta["params_hash"]
+    method_config = method_meta["method_config"]
+    metadata = {
+        "config": model_meta["config"], "splits": model_meta["splits"],
+        "model_config": model_meta["model_config"], "stage": REQUEST_STAGE,
+        "method": engine.method, "access": engine.access, "method_config": method_config,
+        "request_id": request_id, "requests": [*model_meta.get("requests", []), request_id],
+        "source_checkpoint": model_meta["run_dir"], "source_params_hash": hash_before,
+        "method_run_dir": method_meta["run_dir"],
+        "artifacts_hash": method_meta.get("artifacts_hash"),
+        "base_run_dir": method_meta.get("base_run_dir"),
+        "base_params_hash": method_meta["base_params_hash"],
+    }
+    save_start = time.perf_counter()
+
+    def make_receipt(hash_after: str) -> Receipt:
+        timings = {"load_s": load_s + prepared.timings["prepare_s"],
+                   "predict_s": prepared.timings["predict_s"],
+                   "compile_s": prepared.timings["compile_s"] + unlearned["compile_s"],
+                   "compute_s": unlearned["compute_s"],
+                   "save_s": time.perf_counter() - save_start}
+        timings["total_s"] = time.perf_counter() - start
+        return Receipt(
+            request_id=request_id, created=created, method=engine.method, access=engine.access,
+            portraits=[{"sha256": digest, "width": int(image.shape[1]),
+                        "height": int(image.shape[0])} for image, digest in read],
+            identities=prepared.identities, labels=request_lib.json_labels(prepared.labels),
+            labels_predicted=prepared.labels_predicted, params_hash_before=hash_before,
+            params_hash_after=hash_after, source_checkpoint=model_meta["run_dir"],
+            artifacts_run_dir=method_meta["run_dir"],
+            artifacts_hash=method_meta.get("artifacts_hash"),
+            base_params_hash=method_meta["base_params_hash"], output=os.path.abspath(out),
+            method_config=dict(method_config),
+            hyperparameters={**method_config, **unlearned["method_info"]},
+            seeds={"study": model_meta["config"].get("seed"),
+                   "method": method_meta["config"].get("seed"), "request": engine.seed},
+            versions=checkpoints.library_versions(), device=str(jax.devices()[0].platform),
+            timings=timings)
+
+    return request_lib.write_output(out, params, metadata, make_receipt)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+class UsageError(ConfigError):
+    """A malformed command line (argparse's complaint, as one line)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit status 2, like every other user error
+        raise UsageError(message)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = _Parser(
+        prog=PROG,
+        description="Serve a deletion request: unlearn a person from a model given their "
+                    "portraits, with the method of a study's method run; write the new model "
+                    "and a receipt.")
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="a method run directory (e.g. <ckpt>/<dataset>/<model>/"
+                             "meta_unlearn_<N>_<seed>), an earlier request's output, or a "
+                             "pretrained run with --artifacts")
+    parser.add_argument("--portrait", action="append", required=True, metavar="FILE",
+                        help="an image of the person (any format PIL reads); repeat for more")
+    parser.add_argument("--out", required=True, metavar="DIR", help="new run directory")
+    parser.add_argument("--artifacts", metavar="RUN_DIR",
+                        help="the method run whose method and artifacts to use (default: "
+                             "--checkpoint's own, or the one an earlier request recorded)")
+    parser.add_argument("--method", metavar="NAME",
+                        help="optional check: the method the method run must have been made by")
+    parser.add_argument("--identity", type=int, action="append", metavar="ID",
+                        help="training identity id: once for all portraits or once per portrait")
+    parser.add_argument("--labels", action="append", metavar="SPEC",
+                        help="labels of one portrait, in portrait order: 0,1,0,... (multi-hot) "
+                             "or a class index; default: the model's predictions")
+    parser.add_argument("--request_id", help="id of the request (default: a random uuid4)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it holds an earlier request's output")
+    return parser.parse_args(argv)
+
+
+def _short(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def summary(receipt: Receipt) -> str:
+    """A few lines for the terminal, naming the method and its access."""
+    t = receipt.timings
+    ids = sorted({i for i in receipt.identities if i is not None})
+    labels = "predicted by the model" if receipt.labels_predicted else "given"
+    shown = {k: v for k, v in receipt.hyperparameters.items()
+             if k not in receipt.method_config or k in ("meta_lr", "forget_epochs")}
+    return "\n".join([
+        f"request {receipt.request_id}: forgot {len(receipt.portraits)} portrait(s) of "
+        f"identity {', '.join(map(str, ids)) or '-'} with {receipt.method} "
+        f"(access {receipt.access}"
+        + "".join(f", {k} {_short(v)}" for k, v in shown.items()) + ")",
+        f"model      {receipt.source_checkpoint}",
+        f"method run {receipt.artifacts_run_dir}",
+        f"params     sha256 {receipt.params_hash_before[:16]}... -> "
+        f"{receipt.params_hash_after[:16]}...",
+        f"labels     {labels}",
+        f"time       load {t['load_s']:.2f} s, compile {t['compile_s']:.2f} s, labels "
+        f"{t['predict_s'] * 1e3:.1f} ms, unlearn {t['compute_s'] * 1e3:.1f} ms, save "
+        f"{t['save_s']:.2f} s",
+        f"wrote      {receipt.output} (params/, {checkpoints.METADATA_FILE}, {RECEIPT_FILE})",
+    ])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit status (2: a request that cannot be served)."""
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        args = parse_args(argv)
+        receipt = serve_request(
+            args.checkpoint, args.portrait, args.out, artifacts_dir=args.artifacts,
+            identities=args.identity, labels=args.labels, request_id=args.request_id,
+            method=args.method, overwrite=args.overwrite)
+    except (CheckpointError, ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary(receipt))
+    return 0

@@ -1,0 +1,169 @@
+"""What a deletion request brings in and takes away: portraits, labels, the output and receipt.
+
+The person's side of serving (paper section 3: a person hands in portraits of themselves, the
+1-SHUI support images): :func:`read_portrait` reads any image PIL reads (EXIF orientation applied)
+and hashes the file, :func:`parse_labels` reads ``--labels``. On the way out,
+:func:`check_output` refuses an output directory that would overwrite something it must not,
+and :func:`write_output` writes the unlearned model as a run directory (``params/``,
+``metadata.json``) and then :class:`Receipt` as ``receipt.json``, atomically and last, removing
+the directory again if anything fails. Nothing here knows which method unlearned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from oneshui_jax import checkpoints, files
+from oneshui_jax.errors import ConfigError, DataError
+
+RECEIPT_FILE = "receipt.json"
+RECEIPT_VERSION = 2  # 2: any servable method (access, method_config, artifacts_*)
+REQUEST_STAGE = "request"  # the ``stage`` of a request's output run directory
+
+
+# --------------------------------------------------------------------------------------------
+# Coming in
+
+
+def read_portrait(path: str) -> tuple[np.ndarray, str]:
+    """``(uint8 RGB HxWx3 array, sha256 of the file)``; EXIF orientation applied.
+
+    Any format PIL reads; a missing, unreadable or corrupt file raises one DataError naming it.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        with Image.open(io.BytesIO(data)) as image:
+            rgb = ImageOps.exif_transpose(image).convert("RGB")
+    except UnidentifiedImageError:
+        raise DataError(f"cannot read portrait {path}: not an image in a format PIL reads "
+                        "(jpg, png, webp, ...)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read portrait {path}: {e}") from None
+    array = np.asarray(rgb, dtype=np.uint8)
+    if not all(array.shape):
+        raise DataError(f"portrait {path} is empty ({array.shape[1]}x{array.shape[0]} pixels)")
+    return array, hashlib.sha256(data).hexdigest()
+
+
+def parse_labels(specs: Sequence[str], task: str, num_classes: int) -> list[Any]:
+    """``--labels`` values: ``0,1,0,...`` (multi-hot, multi-label) or a class index.
+
+    Only the syntax is checked here; values and counts are checked against the model by
+    ``Engine.prepare``.
+    """
+    out = []
+    for spec in specs:
+        try:
+            values = [int(v) for v in spec.split(",")]
+        except ValueError:
+            raise ConfigError(f"--labels {spec!r} is not a comma-separated list of integers"
+                              ) from None
+        if task == "classification" and len(values) != 1:
+            raise ConfigError(f"--labels {spec!r}: give one class index in [0, {num_classes})")
+        out.append(values[0] if task == "classification" else values)
+    return out
+
+
+def json_labels(labels: np.ndarray) -> list[Any]:
+    """Labels as JSON: a class index or a list of 0/1 per portrait."""
+    return [int(x) if np.ndim(x) == 0 else [int(v) for v in x] for x in labels]
+
+
+# --------------------------------------------------------------------------------------------
+# Going out
+
+
+@dataclasses.dataclass(frozen=True)
+class Receipt:
+    """What was done for one request, written as ``receipt.json`` next to the new model.
+
+    No names or pixels: portraits are recorded by ``sha256``, ``width`` and ``height``.
+    ``method_config`` is the Config the method run recorded (``api.config_record``);
+    ``hyperparameters`` is what the request-time step used: that record plus what the method's
+    ``unlearn`` reported (e.g. support_ascent's ``alpha``, meta_unlearn's ``steps``).
+    ``artifacts_run_dir`` / ``artifacts_hash`` name the method run whose prepared artifacts were
+    used; ``base_params_hash`` is the pretrained model the chain of requests started from.
+    ``seeds``: the study's, the method run's and the one the request's rng key was made from.
+    ``timings`` in seconds: ``load_s`` (checkpoints, portraits, preprocessing), ``predict_s``
+    (label prediction), ``compile_s`` (first call of this request size, prediction included),
+    ``compute_s`` (the unlearning, to completion), ``save_s``, ``total_s``.
+    """
+
+    request_id: str
+    created: str  # UTC, ISO 8601
+    method: str
+    access: str
+    portraits: list[dict[str, Any]]
+    identities: list[int | None]
+    labels: list[Any]
+    labels_predicted: bool
+    params_hash_before: str
+    params_hash_after: str
+    source_checkpoint: str
+    artifacts_run_dir: str
+    artifacts_hash: str | None
+    base_params_hash: str
+    output: str
+    method_config: dict[str, Any]
+    hyperparameters: dict[str, Any]
+    seeds: dict[str, Any]
+    versions: dict[str, str]
+    device: str
+    timings: dict[str, float]
+    receipt_version: int = RECEIPT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        """The receipt as plain JSON values (``receipt_version`` first)."""
+        record = files.to_json(self)
+        return {"receipt_version": record.pop("receipt_version"), **record}
+
+
+def check_output(out: str, overwrite: bool, sources: Sequence[str]) -> None:
+    """ConfigError if writing ``out`` would overwrite something it must not.
+
+    ``out`` may not be one of ``sources`` (the model, the method run, the checkpoint given); an
+    existing ``out`` is replaced only with ``overwrite`` and only if it is empty or holds an
+    earlier request's output (a ``receipt.json``).
+    """
+    real = os.path.realpath(out)
+    if any(real == os.path.realpath(s) for s in sources):
+        raise ConfigError(f"--out {out} is the model or the method run being used; choose a new "
+                          "directory")
+    if not os.path.lexists(out):
+        return
+    if not overwrite:
+        raise ConfigError(f"--out {out} already exists; choose a new directory or pass "
+                          "--overwrite")
+    if not os.path.isdir(out) or (os.listdir(out)
+                                  and not os.path.isfile(os.path.join(out, RECEIPT_FILE))):
+        raise ConfigError(f"--out {out} exists and is not the output of an earlier request (no "
+                          f"{RECEIPT_FILE}); refusing to replace it even with --overwrite")
+
+
+def write_output(out: str, params: Any, metadata: Mapping[str, Any],
+                 make_receipt: Any) -> Receipt:
+    """Writes ``out`` (``params/``, ``metadata.json``), then the receipt, last and atomically.
+
+    ``make_receipt(params_hash_after)`` builds the :class:`Receipt` once the parameters are
+    saved. ``out`` must have passed :func:`check_output`; on any error it is removed again.
+    """
+    if os.path.lexists(out):
+        shutil.rmtree(out)
+    try:
+        os.makedirs(out)
+        receipt = make_receipt(checkpoints.save_params(out, params, metadata))
+        files.save_json(receipt.to_json(), os.path.join(out, RECEIPT_FILE), indent=2)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return receipt
