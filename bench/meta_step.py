@@ -107,7 +107,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     model = args.model or ("vit_base_patch16_224" if gpu else "vit_small_demo")
     dtype = args.dtype or ("bfloat16" if gpu else "float32")
     model_cfg = vit.ViTConfig.preset(model, num_classes=args.num_classes)
-    cfg = mu.MetaUnlearnConfig(task="multilabel", batch_size=args.batch, compute_dtype=dtype)
+    cfg = mu.Config(task="multilabel", batch_size=args.batch, compute_dtype=dtype)
     ml_cfg = meta_loss.MetaLossConfig.for_vit(model_cfg, num_identities=NUM_IDENTITIES,
                                               task="multilabel")
     key = jax.random.key(0)
@@ -129,11 +129,11 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         host = jax.device_get(support)
         for _ in range(args.requests):
             start = time.perf_counter()
-            jax.block_until_ready(mu.unlearn(compiled, theta, phi, support, cfg.forget_epochs))
+            jax.block_until_ready(mu.apply_steps(compiled, theta, phi, support, cfg.forget_epochs))
             on_device.append(time.perf_counter() - start)
         for _ in range(args.requests):
             start = time.perf_counter()
-            jax.block_until_ready(mu.unlearn(compiled, theta, phi, jax.device_put(host),
+            jax.block_until_ready(mu.apply_steps(compiled, theta, phi, jax.device_put(host),
                                              cfg.forget_epochs))
             with_copy.append(time.perf_counter() - start)
         out.update(portraits=args.portraits, requests=args.requests,

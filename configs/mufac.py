@@ -22,19 +22,19 @@ without the forget identities (the oracle) and runs the method (run from the rep
         --config.data.data_dir=../shared/data --config.seed=1
 
 ``get_config(arg)`` takes ``key=value`` pairs separated by commas: ``method`` (default
-``meta_unlearn``; one of ``oneshui_jax.hparams.METHODS``), ``N`` (forget identities, default 10)
+``meta_unlearn``; one of ``config_lib.METHODS``), ``N`` (forget identities, default 10)
 and ``profile`` (``paper``, the default, or ``cpu``). Values of the reference's ``const.py`` for
 (method, mufac, N); the reference has none for other N and falls back to generic defaults (a
 warning is logged).
 """
 
-from oneshui_jax import config_lib, hparams
+from oneshui_jax import config_lib
 
 
 def get_config(arg: str | None = None):
     args = config_lib.parse_arg(
         arg, {"method": "meta_unlearn", "N": 10, "profile": "paper"},
-        choices={"method": hparams.METHODS, "profile": ("paper", "cpu")})
+        choices={"method": config_lib.METHODS, "profile": ("paper", "cpu")})
     config = config_lib.real_data_config("mufac", args["method"], args["N"])
     if args["profile"] == "cpu":
         config_lib.cpu_profile(config)

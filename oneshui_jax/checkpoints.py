@@ -10,6 +10,8 @@ Corresponds to the reference's ``.pth`` checkpoints ``{"args", "splits", "state_
                          status ("training" | "done"); written atomically (temp file + rename)
         train_state/     while training runs: the latest resumable state (TrainCheckpointer,
                          orbax CheckpointManager; one folder per step, the newest 1-2 kept)
+        artifacts/       an unlearning method's prepared artifacts (e.g. MetaUnlearn's meta-loss;
+                         save_tree, key paths recorded, hash in metadata ``artifacts_hash``)
 
 Parameters are a plain nested dict (``vit.init_params``) whose keys are strings or ints (block
 indices). Orbax stores every key as a string, so ``save_params`` records the leaf key paths with
@@ -42,6 +44,7 @@ from oneshui_jax.files import save_json, to_json
 
 PARAMS_DIR = "params"
 TRAIN_STATE_DIR = "train_state"
+ARTIFACTS_DIR = "artifacts"  # a method's prepared artifacts (save_tree / load_tree)
 METADATA_FILE = "metadata.json"
 STATUSES = ("training", "done")
 KEY_PATHS = "oneshui_jax/key_paths"
@@ -423,6 +426,19 @@ def load_params(run_dir: str, template: Params = None, *, verify: bool = True) -
     checks the content hash against ``metadata.json`` (mismatch: CheckpointError "corrupt").
     """
     path, metadata = _finished(run_dir)
+    params = _restore_tree(path, template, "parameters")
+    if verify:
+        expected = metadata.get("params_hash")
+        actual = params_hash(params)
+        if actual != expected:
+            raise CheckpointError(f"{path} is corrupt: its content hash {actual[:16]}... differs "
+                                  f"from {str(expected)[:16]}... recorded in {METADATA_FILE}")
+    return params
+
+
+def _restore_tree(path: str, template: Params, what: str) -> Params:
+    """Restores the orbax folder ``path``: shaped like ``template``, or, without one, rebuilt
+    from the key paths recorded at save time (int keys stay ints)."""
     stored = _stored_leaves(path)
     if template is None:
         sharding = _default_sharding()
@@ -438,44 +454,35 @@ def load_params(run_dir: str, template: Params = None, *, verify: bool = True) -
         with ocp.StandardCheckpointer() as checkpointer:
             return checkpointer.restore(path, target)
 
-    params = _orbax(restore, path, "restore parameters from")
-    if verify:
-        expected = metadata.get("params_hash")
-        actual = params_hash(params)
-        if actual != expected:
-            raise CheckpointError(f"{path} is corrupt: its content hash {actual[:16]}... differs "
-                                  f"from {str(expected)[:16]}... recorded in {METADATA_FILE}")
-    return params
+    return _orbax(restore, path, f"restore {what} from")
 
 
 def save_tree(run_dir: str, name: str, tree: Params) -> str:
-    """Saves another array tree of a run (e.g. a trained meta-loss) to ``run_dir/name``.
+    """Saves another array tree of a run (e.g. a method's artifacts) to ``run_dir/name``.
 
-    Committed atomically by orbax; returns its content hash (record it in the metadata).
+    A nested dict of arrays, its key paths recorded like ``save_params``' so ``load_tree`` needs
+    no template. Committed atomically by orbax; returns its content hash (record it in the
+    metadata).
     """
     path = os.path.join(os.path.abspath(run_dir), name)
+    key_paths = list(_dict_key_paths(tree))
 
     def save() -> None:
         with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(path, tree, force=True)
+            checkpointer.save(path, tree, force=True, custom_metadata={KEY_PATHS: key_paths})
             checkpointer.wait_until_finished()
 
-    _orbax(save, path, f"save {name} to")
+    _orbax(save, path, f"save {name} to", reading=False)
     return params_hash(tree)
 
 
-def load_tree(run_dir: str, name: str, template: Params, expected_hash: str | None = None
-              ) -> Params:
-    """Restores ``run_dir/name`` shaped like ``template``; checks ``expected_hash`` if given."""
+def load_tree(run_dir: str, name: str, template: Params = None,
+              expected_hash: str | None = None) -> Params:
+    """Restores ``run_dir/name`` (shaped like ``template`` if given); checks ``expected_hash``."""
     path = os.path.join(os.path.abspath(run_dir), name)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} does not exist: the run at {run_dir} has no {name!r}")
-
-    def restore() -> Params:
-        with ocp.StandardCheckpointer() as checkpointer:
-            return checkpointer.restore(path, _abstract(template))
-
-    tree = _orbax(restore, path, f"restore {name} from")
+    tree = _restore_tree(path, template, name)
     if expected_hash is not None and params_hash(tree) != expected_hash:
         raise CheckpointError(f"{path} is corrupt: its content hash differs from the one "
                               f"recorded in {METADATA_FILE}")

@@ -16,6 +16,10 @@ from typing import Any
 import ml_collections
 
 from oneshui_jax import hparams
+from oneshui_jax.unlearn import api, meta_unlearn, registry, support_ascent
+
+# Methods a config file can name: the reference's table, then the API's methods it lacks.
+METHODS = hparams.METHODS + tuple(m for m in registry.METHODS if m not in hparams.METHODS)
 
 _TRUE = ("true", "t", "y", "yes", "1")
 _FALSE = ("false", "f", "n", "no", "0")
@@ -72,8 +76,8 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
     where every method's values come from are ``config.hparams_note``.
     """
     pretrain = hparams.reference("pretrain", dataset, num_identities)  # validates all three
-    method_h = hparams.reference(method, dataset, num_identities)
-    meta_h = hparams.reference("meta_unlearn", dataset, num_identities)
+    method_h = (hparams.reference(method, dataset, num_identities)
+                if method in hparams.METHODS else None)
 
     config = ml_collections.ConfigDict()
     config.dataset = dataset
@@ -117,33 +121,18 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
     t.compute_dtype = "bfloat16"  # the reference's autocast
     t.attention = "xla"  # "cudnn" on GPUs: fused attention, 1.31x faster (ViT-B/16)
 
-    # MetaUnlearn (SPEC.md 6.6). Always present: the study reads it.
-    m = meta_h.values
-    config.meta_unlearn = ml = ml_collections.ConfigDict()
-    ml.epochs = m["epochs"]
-    ml.lr = m["lr"]  # AdamW(AMSGrad) of the meta-loss
-    ml.weight_decay = m["weight_decay"]
-    ml.meta_lr = m["meta_lr"]  # step size of the inner step and of the request-time step
-    ml.batch_size = m["batch_size"]
-    ml.num_identities_simulation = m["num_identities_simulation"]  # identities per simulated req.
-    ml.forget_epochs = m["forget_epochs"]
-    ml.forget_loss = m["forget_loss"]  # smooth_l1 | l1 | l2
-    ml.loss_type = m["loss_type"]  # full | original | unlearned | rev | scrub
-    ml.use_accs = m["use_accs"]
-    ml.use_retain = m["use_retain"]
-    # Retain batches with the train transform; read only with use_retain (off), so it changes
-    # nothing by default.
-    ml.use_train_aug = m["use_train_aug"]
-    ml.hidden_size = m["hidden_size"]
-    ml.num_layers = m["num_layers"]
-    ml.dropout = m["prob_dropout"]
-    ml.use_feats = m["use_feats"]
-    ml.use_ids = m["use_ids"]
-    ml.use_targets = m["use_targets"]
-    ml.compute_dtype = "bfloat16"  # outer passes, the reference's autocast
-    ml.simulated_draws_per_epoch = 2  # the reference draws twice per epoch (SPEC Q23)
+    # The methods on the method API (unlearn/registry.py): every setting of the method's Config,
+    # with the reference's value for (dataset, N) where const.py / parser.py have one.
+    # Both are always present, so --config.stages can add either.
+    # MetaUnlearn (SPEC.md 6.6): the reference's values for (dataset, N).
+    config.meta_unlearn, _ = api.reference_block(meta_unlearn, "meta_unlearn", dataset,
+                                                 num_identities)
+    config.meta_unlearn.compute_dtype = "bfloat16"  # outer passes, the reference's autocast
+    # support_ascent is not in the reference: its defaults, simulated requests of size N.
+    config.support_ascent = api.default_block(support_ascent)
+    config.support_ascent.num_identities_simulation = num_identities
 
-    v = method_h.values
+    v = method_h.values if method_h is not None else {}
     if method == "scrub":  # SPEC.md 7.1
         config.scrub = b = ml_collections.ConfigDict()
         b.epochs = v["epochs"]
@@ -192,6 +181,9 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
     config.progress = True
     notes = []
     for stage in config.stages:
+        if stage not in hparams.METHODS:
+            notes.append(f"{stage}: not in the reference; its Config's defaults")
+            continue
         h = hparams.reference(stage, dataset, num_identities)
         hparams.warn_if_untuned(h)
         notes.append(h.note)

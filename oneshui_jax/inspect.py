@@ -67,7 +67,17 @@ def run_summary(path: str) -> dict[str, Any]:
         "splits": {name: len(ids) for name, ids in splits.items() if isinstance(ids, list)},
         "metrics": metadata.get("metrics"), "versions": metadata.get("versions", {}),
         "data_audit": metadata.get("data_audit"),
+        "stage": metadata.get("stage"), "method": metadata.get("method"),
+        "access": metadata.get("access"), "method_config": metadata.get("method_config"),
+        "fingerprint": (metadata.get("fingerprint") or {}).get("hash"),
+        "artifacts_hash": metadata.get("artifacts_hash"),
     }
+    artifacts = os.path.join(path, checkpoints.ARTIFACTS_DIR)
+    if os.path.isdir(artifacts) and metadata.get("artifacts_hash"):
+        tree = checkpoints.load_tree(path, checkpoints.ARTIFACTS_DIR)
+        summary["artifacts"] = [{"name": name, "shape": list(np.shape(leaf)),
+                                 "dtype": str(np.asarray(leaf).dtype)}
+                                for name, leaf in checkpoints.named_leaves(tree)]
     if metadata["status"] == "done":
         return {**summary, **_leaves_summary(checkpoints.params_info(path))}
     return summary
@@ -156,6 +166,15 @@ def format_summary(summary: dict[str, Any]) -> str:
         "splits     " + ", ".join(f"{k} {v}" for k, v in summary["splits"].items())
         + (" (identities; support: images)" if "support" in summary["splits"] else ""),
     ]
+    if summary.get("method"):
+        lines.append(f"method     {summary['method']} (access {summary.get('access')}): "
+                     + ", ".join(_flat_scalars(summary.get("method_config") or {})))
+    if summary.get("fingerprint"):
+        lines.append(f"stage      {summary.get('stage')}, fingerprint sha256 "
+                     f"{summary['fingerprint'][:16]}...")
+    if summary.get("artifacts"):
+        lines.append(f"artifacts  sha256 {str(summary['artifacts_hash'])[:16]}...: " + ", ".join(
+            f"{a['name']} {tuple(a['shape'])} {a['dtype']}" for a in summary["artifacts"]))
     if summary["metrics"]:
         lines.append("metrics    " + ", ".join(_flat_scalars(summary["metrics"])))
     lines.append("versions   " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()))

@@ -39,7 +39,7 @@ from oneshui_jax.metrics import EVAL_SPLITS, TABLE_SPLITS
 
 STATS = tuple(f"{s}_{k}" for s in EVAL_SPLITS for k in ("metric", "loss")) + (
     "tow", "mia_auc", "mia_acc", "seconds")
-CSV_COLUMNS = ("method", "dataset", "num_identities", "seed") + STATS
+CSV_COLUMNS = ("method", "access", "dataset", "num_identities", "seed") + STATS
 SPLIT_COLORS = {"retain": "tab:blue", "forget": "tab:red", "test": "tab:green"}
 
 Row = dict[str, Any]  # a record of the study, or a row of ``aggregate``
@@ -119,7 +119,7 @@ def aggregate(records: Sequence[Row]) -> list[Row]:
         for name in STATS:
             mean[name], std[name] = _mean_std([s[name] for s in stats])
         rows.append({"method": method, "dataset": members[0].get("dataset"),
-                     "num_identities": num_identities,
+                     "access": members[0].get("access"), "num_identities": num_identities,
                      "seeds": sorted(r.get("seed") for r in members),
                      "mean": mean, "std": std})
     return rows
@@ -161,11 +161,13 @@ def _has_mia(rows: Sequence[Row]) -> bool:
 def markdown_table(rows: Sequence[Row], metric_name: str) -> str:
     """The results table: one row per record, or per ``aggregate`` row (``mean ± std``).
 
-    Columns: method, [N when rows span several N], [seed when records span several seeds],
+    Columns: method, access (what the method may read, ``unlearn/api.py``; blank for records
+    that predate it), [N when rows span several N], [seed when records span several seeds],
     retain / forget / test metric, ToW (blank without a retrained model), [MIA AUC when some row
     has it], seconds.
     """
-    columns: list[tuple[str, Callable[[Row], str]]] = [("method", lambda r: str(r["method"]))]
+    columns: list[tuple[str, Callable[[Row], str]]] = [("method", lambda r: str(r["method"])),
+                                                        ("access", lambda r: r.get("access") or "")]
     if _varies(rows, "num_identities"):
         columns.append(("N", lambda r: str(r.get("num_identities"))))
     if not any(_is_aggregated(r) for r in rows) and _varies(rows, "seed"):
@@ -177,7 +179,7 @@ def markdown_table(rows: Sequence[Row], metric_name: str) -> str:
         columns.append(("MIA AUC", lambda r: _cell(r, "mia_auc")))
     columns.append(("seconds", lambda r: _cell(r, "seconds")))
     lines = ["| " + " | ".join(name for name, _ in columns) + " |",
-             "|" + "|".join("---" if name in ("method", "N", "seed") else "---:"
+             "|" + "|".join("---" if name in ("method", "access", "N", "seed") else "---:"
                             for name, _ in columns) + "|"]
     for row in rows:
         lines.append("| " + " | ".join(fmt(row) for _, fmt in columns) + " |")
@@ -192,8 +194,8 @@ def csv_rows(records: Sequence[Row]) -> list[dict[str, Any]]:
     """One flat dict per record over ``CSV_COLUMNS``; None where a value is missing."""
     rows = []
     for r in records:
-        row = {key: to_json(r.get(key)) for key in ("method", "dataset", "num_identities",
-                                                         "seed")}
+        row = {key: to_json(r.get(key)) for key in ("method", "access", "dataset",
+                                                     "num_identities", "seed")}
         row.update(record_stats(r))
         rows.append(row)
     return rows
@@ -357,6 +359,11 @@ def legend(metric: str, with_mia: bool) -> str:
         "without the forget identities (the oracle, ToW 100); higher is better. Blank when there "
         "is no retrained model.",
     ]
+    lines.append("- **access**: what a method reads (`oneshui_jax/unlearn/api.py`): `support`, "
+                 "the portraits alone; `stats`, the portraits plus what it computed from training "
+                 "data before the request; `full`, the forget and retain sets (a full-data "
+                 "reference, not a 1-SHUI method). `none` is the pretrained model, `oracle` the "
+                 "model retrained without the forget identities.")
     if with_mia:
         lines.append("- **MIA AUC** (%): AUC of the membership-inference attack on the forget "
                      "identities; 50 means the attack cannot tell them from unseen people.")

@@ -190,7 +190,7 @@ def test_every_config_loads_for_every_method_and_paper_n():
         module = load_config_file(name)
         default = module.get_config()
         assert default.dataset == name and default.num_identities == DEFAULT_N[name]
-        for method in hparams.METHODS:
+        for method in config_lib.METHODS:
             for n in PAPER_N[name]:
                 config = module.get_config(f"method={method},N={n}")
                 assert config.num_identities == n
@@ -203,6 +203,7 @@ def test_every_config_loads_for_every_method_and_paper_n():
                 assert set(synth) <= set(config)
                 for block in STUDY_BLOCKS:
                     assert set(synth[block]) <= set(config[block]), (name, block)
+                assert config.support_ascent.num_identities_simulation == n
                 m = ref("meta_unlearn", name, n)
                 assert (config.meta_unlearn.epochs, config.meta_unlearn.lr,
                         config.meta_unlearn.meta_lr) == (m["epochs"], m["lr"], m["meta_lr"])

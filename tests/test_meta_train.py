@@ -9,6 +9,7 @@ import pytest
 
 from oneshui_jax import checkpoints, study
 from oneshui_jax.models import vit
+from oneshui_jax.study import access
 from oneshui_jax.unlearn import meta_train
 from oneshui_jax.unlearn import meta_unlearn as mu
 
@@ -32,15 +33,23 @@ def ctx(tmp_path_factory):
     return study.prepare(config)
 
 
+def configs(ctx):
+    cfg = ctx.method_config("meta_unlearn")
+    return cfg, mu.meta_loss_config(ctx.model, cfg, len(ctx.splits.train))
+
+
 def test_request_batches_follow_the_reference_layout(ctx):
     import random
 
     from oneshui_jax import splits as splits_lib
-    cfg, _ = meta_train.configs_from(ctx)
-    request = splits_lib.simulated_requests(ctx.dataset.annotations, ctx.splits, 30,
-                                            random.Random(0))[0]
+    cfg, _ = configs(ctx)
+    data = access.train_data(ctx)
+    request = data.simulated_requests(30, random.Random(0))[0]
+    # the same requests as the reference's draw over the whole annotation table
+    assert request == splits_lib.simulated_requests(ctx.dataset.annotations, ctx.splits, 30,
+                                                    random.Random(0))[0]
     rows = mu.identity_rows(ctx.splits.train)
-    support, forget, val, retain = meta_train._request_data(ctx, request, cfg, rows,
+    support, forget, val, retain = meta_train._request_data(data, request, cfg, rows,
                                                             np.random.default_rng(0))
     assert support["image"].shape[0] == 30 and bool(support["mask"].all())
     expected_rows = [rows[int(ctx.dataset.annotations.identities[i])] for i in request.support]
@@ -53,9 +62,10 @@ def test_request_batches_follow_the_reference_layout(ctx):
 
 
 def test_meta_training_resumes_with_identical_result(ctx, tmp_path, monkeypatch):
-    cfg, ml_cfg = meta_train.configs_from(ctx)
+    cfg, ml_cfg = configs(ctx)
     theta = vit.init_params(ctx.model_cfg, jax.random.key(0))
-    straight = meta_train.meta_train(ctx, theta, cfg, ml_cfg, progress=False)
+    key = jax.random.key(ctx.config.seed)
+    straight = meta_train.meta_train(ctx.model, theta, access.train_data(ctx), cfg, ml_cfg, key)
     assert [h["epoch"] for h in straight.history] == [0, 1]
 
     real_make = mu.make_meta_step
@@ -73,12 +83,13 @@ def test_meta_training_resumes_with_identical_result(ctx, tmp_path, monkeypatch)
 
     monkeypatch.setattr(mu, "make_meta_step", dying_make)
     with checkpoints.TrainCheckpointer(str(tmp_path)) as ckpt, pytest.raises(KeyboardInterrupt):
-        meta_train.meta_train(ctx, theta, cfg, ml_cfg, ckpt, progress=False, checkpoint_every=2)
+        meta_train.meta_train(ctx.model, theta, access.train_data(ctx, ckpt), cfg, ml_cfg, key,
+                              checkpoint_every=2)
     monkeypatch.setattr(mu, "make_meta_step", real_make)
     with checkpoints.TrainCheckpointer(str(tmp_path)) as ckpt:
         _, state = ckpt.restore({"phi": straight.phi, "opt_state": mu.optimizer(cfg).init(
             straight.phi)})
         assert (state["epoch"], state["request"]) == (1, 2)
-        resumed = meta_train.meta_train(ctx, theta, cfg, ml_cfg, ckpt, progress=False,
-                                        checkpoint_every=2)
+        resumed = meta_train.meta_train(ctx.model, theta, access.train_data(ctx, ckpt), cfg,
+                                        ml_cfg, key, checkpoint_every=2)
     assert checkpoints.params_hash(resumed.phi) == checkpoints.params_hash(straight.phi)

@@ -16,7 +16,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def make_record(method: str, seed: int = 0, *, retain: float = 65.1, forget: float = 68.2,
                 test: float = 45.0, tow: float | None = 80.3, history: bool = True,
                 mia: dict | None = None) -> dict:
-    record = {"method": method, "dataset": "synthfaces", "num_identities": 10, "seed": seed,
+    access = {"pretrain": "none", "retrain": "oracle"}.get(method, "stats")
+    record = {"method": method, "access": access, "dataset": "synthfaces", "num_identities": 10,
+              "seed": seed,
               "retain": {"metric": retain, "loss": 0.41}, "forget": {"metric": forget,
                                                                      "loss": 0.39},
               "test": {"metric": test, "loss": 0.61}, "val": {"metric": 44.8, "loss": 0.62},
@@ -52,17 +54,20 @@ def test_metric_name():
 def test_markdown_table_cells(records):
     records[1]["tow"] = None
     header, pretrain, retrain = table_rows(report.markdown_table(records, "mAP"))
-    assert header == ["method", "retain mAP", "forget mAP", "test mAP", "ToW", "seconds"]
-    assert pretrain == ["pretrain", "65.10", "68.20", "45.00", "80.30", "101.20"]
-    assert retrain[0] == "retrain" and retrain[4] == ""  # ToW blank when None
+    assert header == ["method", "access", "retain mAP", "forget mAP", "test mAP", "ToW",
+                      "seconds"]
+    assert pretrain == ["pretrain", "none", "65.10", "68.20", "45.00", "80.30", "101.20"]
+    assert retrain[:2] == ["retrain", "oracle"] and retrain[5] == ""  # ToW blank when None
+    del records[0]["access"]  # records written before the access column: a blank cell
+    assert table_rows(report.markdown_table(records, "mAP"))[1][1] == ""
 
 
 def test_markdown_table_mia_column_only_when_present(records):
     assert "MIA" not in report.markdown_table(records, "mAP")
     records[0]["mia"] = {"auc": 55.0, "acc": 40.0}
     header, pretrain, retrain = table_rows(report.markdown_table(records, "acc"))
-    assert header[1] == "retain acc" and header[5] == "MIA AUC"
-    assert pretrain[5] == "55.00" and retrain[5] == ""
+    assert header[2] == "retain acc" and header[6] == "MIA AUC"
+    assert pretrain[6] == "55.00" and retrain[6] == ""
 
 
 def test_aggregate_mean_and_std_over_three_seeds():
@@ -80,14 +85,14 @@ def test_aggregate_mean_and_std_over_three_seeds():
 
     _, row, _ = table_rows(report.markdown_table([pretrain, retrain], "mAP"))
     std = np.std(forget, ddof=1)
-    assert row[2] == f"{np.mean(forget):.2f} ± {std:.2f}"
+    assert row[1] == "none" and row[3] == f"{np.mean(forget):.2f} ± {std:.2f}"
 
 
 def test_table_shows_seed_and_n_columns_when_they_vary():
     records = [make_record("pretrain", 0), make_record("pretrain", 1)]
     records[1]["num_identities"] = 50
     header = table_rows(report.markdown_table(records, "mAP"))[0]
-    assert header[:3] == ["method", "N", "seed"]
+    assert header[:4] == ["method", "access", "N", "seed"]
 
 
 def test_csv_round_trip(tmp_path, records):
@@ -99,6 +104,7 @@ def test_csv_round_trip(tmp_path, records):
         rows = list(reader)
     assert tuple(reader.fieldnames) == report.CSV_COLUMNS
     assert rows[0]["method"] == "pretrain" and int(rows[0]["num_identities"]) == 10
+    assert rows[0]["access"] == "none" and rows[1]["access"] == "oracle"
     assert float(rows[0]["forget_metric"]) == pytest.approx(68.2)
     assert float(rows[0]["val_loss"]) == pytest.approx(0.62)
     assert float(rows[0]["mia_auc"]) == pytest.approx(55.5)
@@ -129,7 +135,7 @@ def test_write_report_files_and_json_round_trip(tmp_path, records):
     with open(written["results.md"], encoding="utf-8") as f:
         md = f.read()
     assert md.startswith("# Results: synthfaces, N=10, seed 0\n")
-    assert "| pretrain | 65.10 | 68.25 | 45.00 | 80.50 | 101.20 |" in md
+    assert "| pretrain | none | 65.10 | 68.25 | 45.00 | 80.50 | 101.20 |" in md
     assert "ToW" in md and "higher is better" in md and "MIA" not in md
 
     for name in ("training_curves.png", "methods.png"):
@@ -154,7 +160,7 @@ def test_write_report_averages_seeds_in_markdown(tmp_path):
     with open(written["results.md"], encoding="utf-8") as f:
         md = f.read()
     assert md.startswith("# Results: synthfaces, N=10, seeds 0, 1, 2\n")
-    assert "| pretrain | 65.10 ± 0.00 |" in md and "Per run:" in md
+    assert "| pretrain | none | 65.10 ± 0.00 |" in md and "Per run:" in md
 
 
 def test_write_report_rejects_clashing_extra(tmp_path, records):

@@ -37,6 +37,7 @@ def small_config(tfds_dir, root, epochs=2):
     config.checkpoint_dir = os.path.join(root, "ckpt")
     config.train.epochs = epochs
     config.meta_unlearn.epochs = 1
+    config.support_ascent.num_requests = 4
     config.data.num_threads = 0
     config.progress = False
     return config
@@ -50,17 +51,22 @@ def finished_study(tfds_dir, tmp_path_factory):
 
 def test_study_runs_end_to_end(finished_study):
     config, records = finished_study
-    assert [r["method"] for r in records] == ["pretrain", "retrain", "meta_unlearn"]
+    assert [r["method"] for r in records] == ["pretrain", "retrain", "meta_unlearn",
+                                              "support_ascent"]
+    assert [r["access"] for r in records] == ["none", "oracle", "stats", "stats"]
     for r in records:
         for split in metrics.EVAL_SPLITS:
             assert 0.0 < r[split]["metric"] <= 100.0 and np.isfinite(r[split]["loss"])
     assert [len(r["history"]) for r in records[:2]] == [2, 2]
-    assert records[2]["meta_history"][0]["requests"] > 0 and records[2]["unlearn_seconds"] > 0
+    assert records[2]["prepare"]["meta_history"][0]["requests"] > 0
+    assert records[2]["unlearn"]["seconds"] > 0 and records[3]["prepare"]["alpha"] >= 0
     assert records[1]["tow"] == pytest.approx(100.0)  # the oracle against itself
     assert records[0]["tow"] < 100.0
     saved = json.load(open(os.path.join(config.workdir, "results.json")))
     assert saved["results"][0]["forget"] == records[0]["forget"]
     assert saved["splits"]["forget"] == 5
+    assert [r["access"] for r in saved["results"]] == ["none", "oracle", "stats", "stats"]
+    assert "| access |" in open(os.path.join(config.workdir, "results.md")).read()
     for name in ("results.md", "results.csv", "methods.png", "training_curves.png"):
         assert os.path.getsize(os.path.join(config.workdir, name)) > 0
     rdir = checkpoints.run_dir(config.checkpoint_dir, "synthfaces", "vit_small_demo",
@@ -72,7 +78,10 @@ def test_study_runs_end_to_end(finished_study):
     mdir = rdir.replace("pretrain_5_0", "meta_unlearn_5_0")
     meta = checkpoints.read_metadata(mdir)
     assert meta["base_run_dir"] == os.path.abspath(rdir)
-    assert os.path.isdir(os.path.join(mdir, "meta_loss"))
+    assert meta["method"] == "meta_unlearn" and meta["access"] == "stats"
+    assert meta["method_config"]["meta_lr"] == config.meta_unlearn.meta_lr
+    artifacts = checkpoints.load_tree(mdir, "artifacts", expected_hash=meta["artifacts_hash"])
+    assert set(artifacts) == {"phi", "train_identities"}
     assert not os.path.exists(os.path.join(mdir, checkpoints.TRAIN_STATE_DIR))
     unlearned = checkpoints.load_params(mdir)
     pretrained = checkpoints.load_params(rdir)
@@ -83,6 +92,7 @@ def test_finished_stages_are_reused(finished_study):
     again = study.run(config)
     assert all(r.get("reused") for r in again)
     assert [r["forget"] for r in again] == [r["forget"] for r in records]
+    assert [r["access"] for r in again] == [r["access"] for r in records]
 
 
 def test_checkpoint_of_another_split_is_refused(finished_study, tmp_path):
@@ -107,6 +117,15 @@ def test_config_errors_before_any_work(finished_study):
     bad.train.optimizer = "adam"
     with pytest.raises(ConfigError, match="optimizer"):
         study.run(bad)
+    for block, key, value in (("meta_unlearn", "loss_type", "bogus"),
+                              ("support_ascent", "alphas", (-1.0,)),
+                              ("meta_unlearn", "batch_size", 0)):
+        bad = config.copy_and_resolve_references()
+        bad[block][key] = value
+        bad.checkpoint_dir = "/nonexistent/never/written"
+        with pytest.raises(ConfigError, match=f"config.{block}.{key}"):
+            study.run(bad)
+        assert not os.path.exists(bad.checkpoint_dir)
     bad = config.copy_and_resolve_references()
     bad.dataset = "mufac"
     with pytest.raises(DataError, match="mufac"):
@@ -303,6 +322,7 @@ def test_an_older_checkpoint_without_dedup_is_reused_as_dedup_none(finished_stud
     for path in glob.glob(os.path.join(old.checkpoint_dir, "*", "*", "*", "metadata.json")):
         metadata = json.load(open(path))
         metadata["config"]["data"].pop("dedup")  # written before data.dedup existed
+        metadata.pop("fingerprint")  # ... and before fingerprints
         with open(path, "w") as f:
             json.dump(metadata, f)
     again = study.run(old)

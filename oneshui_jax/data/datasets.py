@@ -14,7 +14,9 @@ builds the dataset once (``tfds_builders.faces``) and opens it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -40,6 +42,9 @@ class Dataset:
     annotations: IdentityAnnotations
     audit: audit_lib.Audit | None = None  # real datasets only
     merged_identities: int = 0  # identities removed by dedup=merge
+    # sha256 of what the records and identities hold (images, labels, identities after dedup):
+    # equal fingerprints, equal data. Stages key reuse and resume on it (study/reuse.py).
+    fingerprint: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -88,10 +93,15 @@ def _check_records(name: str, source, ann: IdentityAnnotations) -> None:
 
 def audit_cache_path(tfds_dir: str, dataset: str, data_dir: str) -> str:
     """Where the per-file audit results of ``data_dir`` are cached (one file per data_dir)."""
-    import hashlib
-
     key = hashlib.sha256(os.path.abspath(data_dir).encode()).hexdigest()[:12]
     return os.path.join(tfds_dir, "oneshui_audit", f"{dataset}-{key}.jsonl")
+
+
+def _fingerprint(build: str, ann: IdentityAnnotations) -> str:
+    """The data fingerprint: the build's (content, or generator config) and the identities."""
+    digest = hashlib.sha256(build.encode())
+    digest.update(np.ascontiguousarray(ann.identities, np.int64).tobytes())
+    return digest.hexdigest()
 
 
 def _load_real(dataset: str, data_cfg, tfds_dir: str, progress: bool) -> Dataset:
@@ -117,7 +127,7 @@ def _load_real(dataset: str, data_cfg, tfds_dir: str, progress: bool) -> Dataset
     if dedup == "merge":
         ann, removed = audit_lib.merge_identities(ann, audit.duplicate_groups)
     return Dataset(dataset, labels.task, labels.names, DecodedSource(records, ann.identities), ann,
-                   audit, removed)
+                   audit, removed, _fingerprint(table.fingerprint(), ann))
 
 
 def audited(dataset: str, data_dir: str, ann: IdentityAnnotations, cache_path: str | None = None,
@@ -141,13 +151,17 @@ def load(dataset: str, data_cfg, progress: bool = False) -> Dataset:
     tfds_dir = os.path.expanduser(data_cfg.tfds_dir)
     if dataset == "synthfaces":
         from oneshui_jax.data import synthfaces
-        from oneshui_jax.data.tfds_builders.synthfaces import build_synthfaces
+        from oneshui_jax.data.tfds_builders.synthfaces import build_synthfaces, synthfaces_builder
 
         source = build_synthfaces(tfds_dir, data_cfg.synthfaces_config)
         ann = read_identities("synthfaces", synthfaces_config=data_cfg.synthfaces_config)
         _check_records(dataset, source, ann)
+        build = synthfaces_builder(tfds_dir, data_cfg.synthfaces_config)
+        generator = json.dumps({"builder": f"{build.name}/{build.version}",
+                                **dataclasses.asdict(build.builder_config.synth)},
+                               sort_keys=True)
         return Dataset(dataset, catalog.spec(dataset).task, tuple(synthfaces.ATTRIBUTE_NAMES),
-                       source, ann)
+                       source, ann, fingerprint=_fingerprint(generator, ann))
     if dataset in catalog.names(real=True):
         return _load_real(dataset, data_cfg, tfds_dir, progress)
     raise DataError(f"unknown dataset {dataset!r}; expected one of {', '.join(catalog.DATASETS)}")

@@ -52,7 +52,7 @@ from oneshui_jax.serve.request import REQUEST_STAGE
 from oneshui_jax.unlearn import api, registry
 
 Params = Any
-ARTIFACTS_DIR = "artifacts"  # study/stages.py ARTIFACTS_DIR
+ARTIFACTS_DIR = checkpoints.ARTIFACTS_DIR
 
 
 def servable_methods() -> list[str]:

@@ -1,15 +1,13 @@
-"""Meta-training MetaUnlearn on simulated requests, and its study stage (SPEC.md 6.4-6.5).
+"""Meta-training MetaUnlearn on simulated requests (SPEC.md 6.4), the body of its ``prepare``.
 
-``meta_train`` walks the simulated requests of every epoch (``splits.simulated_requests`` drawn
+``meta_train`` walks the simulated requests of every epoch (``TrainData.simulated_requests`` drawn
 ``simulated_draws_per_epoch`` times from a ``random.Random(seed)``, the second draw used, as the
-reference does) and takes one meta-step per request: support images (eval transform), the
-request's forget images shuffled into batches of ``batch_size``, each paired with one validation
-batch from a shuffled pass over VAL (and, for ``use_retain`` or ``loss_type="scrub"``, one
-retain batch). The meta-loss, its optimiser state and the position (epoch, request) are
-checkpointed, so a killed run resumes where it stopped.
-
-``run_stage`` is the study's ``meta_unlearn`` method: meta-train on the pretrained model, then
-unlearn the real request from its support images alone and evaluate.
+reference does) and takes one meta-step per request on the batches of
+``unlearn.simulated.request_batches``: support images (eval transform), the request's forget
+images shuffled into batches of ``batch_size``, each paired with one validation batch from a
+shuffled pass over VAL (and, for ``use_retain`` or ``loss_type="scrub"``, one retain batch). The
+meta-loss, its optimiser state and the position (epoch, request) are checkpointed through
+``data.checkpointer``, so a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -25,40 +23,11 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from oneshui_jax import splits as splits_lib
-from oneshui_jax.data import pipeline
 from oneshui_jax.models import meta_loss
+from oneshui_jax.unlearn import api, simulated
 from oneshui_jax.unlearn import meta_unlearn as mu
 
 CHECKPOINT_EVERY = 50  # meta-steps between saves of the meta-training state
-
-
-def load_batches(source, indices: np.ndarray, pcfg: pipeline.PipelineConfig,
-                 rows: dict[int, int] | None = None, train: bool = False,
-                 num_batches: int | None = None) -> dict[str, jax.Array]:
-    """Images of ``indices`` (in this order) as stacked batches [K, B, ...], padded and masked.
-
-    ``train`` uses the training augmentation; ``rows`` adds each image's embedding row.
-    """
-    if train:
-        ds = pipeline.train_dataset(source, indices, pcfg, num_epochs=1)
-    else:
-        ds = pipeline.eval_dataset(source, indices, pcfg)
-    count = len(ds) if num_batches is None else min(num_batches, len(ds))
-    batches = [ds[k] for k in range(count)]
-    out = {key: np.stack([b[key] for b in batches]) for key in ("image", "label", "mask")}
-    if rows is not None:
-        identities = np.stack([b["identity"] for b in batches])
-        out["row"] = np.vectorize(lambda i: rows.get(int(i), 0))(identities).astype(np.int32)
-    return jax.tree.map(jnp.asarray, out)
-
-
-def support_batch(source, indices, image_size: int, rows: dict[int, int],
-                  size: int | None = None) -> dict[str, jax.Array]:
-    """The support images as one batch (eval transform), padded to ``size`` if given."""
-    pcfg = pipeline.PipelineConfig(image_size=image_size,
-                                   batch_size=max(size or len(indices), len(indices)))
-    return jax.tree.map(lambda x: x[0], load_batches(source, np.asarray(indices), pcfg, rows))
 
 
 @dataclasses.dataclass
@@ -69,36 +38,28 @@ class MetaTrainResult:
     seconds: float
 
 
-def _request_data(ctx, request, cfg: mu.MetaUnlearnConfig, rows, rng: np.random.Generator):
+def _request_data(data: api.TrainData, request, cfg: mu.Config, rows,
+                  rng: np.random.Generator):
     """Support, forget, val (and retain) batches of one simulated request."""
-    source, size = ctx.dataset.source, ctx.config.data.image_size
-    pcfg = pipeline.PipelineConfig(image_size=size, batch_size=cfg.batch_size,
-                                   seed=int(rng.integers(2**31)))
-    support = support_batch(source, request.support, size, rows,
-                            size=cfg.num_identities_simulation)
-    forget = load_batches(source, rng.permutation(np.asarray(request.forget)), pcfg)
-    num = forget["mask"].shape[0]
-    val = load_batches(source, rng.permutation(ctx.images["val"]), pcfg, num_batches=num)
-    retain = None
-    if cfg.use_retain or cfg.loss_type == "scrub":
-        retain_idx = splits_lib.retain_images(ctx.dataset.annotations, ctx.splits, request)
-        retain = load_batches(source, rng.permutation(retain_idx), pcfg,
-                              train=ctx.config.meta_unlearn.use_train_aug, num_batches=num)
-    return support, forget, val, retain
+    return simulated.request_batches(
+        data, request, batch_size=cfg.batch_size, support_size=cfg.num_identities_simulation,
+        rows=rows, rng=rng, retain=cfg.use_retain or cfg.loss_type == "scrub",
+        retain_train_aug=cfg.use_train_aug)
 
 
-def meta_train(ctx, theta, cfg: mu.MetaUnlearnConfig, ml_cfg: meta_loss.MetaLossConfig,
-               checkpointer=None, progress: bool = True,
+def meta_train(model: api.Model, theta, data: api.TrainData, cfg: mu.Config,
+               ml_cfg: meta_loss.MetaLossConfig, rng: jax.Array,
                checkpoint_every: int = CHECKPOINT_EVERY) -> MetaTrainResult:
     """Meta-trains the forget (and optional retain) meta-loss on ``theta``; resumable.
 
-    With a ``checkpointer`` the state is saved every ``checkpoint_every`` requests and at the end
-    of every epoch; a run that finds a saved state continues from it with the same result.
+    With ``data.checkpointer`` the state is saved every ``checkpoint_every`` requests and at the
+    end of every epoch; a run that finds a saved state continues from it with the same result.
+    ``rng`` draws the meta-loss initialisation and dropout; ``data.seed`` the request stream.
     """
-    seed = ctx.config.seed
-    rows = mu.identity_rows(ctx.splits.train)
+    seed, checkpointer, progress = data.seed, data.checkpointer, data.progress
+    rows = mu.identity_rows(list(data.train_identities))
     tx = mu.optimizer(cfg)
-    key = jax.random.key(seed)
+    key = rng
     phi = meta_loss.init_params(ml_cfg, jax.random.fold_in(key, 1))
     arrays = {"phi": phi, "opt_state": tx.init(phi)}
     if cfg.use_retain:
@@ -110,15 +71,14 @@ def meta_train(ctx, theta, cfg: mu.MetaUnlearnConfig, ml_cfg: meta_loss.MetaLoss
         arrays, state = restored
         logging.info("meta_unlearn: resuming at epoch %d, request %d", state["epoch"],
                      state["request"])
-    step = mu.make_meta_step(ctx.model_cfg, ml_cfg, cfg, tx)
-    retain_step = (mu.make_meta_step(ctx.model_cfg, ml_cfg, cfg, tx, mu.retain_batch_loss)
+    step = mu.make_meta_step(model.vit, ml_cfg, cfg, tx)
+    retain_step = (mu.make_meta_step(model.vit, ml_cfg, cfg, tx, mu.retain_batch_loss)
                    if cfg.use_retain else None)
     py_rng = random.Random(seed)
     start = time.perf_counter()
     for epoch in range(cfg.epochs):
         for _ in range(cfg.simulated_draws_per_epoch):  # replayed on resume: same stream
-            requests = splits_lib.simulated_requests(ctx.dataset.annotations, ctx.splits,
-                                                     cfg.num_identities_simulation, py_rng)
+            requests = data.simulated_requests(cfg.num_identities_simulation, py_rng)
         if epoch < state["epoch"]:
             continue
         lr = jnp.float32(cfg.lr_at(epoch))
@@ -128,7 +88,7 @@ def meta_train(ctx, theta, cfg: mu.MetaUnlearnConfig, ml_cfg: meta_loss.MetaLoss
         losses = []
         for i in range(first, len(requests)):
             data_rng = np.random.default_rng([seed, epoch, i])
-            support, forget, val, retain = _request_data(ctx, requests[i], cfg, rows, data_rng)
+            support, forget, val, retain = _request_data(data, requests[i], cfg, rows, data_rng)
             step_rng = jax.random.fold_in(jax.random.fold_in(key, 1000 + epoch), i)
             arrays["phi"], arrays["opt_state"], stats, theta_u = step(
                 theta, arrays["phi"], arrays["opt_state"], lr, support, forget, val, retain,
@@ -159,53 +119,3 @@ def meta_train(ctx, theta, cfg: mu.MetaUnlearnConfig, ml_cfg: meta_loss.MetaLoss
             checkpointer.save((epoch + 1) * 1_000_000, arrays, state)
     return MetaTrainResult(arrays["phi"], arrays.get("phi_retain"), state["history"],
                            time.perf_counter() - start)
-
-
-def configs_from(ctx) -> tuple[mu.MetaUnlearnConfig, meta_loss.MetaLossConfig]:
-    """MetaUnlearn and meta-loss configs from the study config's ``meta_unlearn`` block."""
-    c = ctx.config.meta_unlearn
-    cfg = mu.MetaUnlearnConfig(
-        task=ctx.dataset.task, epochs=c.epochs, lr=c.lr, weight_decay=c.weight_decay,
-        meta_lr=c.meta_lr, batch_size=c.batch_size,
-        num_identities_simulation=c.num_identities_simulation, forget_epochs=c.forget_epochs,
-        forget_loss=c.forget_loss, loss_type=c.loss_type, use_accs=c.use_accs,
-        use_retain=c.use_retain, compute_dtype=c.compute_dtype,
-        simulated_draws_per_epoch=c.simulated_draws_per_epoch)
-    ml_cfg = meta_loss.MetaLossConfig.for_vit(
-        ctx.model_cfg, num_identities=len(ctx.splits.train), task=ctx.dataset.task,
-        hidden_size=c.hidden_size, num_layers=c.num_layers, dropout=c.dropout,
-        use_feats=c.use_feats, use_ids=c.use_ids, use_targets=c.use_targets)
-    return cfg, ml_cfg
-
-
-def run_stage(ctx, base_params, run_dir: str) -> tuple[Any, dict]:
-    """The study's ``meta_unlearn`` method: meta-train, then unlearn the real request.
-
-    Saves the trained meta-loss to ``run_dir/meta_loss`` (``meta_loss_retain`` with
-    ``use_retain``); returns the unlearned parameters and what goes into the record / metadata.
-    """
-    from oneshui_jax import checkpoints
-
-    cfg, ml_cfg = configs_from(ctx)
-    with checkpoints.TrainCheckpointer(run_dir) as checkpointer:
-        result = meta_train(ctx, base_params, cfg, ml_cfg, checkpointer,
-                            progress=ctx.config.progress)
-    hashes = {"meta_loss": checkpoints.save_tree(run_dir, "meta_loss", result.phi)}
-    if result.phi_retain is not None:
-        hashes["meta_loss_retain"] = checkpoints.save_tree(run_dir, "meta_loss_retain",
-                                                           result.phi_retain)
-    rows = mu.identity_rows(ctx.splits.train)
-    support = support_batch(ctx.dataset.source, ctx.splits.support, ctx.config.data.image_size,
-                            rows)
-    step = mu.make_unlearn_step(ctx.model_cfg, ml_cfg, cfg.meta_lr)
-    jax.block_until_ready(mu.unlearn(step, base_params, result.phi, support, cfg.forget_epochs,
-                                     result.phi_retain))  # compile
-    start = time.perf_counter()
-    params = jax.block_until_ready(mu.unlearn(step, base_params, result.phi, support,
-                                              cfg.forget_epochs, result.phi_retain))
-    unlearn_seconds = time.perf_counter() - start
-    record = {"meta_train_seconds": result.seconds, "unlearn_seconds": unlearn_seconds,
-              "meta_history": result.history}
-    metadata = {"meta_unlearn": dataclasses.asdict(cfg), "meta_loss": dataclasses.asdict(ml_cfg),
-                "meta_loss_hashes": hashes}
-    return params, {"record": record, "metadata": metadata}

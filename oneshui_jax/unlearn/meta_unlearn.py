@@ -20,39 +20,54 @@ Functions here are pure and jit-compiled with every array passed as an argument.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 
 from oneshui_jax import losses, optim
 from oneshui_jax.errors import ConfigError
 from oneshui_jax.models import meta_loss, vit
+from oneshui_jax.unlearn import api
 
 Params = Any
 Batch = dict[str, jax.Array]  # image [B,H,W,3], label, row (meta-loss identity row), mask
 
 
 @dataclasses.dataclass(frozen=True)
-class MetaUnlearnConfig:
-    """Hyper-parameters of MetaUnlearn (the reference's ``const.py`` and parser defaults)."""
+class Config:
+    """MetaUnlearn's settings: the study's ``config.meta_unlearn`` block (the method's schema).
 
-    task: str
-    epochs: int = 3
-    lr: float = 1e-4  # AdamW(AMSGrad) of the meta-loss
+    Defaults are the reference's ``parser.py`` defaults; ``hparams`` holds its per-(dataset, N)
+    values, read through each field's reference name. Frozen and hashable: a static jit argument.
+    """
+
+    task: str = dataclasses.field(default="multilabel", metadata={"bound": "task"})
+    epochs: int = 3  # meta-training epochs over the simulated requests
+    lr: float = 1e-4  # AdamW(AMSGrad) of the meta-loss, per-epoch cosine
     weight_decay: float = 0.0
     meta_lr: float = 0.1  # η of the inner step and of the request-time step
-    batch_size: int = 64
-    num_identities_simulation: int = 10
-    forget_epochs: int = 1
-    forget_loss: str = "smooth_l1"
-    loss_type: str = "full"
+    batch_size: int = 64  # outer batches (forget / val / retain images)
+    num_identities_simulation: int = 10  # identities per simulated request
+    forget_epochs: int = 1  # request-time steps
+    forget_loss: str = "smooth_l1"  # distance of the outer objective: smooth_l1 | l1 | l2
+    loss_type: str = "full"  # full | original | unlearned | rev | scrub
     use_accs: bool = True
-    use_retain: bool = False
+    use_retain: bool = False  # also meta-train a retain meta-loss (one more request-time step)
+    # Retain batches with the train transform; read only with use_retain or loss_type="scrub".
+    use_train_aug: bool = True
+    hidden_size: int = 512  # meta-loss network (models/meta_loss.py)
+    num_layers: int = 0
+    dropout: float = dataclasses.field(default=0.5, metadata={"reference": "prob_dropout"})
+    use_feats: bool = True
+    use_ids: bool = True
+    use_targets: bool = True
     compute_dtype: str = "bfloat16"  # outer passes; the inner step is float32
     simulated_draws_per_epoch: int = 2  # the reference draws twice and uses the second (Q23)
 
@@ -61,15 +76,26 @@ class MetaUnlearnConfig:
             "loss_type": (self.loss_type, losses.LOSS_TYPES),
             "forget_loss": (self.forget_loss, losses.DISTANCES),
             "task": (self.task, ("multilabel", "classification")),
+            "compute_dtype": (self.compute_dtype, ("float32", "bfloat16", "float64")),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ConfigError(f"config.meta_unlearn.{name} must be one of {allowed}, "
                                   f"got {value!r}")
         for name in ("epochs", "batch_size", "num_identities_simulation", "forget_epochs",
-                     "simulated_draws_per_epoch"):
+                     "simulated_draws_per_epoch", "hidden_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config.meta_unlearn.{name} must be >= 1, "
+                                  f"got {getattr(self, name)}")
+        if self.num_layers < 0:
+            raise ConfigError(f"config.meta_unlearn.num_layers must be >= 0, got "
+                              f"{self.num_layers}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"config.meta_unlearn.dropout must be in [0, 1), got "
+                              f"{self.dropout}")
+        for name in ("lr", "meta_lr", "weight_decay"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ConfigError(f"config.meta_unlearn.{name} must be a finite number >= 0, "
                                   f"got {getattr(self, name)}")
 
     def lr_at(self, epoch: int) -> float:
@@ -98,7 +124,7 @@ def identity_rows(train_ids: list[int]) -> dict[int, int]:
     return {identity: row for row, identity in enumerate(train_ids)}
 
 
-def optimizer(cfg: MetaUnlearnConfig) -> optax.GradientTransformation:
+def optimizer(cfg: Config) -> optax.GradientTransformation:
     """torch's AdamW(amsgrad=True) without the learning rate (applied by the step)."""
     return optim.torch_adamw_amsgrad(weight_decay=cfg.weight_decay)
 
@@ -127,7 +153,7 @@ def inner_step(model_cfg, ml_cfg, meta_lr, theta, phi, support, dropout_rng) -> 
 # Outer objective
 
 
-def outer_batch_loss(model_cfg, cfg: MetaUnlearnConfig, theta_u, theta, forget: Batch,
+def outer_batch_loss(model_cfg, cfg: Config, theta_u, theta, forget: Batch,
                      val: Batch, retain: Batch | None = None) -> jax.Array:
     """``L_b`` of one forget batch (with its validation and, for scrub, retain batch)."""
     dtype = jnp.dtype(cfg.compute_dtype)
@@ -148,7 +174,7 @@ def outer_batch_loss(model_cfg, cfg: MetaUnlearnConfig, theta_u, theta, forget: 
         m_f=forget["mask"], u_v=u_v, o_v=o_v, y_v=val["label"], m_v=val["mask"], **kw)
 
 
-def retain_batch_loss(model_cfg, cfg: MetaUnlearnConfig, theta_u, theta, forget, val,
+def retain_batch_loss(model_cfg, cfg: Config, theta_u, theta, forget, val,
                       retain) -> jax.Array:
     """Outer objective of the optional retain step: the task loss on a retain batch.
 
@@ -169,7 +195,7 @@ def _stack_item(tree, k):
     return jax.tree.map(lambda x: x[k], tree)
 
 
-def meta_gradient(model_cfg, ml_cfg, cfg: MetaUnlearnConfig, theta, phi, support, forget,
+def meta_gradient(model_cfg, ml_cfg, cfg: Config, theta, phi, support, forget,
                   val, retain, dropout_rng, objective: Callable = outer_batch_loss):
     """``(L, ∂L/∂φ, θ_u)`` streamed: outer gradient batch by batch, then one VJP.
 
@@ -198,7 +224,7 @@ def meta_gradient(model_cfg, ml_cfg, cfg: MetaUnlearnConfig, theta, phi, support
     return loss, grad_phi, theta_u
 
 
-def meta_gradient_naive(model_cfg, ml_cfg, cfg: MetaUnlearnConfig, theta, phi, support, forget,
+def meta_gradient_naive(model_cfg, ml_cfg, cfg: Config, theta, phi, support, forget,
                         val, retain, dropout_rng, objective: Callable = outer_batch_loss):
     """``(L, ∂L/∂φ)`` by differentiating inner step and all outer batches at once."""
     weights = _weights(forget)
@@ -220,7 +246,7 @@ def meta_gradient_naive(model_cfg, ml_cfg, cfg: MetaUnlearnConfig, theta, phi, s
 # Jitted steps
 
 
-def make_meta_step(model_cfg, ml_cfg, cfg: MetaUnlearnConfig, tx,
+def make_meta_step(model_cfg, ml_cfg, cfg: Config, tx,
                    objective: Callable = outer_batch_loss) -> Callable:
     """``step(theta, phi, opt_state, lr, support, forget, val, retain, rng)`` -> new φ, state.
 
@@ -250,11 +276,80 @@ def make_unlearn_step(model_cfg, ml_cfg, meta_lr: float) -> Callable:
     return jax.jit(step)
 
 
-def unlearn(unlearn_step: Callable, theta, phi_forget, support, forget_epochs: int,
-            phi_retain=None):
+_cached_unlearn_step = functools.lru_cache(maxsize=32)(make_unlearn_step)
+
+
+def apply_steps(unlearn_step: Callable, theta, phi_forget, support, forget_epochs: int,
+                phi_retain=None):
     """``forget_epochs`` steps with the forget meta-loss, then one with the retain one if any."""
     for _ in range(forget_epochs):
         theta = unlearn_step(theta, phi_forget, support)
     if phi_retain is not None:
         theta = unlearn_step(theta, phi_retain, support)
     return theta
+
+
+# ---------------------------------------------------------------------------------------------
+# The method (unlearn/api.py): meta-train before the request, one step on the portraits at it
+
+ACCESS = api.STATS
+
+
+def meta_loss_config(model: api.Model, cfg: Config, num_identities: int
+                     ) -> meta_loss.MetaLossConfig:
+    """The meta-loss network for ``model``: one embedding row per TRAIN identity."""
+    return meta_loss.MetaLossConfig.for_vit(
+        model.vit, num_identities=num_identities, task=model.task, hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_layers, dropout=cfg.dropout, use_feats=cfg.use_feats,
+        use_ids=cfg.use_ids, use_targets=cfg.use_targets)
+
+
+def prepare(model: api.Model, params: Params, data: api.TrainData, cfg: Config,
+            rng: jax.Array) -> tuple[api.Artifacts, dict[str, Any]]:
+    """Meta-trains the meta-loss on simulated requests of the TRAIN identities (SPEC.md 6.4).
+
+    Artifacts: ``phi`` (and ``phi_retain`` with ``use_retain``), and ``train_identities`` (the
+    identity id of each embedding row). Resumable through ``data.checkpointer``.
+    """
+    from oneshui_jax.unlearn import meta_train
+
+    ml_cfg = meta_loss_config(model, cfg, len(data.train_identities))
+    result = meta_train.meta_train(model, params, data, cfg, ml_cfg, rng)
+    artifacts = {"phi": result.phi,
+                 "train_identities": np.asarray(data.train_identities, np.int32)}
+    if result.phi_retain is not None:
+        artifacts["phi_retain"] = result.phi_retain
+    return artifacts, {"meta_history": result.history, "meta_train_seconds": result.seconds}
+
+
+def request_rows(train_identities: Sequence[int], identities: Sequence[int | None],
+                 use_ids: bool) -> np.ndarray:
+    """The meta-loss embedding row of each portrait; ConfigError for an unusable identity."""
+    rows = identity_rows([int(i) for i in train_identities])
+    if any(i is None for i in identities):
+        if use_ids:
+            raise ConfigError("the meta-loss uses identity embeddings (use_ids): give each "
+                              "portrait's training identity id (--identity ID)")
+        return np.zeros(len(identities), np.int32)
+    unknown = sorted({int(i) for i in identities} - set(rows))
+    if unknown:
+        raise ConfigError(f"identities {unknown} are not training identities of this model "
+                          f"({len(rows)} known); the meta-loss can only forget people it was "
+                          "trained on")
+    return np.asarray([rows[int(i)] for i in identities], np.int32)
+
+
+def unlearn(model: api.Model, params: Params, artifacts: api.Artifacts, request: api.Request,
+            cfg: Config, rng: jax.Array, data=None) -> tuple[Params, dict[str, Any]]:
+    """``forget_epochs`` steps ``θ − η ∇_θ mean ℓ_φ(portraits)``, then the retain step if any
+    (SPEC.md 6.5). Reads the portraits alone."""
+    del rng, data  # deterministic; reads nothing but the request
+    train_ids = np.asarray(artifacts["train_identities"]).tolist()
+    ml_cfg = meta_loss_config(model, cfg, len(train_ids))
+    support = {"image": jnp.asarray(request.images), "label": jnp.asarray(request.labels),
+               "row": jnp.asarray(request_rows(train_ids, request.identities, cfg.use_ids)),
+               "mask": jnp.ones(request.size, bool)}
+    step = _cached_unlearn_step(model.vit, ml_cfg, cfg.meta_lr)
+    new = apply_steps(step, params, artifacts["phi"], support, cfg.forget_epochs,
+                      artifacts.get("phi_retain"))
+    return new, {"steps": cfg.forget_epochs + int("phi_retain" in artifacts)}

@@ -1,13 +1,28 @@
-"""The registry of unlearning methods: ``METHODS`` maps a method name to its study stage.
+"""The unlearning methods: one explicit dict from a method's name to its module.
 
-A stage function takes ``(ctx, base_params, run_dir)`` (the study context, the pretrained
-parameters and the run's checkpoint folder) and returns ``(params, info)``: the unlearned
-parameters and a dict with ``record`` (extra fields of the results record) and ``metadata``
-(extra fields of the checkpoint metadata).
+Every module declares the interface of ``unlearn/api.py`` (``ACCESS``, ``Config``, optional
+``prepare``, ``unlearn``); ``check_method`` verifies it when this module is imported.
 """
 
-from oneshui_jax.unlearn import meta_train
+from __future__ import annotations
 
-METHODS = {
-    "meta_unlearn": meta_train.run_stage,
+import types
+
+from oneshui_jax.unlearn import api, meta_unlearn, support_ascent
+
+METHODS: dict[str, types.ModuleType] = {
+    "meta_unlearn": meta_unlearn,
+    "support_ascent": support_ascent,
 }
+
+for _name, _module in METHODS.items():
+    api.check_method(_name, _module)
+
+
+def method(name: str) -> types.ModuleType:
+    """The module of method ``name``; ConfigError naming the available ones."""
+    from oneshui_jax.errors import ConfigError
+
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+    return METHODS[name]

@@ -1,0 +1,66 @@
+"""The 1-SHUI study: data, splits, pretrain, retrain (the oracle), unlearning methods, report.
+
+This is ``main.py:main`` of the reference (SPEC.md sections 4, 5 and 10) as library functions:
+``run(config)`` makes the reference-exact split, runs or reuses every stage in ``config.stages``
+(``study.stages``: one skeleton for all of them, reuse and resume keyed by ``study.reuse``'s
+fingerprint), evaluates each model on retain / forget / test / val (eval transform), computes ToW
+against the retrained model and writes ``results.{json,md,csv}`` and plots to the workdir.
+
+Every stage lives in ``<checkpoint_dir>/<dataset>/<model>/<stage>_<N>_<seed>/``. Unlike the
+reference, pretrain and retrain start from the same initial parameters drawn from the seed
+(SynthFaces trains from scratch). Methods start from the pretrained model and receive what their
+ACCESS grants (``study.access``).
+
+Modules: ``context`` (config, dataset, split, evaluation), ``validate`` (every setting checked
+before any data is read), ``access`` (what a method call receives), ``reuse`` (fingerprints),
+``stages`` (the skeleton and its bodies).
+"""
+
+from __future__ import annotations
+
+import time
+
+from oneshui_jax import metrics, report
+from oneshui_jax.study.context import (
+    TRAINING_STAGES,
+    Context,
+    evaluate_splits,
+    initial_params,
+    prepare,
+)
+from oneshui_jax.study.stages import method_stage, run_stage, train_stage
+from oneshui_jax.study.validate import validate_config
+
+__all__ = ["TRAINING_STAGES", "Context", "add_tow", "evaluate_splits", "initial_params",
+           "method_stage", "prepare", "run", "run_stage", "train_stage", "validate_config"]
+
+
+def add_tow(records: list[dict]) -> None:
+    """ToW of every record against the retrained model's retain / forget / test metrics."""
+    retrain = next((r for r in records if r["method"] == "retrain"), None)
+    for r in records:
+        r["tow"] = None if retrain is None else metrics.tow(
+            {s: r[s]["metric"] for s in metrics.EVAL_SPLITS},
+            {s: retrain[s]["metric"] for s in metrics.EVAL_SPLITS})
+
+
+def run(config) -> list[dict]:
+    """Runs the study described by ``config``; returns one record per model."""
+    start = time.perf_counter()
+    ctx = prepare(config)
+    init = initial_params(ctx)
+    records, trained = [], {}
+    for stage in config.stages:
+        if stage in TRAINING_STAGES:
+            record, trained[stage] = train_stage(ctx, stage, init)
+        else:
+            if "pretrain" not in trained:  # methods start from the pretrained model
+                _, trained["pretrain"] = train_stage(ctx, "pretrain", init)
+            record, _ = method_stage(ctx, stage, trained["pretrain"], ctx.run_dir("pretrain"))
+        records.append(record)
+    add_tow(records)
+    report.write_report(config.workdir, records, config=config.to_dict(), extra={
+        "splits": {k: len(v) for k, v in ctx.splits.to_dict().items()},
+        "data_audit": ctx.data_audit,
+        "seconds": time.perf_counter() - start})
+    return records

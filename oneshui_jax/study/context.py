@@ -1,0 +1,127 @@
+"""What the stages of a study share: the config, the dataset, the split, the model, evaluation.
+
+``prepare(config)`` validates the config (``study.validate``), opens the dataset, makes the
+reference-exact split (SPEC.md 2) and returns a :class:`Context`. ``evaluate_splits`` is the
+reference's evaluation of a model on retain / forget / test / val (SPEC.md 5.2, eval transform).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+from absl import logging
+
+from oneshui_jax import checkpoints, metrics
+from oneshui_jax import splits as splits_lib
+from oneshui_jax import train as train_lib
+from oneshui_jax.data import audit as audit_lib
+from oneshui_jax.data import datasets as datasets_lib
+from oneshui_jax.data import pipeline
+from oneshui_jax.models import vit
+from oneshui_jax.study import validate
+from oneshui_jax.unlearn import api, registry
+
+TRAINING_STAGES = {"pretrain": "train", "retrain": "retain"}  # stage -> identities it fits
+
+
+@dataclasses.dataclass
+class Context:
+    """Everything the stages share: config, data, split and image indices, model config."""
+
+    config: Any
+    dataset: datasets_lib.Dataset
+    splits: splits_lib.Splits
+    images: dict[str, Any]
+    model_cfg: vit.ViTConfig
+    data_audit: dict[str, Any] | None = None  # real datasets: data.audit summary of this split
+
+    def run_dir(self, stage: str) -> str:
+        c = self.config
+        return checkpoints.run_dir(os.path.expanduser(c.checkpoint_dir), c.dataset,
+                                   c.model.name, stage, c.num_identities, c.seed)
+
+    def pipeline_config(self, batch_size: int, **kw) -> pipeline.PipelineConfig:
+        return pipeline.PipelineConfig(image_size=self.config.data.image_size,
+                                       batch_size=batch_size, seed=self.config.seed,
+                                       num_threads=self.config.data.num_threads, **kw)
+
+    @property
+    def model(self) -> api.Model:
+        """The task model as methods see it (architecture, task, numerics)."""
+        t = self.config.train
+        return api.Model(self.model_cfg, self.dataset.task, t.compute_dtype, t.attention)
+
+    def method_config(self, name: str) -> Any:
+        """Method ``name``'s validated ``Config`` from ``config.<name>``."""
+        return validate.method_config(self.config, name, self.dataset.task)
+
+
+def model_config(config, num_classes: int) -> vit.ViTConfig:
+    return vit.ViTConfig.preset(config.model.name, num_classes=num_classes,
+                                image_size=config.data.image_size)
+
+
+def evaluate_splits(ctx: Context, params) -> dict[str, dict[str, float]]:
+    """Loss and metric on retain / forget / test / val, eval transform (SPEC.md 5.2)."""
+    t = ctx.config.train
+    eval_step = train_lib.make_eval_step(ctx.model_cfg, ctx.dataset.task, t.compute_dtype,
+                                         t.attention)
+    cfg = ctx.pipeline_config(ctx.config.data.eval_batch_size)
+    out = {}
+    for split in metrics.EVAL_SPLITS:
+        batches = pipeline.eval_batches(ctx.dataset.source, ctx.images[split], cfg)
+        result = train_lib.evaluate(
+            eval_step, params, batches, ctx.dataset.task,
+            desc=f"eval {split}" if ctx.config.progress else None,
+            total=pipeline.steps_per_epoch(len(ctx.images[split]), cfg.batch_size))
+        out[split] = {"metric": result["metric"], "loss": result["loss"]}
+    return out
+
+
+def prepare(config) -> Context:
+    """Validates the config, opens the dataset and makes the reference-exact split."""
+    validate.validate_config(config)
+    ds = datasets_lib.load(config.dataset, config.data, progress=config.progress)
+    if ds.merged_identities:
+        logging.warning("config.data.dedup=merge: %d identities merged into others because they "
+                        "share byte-identical images (a deviation from the reference)",
+                        ds.merged_identities)
+    splits = splits_lib.make_splits(ds.annotations, config.num_identities, config.seed)
+    images = splits_lib.split_images(ds.annotations, splits)
+    logging.info("splits: identities train/val/test %d/%d/%d, forget %d (%d images)",
+                 len(splits.train), len(splits.val), len(splits.test), len(splits.forget),
+                 len(images["forget"]))
+    data_audit = None
+    if ds.audit is not None:
+        roles = {r: images[r] for r in ("forget", "support", "retain", "val", "test")}
+        data_audit = {**ds.audit.summary(roles), "dedup": config.data.get("dedup", "none"),
+                      "merged_identities": ds.merged_identities}
+        for line in audit_lib.format_summary(data_audit, data_audit["dedup"]).splitlines():
+            logging.info("%s", line)
+    return Context(config, ds, splits, images, model_config(config, ds.num_classes), data_audit)
+
+
+def initial_params(ctx: Context):
+    """Where pretrain and retrain start: ``config.model.init`` (ImageNet weights, as the reference
+    does) or, when it is empty, a fresh initialisation from the seed (SynthFaces)."""
+    key = jax.random.key(ctx.config.seed)
+    if not ctx.config.model.get("init"):
+        return vit.init_params(ctx.model_cfg, key)
+    from oneshui_jax.models import pretrained
+
+    report: list[str] = []
+    params = pretrained.load_pretrained(os.path.expanduser(ctx.config.model.init),
+                                        ctx.model_cfg, rng=key, report=report)
+    for line in report:
+        logging.info("model.init: %s", line)
+    return params
+
+
+def stage_names(config) -> tuple[list[str], list[str]]:
+    """``(training stages, methods)`` of ``config.stages``, in order."""
+    stages = list(config.stages)
+    return ([s for s in stages if s in TRAINING_STAGES],
+            [s for s in stages if s in registry.METHODS])

@@ -1,0 +1,185 @@
+"""One skeleton for every stage of a study: pretrain, retrain and each unlearning method.
+
+``run_stage`` does, for any stage::
+
+    fingerprint -> reuse (equal fingerprint) | resume | start -> metadata ("training")
+        -> body -> evaluate (retain / forget / test / val) -> save artifacts and parameters
+        -> metadata ("done") -> clean up the resumable state
+
+and ``train_body`` (SPEC.md 4: pretrain fits all TRAIN identities, retrain the retain identities
+only) and ``method_body`` (a method of ``unlearn/registry.py``: ``prepare`` then ``unlearn`` on
+the study's request, each given what its ACCESS grants) are the two bodies.
+
+A stage's run directory ``<checkpoint_dir>/<dataset>/<model>/<stage>_<N>_<seed>/`` holds
+``params/``, ``metadata.json`` (config, splits, fingerprint, record, ...), ``metrics.jsonl``
+(training stages), ``artifacts/`` (a method's prepared artifacts, e.g. MetaUnlearn's meta-loss)
+and, while it runs, ``train_state/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from absl import logging
+
+from oneshui_jax import checkpoints
+from oneshui_jax import train as train_lib
+from oneshui_jax.data import pipeline
+from oneshui_jax.study import access, reuse, validate
+from oneshui_jax.study.context import TRAINING_STAGES, Context, evaluate_splits
+from oneshui_jax.unlearn import api, registry
+
+TRAINING_ACCESS = {"pretrain": "none", "retrain": "oracle"}  # the access column of these rows
+
+
+@dataclasses.dataclass
+class StageOutput:
+    """What a stage body returns: parameters, record and metadata fields, artifacts."""
+
+    params: Any
+    record: dict[str, Any]
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    artifacts: dict[str, Any] | None = None
+
+
+Body = Callable[[str, checkpoints.TrainCheckpointer], StageOutput]
+
+
+def _metadata(ctx: Context, stage: str, **extra) -> dict:
+    return {"config": ctx.config.to_dict(), "splits": ctx.splits.to_dict(), "stage": stage,
+            "model_config": dataclasses.asdict(ctx.model_cfg), "data_audit": ctx.data_audit,
+            **extra}
+
+
+def run_stage(ctx: Context, stage: str, *, settings_name: str, settings: dict[str, Any],
+              template: Any, parent_hash: str | None, body: Body, training: bool, access: str,
+              extra_metadata: dict[str, Any] | None = None) -> tuple[dict, Any]:
+    """Runs (or reuses, or resumes) one stage: ``(record, params)`` (module docstring)."""
+    rdir = ctx.run_dir(stage)
+    fp = reuse.fingerprint(ctx, stage, settings_name, settings, parent_hash, training)
+    decision = reuse.check(ctx, rdir, fp, settings_name, training)
+    if decision == reuse.REUSE:
+        logging.info("%s: reusing the finished checkpoint %s", stage, rdir)
+        record = dict(checkpoints.read_metadata(rdir)["record"], reused=True)
+        record.setdefault("access", access)  # checkpoints older than the access column
+        return record, checkpoints.load_params(rdir, template)
+    if decision == reuse.RESUME:
+        logging.info("%s: resuming the unfinished run in %s", stage, rdir)
+    os.makedirs(rdir, exist_ok=True)
+    metadata = _metadata(ctx, stage, fingerprint=fp, **(extra_metadata or {}))
+    checkpoints.write_metadata(rdir, metadata, status="training")
+    start = time.perf_counter()
+    with checkpoints.TrainCheckpointer(rdir) as checkpointer:
+        out = body(rdir, checkpointer)
+    config = ctx.config
+    record = {"method": stage, "dataset": config.dataset,
+              "num_identities": config.num_identities, "seed": config.seed,
+              "seconds": time.perf_counter() - start, **out.record}
+    record.update(evaluate_splits(ctx, out.params))
+    extra = dict(out.metadata)
+    if out.artifacts:
+        extra["artifacts_hash"] = checkpoints.save_tree(rdir, checkpoints.ARTIFACTS_DIR,
+                                                        out.artifacts)
+    checkpoints.save_params(rdir, out.params, {**metadata, **extra, "record": record},
+                            overwrite=True)
+    shutil.rmtree(os.path.join(rdir, checkpoints.TRAIN_STATE_DIR), ignore_errors=True)
+    return record, out.params
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretrain and retrain
+
+
+def train_stage(ctx: Context, stage: str, init_params) -> tuple[dict, Any]:
+    """Pretrain or retrain (SPEC.md 4) from ``init_params``: ``(record, params)``."""
+    config, ds = ctx.config, ctx.dataset
+    tcfg = validate.train_config(config, ds.task)
+    train_idx = ctx.images[TRAINING_STAGES[stage]]
+
+    def body(rdir: str, checkpointer) -> StageOutput:
+        steps = pipeline.steps_per_epoch(len(train_idx), tcfg.batch_size)
+        pcfg = ctx.pipeline_config(tcfg.batch_size, crop_scale=tuple(config.data.crop_scale))
+        batches = pipeline.to_iterator(
+            pipeline.train_dataset(ds.source, train_idx, pcfg, tcfg.epochs), pcfg)
+        eval_step = train_lib.make_eval_step(ctx.model_cfg, ds.task, tcfg.compute_dtype,
+                                             tcfg.attention)
+        val_cfg = ctx.pipeline_config(config.data.eval_batch_size)
+
+        def validate_fn(params):
+            return train_lib.evaluate(
+                eval_step, params, pipeline.eval_batches(ds.source, ctx.images["val"], val_cfg),
+                ds.task)
+
+        logging.info("%s: %d images of %d identities, %d steps/epoch -> %s", stage,
+                     len(train_idx), len(getattr(ctx.splits, TRAINING_STAGES[stage])), steps,
+                     rdir)
+        result = train_lib.fit(ctx.model_cfg, tcfg, init_params, batches, steps, validate_fn,
+                               desc=stage, progress=config.progress, checkpointer=checkpointer,
+                               metrics_log=os.path.join(rdir, "metrics.jsonl"))
+        return StageOutput(result.params, {"access": TRAINING_ACCESS[stage],
+                                           "best_epoch": result.best_epoch,
+                                           "seconds": result.seconds,
+                                           "history": result.history})
+
+    return run_stage(ctx, stage, settings_name="train", settings=config.train.to_dict(),
+                     template=init_params, parent_hash=checkpoints.params_hash(init_params),
+                     body=body, training=True, access=TRAINING_ACCESS[stage])
+
+
+# ---------------------------------------------------------------------------------------------
+# Unlearning methods
+
+
+def _timed_unlearn(module, model, params, artifacts, request, cfg, rng, data):
+    """``module.unlearn`` once; servable methods run twice so compile and compute are apart."""
+    compile_seconds = 0.0
+    if module.ACCESS in api.SERVABLE:  # the paper's one-shot cost: time it after compilation
+        start = time.perf_counter()
+        jax.block_until_ready(module.unlearn(model, params, artifacts, request, cfg, rng,
+                                             data=data)[0])
+        compile_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    new, info = module.unlearn(model, params, artifacts, request, cfg, rng, data=data)
+    new = jax.block_until_ready(new)
+    return new, {**info, "seconds": time.perf_counter() - start,
+                 "first_call_seconds": compile_seconds}
+
+
+def method_stage(ctx: Context, name: str, base_params, base_dir: str) -> tuple[dict, Any]:
+    """Method ``name`` on the pretrained model (``base_dir``): ``(record, params)``.
+
+    ``prepare`` gets ``access.prepare_data`` (nothing for ``support`` methods), ``unlearn`` the
+    study's request and, for ``full`` methods only, ``access.full_data``.
+    """
+    module = registry.method(name)
+    cfg = ctx.method_config(name)
+    model = ctx.model
+    rng = jax.random.key(ctx.config.seed)
+    base_hash = checkpoints.read_metadata(base_dir).get("params_hash")
+
+    def body(rdir: str, checkpointer) -> StageOutput:
+        artifacts, prepared = {}, {}
+        if hasattr(module, "prepare"):
+            start = time.perf_counter()
+            data = access.prepare_data(ctx, module.ACCESS, checkpointer)
+            artifacts, prepared = module.prepare(model, base_params, data, cfg, rng)
+            prepared = {**prepared, "seconds": time.perf_counter() - start}
+        params, unlearned = _timed_unlearn(module, model, base_params, artifacts,
+                                           access.study_request(ctx), cfg, rng,
+                                           access.unlearn_data(ctx, module.ACCESS))
+        record = {"access": module.ACCESS, "prepare": prepared, "unlearn": unlearned}
+        metadata = {"method": name, "access": module.ACCESS,
+                    "method_config": api.config_record(cfg)}
+        return StageOutput(params, record, metadata, artifacts)
+
+    extra = {"base_run_dir": os.path.abspath(base_dir), "base_params_hash": base_hash,
+             "method": name, "access": module.ACCESS}
+    return run_stage(ctx, name, settings_name=name, settings=api.config_record(cfg),
+                     template=base_params, parent_hash=base_hash, body=body, training=False,
+                     access=module.ACCESS, extra_metadata=extra)

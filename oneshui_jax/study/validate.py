@@ -1,0 +1,61 @@
+"""Every setting of a study checked before any data is read or any stage runs.
+
+``validate_config`` rejects unknown stages, the training settings, the model and every method's
+``Config`` (``unlearn/api.make_config``), so ``--config.meta_unlearn.loss_type=bogus`` fails in
+the first second with one line naming the setting, not after pretraining and retraining.
+"""
+
+from __future__ import annotations
+
+from oneshui_jax import hparams
+from oneshui_jax import train as train_lib
+from oneshui_jax.data import catalog
+from oneshui_jax.errors import ConfigError
+from oneshui_jax.models import vit
+from oneshui_jax.unlearn import api, registry
+
+TRAINING_STAGES = ("pretrain", "retrain")
+
+
+def train_config(config, task: str) -> train_lib.TrainConfig:
+    """Pretrain / retrain settings from ``config.train`` (validated by ``TrainConfig``)."""
+    t = config.train
+    return train_lib.TrainConfig(task=task, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
+                                 weight_decay=t.weight_decay, momentum=t.momentum,
+                                 warmup_epochs=t.warmup_epochs, compute_dtype=t.compute_dtype,
+                                 optimizer=t.optimizer, attention=t.attention)
+
+
+def method_config(config, name: str, task: str):
+    """Method ``name``'s ``Config`` from the block ``config.<name>`` (defaults if absent)."""
+    module = registry.method(name)
+    block = config.get(name)
+    return api.make_config(name, module, block, task=task)
+
+
+def validate_config(config) -> None:
+    """One ConfigError for the first thing that would fail later; nothing is read or written."""
+    unknown = [s for s in config.stages if s not in TRAINING_STAGES and s not in registry.METHODS]
+    planned = [s for s in unknown if s in hparams.METHODS]
+    if planned:
+        raise ConfigError(f"config.stages: {planned} carry the reference's hyper-parameters "
+                          f"(config.{planned[0]}) but are not implemented yet; available "
+                          f"methods: {sorted(registry.METHODS)}")
+    if unknown:
+        raise ConfigError(f"config.stages has unknown stages {unknown}; available: "
+                          f"{list(TRAINING_STAGES) + sorted(registry.METHODS)}")
+    if len(set(config.stages)) != len(config.stages):
+        raise ConfigError(f"config.stages lists a stage twice: {tuple(config.stages)}")
+    task = catalog.spec(config.dataset).task
+    if config.num_identities < 1:
+        raise ConfigError(f"config.num_identities must be >= 1, got {config.num_identities}")
+    if config.train.epochs < 1 or config.train.batch_size < 1:
+        raise ConfigError("config.train.epochs and config.train.batch_size must be >= 1")
+    try:
+        vit.ViTConfig.preset(config.model.name, image_size=config.data.image_size)
+    except ValueError as e:
+        raise ConfigError(f"config.model: {e}") from None
+    train_config(config, task)  # validates optimizer, dtype and attention
+    for name in config.stages:
+        if name in registry.METHODS:
+            method_config(config, name, task)

@@ -1,0 +1,315 @@
+"""The method API (``unlearn/api.py``) and its data-access contract, enforced by the study.
+
+A small SynthFaces study (pretrain, one epoch) is built once; methods run on it through the
+study's own stage code (``study.method_stage``), with throwaway methods that try to read what
+they may not.
+"""
+
+import dataclasses
+import os
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from oneshui_jax import checkpoints, losses, study
+from oneshui_jax.errors import ConfigError
+from oneshui_jax.models import vit
+from oneshui_jax.study import access, stages
+from oneshui_jax.unlearn import api, registry, support_ascent
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "configs"))
+import synthfaces as synthfaces_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A context on SynthFaces small (N=5) and its pretrained model (one epoch)."""
+    root = str(tmp_path_factory.mktemp("api"))
+    config = synthfaces_config.get_config("N=5,size=small")
+    config.data.tfds_dir = os.path.join(root, "tfds")
+    config.workdir = os.path.join(root, "work")
+    config.checkpoint_dir = os.path.join(root, "ckpt")
+    config.stages = ("pretrain",)
+    config.train.epochs = 1
+    config.data.num_threads = 0
+    config.progress = False
+    config.support_ascent.num_requests = 2
+    ctx = study.prepare(config)
+    _, params = study.train_stage(ctx, "pretrain", study.initial_params(ctx))
+    return types.SimpleNamespace(config=config, ctx=ctx, params=params,
+                                 base_dir=ctx.run_dir("pretrain"))
+
+
+class Recording:
+    """A dataset source that logs every index read."""
+
+    def __init__(self, source):
+        self.source, self.read = source, []
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        self.read.append(int(index))
+        return self.source[index]
+
+
+def fresh_context(base, tmp_path, source=None):
+    """``base.ctx`` with its own checkpoint folder (the pretrained run copied) and source."""
+    ctx = dataclasses.replace(base.ctx, config=base.config.copy_and_resolve_references())
+    ctx.config.checkpoint_dir = str(tmp_path / "ckpt")
+    if source is not None:
+        ctx.dataset = dataclasses.replace(ctx.dataset, source=source)
+    return ctx
+
+
+def _no_evaluation(monkeypatch):
+    """Evaluation reads every split by design; these tests watch the method alone."""
+    fake = {s: {"metric": 50.0, "loss": 1.0} for s in ("retain", "forget", "test", "val")}
+    monkeypatch.setattr(stages, "evaluate_splits", lambda ctx, params: fake)
+
+
+def forget_only(ctx):
+    """Images of the forget identities other than their support images."""
+    return set(ctx.images["forget"].tolist())
+
+
+def test_guarded_source_refuses_what_was_not_granted():
+    source = [{"image": np.zeros(1), "i": i} for i in range(5)]
+    guarded = api.GuardedSource(source, np.array([1, 3]), "images 1 and 3")
+    assert guarded[3]["i"] == 3 and len(guarded) == 5 and guarded.allows(1)
+    for index in (0, 2, 4, 7, -1):
+        with pytest.raises(api.AccessError, match="images 1 and 3"):
+            guarded[index]
+
+
+def test_train_data_holds_train_and_val_only(base):
+    ctx = base.ctx
+    data = access.train_data(ctx)
+    allowed = {i for i in range(len(data.source)) if data.source.allows(i)}
+    assert allowed == set(ctx.images["train"].tolist()) | set(ctx.images["val"].tolist())
+    assert not allowed & set(ctx.images["test"].tolist())
+    assert not allowed & set(ctx.splits.support)  # held out of training, as in pretraining
+    assert not set(data.holdout_identities) & set(ctx.splits.forget)
+    assert set(data.holdout_identities) | set(ctx.splits.forget) == set(ctx.splits.train)
+    assert set(data.identity_images) == set(ctx.splits.train)
+    assert set(np.unique(data.image_identities)) <= set(ctx.splits.train) | {-1}
+    request = access.study_request(ctx)
+    assert request.identities == tuple(int(ctx.dataset.annotations.identities[i])
+                                       for i in ctx.splits.support)
+    assert request.images.shape[0] == len(ctx.splits.support) == 5
+
+
+def spy_module(access_level, log):
+    """A throwaway method that records what it receives and tries to read a test image."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        task: str = dataclasses.field(default="multilabel", metadata={"bound": "task"})
+        scale: float = 1.0
+
+    def prepare(model, params, data, cfg, rng):
+        log["prepare_data"] = data
+        if data is not None:
+            test_image = int(log["test_image"])
+            try:
+                data.source[test_image]
+            except api.AccessError as e:
+                log["refused"] = str(e)
+        return {"w": jnp.ones(2)}, {"prepared": True}
+
+    def unlearn(model, params, artifacts, request, cfg, rng, data=None):
+        log.update(unlearn_data=data, request=request, artifacts=artifacts)
+        return jax.tree.map(lambda p: p * cfg.scale, params), {"touched": 0}
+
+    return types.SimpleNamespace(__name__="spy", ACCESS=access_level, Config=Config,
+                                 prepare=prepare, unlearn=unlearn)
+
+
+@pytest.mark.parametrize("level", [api.SUPPORT, api.STATS, api.FULL])
+def test_each_call_receives_what_its_access_grants(base, tmp_path, monkeypatch, level):
+    log = {"test_image": base.ctx.images["test"][0]}
+    monkeypatch.setitem(registry.METHODS, "spy", spy_module(level, log))
+    _no_evaluation(monkeypatch)
+    ctx = fresh_context(base, tmp_path)
+    record, params = study.method_stage(ctx, "spy", base.params, base.base_dir)
+    assert record["access"] == level and record["prepare"]["prepared"]
+    request = log["request"]
+    assert request.images.shape[0] == len(ctx.splits.support)
+    np.testing.assert_array_equal(np.asarray(log["artifacts"]["w"]), np.ones(2))
+    if level == api.SUPPORT:
+        assert log["prepare_data"] is None and log["unlearn_data"] is None
+    else:
+        assert isinstance(log["prepare_data"], api.TrainData)
+        assert "TRAIN images" in log["refused"]  # the test split cannot be read
+    if level == api.FULL:
+        data = log["unlearn_data"]
+        assert isinstance(data, api.FullData)
+        np.testing.assert_array_equal(data.forget_images, ctx.images["forget"])
+        with pytest.raises(api.AccessError):
+            data.source[int(ctx.images["test"][0])]
+    else:
+        assert log["unlearn_data"] is None
+    metadata = checkpoints.read_metadata(ctx.run_dir("spy"))
+    assert metadata["access"] == level and metadata["method_config"]["scale"] == 1.0
+    assert checkpoints.load_tree(ctx.run_dir("spy"), checkpoints.ARTIFACTS_DIR)["w"].shape == (2,)
+
+
+def test_support_ascent_never_reads_forget_or_test_images(base, tmp_path, monkeypatch):
+    """Selection uses held-out identities only; the request-time step reads the portraits."""
+    _no_evaluation(monkeypatch)
+    recording = Recording(base.ctx.dataset.source)
+    ctx = fresh_context(base, tmp_path, recording)
+    record, _ = study.method_stage(ctx, "support_ascent", base.params, base.base_dir)
+    read = set(recording.read)
+    assert read, "the selection read no image"
+    assert not read & forget_only(ctx)
+    assert not read & set(ctx.images["test"].tolist())
+    not_portraits = sorted(read - set(ctx.splits.support))
+    identities = set(ctx.dataset.annotations.identities[not_portraits].tolist())
+    assert not identities & set(ctx.splits.forget)
+    assert record["prepare"]["selection_requests"] == 2
+    assert record["prepare"]["alpha"] in ctx.config.support_ascent.alphas
+
+
+def test_unlearned_model_ignores_the_forget_images(base, tmp_path, monkeypatch):
+    """Changing every forget image but the portraits changes nothing a stats method returns."""
+    _no_evaluation(monkeypatch)
+    forget = forget_only(base.ctx)
+
+    class Scrambled(Recording):
+        def __getitem__(self, index):
+            record = self.source[index]
+            if int(index) in forget:
+                return {**record, "image": 255 - np.asarray(record["image"])}
+            return record
+
+    hashes = []
+    for k, source in enumerate((base.ctx.dataset.source, Scrambled(base.ctx.dataset.source))):
+        ctx = fresh_context(base, tmp_path / str(k), source)
+        _, params = study.method_stage(ctx, "support_ascent", base.params, base.base_dir)
+        hashes.append(checkpoints.params_hash(params))
+    assert hashes[0] == hashes[1]
+
+
+def test_meta_unlearn_prepare_never_reads_test_or_support_images(base, tmp_path, monkeypatch):
+    _no_evaluation(monkeypatch)
+    recording = Recording(base.ctx.dataset.source)
+    ctx = fresh_context(base, tmp_path, recording)
+    ctx.config.meta_unlearn.epochs = 1
+    ctx.config.meta_unlearn.num_identities_simulation = 40
+    ctx.config.meta_unlearn.hidden_size = 16
+    record, params = study.method_stage(ctx, "meta_unlearn", base.params, base.base_dir)
+    read = set(recording.read)
+    assert not read & set(ctx.images["test"].tolist())
+    # the study reads the support images once to build the request; prepare never does
+    support_reads = [i for i in recording.read if i in set(ctx.splits.support)]
+    assert sorted(support_reads) == sorted(ctx.splits.support)
+    assert checkpoints.params_hash(params) != checkpoints.params_hash(base.params)
+    artifacts = checkpoints.load_tree(ctx.run_dir("meta_unlearn"), checkpoints.ARTIFACTS_DIR)
+    assert np.asarray(artifacts["train_identities"]).tolist() == ctx.splits.train
+    assert record["prepare"]["meta_history"][0]["requests"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# support_ascent's step
+
+
+def _tiny_model():
+    cfg = vit.ViTConfig(image_size=16, patch_size=8, width=16, depth=1, num_heads=2,
+                        num_classes=3)
+    model = api.Model(cfg, "multilabel")
+    params = vit.init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    request = api.Request(jnp.asarray(rng.uniform(-1, 1, (2, 16, 16, 3)), jnp.float32),
+                          jnp.asarray([[1, 0, 1], [0, 1, 1]], jnp.uint8), (4, 7))
+    return model, params, request
+
+
+def test_support_ascent_is_one_ascent_step_on_the_portraits():
+    model, params, request = _tiny_model()
+    cfg = support_ascent.Config()
+
+    def task_loss(p):  # written out here, not through the method
+        logits = vit.apply(model.vit, p, request.images)[0]
+        y = request.labels.astype(jnp.float32)
+        return jnp.mean(jnp.maximum(logits, 0) - logits * y + jnp.log1p(jnp.exp(-abs(logits))))
+
+    grads = jax.grad(task_loss)(params)
+    new, info = support_ascent.unlearn(model, params, {"alpha": np.float32(0.05)}, request,
+                                       cfg, None)
+    jax.tree.map(lambda n, p, g: np.testing.assert_allclose(n, p + 0.05 * g, atol=1e-6), new,
+                 params, grads)
+    assert info["alpha"] == pytest.approx(0.05) and task_loss(new) > task_loss(params)
+    same, _ = support_ascent.unlearn(model, params, {"alpha": np.float32(0.0)}, request, cfg,
+                                     None)
+    assert checkpoints.params_hash(same) == checkpoints.params_hash(params)
+
+
+def test_selection_losses_are_the_outer_objective_after_each_step():
+    model, params, request = _tiny_model()
+    cfg = support_ascent.Config(compute_dtype="float32")
+    rng = np.random.default_rng(1)
+    support = {"image": request.images, "label": request.labels, "mask": jnp.ones(2, bool)}
+
+    def batches():
+        return {"image": jnp.asarray(rng.uniform(-1, 1, (2, 4, 16, 16, 3)), jnp.float32),
+                "label": jnp.asarray(rng.integers(0, 2, (2, 4, 3)), jnp.uint8),
+                "mask": jnp.asarray([[True] * 4, [True, True, False, False]])}
+
+    forget, val = batches(), batches()
+    alphas = jnp.asarray([0.0, 0.5])
+    got = support_ascent.selection_losses(model.vit, cfg, params, support, forget, val, alphas)
+    grads = support_ascent.support_gradient(model.vit, "multilabel", params, support)
+    for a, value in zip([0.0, 0.5], np.asarray(got), strict=True):
+        theta_u = jax.tree.map(lambda p, g, a=a: p + a * g, params, grads)
+        total = 0.0
+        for k, weight in enumerate((4 / 6, 2 / 6)):
+            run = lambda p, b, k=k: vit.apply(model.vit, p, b["image"][k])[0]
+            total += weight * float(losses.forget_objective(
+                "multilabel", "full", "smooth_l1", True, u_f=run(theta_u, forget),
+                y_f=forget["label"][k], m_f=forget["mask"][k], u_v=run(theta_u, val),
+                o_v=run(params, val), y_v=val["label"][k], m_v=val["mask"][k]))
+        assert value == pytest.approx(total, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs derived from the method's Config
+
+
+def test_config_blocks_are_derived_and_validated():
+    block = api.default_block(support_ascent)
+    assert set(block) == {f.name for f in api.settings(support_ascent.Config)}
+    assert "task" not in block
+    cfg = api.make_config("support_ascent", support_ascent, block, task="classification")
+    assert cfg.task == "classification" and cfg.alphas == support_ascent.Config().alphas
+    with pytest.raises(ConfigError, match=r"'num_request' \(did you mean 'num_requests'\?\)"):
+        api.make_config("support_ascent", support_ascent, {"num_request": 3}, task="multilabel")
+    with pytest.raises(ConfigError, match="config.support_ascent.num_requests must be an integer"):
+        api.make_config("support_ascent", support_ascent, {"num_requests": "3"},
+                        task="multilabel")
+    with pytest.raises(ConfigError, match="config.support_ascent.loss_type"):
+        api.make_config("support_ascent", support_ascent, {"loss_type": "scrub"},
+                        task="multilabel")
+    from oneshui_jax.unlearn import meta_unlearn
+
+    block, h = api.reference_block(meta_unlearn, "meta_unlearn", "mufac", 5)
+    assert (block.epochs, block.lr, block.meta_lr, block.dropout) == (10, 1e-2, 1e-3, 0.5)
+    assert h.tuned
+    record = api.config_record(api.make_config("meta_unlearn", meta_unlearn, block,
+                                               task="classification"))
+    again = api.config_from_record("meta_unlearn", meta_unlearn, record)
+    assert again.task == "classification" and again.lr == 1e-2
+
+
+def test_registry_modules_declare_the_interface():
+    for name, module in registry.METHODS.items():
+        api.check_method(name, module)
+    broken = types.SimpleNamespace(__name__="broken", ACCESS="everything", unlearn=None)
+    with pytest.raises(TypeError, match="ACCESS must be one of"):
+        api.check_method("broken", broken)
