@@ -246,6 +246,13 @@ def _metadata_leaf(tree: Mapping[str, Any], path: list[str | int]) -> Any:
     return node
 
 
+def _records_key_paths(path: str) -> bool:
+    """True if the orbax folder ``path`` records its leaves' key paths (nested dicts)."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        step = _orbax(lambda: checkpointer.metadata(path), path, "read the metadata of")
+    return (step.custom_metadata or {}).get(KEY_PATHS) is not None
+
+
 def _stored_leaves(path: str) -> list[tuple[list[str | int], Any]]:
     """``(key path, orbax array metadata)`` of every leaf of a ``params/`` folder, saved order."""
     with ocp.StandardCheckpointer() as checkpointer:
@@ -439,15 +446,16 @@ def load_params(run_dir: str, template: Params = None, *, verify: bool = True) -
 def _restore_tree(path: str, template: Params, what: str) -> Params:
     """Restores the orbax folder ``path``: shaped like ``template``, or, without one, rebuilt
     from the key paths recorded at save time (int keys stay ints)."""
-    stored = _stored_leaves(path)
     if template is None:
         sharding = _default_sharding()
         target = _nested([(key_path, jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype,
                                                           sharding=sharding))
-                          for key_path, meta in stored])
+                          for key_path, meta in _stored_leaves(path)])
     else:
-        _check_template(path, {leaf_name(key_path): meta.shape for key_path, meta in stored},
-                        template)
+        if _records_key_paths(path):  # otherwise orbax itself checks the structure
+            stored = _stored_leaves(path)
+            _check_template(path, {leaf_name(key_path): meta.shape for key_path, meta in stored},
+                            template)
         target = _abstract(template)
 
     def restore() -> Params:
@@ -460,16 +468,20 @@ def _restore_tree(path: str, template: Params, what: str) -> Params:
 def save_tree(run_dir: str, name: str, tree: Params) -> str:
     """Saves another array tree of a run (e.g. a method's artifacts) to ``run_dir/name``.
 
-    A nested dict of arrays, its key paths recorded like ``save_params``' so ``load_tree`` needs
-    no template. Committed atomically by orbax; returns its content hash (record it in the
+    Any pytree of arrays (optax states included). For a nested dict of arrays the key paths are
+    recorded, as ``save_params`` does, so ``load_tree`` needs no template; other trees are
+    loaded with one. Committed atomically by orbax; returns its content hash (record it in the
     metadata).
     """
     path = os.path.join(os.path.abspath(run_dir), name)
-    key_paths = list(_dict_key_paths(tree))
+    try:
+        custom = {KEY_PATHS: list(_dict_key_paths(tree))}
+    except TypeError:  # not a nested dict of arrays: restored with a template
+        custom = {}
 
     def save() -> None:
         with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(path, tree, force=True, custom_metadata={KEY_PATHS: key_paths})
+            checkpointer.save(path, tree, force=True, custom_metadata=custom)
             checkpointer.wait_until_finished()
 
     _orbax(save, path, f"save {name} to", reading=False)
