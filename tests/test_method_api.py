@@ -39,6 +39,7 @@ def base(tmp_path_factory):
     config.data.num_threads = 0
     config.progress = False
     config.support_ascent.num_requests = 2
+    config.support_ascent.batch_size = 256  # one outer batch per request: one compilation
     ctx = study.prepare(config)
     _, params = study.train_stage(ctx, "pretrain", study.initial_params(ctx))
     return types.SimpleNamespace(config=config, ctx=ctx, params=params,
@@ -204,6 +205,7 @@ def test_meta_unlearn_prepare_never_reads_test_or_support_images(base, tmp_path,
     ctx.config.meta_unlearn.epochs = 1
     ctx.config.meta_unlearn.num_identities_simulation = 40
     ctx.config.meta_unlearn.hidden_size = 16
+    ctx.config.meta_unlearn.batch_size = 512
     record, params = study.method_stage(ctx, "meta_unlearn", base.params, base.base_dir)
     read = set(recording.read)
     assert not read & set(ctx.images["test"].tolist())
@@ -240,7 +242,8 @@ def test_support_ascent_is_one_ascent_step_on_the_portraits():
         y = request.labels.astype(jnp.float32)
         return jnp.mean(jnp.maximum(logits, 0) - logits * y + jnp.log1p(jnp.exp(-abs(logits))))
 
-    grads = jax.grad(task_loss)(params)
+    task_loss = jax.jit(task_loss)
+    grads = jax.jit(jax.grad(task_loss))(params)
     new, info = support_ascent.unlearn(model, params, {"alpha": np.float32(0.05)}, request,
                                        cfg, None)
     jax.tree.map(lambda n, p, g: np.testing.assert_allclose(n, p + 0.05 * g, atol=1e-6), new,
@@ -264,7 +267,8 @@ def test_selection_losses_are_the_outer_objective_after_each_step():
 
     forget, val = batches(), batches()
     alphas = jnp.asarray([0.0, 0.5])
-    got = support_ascent.selection_losses(model.vit, cfg, params, support, forget, val, alphas)
+    got = jax.jit(support_ascent.selection_losses, static_argnums=(0, 1))(
+        model.vit, cfg, params, support, forget, val, alphas)
     grads = support_ascent.support_gradient(model.vit, "multilabel", params, support)
     for a, value in zip([0.0, 0.5], np.asarray(got), strict=True):
         theta_u = jax.tree.map(lambda p, g, a=a: p + a * g, params, grads)

@@ -302,6 +302,7 @@ def test_the_study_runs_on_real_mufac_faces_and_records_the_audit(shared_data, t
     config.data.num_threads = 0
     config.train.epochs = 1
     config.meta_unlearn.epochs = 1
+    config.meta_unlearn.batch_size = 256  # one outer batch per request: one compilation
     config.progress = False
     records = study.run(config)
     assert [r["method"] for r in records] == ["pretrain", "retrain", "meta_unlearn"]

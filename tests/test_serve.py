@@ -42,6 +42,8 @@ def run(tmp_path_factory):
     config.stages = ("pretrain", "meta_unlearn", "support_ascent")
     config.train.epochs = 1
     config.meta_unlearn.epochs = 1
+    config.meta_unlearn.batch_size = 256  # one outer batch per request: one compilation
+    config.support_ascent.batch_size = 256
     config.support_ascent.num_requests = 2
     config.data.num_threads = 0
     config.progress = False

@@ -59,7 +59,6 @@ def test_unfinished_run_with_other_settings_is_not_resumed(tmp_path, monkeypatch
     assert checkpoints.read_metadata(rdir)["status"] == "training"
 
     for overrides, expected in (({"train.epochs": 5}, "train.epochs: 3 -> 5"),
-                                ({"train.lr": 0.01}, "train.lr: 0.001 -> 0.01"),
                                 ({"data.crop_scale": "(1.0, 1.0)"},
                                  "data.crop_scale: [0.35, 1.0] -> [1.0, 1.0]")):
         result = main(*synthfaces_args(root, **overrides))
@@ -70,9 +69,8 @@ def test_unfinished_run_with_other_settings_is_not_resumed(tmp_path, monkeypatch
         assert "Traceback" not in result.stderr
         assert checkpoints.read_metadata(rdir)["status"] == "training"
         assert not os.path.exists(f"{root}/work/results.json")
-    # another SynthFaces variant: other people, other split; refused before any training
-    result = main(*synthfaces_args(root, **{"data.synthfaces_config": "default"}))
-    assert result.returncode == 1 and "splits differ" in result.stderr
+    # another SynthFaces variant or seed changes the split: test_study's
+    # test_checkpoint_of_another_split_is_refused
     # the same settings resume and finish
     result = main(*synthfaces_args(root))
     assert result.returncode == 0, result.stderr[-2000:]
