@@ -227,8 +227,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(arrays["params"]))
 
 
-def test_killed_cli_run_resumes(tfds_dir, tmp_path):
-    """SIGKILL a training run after its first checkpoint; the rerun resumes and finishes."""
+def test_killed_cli_run_resumes_only_with_the_same_settings(tfds_dir, tmp_path):
+    """SIGKILL a training run after its first checkpoint. Restarted with other settings it is
+    refused with the differences (never resumed, nothing reported); with the same settings it
+    resumes and finishes."""
     config_args = ["--config=configs/synthfaces.py:N=5,size=small",
                    f"--config.data.tfds_dir={tfds_dir}", f"--config.workdir={tmp_path}/work",
                    f"--config.checkpoint_dir={tmp_path}/ckpt", "--config.train.epochs=4",
@@ -253,6 +255,18 @@ def test_killed_cli_run_resumes(tfds_dir, tmp_path):
     proc.wait()
     epochs_before = len(open(log).read().splitlines())
     assert epochs_before < 4, "the run finished before it could be killed"
+    for override, expected in (("--config.train.epochs=5", "train.epochs: 4 -> 5"),
+                               ("--config.data.crop_scale=(1.0, 1.0)",
+                                "data.crop_scale: [0.35, 1.0] -> [1.0, 1.0]")):
+        refused = subprocess.run([*cmd, override], cwd=REPO, capture_output=True, text=True)
+        assert refused.returncode == 1, refused.stderr[-2000:]
+        error = refused.stderr.strip().splitlines()[-1]
+        assert error.startswith("error: ") and expected in error, error
+        assert "not resumed" in error and f"rm -r {rdir}" in error
+        assert "Traceback" not in refused.stderr
+        assert checkpoints.read_metadata(rdir)["status"] == "training"
+        assert len(open(log).read().splitlines()) == epochs_before  # nothing trained
+        assert not os.path.exists(f"{tmp_path}/work/results.json")  # nothing reported
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming after epoch" in done.stderr
