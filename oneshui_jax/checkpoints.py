@@ -246,19 +246,19 @@ def _metadata_leaf(tree: Mapping[str, Any], path: list[str | int]) -> Any:
     return node
 
 
-def _records_key_paths(path: str) -> bool:
-    """True if the orbax folder ``path`` records its leaves' key paths (nested dicts)."""
-    with ocp.StandardCheckpointer() as checkpointer:
-        step = _orbax(lambda: checkpointer.metadata(path), path, "read the metadata of")
-    return (step.custom_metadata or {}).get(KEY_PATHS) is not None
+def _stored_leaves(path: str, required: bool = True
+                   ) -> list[tuple[list[str | int], Any]] | None:
+    """``(key path, orbax array metadata)`` of every leaf of a ``params/`` folder, saved order.
 
-
-def _stored_leaves(path: str) -> list[tuple[list[str | int], Any]]:
-    """``(key path, orbax array metadata)`` of every leaf of a ``params/`` folder, saved order."""
+    A folder saved without key paths (``save_tree`` of a tree that is not a nested dict) gives
+    None when not ``required``.
+    """
     with ocp.StandardCheckpointer() as checkpointer:
         step = _orbax(lambda: checkpointer.metadata(path), path, "read the metadata of")
     key_paths = (step.custom_metadata or {}).get(KEY_PATHS)
     tree = getattr(step.item_metadata, "tree", None)
+    if key_paths is None and not required:
+        return None
     if key_paths is None or not isinstance(tree, Mapping):
         raise CheckpointError(f"{path} is corrupt or was not written by oneshui_jax.checkpoints:"
                               " its orbax metadata (_CHECKPOINT_METADATA, _METADATA) is missing, "
@@ -446,14 +446,14 @@ def load_params(run_dir: str, template: Params = None, *, verify: bool = True) -
 def _restore_tree(path: str, template: Params, what: str) -> Params:
     """Restores the orbax folder ``path``: shaped like ``template``, or, without one, rebuilt
     from the key paths recorded at save time (int keys stay ints)."""
+    stored = _stored_leaves(path, required=template is None)
     if template is None:
         sharding = _default_sharding()
         target = _nested([(key_path, jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype,
                                                           sharding=sharding))
-                          for key_path, meta in _stored_leaves(path)])
+                          for key_path, meta in stored])
     else:
-        if _records_key_paths(path):  # otherwise orbax itself checks the structure
-            stored = _stored_leaves(path)
+        if stored is not None:  # otherwise orbax itself checks the structure
             _check_template(path, {leaf_name(key_path): meta.shape for key_path, meta in stored},
                             template)
         target = _abstract(template)

@@ -75,7 +75,7 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
     ``pgu``) for a baseline. Logs a warning for a pair the reference never tuned; the notes of
     where every method's values come from are ``config.hparams_note``.
     """
-    pretrain = hparams.reference("pretrain", dataset, num_identities)  # validates all three
+    pretrain = hparams.reference("pretrain", dataset, num_identities)  # validates dataset, N
     method_h = (hparams.reference(method, dataset, num_identities)
                 if method in hparams.METHODS else None)
 

@@ -151,15 +151,15 @@ def load(dataset: str, data_cfg, progress: bool = False) -> Dataset:
     tfds_dir = os.path.expanduser(data_cfg.tfds_dir)
     if dataset == "synthfaces":
         from oneshui_jax.data import synthfaces
-        from oneshui_jax.data.tfds_builders.synthfaces import build_synthfaces, synthfaces_builder
+        from oneshui_jax.data.tfds_builders.synthfaces import SynthFaces, build_synthfaces
 
         source = build_synthfaces(tfds_dir, data_cfg.synthfaces_config)
         ann = read_identities("synthfaces", synthfaces_config=data_cfg.synthfaces_config)
         _check_records(dataset, source, ann)
-        build = synthfaces_builder(tfds_dir, data_cfg.synthfaces_config)
-        generator = json.dumps({"builder": f"{build.name}/{build.version}",
-                                **dataclasses.asdict(build.builder_config.synth)},
-                               sort_keys=True)
+        generator = json.dumps(
+            {"builder": f"{SynthFaces.name}/{SynthFaces.VERSION}",
+             **dataclasses.asdict(synthfaces.named_config(data_cfg.synthfaces_config))},
+            sort_keys=True)
         return Dataset(dataset, catalog.spec(dataset).task, tuple(synthfaces.ATTRIBUTE_NAMES),
                        source, ann, fingerprint=_fingerprint(generator, ann))
     if dataset in catalog.names(real=True):

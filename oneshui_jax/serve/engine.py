@@ -344,11 +344,6 @@ class Engine:
             timings["predict_s"] = time.perf_counter() - start
         return Prepared(api.Request(images, jnp.asarray(labels), ids), predicted, timings)
 
-    def _call(self, params: Params, request: api.Request) -> tuple[Params, dict[str, Any]]:
-        new, info = self.module.unlearn(self.model, params, self.artifacts, request, self.cfg,
-                                        jax.random.key(self.seed))
-        return jax.block_until_ready(new), info
-
     def unlearn(self, prepared: Prepared, params: Params = None
                 ) -> tuple[Params, dict[str, Any]]:
         """The method's ``unlearn`` on the request: ``(new params, timings)``.
@@ -360,16 +355,11 @@ class Engine:
         theta = self.params if params is None else params
         request = prepared.request
         key = self._key(f"unlearn:{self.method}", (request.images, request.labels))
-        compile_s = 0.0
-        if key not in self._compiled:
-            start = time.perf_counter()
-            self._call(theta, request)
-            compile_s = time.perf_counter() - start
-            self._compiled[key] = True
-        start = time.perf_counter()
-        new, info = self._call(theta, request)
-        return new, {"compile_s": compile_s, "compute_s": time.perf_counter() - start,
-                     "method_info": info}
+        new, info, compile_s, compute_s = api.timed_unlearn(
+            self.module, self.model, theta, self.artifacts, request, self.cfg,
+            jax.random.key(self.seed), warm_up=key not in self._compiled)
+        self._compiled[key] = True
+        return new, {"compile_s": compile_s, "compute_s": compute_s, "method_info": info}
 
     def forget(self, portraits: Sequence[np.ndarray],
                identities: int | Sequence[int | None] | None,

@@ -21,15 +21,9 @@ from __future__ import annotations
 import time
 
 from oneshui_jax import metrics, report
-from oneshui_jax.study.context import (
-    TRAINING_STAGES,
-    Context,
-    evaluate_splits,
-    initial_params,
-    prepare,
-)
+from oneshui_jax.study.context import Context, evaluate_splits, initial_params, prepare
 from oneshui_jax.study.stages import method_stage, run_stage, train_stage
-from oneshui_jax.study.validate import validate_config
+from oneshui_jax.study.validate import TRAINING_STAGES, validate_config
 
 __all__ = ["TRAINING_STAGES", "Context", "add_tow", "evaluate_splits", "initial_params",
            "method_stage", "prepare", "run", "run_stage", "train_stage", "validate_config"]

@@ -29,12 +29,13 @@ def train_data(ctx, checkpointer=None) -> api.TrainData:
     ann, splits, images = ctx.dataset.annotations, ctx.splits, ctx.images
     allowed = np.concatenate([images["train"], images["val"]])
     identities = np.where(np.isin(ann.identities, splits.train), ann.identities, -1)
+    forget = set(splits.forget)
     return api.TrainData(
         source=api.GuardedSource(ctx.dataset.source, allowed,
                                  "TRAIN images without the request's support, and VAL"),
         identity_images=_image_table(ann, splits.train), image_identities=identities,
         train_identities=tuple(splits.train),
-        holdout_identities=tuple(i for i in splits.train if i not in set(splits.forget)),
+        holdout_identities=tuple(i for i in splits.train if i not in forget),
         support_images=tuple(int(i) for i in splits.support), val_images=images["val"],
         image_size=ctx.config.data.image_size, seed=ctx.config.seed,
         progress=ctx.config.progress, checkpointer=checkpointer)

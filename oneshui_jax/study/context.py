@@ -22,9 +22,7 @@ from oneshui_jax.data import datasets as datasets_lib
 from oneshui_jax.data import pipeline
 from oneshui_jax.models import vit
 from oneshui_jax.study import validate
-from oneshui_jax.unlearn import api, registry
-
-TRAINING_STAGES = {"pretrain": "train", "retrain": "retain"}  # stage -> identities it fits
+from oneshui_jax.unlearn import api
 
 
 @dataclasses.dataclass
@@ -118,10 +116,3 @@ def initial_params(ctx: Context):
     for line in report:
         logging.info("model.init: %s", line)
     return params
-
-
-def stage_names(config) -> tuple[list[str], list[str]]:
-    """``(training stages, methods)`` of ``config.stages``, in order."""
-    stages = list(config.stages)
-    return ([s for s in stages if s in TRAINING_STAGES],
-            [s for s in stages if s in registry.METHODS])

@@ -122,22 +122,22 @@ def _changes(metadata: Mapping[str, Any], fp: Mapping[str, Any], settings_name: 
 
 
 def check(ctx, run_dir: str, fp: Mapping[str, Any], settings_name: str,
-          training: bool) -> str:
-    """``REUSE``, ``RESUME`` or ``FRESH`` for ``run_dir``; CheckpointError when it holds other
-    work (module docstring)."""
+          training: bool) -> tuple[str, dict[str, Any] | None]:
+    """``(REUSE | RESUME | FRESH, the run's metadata or None)`` for ``run_dir``; CheckpointError
+    when it holds other work (module docstring)."""
     if not os.path.isfile(os.path.join(run_dir, checkpoints.METADATA_FILE)):
-        return FRESH
+        return FRESH, None
     metadata = checkpoints.read_metadata(run_dir)
     finished = checkpoints.is_finished(run_dir)
     resumable = not finished and _has_train_state(run_dir)
     if not finished and not resumable:
-        return FRESH
+        return FRESH, metadata
     config = ctx.config
     checkpoints.check_compatible(metadata, dataset=config.dataset, model=config.model.name,
                                  splits=ctx.splits.to_dict())
     changes = _changes(metadata, fp, settings_name, training)
     if not changes:
-        return REUSE if finished else RESUME
+        return (REUSE if finished else RESUME), metadata
     listed = "; ".join(changes)
     if finished:
         raise CheckpointError(

@@ -6,9 +6,9 @@
         -> body -> evaluate (retain / forget / test / val) -> save artifacts and parameters
         -> metadata ("done") -> clean up the resumable state
 
-and ``train_body`` (SPEC.md 4: pretrain fits all TRAIN identities, retrain the retain identities
-only) and ``method_body`` (a method of ``unlearn/registry.py``: ``prepare`` then ``unlearn`` on
-the study's request, each given what its ACCESS grants) are the two bodies.
+and ``train_stage`` (SPEC.md 4: pretrain fits all TRAIN identities, retrain the retain
+identities only) and ``method_stage`` (a method of ``unlearn/registry.py``: ``prepare`` then
+``unlearn`` on the study's request, each given what its ACCESS grants) give it their bodies.
 
 A stage's run directory ``<checkpoint_dir>/<dataset>/<model>/<stage>_<N>_<seed>/`` holds
 ``params/``, ``metadata.json`` (config, splits, fingerprint, record, ...), ``metrics.jsonl``
@@ -32,7 +32,8 @@ from oneshui_jax import checkpoints
 from oneshui_jax import train as train_lib
 from oneshui_jax.data import pipeline
 from oneshui_jax.study import access, reuse, validate
-from oneshui_jax.study.context import TRAINING_STAGES, Context, evaluate_splits
+from oneshui_jax.study.context import Context, evaluate_splits
+from oneshui_jax.study.validate import TRAINING_STAGES
 from oneshui_jax.unlearn import api, registry
 
 TRAINING_ACCESS = {"pretrain": "none", "retrain": "oracle"}  # the access column of these rows
@@ -63,10 +64,10 @@ def run_stage(ctx: Context, stage: str, *, settings_name: str, settings: dict[st
     """Runs (or reuses, or resumes) one stage: ``(record, params)`` (module docstring)."""
     rdir = ctx.run_dir(stage)
     fp = reuse.fingerprint(ctx, stage, settings_name, settings, parent_hash, training)
-    decision = reuse.check(ctx, rdir, fp, settings_name, training)
+    decision, stored = reuse.check(ctx, rdir, fp, settings_name, training)
     if decision == reuse.REUSE:
         logging.info("%s: reusing the finished checkpoint %s", stage, rdir)
-        record = dict(checkpoints.read_metadata(rdir)["record"], reused=True)
+        record = dict(stored["record"], reused=True)
         record.setdefault("access", access)  # checkpoints older than the access column
         return record, checkpoints.load_params(rdir, template)
     if decision == reuse.RESUME:
@@ -136,21 +137,6 @@ def train_stage(ctx: Context, stage: str, init_params) -> tuple[dict, Any]:
 # Unlearning methods
 
 
-def _timed_unlearn(module, model, params, artifacts, request, cfg, rng, data):
-    """``module.unlearn`` once; servable methods run twice so compile and compute are apart."""
-    compile_seconds = 0.0
-    if module.ACCESS in api.SERVABLE:  # the paper's one-shot cost: time it after compilation
-        start = time.perf_counter()
-        jax.block_until_ready(module.unlearn(model, params, artifacts, request, cfg, rng,
-                                             data=data)[0])
-        compile_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    new, info = module.unlearn(model, params, artifacts, request, cfg, rng, data=data)
-    new = jax.block_until_ready(new)
-    return new, {**info, "seconds": time.perf_counter() - start,
-                 "first_call_seconds": compile_seconds}
-
-
 def method_stage(ctx: Context, name: str, base_params, base_dir: str) -> tuple[dict, Any]:
     """Method ``name`` on the pretrained model (``base_dir``): ``(record, params)``.
 
@@ -170,13 +156,14 @@ def method_stage(ctx: Context, name: str, base_params, base_dir: str) -> tuple[d
             data = access.prepare_data(ctx, module.ACCESS, checkpointer)
             artifacts, prepared = module.prepare(model, base_params, data, cfg, rng)
             prepared = {**prepared, "seconds": time.perf_counter() - start}
-        params, unlearned = _timed_unlearn(module, model, base_params, artifacts,
-                                           access.study_request(ctx), cfg, rng,
-                                           access.unlearn_data(ctx, module.ACCESS))
+        # Servable methods run twice, so the one-shot cost is timed after compilation.
+        params, info, first_call_s, seconds = api.timed_unlearn(
+            module, model, base_params, artifacts, access.study_request(ctx), cfg, rng,
+            data=access.unlearn_data(ctx, module.ACCESS), warm_up=module.ACCESS in api.SERVABLE)
+        unlearned = {**info, "seconds": seconds, "first_call_seconds": first_call_s}
         record = {"access": module.ACCESS, "prepare": prepared, "unlearn": unlearned}
-        metadata = {"method": name, "access": module.ACCESS,
-                    "method_config": api.config_record(cfg)}
-        return StageOutput(params, record, metadata, artifacts)
+        return StageOutput(params, record, {"method_config": api.config_record(cfg)},
+                           artifacts)
 
     extra = {"base_run_dir": os.path.abspath(base_dir), "base_params_hash": base_hash,
              "method": name, "access": module.ACCESS}

@@ -14,7 +14,7 @@ from oneshui_jax.errors import ConfigError
 from oneshui_jax.models import vit
 from oneshui_jax.unlearn import api, registry
 
-TRAINING_STAGES = ("pretrain", "retrain")
+TRAINING_STAGES = {"pretrain": "train", "retrain": "retain"}  # stage -> identities it fits
 
 
 def train_config(config, task: str) -> train_lib.TrainConfig:

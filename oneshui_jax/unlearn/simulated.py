@@ -73,9 +73,3 @@ def request_batches(data: api.TrainData, request: SimulatedRequest, *, batch_siz
         retain_batches = load_batches(source, rng.permutation(retain_idx), pcfg,
                                       train=retain_train_aug, num_batches=num)
     return support, forget, val, retain_batches
-
-
-def num_outer_images(batches: Batch) -> int:
-    """Valid images in stacked batches."""
-    return int(np.asarray(batches["mask"]).sum())
-
