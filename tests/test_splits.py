@@ -158,9 +158,11 @@ def test_cli_reports_missing_annotation_file(tmp_path):
         [sys.executable, "-m", "oneshui_jax.splits", "--dataset", "celeba", "--data_dir",
          str(tmp_path), "--num_identities", "5", "--out", str(tmp_path / "x.json")],
         capture_output=True, text=True)
-    assert result.returncode != 0
-    assert "identity_CelebA.txt" in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "x.json").exists()
+    assert result.returncode == 1, result.stderr  # sys.exit("error: ...")
+    assert result.stderr.startswith(f"error: Data directory not found: {tmp_path / 'celeba'}. "
+                                    "Expected <data_dir>/celeba/identity_CelebA.txt"), result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+    assert result.stdout == "" and not (tmp_path / "x.json").exists()
 
 
 def test_malformed_annotation_names_file_and_line(tmp_path):
