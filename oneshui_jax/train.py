@@ -14,6 +14,7 @@ included, is an argument.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -84,6 +85,19 @@ def make_train_step(model_cfg: vit.ViTConfig, cfg: TrainConfig,
         return params, opt_state, {"loss": loss}
 
     return jax.jit(step, donate_argnums=(0, 1))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_train_step(model_cfg: vit.ViTConfig, step_cfg: TrainConfig):
+    tx = optim.make(step_cfg.optimizer, step_cfg.weight_decay, step_cfg.momentum)
+    return tx, make_train_step(model_cfg, step_cfg, tx)
+
+
+def train_step(model_cfg: vit.ViTConfig, cfg: TrainConfig):
+    """``(tx, step)`` for ``cfg``, compiled once per process for the settings the step depends on
+    (task, dtype, attention, optimiser): pretrain and retrain share one compilation."""
+    step_cfg = dataclasses.replace(cfg, epochs=1, batch_size=1, lr=0.0, warmup_epochs=0)
+    return _cached_train_step(model_cfg, step_cfg)
 
 
 def make_eval_step(model_cfg: vit.ViTConfig, task: str, compute_dtype: str,
@@ -160,7 +174,7 @@ def fit(model_cfg: vit.ViTConfig, cfg: TrainConfig, params: Params,
     per epoch goes to ``metrics_log``. A non-finite loss raises ``TrainingDiverged`` before the
     epoch is saved, so the last good state stays on disk.
     """
-    tx = optim.make(cfg.optimizer, cfg.weight_decay, cfg.momentum)
+    tx, step_fn = train_step(model_cfg, cfg)
     params = _copy(params)  # the step donates its inputs; keep the caller's
     arrays = {"params": params, "opt_state": tx.init(params), "best_params": _copy(params)}
     meta = {"epoch": 0, "step": 0, "best_metric": 0.0, "best_epoch": -1, "history": []}
@@ -172,7 +186,6 @@ def fit(model_cfg: vit.ViTConfig, cfg: TrainConfig, params: Params,
                      meta["step"])
     resumed_from = meta["epoch"]
     params, opt_state = arrays["params"], arrays["opt_state"]
-    step_fn = make_train_step(model_cfg, cfg, tx)
     start = time.perf_counter()
     total = cfg.epochs * steps_per_epoch
     bar = tqdm(total=total, initial=meta["step"], desc=desc, unit="step",
