@@ -2,6 +2,7 @@
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -245,6 +246,11 @@ def test_jit_and_bfloat16():
     scale = float(jnp.abs(eager_logits).max())
     assert float(jnp.abs(bf16_logits - eager_logits).max()) < 0.05 * scale
     assert float(jnp.abs(bf16_cls - eager_cls).max()) < 0.1
+    # ... and really computed in bfloat16: rounding shows, and the matmuls are bf16 in the HLO.
+    assert float(jnp.abs(bf16_logits - eager_logits).max()) > 1e-4 * scale
+    hlo = jitted.lower(TINY, params, images, dtype=jnp.bfloat16).as_text()
+    assert "bf16" in hlo and "bf16" not in jitted.lower(TINY, params, images).as_text()
+    assert re.search(r"dot_general.*bf16", hlo) or re.search(r"bf16.*dot_general", hlo)
 
 
 def test_jitted_apply_does_not_retrace():
