@@ -53,6 +53,8 @@ KEY_PATHS = "oneshui_jax/key_paths"
 _VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 _REQUIRED_CONFIG = ("dataset", "model", "num_identities", "seed")
 _LISTED = 8  # how many names an error message lists before "..."
+_OBJECT_FIELDS = ("config", "splits", "versions", "model_config", "method_config", "data_audit")
+"""Fields of ``metadata.json`` that are JSON objects (or null) when present."""
 
 Params = Any
 T = TypeVar("T")
@@ -301,8 +303,19 @@ def _check_run_dir(path: str) -> None:
                               f"(written by oneshui_jax.checkpoints), but {contents}")
 
 
+def _json_type(value: Any) -> str:
+    """``a list``, ``a string``, ... : what a JSON value is, for messages."""
+    kinds = {list: "a list", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
+
+
 def read_metadata(run_dir: str) -> dict:
-    """The run's ``metadata.json`` (no array is read), with ``run_dir`` set to where it was read."""
+    """The run's ``metadata.json`` (no array is read), with ``run_dir`` set to where it was read.
+
+    CheckpointError unless it is a JSON object with a known ``status`` whose ``_OBJECT_FIELDS``,
+    where present, are objects (the readers rely on both).
+    """
     _check_run_dir(run_dir)
     path = os.path.join(run_dir, METADATA_FILE)
     try:
@@ -313,6 +326,11 @@ def read_metadata(run_dir: str) -> dict:
     if not isinstance(metadata, dict) or metadata.get("status") not in STATUSES:
         raise CheckpointError(f"{path} is not checkpoint metadata: expected a JSON object with "
                               f"'status' one of {STATUSES}")
+    wrong = [key for key in _OBJECT_FIELDS
+             if metadata.get(key) is not None and not isinstance(metadata[key], dict)]
+    if wrong:
+        raise CheckpointError(f"{path} is not checkpoint metadata: expected {wrong[0]!r} to be a "
+                              f"JSON object, got {_json_type(metadata[wrong[0]])}")
     metadata["run_dir"] = os.path.abspath(run_dir)
     return metadata
 

@@ -49,6 +49,22 @@ def atomic_open(path: str, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
         raise
 
 
+def cannot_create(path: str) -> str | None:
+    """Why ``path`` (a file or folder to create) cannot be created, or None when it can.
+
+    Checks the nearest existing folder above it: it must be a folder, and writable. For the
+    command lines' up-front checks, so that a bad output path is refused before any work.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"{folder} is a file, not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"the folder {folder} is not writable"
+    return None
+
+
 def save_json(obj: Any, path: str, **kwargs: Any) -> None:
     """Writes ``obj`` as JSON to ``path`` atomically."""
     with atomic_open(path) as f:

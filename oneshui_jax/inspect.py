@@ -58,18 +58,18 @@ def run_summary(path: str) -> dict[str, Any]:
     path = os.path.normpath(path)
     if os.path.basename(path) == checkpoints.TRAIN_STATE_DIR:
         return train_state_summary(os.path.dirname(path))
-    metadata = checkpoints.read_metadata(path)
-    splits = metadata.get("splits") or {}
+    metadata = checkpoints.read_metadata(path)  # its objects checked (config, splits, ...)
+    splits, fingerprint = metadata.get("splits") or {}, metadata.get("fingerprint")
     summary = {
         "path": metadata["run_dir"], "kind": "run", "status": metadata["status"],
         "created": metadata.get("created"), "params_hash": metadata.get("params_hash"),
         "run": checkpoints.run_identity(metadata),
         "splits": {name: len(ids) for name, ids in splits.items() if isinstance(ids, list)},
-        "metrics": metadata.get("metrics"), "versions": metadata.get("versions", {}),
+        "metrics": metadata.get("metrics"), "versions": metadata.get("versions") or {},
         "data_audit": metadata.get("data_audit"),
         "stage": metadata.get("stage"), "method": metadata.get("method"),
         "access": metadata.get("access"), "method_config": metadata.get("method_config"),
-        "fingerprint": (metadata.get("fingerprint") or {}).get("hash"),
+        "fingerprint": fingerprint.get("hash") if isinstance(fingerprint, dict) else None,
         "artifacts_hash": metadata.get("artifacts_hash"),
     }
     artifacts = os.path.join(path, checkpoints.ARTIFACTS_DIR)
@@ -171,7 +171,7 @@ def format_summary(summary: dict[str, Any]) -> str:
                      + ", ".join(_flat_scalars(summary.get("method_config") or {})))
     if summary.get("fingerprint"):
         lines.append(f"stage      {summary.get('stage')}, fingerprint sha256 "
-                     f"{summary['fingerprint'][:16]}...")
+                     f"{str(summary['fingerprint'])[:16]}...")
     if summary.get("artifacts"):
         lines.append(f"artifacts  sha256 {str(summary['artifacts_hash'])[:16]}...: " + ", ".join(
             f"{a['name']} {tuple(a['shape'])} {a['dtype']}" for a in summary["artifacts"]))
@@ -180,9 +180,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append("versions   " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()))
     audit = summary.get("data_audit")
     if audit:
-        lines.append(f"data       {audit['images']} images, {audit['missing']} missing, "
-                     f"{audit['unreadable']} unreadable, {audit['duplicate_groups']} duplicate "
-                     f"groups ({audit['groups_spanning_identities']} spanning identities), "
+        lines.append(f"data       {audit.get('images')} images, {audit.get('missing')} "
+                     f"missing, {audit.get('unreadable')} unreadable, "
+                     f"{audit.get('duplicate_groups')} duplicate groups "
+                     f"({audit.get('groups_spanning_identities')} spanning identities), "
                      f"dedup={audit.get('dedup', 'none')}")
     if "leaves" not in summary:
         state = os.path.join(summary["path"], checkpoints.TRAIN_STATE_DIR)

@@ -6,13 +6,18 @@ r"""Command line of the study: ``python -m oneshui_jax.main --config=configs/<da
 
 ``--config.x=y`` overrides any config field (tuples, not lists, for sequences). The stages in
 ``config.stages`` run in order (see ``oneshui_jax.study``); the results table is printed and
-written with plots to ``config.workdir``.
+written with plots to ``config.workdir``. Any bad input (flag, config file, override, data,
+checkpoint) prints one ``error: ...`` line on stderr and exits with status 2, as the other
+command lines do.
 """
 
 from __future__ import annotations
 
 import logging as std_logging
 import os
+import re
+import sys
+from typing import NoReturn
 
 import jax
 from absl import app, flags, logging
@@ -21,19 +26,72 @@ from ml_collections import config_flags
 from oneshui_jax import report, study
 from oneshui_jax.errors import CheckpointError, ConfigError, DataError
 
+DEFAULT_CONFIG = "configs/synthfaces.py"
+EXPECTED_FLAGS = "expected --config=FILE[:ARG] and --config.FIELD=VALUE overrides (see --help)"
+# The command line the config flag reads its overrides from: filled by parse_flags, so that
+# defining the flag (at import) reads no sys.argv and cannot fail.
+_ARGV: list[str] = []
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/synthfaces.py", "Study configuration (ml_collections file).",
-    lock_config=True)
+    "config", DEFAULT_CONFIG, "Study configuration (ml_collections file).",
+    lock_config=True, sys_argv=_ARGV)
+
+
+def fail(message: str) -> NoReturn:
+    """Ends the program as every command line of the package does on bad input: one
+    ``error: ...`` line on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _last_line(text: str) -> str:
+    """The last line of ``text`` without an exception-name prefix (absl and ml_collections embed
+    tracebacks and attempt lists in some messages)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return re.sub(r"^\w*(Error|Exception): ", "", lines[-1]) if lines else ""
+
+
+def _one_line(error: Exception) -> str:
+    """``flag --NAME=VALUE: what went wrong[; expected TYPE]``, one line, from absl's error."""
+    first, *rest = str(error).strip().splitlines() or [type(error).__name__]
+    line = f"{first.split(': ', 1)[0]}: {_last_line(str(error))}" if rest else first
+    name = re.match(r"^flag --([\w.]+)=", line)
+    if name and name[1].startswith("config.") and name[1] in flags.FLAGS:  # an override
+        line += f"; expected a value of type {flags.FLAGS[name[1]].flag_type()}"
+    return line
+
+
+def _config_file(argv: list[str]) -> str:
+    """The config file named by ``--config=FILE[:ARG]`` (or ``--config FILE``) in ``argv``."""
+    for i, arg in enumerate(argv):
+        if re.match(r"^--?config(=|$)", arg):
+            value = arg.split("=", 1)[1] if "=" in arg else "".join(argv[i + 1:i + 2])
+            return value.split(":", 1)[0]
+    return DEFAULT_CONFIG
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing; an unknown config field is one clear line, not a traceback."""
+    """absl flag parsing; every error (unknown flag or config field, an override of the wrong
+    type, a config file that does not load or rejects its argument) is one line, exit 2."""
+    argv = list(argv)
+    if not any(re.match(r"^--?config(=|$)", arg) for arg in argv[1:]):
+        argv.insert(1, f"--config={DEFAULT_CONFIG}")  # the default, parsed with the overrides
+    _ARGV[:] = argv
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
+        getattr(_CONFIG.value, "dataset", None)  # a config file that failed to load raises here
     except (AttributeError, KeyError) as e:
         words = str(e).replace("\\n", " ").replace("\\", "").replace("'", "").split()
-        field, hint = (words[0], " ".join(words[1:])) if words else ("?", "")
-        raise SystemExit(f"error: unknown config field {field!r}. {hint}".rstrip()) from None
+        field, hint = (words[0].strip('"'), " ".join(words[1:])) if words else ("?", "")
+        fail(f"unknown config field {field!r}. {hint}" if hint else f"unknown config field "
+             f"{field!r}; expected a field that --config {_config_file(argv)} defines")
+    except (OSError, SyntaxError) as e:  # ml_collections defers an OSError to the first use
+        fail(f"--config {_config_file(argv)}: cannot load the config file ({_last_line(str(e))});"
+             f" expected a Python file defining get_config(), such as {DEFAULT_CONFIG}")
+    except flags.UnrecognizedFlagError as e:
+        fail(f"{_one_line(e)}; {EXPECTED_FLAGS}")
+    except (flags.Error, TypeError, ValueError) as e:
+        fail(_one_line(e))
+    return rest
 
 
 class _OwnInfoOnly(std_logging.Filter):
@@ -50,13 +108,13 @@ class _OwnInfoOnly(std_logging.Filter):
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        fail(f"unexpected arguments {argv[1:]}; {EXPECTED_FLAGS}")
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
     config = _CONFIG.value
     try:
         records = study.run(config)
     except (ConfigError, DataError, CheckpointError) as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(str(e))
     print(f"\n{report.subject(records)} ({jax.devices()[0].platform.upper()}):")
     print(report.markdown_table(records, report.metric_name(config.dataset)))
     forget = {r["method"]: r["forget"]["metric"] for r in records}

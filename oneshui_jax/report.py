@@ -386,7 +386,11 @@ def markdown_report(records: Sequence[Row]) -> str:
 def write_report(workdir: str, records: Sequence[Row], *, config: dict | None = None,
                  extra: dict | None = None) -> dict[str, str]:
     """Writes results.json, results.md, results.csv, methods.png and (when some record has a
-    history) training_curves.png into ``workdir``, each atomically; returns {file name: path}."""
+    history) training_curves.png into ``workdir``, each atomically; returns {file name: path}.
+
+    Every file's content (and figure) is made before the first one is written, so records the
+    report cannot use leave ``workdir`` as it was.
+    """
     if not records:
         raise ValueError("write_report needs at least one record")
     extra = extra or {}
@@ -394,18 +398,21 @@ def write_report(workdir: str, records: Sequence[Row], *, config: dict | None = 
     if clash:
         raise ValueError(f"extra must not contain {sorted(clash)}")
     metric = _metric_name_of(records)
+    results_json = json.dumps(to_json({"config": config, "results": list(records), **extra}),
+                              indent=1)
+    results_md = markdown_report(records)
+    methods = method_bars_figure(records, metric)
+    curves = training_curves_figure(records)
     path = lambda name: os.path.join(workdir, name)
     with atomic_open(path("results.json")) as f:
-        json.dump(to_json({"config": config, "results": list(records), **extra}), f,
-                  indent=1)
+        f.write(results_json)
     with atomic_open(path("results.md")) as f:
-        f.write(markdown_report(records))
+        f.write(results_md)
     written = {"results.json": path("results.json"), "results.md": path("results.md"),
                "results.csv": write_csv(path("results.csv"), records),
-               "methods.png": plot_method_bars(records, path("methods.png"), metric)}
-    curves = plot_training_curves(records, path("training_curves.png"))
+               "methods.png": save_figure(methods, path("methods.png"))}
     if curves is not None:
-        written["training_curves.png"] = curves
+        written["training_curves.png"] = save_figure(curves, path("training_curves.png"))
     return written
 
 
@@ -413,24 +420,90 @@ def write_report(workdir: str, records: Sequence[Row], *, config: dict | None = 
 # Combining studies: python -m oneshui_jax.report --out DIR RESULTS.json ...
 
 
+HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_metric")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def record_problem(record: Any) -> str | None:
+    """What makes ``record`` unusable for the report (a field and what was expected), or None.
+
+    A record is a JSON object with ``method`` and ``dataset`` (strings, a dataset the catalog
+    knows), ``num_identities`` and ``seed`` (ints) and, where present, numbers for the metrics
+    and losses of each split, ``tow``, ``seconds``, ``mia.auc`` / ``mia.acc`` and the fields of
+    each ``history`` entry.
+    """
+    if not isinstance(record, dict):
+        return f"is a JSON {type(record).__name__}; expected an object (a record of a study)"
+    for key, kind in (("method", str), ("dataset", str), ("num_identities", int), ("seed", int)):
+        value = record.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            got = "missing" if key not in record else f"{value!r}"
+            return f"has {key} {got}; expected {'a string' if kind is str else 'an int'}"
+    try:
+        metric_name(record["dataset"])
+    except ValueError as e:  # the catalog's ConfigError: "unknown dataset ...; expected ..."
+        return f"has an {e}"
+    numbers = [(key, record.get(key)) for key in ("tow", "seconds", "best_epoch")]
+    for group in (*EVAL_SPLITS, "mia"):
+        entry = record.get(group)
+        if entry is not None and not isinstance(entry, dict):
+            return f"has {group} {entry!r}; expected an object of numbers"
+        keys = ("auc", "acc") if group == "mia" else ("metric", "loss")
+        numbers += [(f"{group}.{key}", (entry or {}).get(key)) for key in keys]
+    history = record.get("history")
+    if history is not None and not isinstance(history, list):
+        return f"has history {history!r}; expected a list of epochs"
+    for i, epoch in enumerate(history or []):
+        if not isinstance(epoch, dict):
+            return f"has history[{i}] {epoch!r}; expected an object with {HISTORY_FIELDS}"
+        numbers += [(f"history[{i}].{key}", epoch.get(key, "missing")) for key in HISTORY_FIELDS]
+    for name, value in numbers:
+        if value is not None and not _is_number(value):
+            return f"has {name} {value!r}; expected a number"
+    return None
+
+
 def load_records(paths: Sequence[str]) -> list[Row]:
-    """The records of several ``results.json`` files, in order; ValueError naming a bad file."""
+    """The records of several ``results.json`` files, in order; ValueError naming a bad file
+    (and the record and field, see ``record_problem``)."""
     records: list[Row] = []
     for path in paths:
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 results = json.load(f)["results"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a results.json written by a study ({e})") from None
+        if not isinstance(results, list):
+            raise ValueError(f"{path}: not a results.json written by a study ('results' is a "
+                             f"JSON {type(results).__name__}; expected a list of records)")
+        for i, record in enumerate(results):
+            problem = record_problem(record)
+            if problem:
+                raise ValueError(f"{path}: record {i} {problem}")
         records.extend(results)
     return records
 
 
 def combine(paths: Sequence[str], out: str) -> dict[str, str]:
-    """One report (mean ± std over seeds, per N) from the ``results.json`` of several studies."""
+    """One report (mean ± std over seeds, per N) from the ``results.json`` of several studies.
+
+    Nothing is written unless every file holds usable records and ``out`` is a folder (new or
+    existing) that does not hold one of the inputs as its ``results.json``.
+    """
     records = load_records(paths)
     if not records:
         raise ValueError("no records in " + ", ".join(paths))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} is a file; expected a folder for results.{{json,md,csv}} "
+                         "and the plots")
+    replaced = [p for p in paths
+                if os.path.realpath(p) == os.path.realpath(os.path.join(out, "results.json"))]
+    if replaced:
+        raise ValueError(f"--out {out} would replace the input {replaced[0]}; choose another "
+                         "folder")
     return write_report(out, records, extra={"sources": [os.path.abspath(p) for p in paths]})
 
 
@@ -447,6 +520,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         written = combine(args.results, args.out)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
+    except OSError as e:  # --out checked above; a race, a full disk, a folder not writable
+        parser.exit(2, f"error: --out {args.out}: cannot write the report ({e.strerror or e}); "
+                       "expected a writable folder\n")
     with open(written["results.md"]) as f:
         print(f.read())
     return 0

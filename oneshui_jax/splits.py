@@ -24,11 +24,14 @@ Command line::
 
     python -m oneshui_jax.splits --dataset mufac --data_dir ../shared/data \
         --num_identities 10 --seed 0 --out split.json
+
+Bad input prints one ``error: ...`` line on stderr, writes nothing and exits with status 2.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 from collections.abc import Iterable, Sequence
 
@@ -36,7 +39,7 @@ import numpy as np
 
 from oneshui_jax.data.annotations import IdentityAnnotations
 from oneshui_jax.errors import ConfigError
-from oneshui_jax.files import save_json
+from oneshui_jax.files import cannot_create, save_json
 
 SPLIT_NAMES = ("train", "val", "test", "support", "forget", "retain")
 
@@ -267,6 +270,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "splitting (audits the images; a deviation from the reference)")
     args = parser.parse_args(argv)
     try:
+        problem = ("it is a directory" if os.path.isdir(args.out)
+                   else cannot_create(args.out))  # refused before any work
+        if problem:
+            raise ConfigError(f"--out {args.out} cannot be written: {problem}; expected a JSON "
+                              "file in a writable folder")
         ann = read_identities(args.dataset, args.data_dir, args.synthfaces_config)
         if args.dedup == "merge":
             from oneshui_jax.data import audit, datasets
@@ -280,9 +288,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         splits = make_splits(ann, args.num_identities, args.seed)
         seconds = time.perf_counter() - start
         record = export(ann, splits, args.seed, args.num_identities)
-        save_json(record, args.out)
     except (DataError, ConfigError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        save_json(record, args.out)
+    except OSError as e:  # the check above passed, yet writing failed (a race, a full disk)
+        print(f"error: --out {args.out} cannot be written: {e.strerror or e}; expected a JSON "
+              "file in a writable folder", file=sys.stderr)
+        sys.exit(2)
     n = record["num_images"]
     print(f"{args.dataset} seed {args.seed} N={args.num_identities}: identities "
           f"train/val/test {len(splits.train)}/{len(splits.val)}/{len(splits.test)}, images "

@@ -20,8 +20,8 @@ them. Errors already tested by exit status and message elsewhere are not repeate
 * test_study: ``test_cli_rejects_config_typo_without_traceback``; test_stale_work: a refused
   checkpoint through ``python -m oneshui_jax.main``.
 
-Tests marked ``xfail(strict=True)`` state the contract for paths that today end in a traceback
-(or write a partial output); they fail loudly once the source is fixed, so the marker goes.
+Every command line exits with status 2 on bad input (argparse's usage errors too), so one status
+means "the input was refused, nothing was written" across the package.
 """
 
 import contextlib
@@ -37,13 +37,13 @@ import types
 import jax
 import numpy as np
 import pytest
-from absl import app
 from PIL import Image
 
 from oneshui_jax import checkpoints, report, serve, splits
 from oneshui_jax import inspect as inspect_cli
 from oneshui_jax import main as main_cli
-from oneshui_jax.data import datasets
+from oneshui_jax.data import annotations, datasets
+from oneshui_jax.errors import DataError
 from oneshui_jax.models import convert, vit
 from oneshui_jax.unlearn import api, support_ascent
 
@@ -51,10 +51,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAFETENSORS = os.path.join(REPO, "tests", "fixtures", "timm_tiny_vit.safetensors")
 TINY_ARCH = ["--width", "48", "--depth", "2", "--num_heads", "3", "--patch_size", "8"]
 
-# Exit statuses: main.py and splits.py end with SystemExit("error: ..."), which Python turns into
-# status 1; serve, inspect, convert and report return (or exit with) 2, as argparse does.
-MAIN_STATUS = SPLITS_STATUS = 1
-SERVE_STATUS = INSPECT_STATUS = CONVERT_STATUS = REPORT_STATUS = 2
+# Exit statuses: every command line prints one line and exits with 2 on bad input, as argparse
+# does on a malformed command line.
+MAIN_STATUS = SPLITS_STATUS = SERVE_STATUS = INSPECT_STATUS = CONVERT_STATUS = REPORT_STATUS = 2
 USAGE_STATUS = 2  # argparse's own errors (inspect, convert, splits, report)
 
 SPLITS = {"train": [1, 2, 3, 4, 5], "val": [6, 7], "test": [8, 9], "support": [40, 41],
@@ -107,7 +106,7 @@ def call(capsys, main, argv, *, unchanged=()) -> Outcome:
             status = e.code
     captured = capsys.readouterr()
     err = captured.err
-    if isinstance(status, str):  # sys.exit("error: ..."): printed to stderr, status 1
+    if isinstance(status, str):  # sys.exit("error: ..."): Python prints it, status 1
         err, status = err + status + "\n", 1
     return Outcome(0 if status is None else status, captured.out, err)
 
@@ -419,16 +418,25 @@ def test_serve_refuses_labels_that_do_not_fit(chain, capsys):
                  "got 7")
 
 
-@pytest.mark.xfail(strict=True, raises=NotADirectoryError,
-                   reason="serve: an --out under a file ends in a NotADirectoryError traceback "
-                          "after the unlearning (write_output's OSError is not caught)")
-def test_serve_out_that_cannot_be_created(chain, capsys):
+def test_serve_out_that_cannot_be_created(chain, capsys, monkeypatch):
+    """Refused up front, before the model is loaded; an OSError while writing is one line too."""
     a_file = os.path.join(chain.work, "plain_file")
     with open(a_file, "w") as f:
         f.write("x")
-    outcome = serve_error(capsys, chain, "--checkpoint", chain.method,
-                          out=os.path.join(a_file, "out"))
-    assert_error(outcome, SERVE_STATUS, os.path.join(a_file, "out"))
+    for out in (os.path.join(a_file, "out"), os.path.join(a_file, "deeper", "out")):
+        outcome = serve_error(capsys, chain, "--checkpoint", chain.method, out=out)
+        assert_error(outcome, SERVE_STATUS, f"--out {out} cannot be created",
+                     f"{a_file} is a file, not a folder")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints, "save_params", full_disk)
+    out = os.path.join(chain.work, "never_written")
+    outcome = serve_error(capsys, chain, "--checkpoint", chain.method, out=out)
+    assert_error(outcome, SERVE_STATUS, f"--out {out} cannot be written",
+                 "No space left on device")
+    assert not os.path.exists(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,13 +497,12 @@ def test_inspect_refuses_unfinished_and_damaged_runs(chain, capsys, tmp_path):
     assert_error(outcome, INSPECT_STATUS, f"{training}/train_state holds no committed step")
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="inspect: a metadata.json whose config (or splits, versions) is not an "
-                          "object ends in an AttributeError traceback")
-def test_inspect_metadata_of_the_wrong_shape(capsys, tmp_path):
-    run = fake_run(tmp_path / "run", {"status": "training", "config": ["synthfaces"]})
+@pytest.mark.parametrize("field", ["config", "splits", "versions"])
+def test_inspect_metadata_of_the_wrong_shape(capsys, tmp_path, field):
+    run = fake_run(tmp_path / "run", {"status": "training", field: ["synthfaces"]})
     outcome = call(capsys, inspect_cli.main, [run])
-    assert_error(outcome, INSPECT_STATUS, f"{run}/metadata.json", "config")
+    assert_error(outcome, INSPECT_STATUS, f"{run}/metadata.json is not checkpoint metadata",
+                 f"expected {field!r} to be a JSON object, got a list")
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,6 +520,7 @@ def test_convert_refuses_a_folder_that_is_not_a_run_directory(capsys, tmp_path, 
 def test_convert_refuses_unreadable_weights(capsys, tmp_path):
     (tmp_path / "zeros.safetensors").write_bytes(b"\0" * 16)
     (tmp_path / "zeros.npz").write_bytes(b"\0" * 16)
+    (tmp_path / "empty.npz").write_bytes(b"")
     (tmp_path / "weights.json").write_text("{}")
     np.savez(tmp_path / "other.npz", a=np.zeros(3))
     np.savez(tmp_path / "pre_logits.npz", **{"embedding/kernel": np.zeros((8, 8, 3, 48)),
@@ -523,7 +531,9 @@ def test_convert_refuses_unreadable_weights(capsys, tmp_path):
         "format": (tmp_path / "weights.json",
                    ["unknown weights format; expected a timm .safetensors file"]),
         "safetensors": (tmp_path / "zeros.safetensors", ["is not a readable safetensors file"]),
-        "npz": (tmp_path / "zeros.npz", ["is not a readable .npz file"]),
+        "npz": (tmp_path / "zeros.npz", ["is not a readable .npz file",
+                                         "expected a zip archive of arrays"]),
+        "empty_npz": (tmp_path / "empty.npz", ["is not a readable .npz file"]),
         "not_google": (tmp_path / "other.npz", ["is not a Google ViT checkpoint",
                                                 "no embedding/kernel", "(keys: a)"]),
         "pre_logits": (tmp_path / "pre_logits.npz", ["has a pre_logits representation layer",
@@ -534,33 +544,51 @@ def test_convert_refuses_unreadable_weights(capsys, tmp_path):
                        unchanged=(str(tmp_path),))
         line = assert_error(outcome, CONVERT_STATUS, *words, case=name)
         assert str(path) in line, (name, line)
+        assert "pickle" not in line, (name, line)  # numpy's hint does not apply
 
 
 def test_convert_refuses_an_architecture_the_weights_do_not_fit(capsys, tmp_path):
     out = str(tmp_path / "out")
     cases = {  # extra arguments, what the error must name
         "default_model": ([], [f"weights at {SAFETENSORS} do not fit ViTConfig(",
-                               "width=768", "missing: blocks.2.", "mis-shaped: "]),
+                               "width=768", "missing: blocks.2.", "more)", "mis-shaped: "]),
         "preset": (["--model", "vit_huge"], ["unknown ViT preset 'vit_huge'", "vit_tiny_test"]),
         "width": (["--width", "0"], ["ViTConfig.width must be a positive int, got 0"]),
         "image_size": ([*TINY_ARCH, "--image_size", "30"],
                        ["ViTConfig.image_size (30) must be divisible by ViTConfig.patch_size (8)"]),
         "num_classes": ([*TINY_ARCH, "--num_classes", "-1"],
                         ["ViTConfig.num_classes must be a positive int, got -1"]),
+        "num_classes_zero": ([*TINY_ARCH, "--num_classes", "0"],
+                             ["ViTConfig.num_classes must be a positive int, got 0"]),
+        "image_size_zero": ([*TINY_ARCH, "--image_size", "0"], ["ViTConfig.image_size", "0"]),
     }
     for name, (extra, words) in cases.items():
         outcome = call(capsys, convert.main, [SAFETENSORS, out, *extra],
                        unchanged=(str(tmp_path),))
-        assert_error(outcome, CONVERT_STATUS, *words, case=name)
+        line = assert_error(outcome, CONVERT_STATUS, *words, case=name)
+        assert len(line) < 1500, (name, len(line))  # long name lists are cut short
 
 
-def test_convert_out_that_cannot_be_created(capsys, tmp_path):
-    """An OSError is one line too (it names the temporary sibling of OUT, not OUT itself)."""
+def test_convert_out_that_cannot_be_created(capsys, tmp_path, monkeypatch):
+    """Refused before the weights are read; an OSError while writing names OUT, not the
+    temporary sibling written first."""
     (tmp_path / "plain_file").write_text("x")
     out = str(tmp_path / "plain_file" / "out")
     outcome = call(capsys, convert.main, [SAFETENSORS, out, *TINY_ARCH],
                    unchanged=(str(tmp_path),))
-    assert_error(outcome, CONVERT_STATUS, out, "Not a directory")
+    assert_error(outcome, CONVERT_STATUS, f"OUT {out} cannot be created",
+                 f"{tmp_path / 'plain_file'} is a file, not a folder")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", f"{tmp_path / 'out'}.tmp-1234")
+
+    monkeypatch.setattr(checkpoints, "save_params", full_disk)
+    out = str(tmp_path / "out")
+    outcome = call(capsys, convert.main, [SAFETENSORS, out, *TINY_ARCH],
+                   unchanged=(str(tmp_path),))
+    line = assert_error(outcome, CONVERT_STATUS, f"OUT {out} cannot be created",
+                        "No space left on device")
+    assert ".tmp-" not in line, line
 
 
 def test_convert_usage_errors(capsys, tmp_path):
@@ -573,7 +601,7 @@ def test_convert_usage_errors(capsys, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# python -m oneshui_jax.splits: status 1 (sys.exit("error: ...")), no JSON written
+# python -m oneshui_jax.splits: status 2, no JSON written
 
 SMALL = ["--dataset", "synthfaces", "--synthfaces_config", "small"]
 
@@ -659,26 +687,65 @@ def test_splits_usage_errors(capsys, tmp_path):
     assert_usage_error(outcome, prog, "argument --dataset: invalid choice: 'imagenet'")
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError,
-                   reason="splits: an annotation file that is not UTF-8 text ends in a "
-                          "UnicodeDecodeError traceback (read_identities raises no DataError)")
 def test_splits_annotation_file_that_is_not_text(capsys, tmp_path):
     (tmp_path / "celeba").mkdir()
-    (tmp_path / "celeba" / "identity_CelebA.txt").write_bytes(b"\xff\xfe000001.jpg 1\n")
+    path = tmp_path / "celeba" / "identity_CelebA.txt"
+    path.write_bytes(b"\xff\xfe000001.jpg 1\n")
     outcome = call(capsys, splits.main, ["--dataset", "celeba", "--data_dir", str(tmp_path),
                                          "--num_identities", "1", "--out",
-                                         str(tmp_path / "x.json")])
-    assert_error(outcome, SPLITS_STATUS, "identity_CelebA.txt")
+                                         str(tmp_path / "x.json")], unchanged=(str(tmp_path),))
+    assert_error(outcome, SPLITS_STATUS, f"{path} is not UTF-8 text", "byte 0xff",
+                 "Expected <data_dir>/celeba/identity_CelebA.txt")
 
 
-@pytest.mark.xfail(strict=True, raises=OSError,
-                   reason="splits: an --out that cannot be written (a directory, or under a file) "
-                          "ends in an OSError traceback (save_json is outside the try)")
-def test_splits_out_that_cannot_be_written(capsys, tmp_path):
+def test_annotation_readers_refuse_files_that_are_not_text(tmp_path):
+    """Every reader of the study's annotation files (identities, labels, the CelebA-HQ image
+    count and the MUFAC CSVs) raises one DataError naming the file."""
+    not_text = b"0.jpg 1\n\x80\x81 2\n"
+    (tmp_path / "CelebAMask-HQ").mkdir()
+    (tmp_path / "CelebAMask-HQ" / "CelebA-HQ-identity.txt").write_text("0.jpg 3\n1.jpg 4\n")
+    attributes = tmp_path / "CelebAMask-HQ" / "CelebAMask-HQ-attribute-anno.txt"
+    attributes.write_bytes(b"2\n" + not_text)
+    with pytest.raises(DataError, match=f"{attributes} is not UTF-8 text"):
+        annotations.read_celebahq_labels(str(tmp_path), annotations.IdentityAnnotations(
+            "celebahq", np.asarray([3, 4]), ("0.jpg", "1.jpg"), "list"))
+    attributes.write_bytes(b"\xff2\n")
+    with pytest.raises(DataError, match=f"{attributes} is not UTF-8 text"):
+        annotations.read_identities("celebahq", str(tmp_path))
+    csv_path = tmp_path / "mufac" / "custom_val_dataset.csv"
+    _mufac(tmp_path, "F1,P1,a,1.jpg\n")
+    csv_path.write_bytes(b"family_id,person_id,age_class,image_path\nF\xe9,P1,a,1.jpg\n")
+    with pytest.raises(DataError, match=f"{csv_path} is not UTF-8 text"):
+        annotations.read_identities("mufac", str(tmp_path))
+
+
+def test_splits_out_that_cannot_be_written(capsys, tmp_path, monkeypatch):
+    """A directory, a path under a file: refused before any work; an OSError while writing
+    (a full disk) is one line too."""
     (tmp_path / "a_folder").mkdir()
-    outcome = call(capsys, splits.main, [*SMALL, "--num_identities", "1", "--out",
-                                         str(tmp_path / "a_folder")])
-    assert_error(outcome, SPLITS_STATUS, str(tmp_path / "a_folder"))
+    (tmp_path / "a_file").write_text("x")
+    cases = {  # --out, what the error must name
+        "directory": (tmp_path / "a_folder", ["it is a directory"]),
+        "under_a_file": (tmp_path / "a_file" / "x.json",
+                         [f"{tmp_path / 'a_file'} is a file, not a folder"]),
+        "deep_under_a_file": (tmp_path / "a_file" / "sub" / "x.json",
+                              [f"{tmp_path / 'a_file'} is a file, not a folder"]),
+    }
+    for name, (out, words) in cases.items():
+        outcome = call(capsys, splits.main, [*SMALL, "--num_identities", "1", "--out", str(out)],
+                       unchanged=(str(tmp_path),))
+        assert_error(outcome, SPLITS_STATUS, f"--out {out} cannot be written", *words,
+                     "expected a JSON file in a writable folder", case=name)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(splits, "save_json", full_disk)
+    out = str(tmp_path / "split.json")
+    outcome = call(capsys, splits.main, [*SMALL, "--num_identities", "1", "--out", out],
+                   unchanged=(str(tmp_path),))
+    assert_error(outcome, SPLITS_STATUS, f"--out {out} cannot be written",
+                 "No space left on device")
 
 
 # --------------------------------------------------------------------------------------------
@@ -701,7 +768,8 @@ def test_report_refuses_files_that_are_not_results(capsys, tmp_path):
         "a_list": ([RECORD], ["not a results.json written by a study (list indices"]),
         "no_records": ({"results": []}, ["no records in "]),
         "unknown_dataset": ({"results": [dict(RECORD, dataset="imagenet")]},
-                            ["unknown dataset 'imagenet'; expected one of synthfaces"]),
+                            ["record 0 has an unknown dataset 'imagenet'; expected one of "
+                             "synthfaces"]),
     }
     out = str(tmp_path / "out")
     for name, (content, words) in cases.items():
@@ -710,7 +778,7 @@ def test_report_refuses_files_that_are_not_results(capsys, tmp_path):
             write_json(path, content)
         outcome = call(capsys, report.main, [path, "--out", out], unchanged=(str(tmp_path),))
         line = assert_error(outcome, REPORT_STATUS, *words, case=name)
-        assert path in line or name == "unknown_dataset", (name, line)
+        assert path in line, (name, line)
     mixed = write_json(inputs / "celeba.json", {"results": [dict(RECORD, dataset="celeba")]})
     outcome = call(capsys, report.main, [str(inputs / "good.json"), mixed, "--out", out],
                    unchanged=(str(tmp_path),))
@@ -728,32 +796,49 @@ def test_report_usage_errors(capsys, tmp_path):
     assert_usage_error(outcome, prog, "the following arguments are required: results")
 
 
-@pytest.mark.xfail(strict=True, raises=(TypeError, KeyError, AssertionError),
-                   reason="report: records of the wrong shape end in a TypeError / KeyError "
-                          "traceback, a record without 'method' after results.json was written, "
-                          "a non-numeric metric as an error naming no file, after writing")
-@pytest.mark.parametrize("results", [5, ["pretrain"], [{"method": "pretrain"}],
-                                     [{k: v for k, v in RECORD.items() if k != "method"}],
-                                     [dict(RECORD, retain={"metric": "high"})]],
-                         ids=["not_a_list", "not_a_dict", "no_dataset", "no_method",
-                              "metric_not_a_number"])
-def test_report_records_of_the_wrong_shape(capsys, tmp_path, results):
+@pytest.mark.parametrize("results, words", [
+    (5, ["'results' is a JSON int; expected a list of records"]),
+    (["pretrain"], ["record 0 is a JSON str; expected an object"]),
+    ([{"method": "pretrain"}], ["record 0 has dataset missing; expected a string"]),
+    ([RECORD, {k: v for k, v in RECORD.items() if k != "method"}],
+     ["record 1 has method missing; expected a string"]),
+    ([dict(RECORD, seed="0")], ["record 0 has seed '0'; expected an int"]),
+    ([dict(RECORD, retain={"metric": "high"})],
+     ["record 0 has retain.metric 'high'; expected a number"]),
+    ([dict(RECORD, mia=[1])], ["record 0 has mia [1]; expected an object of numbers"]),
+    ([dict(RECORD, history=[{"epoch": 1, "train_loss": 1.0, "val_loss": 1.0}])],
+     ["record 0 has history[0].val_metric 'missing'; expected a number"]),
+], ids=["not_a_list", "not_a_dict", "no_dataset", "no_method", "seed_not_an_int",
+        "metric_not_a_number", "mia_not_an_object", "history_without_val_metric"])
+def test_report_records_of_the_wrong_shape(capsys, tmp_path, results, words):
     path = write_json(tmp_path / "results.json", {"results": results})
     outcome = call(capsys, report.main, [path, "--out", str(tmp_path / "out")],
                    unchanged=(str(tmp_path),))
-    assert_error(outcome, REPORT_STATUS, path)
+    assert_error(outcome, REPORT_STATUS, f"{path}: ", *words)
 
 
-@pytest.mark.xfail(strict=True, raises=FileExistsError,
-                   reason="report: an --out that is a file ends in a FileExistsError traceback")
-def test_report_out_that_is_a_file(capsys, tmp_path):
+def test_report_out_that_cannot_be_written(capsys, tmp_path, monkeypatch):
+    """--out a file, or the folder of an input: refused, nothing written; an OSError while
+    writing (a full disk) is one line too."""
     path = write_json(tmp_path / "results.json", {"results": [RECORD]})
-    outcome = call(capsys, report.main, [path, "--out", path])
-    assert_error(outcome, REPORT_STATUS, path)
+    outcome = call(capsys, report.main, [path, "--out", path], unchanged=(str(tmp_path),))
+    assert_error(outcome, REPORT_STATUS, f"--out {path} is a file", "expected a folder")
+    outcome = call(capsys, report.main, [path, "--out", str(tmp_path)],
+                   unchanged=(str(tmp_path),))
+    assert_error(outcome, REPORT_STATUS, f"--out {tmp_path} would replace the input {path}")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "save_figure", full_disk)
+    out = str(tmp_path / "out")
+    outcome = call(capsys, report.main, [path, "--out", out])
+    assert_error(outcome, REPORT_STATUS, f"--out {out}: cannot write the report",
+                 "No space left on device")
 
 
 # --------------------------------------------------------------------------------------------
-# python -m oneshui_jax.main: status 1 (SystemExit("error: ...")), nothing written
+# python -m oneshui_jax.main: status 2, nothing written
 
 
 @pytest.fixture
@@ -809,11 +894,11 @@ def test_main_reports_checkpoint_errors(study_config, capsys, tmp_path):
                  "--config.model.init")
 
 
-def test_main_refuses_positional_arguments():
-    """absl prints the usage text and this message, and exits with status 1."""
-    with pytest.raises(app.UsageError, match=r"unexpected arguments: \['extra'\]") as error:
-        main_cli.main(["oneshui_jax.main", "extra"])
-    assert error.value.exitcode == MAIN_STATUS
+def test_main_refuses_positional_arguments(capsys):
+    """One line naming them, not absl's usage text."""
+    outcome = call(capsys, main_cli.main, ["oneshui_jax.main", "extra"])
+    assert_error(outcome, MAIN_STATUS, "unexpected arguments ['extra']",
+                 "expected --config=FILE[:ARG] and --config.FIELD=VALUE overrides")
 
 
 def _main_subprocess(tmp_path, *args: str) -> subprocess.CompletedProcess:
@@ -824,8 +909,6 @@ def _main_subprocess(tmp_path, *args: str) -> subprocess.CompletedProcess:
                           cwd=REPO, capture_output=True, text=True, timeout=180)
 
 
-@pytest.mark.xfail(strict=True, reason="main: a missing --config file ends in an OSError "
-                                       "traceback from study.run (config_flags defers it)")
 def test_main_missing_config_file(tmp_path):
     result = _main_subprocess(tmp_path, "--config=configs/missing.py")
     assert result.returncode == MAIN_STATUS, result.stderr
@@ -834,14 +917,42 @@ def test_main_missing_config_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.xfail(strict=True, reason="main: an override of the wrong type ends in an "
-                                       "IllegalFlagValueError traceback (parse_flags catches "
-                                       "only AttributeError and KeyError)")
 def test_main_override_of_the_wrong_type(tmp_path):
     result = _main_subprocess(tmp_path, "--config=configs/synthfaces.py",
                               "--config.num_identities=ten")
     assert result.returncode == MAIN_STATUS, result.stderr
     assert result.stderr.startswith("error: ") and "num_identities" in result.stderr
-    assert "ten" in result.stderr
+    assert "ten" in result.stderr and "expected a value of type int" in result.stderr
     assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_main_flag_errors_are_one_line(tmp_path):
+    """Each of absl's and ml_collections' flag errors (the processes run side by side)."""
+    cases = {  # arguments, what the error must name
+        "unknown_flag": (["--nosuchflag"], ["Unknown command line flag 'nosuchflag'",
+                                            "expected --config=FILE[:ARG]"]),
+        "bad_config_arg": (["--config=configs/synthfaces.py:N=abc"],
+                           ["flag --config=configs/synthfaces.py:N=abc: config argument "
+                            "N='abc' is not an int"]),
+        "unknown_config_arg": (["--config=configs/synthfaces.py:bogus=1"],
+                               ["unknown config argument 'bogus'; expected N (default 10)"]),
+        "unknown_field": (["--config.bogus=1"],
+                          ["unknown config field 'bogus'; expected a field that --config "
+                           "configs/synthfaces.py defines"]),
+        "missing_file_with_override": (["--config=configs/missing.py", "--config.seed=1"],
+                                       ["--config configs/missing.py: cannot load the config "
+                                        "file", "No such file or directory"]),
+        "positional": (["extra"], ["unexpected arguments ['extra']"]),
+    }
+    running = {name: subprocess.Popen(
+        [sys.executable, "-m", "oneshui_jax.main", *args,
+         f"--config.workdir={tmp_path / 'work'}", f"--config.checkpoint_dir={tmp_path / 'ckpt'}",
+         f"--config.data.tfds_dir={tmp_path / 'tfds'}"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, (args, _) in cases.items()}
+    for name, process in running.items():
+        out, err = process.communicate(timeout=180)
+        assert_error(Outcome(process.returncode, out, err), MAIN_STATUS, *cases[name][1],
+                     case=name)
     assert os.listdir(tmp_path) == []

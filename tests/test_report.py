@@ -222,7 +222,7 @@ def test_atomic_open_keeps_old_file_on_error(tmp_path):
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["results.md"]
 
 
-def test_combine_averages_studies_over_seeds(tmp_path):
+def test_combine_averages_studies_over_seeds(tmp_path, capsys):
     paths = []
     for seed, forget in ((0, 60.0), (1, 64.0)):
         recs = [{"method": "pretrain", "dataset": "mufac", "num_identities": 5, "seed": seed,
@@ -237,8 +237,13 @@ def test_combine_averages_studies_over_seeds(tmp_path):
     saved = json.load(open(tmp_path / "all" / "results.json"))
     assert len(saved["results"]) == 2 and saved["sources"] == paths
     (tmp_path / "bad.json").write_text("{}")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         report.main([str(tmp_path / "bad.json"), "--out", str(tmp_path / "x")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {tmp_path / 'bad.json'}: not a results.json written by a study "
+                   "('results')\n"), err
+    assert not (tmp_path / "x").exists()
 
 
 def test_atomic_files_get_the_usual_permissions(tmp_path):

@@ -158,7 +158,7 @@ def test_cli_reports_missing_annotation_file(tmp_path):
         [sys.executable, "-m", "oneshui_jax.splits", "--dataset", "celeba", "--data_dir",
          str(tmp_path), "--num_identities", "5", "--out", str(tmp_path / "x.json")],
         capture_output=True, text=True)
-    assert result.returncode == 1, result.stderr  # sys.exit("error: ...")
+    assert result.returncode == 2, result.stderr  # one error line, status 2
     assert result.stderr.startswith(f"error: Data directory not found: {tmp_path / 'celeba'}. "
                                     "Expected <data_dir>/celeba/identity_CelebA.txt"), result.stderr
     assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr

@@ -37,7 +37,7 @@ def test_finished_checkpoint_is_refused_after_the_labels_changed(shared_data, tm
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows(rows)
     second = main(*args, f"--config.workdir={tmp_path}/second")
-    assert second.returncode == 1, second.stderr[-2000:]
+    assert second.returncode == 2, second.stderr[-2000:]
     error = second.stderr.strip().splitlines()[-1]
     assert error.startswith("error: checkpoint ") and "data.fingerprint" in error, error
     assert "delete it" in error and "Traceback" not in second.stderr

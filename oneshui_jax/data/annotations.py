@@ -19,11 +19,12 @@ labels the dataset builders store next to every image, decoded as the reference 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import os
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Iterator, Sequence
+from typing import IO, Literal
 
 import numpy as np
 
@@ -116,11 +117,23 @@ def _require_file(path: str, layout: str) -> None:
         raise DataError(f"Annotation file not found: {path}. Expected {layout}.")
 
 
+@contextlib.contextmanager
+def _open_text(path: str, layout: str, newline: str | None = None) -> Iterator[IO[str]]:
+    """``path`` opened as UTF-8 text; bytes that are not UTF-8, wherever they are read in the
+    block, are a DataError naming the file and the layout expected."""
+    try:
+        with open(path, encoding="utf-8", newline=newline) as f:
+            yield f
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x}: {e.reason})."
+                        f" Expected {layout}.") from None
+
+
 def _read_rows(path: str, layout: str, num_fields: int) -> list[tuple[int, list[str]]]:
     """Whitespace-separated rows of ``path`` with ``num_fields`` or more fields (line numbers)."""
     _require_file(path, layout)
     rows = []
-    with open(path, newline=None) as f:
+    with _open_text(path, layout) as f:
         for lineno, line in enumerate(f, start=1):
             fields = line.split()
             if not fields:
@@ -167,7 +180,7 @@ def read_celebahq(data_dir: str) -> IdentityAnnotations:
         entries.append((k, _parse_int(person, path, lineno, "person id", CELEBAHQ_LAYOUT)))
     attr_path = os.path.join(folder, "CelebAMask-HQ-attribute-anno.txt")
     if os.path.isfile(attr_path):
-        with open(attr_path) as f:
+        with _open_text(attr_path, CELEBAHQ_LAYOUT) as f:
             first = f.readline().strip()
         num_images = _parse_int(first, attr_path, 1, "image count", CELEBAHQ_LAYOUT)
     else:
@@ -192,7 +205,7 @@ def read_mufac_rows(data_dir: str) -> list[tuple[str, str, int, list[str]]]:
     for split in MUFAC_SPLITS:
         path = os.path.join(data_dir, "mufac", f"custom_{split}_dataset.csv")
         _require_file(path, MUFAC_LAYOUT)
-        with open(path, newline="") as f:
+        with _open_text(path, MUFAC_LAYOUT, newline="") as f:
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None or tuple(h.strip() for h in header[:4]) != MUFAC_COLUMNS:
@@ -277,7 +290,7 @@ class Labels:
 def _attribute_file(path: str, layout: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Line 1: image count; line 2: attribute names; then ``name v1 .. vC`` rows, checked."""
     _require_file(path, layout)
-    with open(path, newline=None) as f:
+    with _open_text(path, layout) as f:
         lines = f.read().splitlines()
     if len(lines) < 2:
         raise DataError(f"{path}: expected a count line and a names line. Expected {layout}.")

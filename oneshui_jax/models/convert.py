@@ -28,6 +28,7 @@ from typing import Any
 import jax
 
 from oneshui_jax import checkpoints
+from oneshui_jax.files import cannot_create
 from oneshui_jax.models import pretrained
 from oneshui_jax.models.vit import ViTConfig, count_params
 
@@ -61,9 +62,14 @@ def _config(args: argparse.Namespace) -> ViTConfig:
     weights = pretrained.read_weights(args.input)
     head = weights.get("head.bias")
     grid = pretrained.source_grid(weights["pos_embed"].shape) if "pos_embed" in weights else None
-    num_classes = args.num_classes or (head.shape[0] if head is not None and head.ndim == 1
-                                       else base.num_classes)
-    image_size = args.image_size or (grid * base.patch_size if grid else base.image_size)
+    if args.num_classes is not None:  # 0 or less is refused by ViTConfig, not ignored
+        num_classes = args.num_classes
+    else:
+        num_classes = head.shape[0] if head is not None and head.ndim == 1 else base.num_classes
+    if args.image_size is not None:
+        image_size = args.image_size
+    else:
+        image_size = grid * base.patch_size if grid else base.image_size
     return dataclasses.replace(base, num_classes=int(num_classes), image_size=int(image_size))
 
 
@@ -83,8 +89,11 @@ def convert(args: argparse.Namespace) -> tuple[str, int, int, list[str], ViTConf
 
     Returns ``(params hash, tensors, parameters, adaptations, config)``.
     """
-    if os.path.exists(args.output):
+    if os.path.lexists(args.output):
         raise checkpoints.CheckpointError(f"{args.output} already exists; choose a new OUT")
+    problem = cannot_create(args.output)  # refused before the weights are read
+    if problem:
+        raise checkpoints.CheckpointError(f"OUT {args.output} cannot be created: {problem}")
     cfg = _config(args)
     adaptations: list[str] = []
     params = pretrained.load_pretrained(args.input, cfg, rng=jax.random.key(0),
@@ -102,6 +111,9 @@ def convert(args: argparse.Namespace) -> tuple[str, int, int, list[str], ViTConf
     try:
         digest = checkpoints.save_params(tmp, params, metadata)
         os.rename(tmp, args.output)
+    except OSError as e:  # name OUT, not the temporary sibling the error is about
+        raise checkpoints.CheckpointError(
+            f"OUT {args.output} cannot be created: {e.strerror or e}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     leaves = jax.tree.leaves(params)

@@ -155,11 +155,14 @@ def load_google_npz(path: str) -> dict[str, np.ndarray]:
     :func:`load_pretrained`). A ``pre_logits`` layer is refused with a CheckpointError.
     """
     _check_file(path)
+    expected = "expected a zip archive of arrays (numpy.savez), as Google's ViT checkpoints are"
+    if not zipfile.is_zipfile(path):  # numpy would read it as a pickle and suggest unpickling
+        raise CheckpointError(f"{path} is not a readable .npz file: {expected}")
     try:
         with np.load(path) as data:
             w = {key: np.asarray(data[key]) for key in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{path} is not a readable .npz file: {e}") from e
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path} is not a readable .npz file ({e}): {expected}") from e
     prefix = next((p for p in _GOOGLE_PREFIXES if f"{p}embedding/kernel" in w), None)
     if prefix is None:
         raise CheckpointError(
@@ -257,7 +260,7 @@ def _adapt(weights: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
     mis_shaped = [f"{name} {tuple(weights[name].shape)} (expected {expected[name]})"
                   for name in expected if name in weights and weights[name].shape != expected[name]]
     parts = (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped))
-    return [f"{label}: {', '.join(items)}" for label, items in parts if items]
+    return [f"{label}: {checkpoints.short_list(items)}" for label, items in parts if items]
 
 
 def load_pretrained(path: str, cfg: ViTConfig, *, rng: jax.Array,

@@ -8,7 +8,8 @@
 (``serve/engine.py``: which model and method run), unlearn, write the output run directory and
 ``receipt.json`` (``serve/request.py``). Every error a user can cause is one
 :class:`DataError` / :class:`ConfigError` / :class:`CheckpointError` raised before anything is
-written; :func:`main` prints it as one ``error: ...`` line on stderr and returns 2.
+written (``--out`` included: its folder is checked before any work); :func:`main` prints it as
+one ``error: ...`` line on stderr and returns 2, as it does an OSError while writing.
 
 The output directory is a run directory like the study's: the source's ``config``, ``splits``
 and ``model_config``, ``stage: "request"``, ``method``, ``access``, ``method_config``,
@@ -189,6 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             method=args.method, overwrite=args.overwrite)
     except (CheckpointError, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # --out was checked up front; a race, a full disk (nothing is kept)
+        print(f"error: --out {args.out} cannot be written: {e.strerror or e}", file=sys.stderr)
         return 2
     print(summary(receipt))
     return 0

@@ -129,7 +129,7 @@ class Receipt:
 
 
 def check_output(out: str, overwrite: bool, sources: Sequence[str]) -> None:
-    """ConfigError if writing ``out`` would overwrite something it must not.
+    """ConfigError if writing ``out`` would overwrite something it must not, or cannot work.
 
     ``out`` may not be one of ``sources`` (the model, the method run, the checkpoint given); an
     existing ``out`` is replaced only with ``overwrite`` and only if it is empty or holds an
@@ -140,6 +140,10 @@ def check_output(out: str, overwrite: bool, sources: Sequence[str]) -> None:
         raise ConfigError(f"--out {out} is the model or the method run being used; choose a new "
                           "directory")
     if not os.path.lexists(out):
+        problem = files.cannot_create(out)
+        if problem:
+            raise ConfigError(f"--out {out} cannot be created: {problem}; expected a new "
+                              "directory in a writable folder")
         return
     if not overwrite:
         raise ConfigError(f"--out {out} already exists; choose a new directory or pass "
