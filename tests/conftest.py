@@ -1,6 +1,10 @@
 """Shared fixtures. Tests run on CPU, offline; real annotation files come from ../shared/data."""
 
+import contextlib
+import fcntl
+import json
 import os
+import types
 
 import pytest
 from absl import flags
@@ -18,3 +22,79 @@ def shared_data() -> str:
     if not os.path.isdir(os.path.join(SHARED_DATA, "mufac")):
         pytest.fail(f"real data not found at {SHARED_DATA}; set ONESHUI_SHARED_DATA")
     return SHARED_DATA
+
+
+@contextlib.contextmanager
+def _exclusive(path):
+    """One process at a time (the pytest-xdist workers of a session) past this point."""
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _session_dir(tmp_path_factory, name: str) -> str:
+    """A folder this session's pytest-xdist workers share (their base temp's parent), or this
+    process's own without xdist."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path = os.path.join(str(root), name)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthfaces_tfds(tmp_path_factory) -> str:
+    """SynthFaces ``small`` built once (TFDS) for every test of the session, workers included
+    (the first builds it, the others reuse the finished build)."""
+    from oneshui_jax.data import tfds_builders
+
+    path = _session_dir(tmp_path_factory, "tfds")
+    with _exclusive(path + ".lock"):
+        tfds_builders.build_synthfaces(path, "small")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_study(synthfaces_tfds, tmp_path_factory):
+    """The shared small study (``tests/small_study.py``), run once per session: its config, its
+    records, ``run_dir(stage)`` and ``first_hashes`` (the hash of each stage's parameters as the
+    run that trained them returned them, before any reload). Other pytest-xdist workers reuse
+    the finished stages. Tests must not write into its checkpoint or work folders."""
+    import small_study as small
+
+    from oneshui_jax import checkpoints, study
+
+    root = _session_dir(tmp_path_factory, "small_study")
+    config = small.config(synthfaces_tfds, root)
+    hashes_file = os.path.join(root, "first_hashes.json")
+    with _exclusive(root + ".lock"):
+        if os.path.exists(hashes_file):
+            records = study.run(config)  # every stage reused
+            with open(hashes_file) as f:
+                first_hashes = json.load(f)
+        else:
+            first_hashes = {}
+            real_run_stage = study.stages.run_stage
+
+            def run_stage(ctx, stage, **kwargs):
+                record, params = real_run_stage(ctx, stage, **kwargs)
+                first_hashes[stage] = checkpoints.params_hash(params)
+                return record, params
+
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(study.stages, "run_stage", run_stage)
+                records = study.run(config)
+            with open(hashes_file + ".tmp", "w") as f:
+                json.dump(first_hashes, f)
+            os.replace(hashes_file + ".tmp", hashes_file)
+
+    def run_dir(stage: str) -> str:
+        return checkpoints.run_dir(config.checkpoint_dir, "synthfaces", config.model.name, stage,
+                                   config.num_identities, config.seed)
+
+    return types.SimpleNamespace(config=config, records=records, run_dir=run_dir,
+                                 first_hashes=first_hashes)

@@ -1,5 +1,6 @@
 """Meta-training on simulated requests of the small SynthFaces variant: data, resume."""
 
+import dataclasses
 import os
 import sys
 
@@ -19,10 +20,10 @@ import synthfaces as synthfaces_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory):
+def ctx(tmp_path_factory, synthfaces_tfds):
     config = synthfaces_config.get_config("N=5,size=small")
     root = str(tmp_path_factory.mktemp("meta"))
-    config.data.tfds_dir = os.path.join(root, "tfds")
+    config.data.tfds_dir = synthfaces_tfds
     config.checkpoint_dir = os.path.join(root, "ckpt")
     config.data.num_threads = 0
     config.progress = False
@@ -30,7 +31,10 @@ def ctx(tmp_path_factory):
     config.meta_unlearn.num_identities_simulation = 30  # 4 requests per epoch: fast
     config.meta_unlearn.batch_size = 256  # one outer batch per request: one compilation
     config.meta_unlearn.hidden_size = 32
-    return study.prepare(config)
+    ctx = study.prepare(config)
+    # A tiny ViT: these tests are about the meta-training loop, not the model.
+    tiny = vit.ViTConfig.preset("vit_tiny_test", num_classes=ctx.model_cfg.num_classes)
+    return dataclasses.replace(ctx, model_cfg=tiny)
 
 
 def configs(ctx):
@@ -68,7 +72,7 @@ def test_meta_training_resumes_with_identical_result(ctx, tmp_path, monkeypatch)
     straight = meta_train.meta_train(ctx.model, theta, access.train_data(ctx), cfg, ml_cfg, key)
     assert [h["epoch"] for h in straight.history] == [0, 1]
 
-    real_make = mu.make_meta_step
+    real_make = mu.meta_step
     calls = []
 
     def dying_make(*args, **kwargs):
@@ -81,11 +85,11 @@ def test_meta_training_resumes_with_identical_result(ctx, tmp_path, monkeypatch)
             return step(*a)
         return wrapped
 
-    monkeypatch.setattr(mu, "make_meta_step", dying_make)
+    monkeypatch.setattr(mu, "meta_step", dying_make)
     with checkpoints.TrainCheckpointer(str(tmp_path)) as ckpt, pytest.raises(KeyboardInterrupt):
         meta_train.meta_train(ctx.model, theta, access.train_data(ctx, ckpt), cfg, ml_cfg, key,
                               checkpoint_every=2)
-    monkeypatch.setattr(mu, "make_meta_step", real_make)
+    monkeypatch.setattr(mu, "meta_step", real_make)
     with checkpoints.TrainCheckpointer(str(tmp_path)) as ckpt:
         _, state = ckpt.restore({"phi": straight.phi, "opt_state": mu.optimizer(cfg).init(
             straight.phi)})

@@ -23,25 +23,16 @@ from oneshui_jax.unlearn import api, registry, support_ascent
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
-import synthfaces as synthfaces_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A context on SynthFaces small (N=5) and its pretrained model (one epoch)."""
-    root = str(tmp_path_factory.mktemp("api"))
-    config = synthfaces_config.get_config("N=5,size=small")
-    config.data.tfds_dir = os.path.join(root, "tfds")
-    config.workdir = os.path.join(root, "work")
-    config.checkpoint_dir = os.path.join(root, "ckpt")
-    config.stages = ("pretrain",)
-    config.train.epochs = 1
-    config.data.num_threads = 0
-    config.progress = False
+def base(small_study):
+    """A context on the shared small study and its pretrained model (reloaded, not trained)."""
+    config = small_study.config.copy_and_resolve_references()
     config.support_ascent.num_requests = 2
-    config.support_ascent.batch_size = 256  # one outer batch per request: one compilation
     ctx = study.prepare(config)
-    _, params = study.train_stage(ctx, "pretrain", study.initial_params(ctx))
+    record, params = study.train_stage(ctx, "pretrain", study.initial_params(ctx))
+    assert record["reused"]
     return types.SimpleNamespace(config=config, ctx=ctx, params=params,
                                  base_dir=ctx.run_dir("pretrain"))
 
@@ -231,6 +222,12 @@ def _tiny_model():
     request = api.Request(jnp.asarray(rng.uniform(-1, 1, (2, 16, 16, 3)), jnp.float32),
                           jnp.asarray([[1, 0, 1], [0, 1, 1]], jnp.uint8), (4, 7))
     return model, params, request
+
+
+def test_support_ascent_chooses_the_lowest_objective_and_the_shorter_step_on_ties():
+    assert support_ascent.choose((0.0, 0.1, 0.3), [2.0, 1.5, 1.7]) == 1
+    assert support_ascent.choose((0.3, 0.1, 0.0), [1.0, 1.0, 3.0]) == 1  # tie: the smaller α
+    assert support_ascent.choose((0.0, 1.0), [0.5, 0.9]) == 0
 
 
 def test_support_ascent_is_one_ascent_step_on_the_portraits():

@@ -202,3 +202,38 @@ def test_study_starts_from_config_model_init(tmp_path):
     config.model.init = ""
     assert vit.count_params(study.initial_params(ctx)) == vit.count_params(
         vit.init_params(ctx.model_cfg, jax.random.key(0)))
+
+
+def test_run_directories_convert_and_start_a_study(tmp_path, synthfaces_tfds, capsys):
+    """A run directory is an input of ``convert`` (here with a new head) and of the study's
+    ``config.model.init``: the study's initial parameters are the converted weights, with a head
+    for the dataset's 40 attributes drawn from the seed."""
+    import dataclasses
+
+    from oneshui_jax import study
+    from oneshui_jax.models import convert
+
+    first, second = str(tmp_path / "timm"), str(tmp_path / "seven")
+    assert convert.main([SAFETENSORS, first, *ARCH]) == 0
+    assert convert.main([first, second, *ARCH, "--num_classes", "7"]) == 0
+    assert "head" in capsys.readouterr().out
+    source, converted = checkpoints.load_params(first), checkpoints.load_params(second)
+    _assert_same(source, converted, skip=("head.kernel", "head.bias"))
+    assert converted["head"]["kernel"].shape == (48, 7)
+    assert not np.array_equal(converted["head"]["kernel"][:, :5], source["head"]["kernel"])
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+    import synthfaces as synthfaces_config
+
+    config = synthfaces_config.get_config("N=5,size=small")
+    config.data.tfds_dir = synthfaces_tfds
+    config.data.num_threads = 0
+    config.model.init = second
+    ctx = study.prepare(config)
+    ctx = dataclasses.replace(ctx, model_cfg=dataclasses.replace(TINY, num_classes=40))
+    init = study.initial_params(ctx)
+    _assert_same(init, converted, skip=("head.kernel", "head.bias"))
+    assert init["head"]["kernel"].shape == (48, 40)
+    assert float(np.abs(init["head"]["bias"]).max()) == 0.0
+    again = study.initial_params(ctx)
+    np.testing.assert_array_equal(init["head"]["kernel"], again["head"]["kernel"])  # the seed's

@@ -1,8 +1,8 @@
 """Serving deletion requests (``oneshui_jax.serve``, ``python -m oneshui_jax.unlearn``).
 
-One small study (pretrain, meta_unlearn and support_ascent, one epoch each) is built per module;
-requests are served on it end to end: through the command line in a subprocess twice (the first
-request and one error, to prove the entry points), otherwise in process through ``serve.main``.
+Requests are served on the shared small study (``tests/small_study.py``) end to end: through the
+command line in a subprocess twice (the first request and one error, to prove the entry points),
+otherwise in process through ``serve.main``.
 """
 
 import dataclasses
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oneshui_jax import checkpoints, serve, study
+from oneshui_jax import checkpoints, serve
 from oneshui_jax.data import synthfaces, transforms
 from oneshui_jax.errors import CheckpointError, ConfigError, DataError
 from oneshui_jax.models import vit
@@ -27,31 +27,14 @@ from oneshui_jax.unlearn import api, registry, support_ascent
 from oneshui_jax.unlearn import meta_unlearn as mu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import synthfaces as synthfaces_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """The small study's runs, and two PNG portraits of a forget identity."""
+def run(small_study, tmp_path_factory):
+    """The shared small study's runs (pretrain, meta_unlearn, support_ascent), and two PNG
+    portraits of a forget identity."""
     root = str(tmp_path_factory.mktemp("serve"))
-    config = synthfaces_config.get_config("N=5,size=small")
-    config.data.tfds_dir = os.path.join(root, "tfds")
-    config.workdir = os.path.join(root, "work")
-    config.checkpoint_dir = os.path.join(root, "ckpt")
-    config.stages = ("pretrain", "meta_unlearn", "support_ascent")
-    config.train.epochs = 1
-    config.meta_unlearn.epochs = 1
-    config.meta_unlearn.batch_size = 256  # one outer batch per request: one compilation
-    config.support_ascent.batch_size = 256
-    config.support_ascent.num_requests = 2
-    config.data.num_threads = 0
-    config.progress = False
-    study.run(config)
-
-    def run_dir(stage):
-        return checkpoints.run_dir(config.checkpoint_dir, "synthfaces", "vit_small_demo", stage,
-                                   5, 0)
+    run_dir = small_study.run_dir
 
     metadata = checkpoints.read_metadata(run_dir("meta_unlearn"))
     identity = metadata["splits"]["forget"][0]

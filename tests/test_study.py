@@ -1,5 +1,6 @@
 """End to end: the study on the small SynthFaces variant, training, resume, reuse, errors."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -19,36 +20,20 @@ from oneshui_jax import train as train_lib
 from oneshui_jax.data import pipeline
 from oneshui_jax.errors import CheckpointError, ConfigError, DataError
 from oneshui_jax.models import vit
+from oneshui_jax.study import access
+from oneshui_jax.unlearn import api, registry, support_ascent
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import synthfaces as synthfaces_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
-def small_config(tfds_dir, root, epochs=2):
-    config = synthfaces_config.get_config("N=5,size=small")
-    config.data.tfds_dir = tfds_dir
-    config.workdir = os.path.join(root, "work")
-    config.checkpoint_dir = os.path.join(root, "ckpt")
-    config.train.epochs = epochs
-    config.meta_unlearn.epochs = 1
-    config.meta_unlearn.batch_size = 256  # one outer batch per request: one compilation
-    config.support_ascent.batch_size = 256
-    config.support_ascent.num_requests = 4
-    config.data.num_threads = 0
-    config.progress = False
-    return config
+def tfds_dir(synthfaces_tfds):
+    return synthfaces_tfds
 
 
 @pytest.fixture(scope="module")
-def finished_study(tfds_dir, tmp_path_factory):
-    config = small_config(tfds_dir, str(tmp_path_factory.mktemp("study")))
-    return config, study.run(config)
+def finished_study(small_study):
+    return small_study.config, small_study.records
 
 
 def test_study_runs_end_to_end(finished_study):
@@ -59,7 +44,7 @@ def test_study_runs_end_to_end(finished_study):
     for r in records:
         for split in metrics.EVAL_SPLITS:
             assert 0.0 < r[split]["metric"] <= 100.0 and np.isfinite(r[split]["loss"])
-    assert [len(r["history"]) for r in records[:2]] == [2, 2]
+    assert [len(r["history"]) for r in records[:2]] == [3, 3]
     assert records[2]["prepare"]["meta_history"][0]["requests"] > 0
     assert records[2]["unlearn"]["seconds"] > 0 and records[3]["prepare"]["alpha"] >= 0
     assert records[1]["tow"] == pytest.approx(100.0)  # the oracle against itself
@@ -74,7 +59,7 @@ def test_study_runs_end_to_end(finished_study):
     rdir = checkpoints.run_dir(config.checkpoint_dir, "synthfaces", "vit_small_demo",
                                "pretrain", 5, 0)
     lines = open(os.path.join(rdir, "metrics.jsonl")).read().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
     assert checkpoints.read_metadata(rdir)["record"]["forget"] == records[0]["forget"]
     # MetaUnlearn's run holds the trained meta-loss and points at the model it started from.
     mdir = rdir.replace("pretrain_5_0", "meta_unlearn_5_0")
@@ -85,16 +70,89 @@ def test_study_runs_end_to_end(finished_study):
     artifacts = checkpoints.load_tree(mdir, "artifacts", expected_hash=meta["artifacts_hash"])
     assert set(artifacts) == {"phi", "train_identities"}
     assert not os.path.exists(os.path.join(mdir, checkpoints.TRAIN_STATE_DIR))
-    unlearned = checkpoints.load_params(mdir)
-    pretrained = checkpoints.load_params(rdir)
-    assert checkpoints.params_hash(unlearned) != checkpoints.params_hash(pretrained)
 
-def test_finished_stages_are_reused(finished_study):
+
+def test_pretrain_fits_the_forget_identities_better_than_the_oracle(finished_study):
+    """Pretrain trained on the forget identities, retrain did not: on their images pretrain has
+    the lower loss and the higher mAP, by more than on the test identities neither saw (so the
+    gap is about the people, not about the two models)."""
+    _, records = finished_study
+    pretrain, retrain = records[0], records[1]
+    assert pretrain["forget"]["loss"] < retrain["forget"]["loss"]
+    assert pretrain["forget"]["metric"] > retrain["forget"]["metric"]
+    forget_gap = pretrain["forget"]["metric"] - retrain["forget"]["metric"]
+    test_gap = pretrain["test"]["metric"] - retrain["test"]["metric"]
+    assert forget_gap > test_gap + 0.5
+
+
+def _request_and_artifacts(config, stage):
+    ctx = study.prepare(config)
+    mdir = ctx.run_dir(stage)
+    meta = checkpoints.read_metadata(mdir)
+    artifacts = checkpoints.load_tree(mdir, "artifacts", expected_hash=meta["artifacts_hash"])
+    return ctx, meta, artifacts, access.study_request(ctx)
+
+
+def test_stored_methods_are_their_step_on_the_study_request(finished_study):
+    """Each method's saved parameters are exactly its ``unlearn`` applied to the pretrained
+    parameters and the study's request (recomputed here), and MetaUnlearn with ``meta_lr = 0``
+    returns the pretrained parameters bit for bit."""
+    config, _ = finished_study
+    for stage in ("meta_unlearn", "support_ascent"):
+        ctx, meta, artifacts, request = _request_and_artifacts(config, stage)
+        pretrained = checkpoints.load_params(ctx.run_dir("pretrain"))
+        module = registry.method(stage)
+        cfg = api.config_from_record(stage, module, meta["method_config"])
+        again, _ = module.unlearn(ctx.model, pretrained, artifacts, request, cfg,
+                                  jax.random.key(config.seed))
+        stored = checkpoints.load_params(ctx.run_dir(stage))
+        assert checkpoints.params_hash(again) == checkpoints.params_hash(stored)
+        assert checkpoints.params_hash(stored) != checkpoints.params_hash(pretrained)
+        if stage == "meta_unlearn":
+            still, _ = module.unlearn(ctx.model, pretrained, artifacts, request,
+                                      dataclasses.replace(cfg, meta_lr=0.0), jax.random.key(0))
+            assert checkpoints.params_hash(still) == checkpoints.params_hash(pretrained)
+
+
+def test_support_ascent_raises_the_forget_loss(finished_study):
+    """The method's claim on the study's request: one ascent step on the portraits raises the
+    task loss on the forget identities' other images, more the larger the step."""
     config, records = finished_study
+    ctx, meta, _, request = _request_and_artifacts(config, "support_ascent")
+    pretrained = checkpoints.load_params(ctx.run_dir("pretrain"))
+    cfg = api.config_from_record("support_ascent", support_ascent, meta["method_config"])
+    forget_losses = []
+    for alpha in (0.0, 0.03, 0.3):
+        params, _ = support_ascent.unlearn(ctx.model, pretrained, {"alpha": alpha}, request,
+                                           cfg, jax.random.key(0))
+        forget_losses.append(study.evaluate_splits(ctx, params)["forget"]["loss"])
+    assert forget_losses[0] == pytest.approx(records[0]["forget"]["loss"], rel=1e-6)
+    assert forget_losses[0] < forget_losses[1] < forget_losses[2]
+
+
+def test_finished_stages_are_reused(small_study):
+    """Run again, every stage is reused: nothing trains, the parameters reloaded from disk hash
+    to those the first run computed in memory, and evaluating them again gives the first run's
+    metrics on every split."""
+    config, records = small_study.config, small_study.records
     again = study.run(config)
     assert all(r.get("reused") for r in again)
-    assert [r["forget"] for r in again] == [r["forget"] for r in records]
     assert [r["access"] for r in again] == [r["access"] for r in records]
+    ctx = study.prepare(config)
+    stages = {}
+    record, stages["pretrain"] = study.train_stage(ctx, "pretrain", study.initial_params(ctx))
+    assert record["reused"]
+    _, stages["retrain"] = study.train_stage(ctx, "retrain", study.initial_params(ctx))
+    for name in ("meta_unlearn", "support_ascent"):
+        _, stages[name] = study.method_stage(ctx, name, stages["pretrain"],
+                                             ctx.run_dir("pretrain"))
+    for first, (name, params) in zip(records, stages.items(), strict=True):
+        assert first["method"] == name
+        assert checkpoints.params_hash(params) == small_study.first_hashes[name]
+        evaluated = study.evaluate_splits(ctx, params)
+        for split in metrics.EVAL_SPLITS:
+            assert evaluated[split]["metric"] == pytest.approx(first[split]["metric"], abs=1e-9)
+            assert evaluated[split]["loss"] == pytest.approx(first[split]["loss"], abs=1e-9)
 
 
 def test_checkpoint_of_another_split_is_refused(finished_study, tmp_path):
@@ -138,7 +196,7 @@ def test_cli_rejects_config_typo_without_traceback():
     result = subprocess.run(
         [sys.executable, "-m", "oneshui_jax.main", "--config=configs/synthfaces.py",
          "--config.train.epoch=3"], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 1, result.stderr  # SystemExit("error: ...")
+    assert result.returncode == 2, result.stderr
     assert result.stderr == ("error: unknown config field 'epoch'. "
                              'Did you mean "epochs" instead of "epoch"?\n'), result.stderr
     assert result.stdout == ""
@@ -261,7 +319,7 @@ def test_killed_cli_run_resumes_only_with_the_same_settings(tfds_dir, tmp_path):
                                ("--config.data.crop_scale=(1.0, 1.0)",
                                 "data.crop_scale: [0.35, 1.0] -> [1.0, 1.0]")):
         refused = subprocess.run([*cmd, override], cwd=REPO, capture_output=True, text=True)
-        assert refused.returncode == 1, refused.stderr[-2000:]
+        assert refused.returncode == 2, refused.stderr[-2000:]
         error = refused.stderr.strip().splitlines()[-1]
         assert error.startswith("error: ") and expected in error, error
         assert "not resumed" in error and f"rm -r {rdir}" in error

@@ -13,7 +13,6 @@ import pytest
 from PIL import Image
 
 from oneshui_jax.data import synthfaces as sf
-from oneshui_jax.data import tfds_builders
 
 SMALL = sf.named_config("small")
 DEFAULT = sf.named_config("default")
@@ -38,12 +37,14 @@ def small_ids(small_examples: list[sf.Example]) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def tfds_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("tfds")
+def tfds_dir(synthfaces_tfds: str) -> Path:
+    return Path(synthfaces_tfds)
 
 
 @pytest.fixture(scope="session")
 def small_source(tfds_dir: Path):
+    from oneshui_jax.data import tfds_builders  # not at the top: the generator must not need TFDS
+
     return tfds_builders.build_synthfaces(str(tfds_dir), "small")
 
 
@@ -266,5 +267,7 @@ def test_tfds_build_is_reused(small_source, tfds_dir: Path, monkeypatch) -> None
 
 
 def test_tfds_unknown_config(tfds_dir: Path) -> None:
+    from oneshui_jax.data import tfds_builders
+
     with pytest.raises(ValueError, match="huge"):
         tfds_builders.synthfaces_builder(str(tfds_dir), "huge")

@@ -71,8 +71,8 @@ def meta_train(model: api.Model, theta, data: api.TrainData, cfg: mu.Config,
         arrays, state = restored
         logging.info("meta_unlearn: resuming at epoch %d, request %d", state["epoch"],
                      state["request"])
-    step = mu.make_meta_step(model.vit, ml_cfg, cfg, tx)
-    retain_step = (mu.make_meta_step(model.vit, ml_cfg, cfg, tx, mu.retain_batch_loss)
+    step = mu.meta_step(model.vit, ml_cfg, cfg)
+    retain_step = (mu.meta_step(model.vit, ml_cfg, cfg, mu.retain_batch_loss)
                    if cfg.use_retain else None)
     py_rng = random.Random(seed)
     start = time.perf_counter()

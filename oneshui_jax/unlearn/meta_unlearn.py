@@ -267,6 +267,14 @@ def make_meta_step(model_cfg, ml_cfg, cfg: Config, tx,
     return jax.jit(step)
 
 
+@functools.lru_cache(maxsize=8)
+def meta_step(model_cfg, ml_cfg, cfg: Config,
+              objective: Callable = outer_batch_loss) -> Callable:
+    """``make_meta_step`` with the method's optimiser, compiled once per process for each
+    (model, meta-loss, config, objective): a resumed or repeated meta-training reuses it."""
+    return make_meta_step(model_cfg, ml_cfg, cfg, optimizer(cfg), objective)
+
+
 def make_unlearn_step(model_cfg, ml_cfg, meta_lr: float) -> Callable:
     """Request-time unlearning, one step: ``θ − η ∇_θ mean ℓ_φ(portraits)`` (dropout off)."""
 

@@ -149,6 +149,12 @@ def _ascent_step(model_cfg: vit.ViTConfig, task: str):
     return jax.jit(step)
 
 
+def choose(alphas, mean_losses) -> int:
+    """Index of the ``α`` with the lowest mean outer objective; on ties the smallest ``α``."""
+    order = np.argsort(np.asarray(alphas), kind="stable")
+    return int(order[np.argmin(np.asarray(mean_losses)[order])])
+
+
 # ---------------------------------------------------------------------------------------------
 # The method
 
@@ -181,9 +187,7 @@ def prepare(model: api.Model, params: Params, data: api.TrainData, cfg: Config,
         totals += np.asarray(step(params, support, forget, val, alphas), np.float64)
         used.update(request.identities)
     mean = totals / max(len(requests), 1)
-    order = np.argsort(cfg.alphas, kind="stable")
-    best = int(order[np.argmin(mean[order])])  # the first minimum: the shortest step wins ties
-    alpha = float(cfg.alphas[best])
+    alpha = float(cfg.alphas[choose(cfg.alphas, mean)])
     info = {"alpha": alpha,
             "selection": [{"alpha": float(a), "outer_loss": float(m)}
                           for a, m in zip(cfg.alphas, mean, strict=True)],

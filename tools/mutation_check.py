@@ -1,0 +1,297 @@
+"""Mutation check: do the tests fail when the science breaks?
+
+Each entry of ``MUTATIONS`` is a meaningful one-line bug (a sign flipped, a mask ignored, the last
+instead of the best parameters, ...) and the tests that must catch it. For each, the tool copies
+the package, its tests and configs to a temporary folder, applies the mutation there (the working
+tree is never touched), runs those tests against the copy and reports the mutant ``killed`` (the
+tests failed) or ``SURVIVED``. A mutation whose text is no longer found exactly once in its file
+is ``stale``: update the list when the code moves. Before the mutants, the union of the listed
+tests runs once on the unmutated copy and must pass, so a kill means something; a mutant is
+``killed`` only when a test fails (an import or collection error is reported as ``error``).
+
+    python tools/mutation_check.py               # all mutations
+    python tools/mutation_check.py --list        # names, files and tests
+    python tools/mutation_check.py --only fit_returns_last_params --only inner_step_sign
+
+Exit status 0 when every mutant is killed, 1 otherwise. Prints a table and writes JSON to
+``--json`` (default ``bench_out/mutation_check.json``). Not part of CI (minutes); run it before
+resolving an issue that touches a listed file, and add a mutation for every new method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COPIED = ("oneshui_jax", "tests", "configs", "pyproject.toml")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str  # relative to the repository root
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest arguments: files, node ids, "-k EXPR"
+    why: str = ""
+
+
+T_OBJ = "tests/test_objectives.py"
+T_LOOP = "tests/test_training_loop.py"
+T_MU = "tests/test_meta_unlearn.py"
+
+MUTATIONS = (
+    # -- the nine planted bugs that motivated the check --------------------------------------
+    Mutation("masked_mean_ignores_mask", "oneshui_jax/losses.py",
+             "    return jnp.sum(values * mask) / count",
+             "    return jnp.mean(values)",
+             (T_OBJ, f"{T_LOOP}::test_train_loss_is_the_mean_over_valid_rows_only"),
+             "padded rows count in every loss"),
+    Mutation("map_does_not_skip_labels_without_positives", "oneshui_jax/metrics.py",
+             "    return float(np.nanmean(aps) * 100.0)",
+             "    return float(np.mean(aps) * 100.0)",
+             ("tests/test_metrics.py", T_OBJ), "labels without positives make mAP NaN"),
+    Mutation("warmup_off_by_one", "oneshui_jax/optim.py",
+             "        return base_lr * step / (warmup_steps + 1e-8)",
+             "        return base_lr * (step + 1) / (warmup_steps + 1e-8)",
+             ("tests/test_metrics.py", T_LOOP), "the first batch no longer runs at lr 0"),
+    Mutation("same_shuffle_every_epoch", "oneshui_jax/data/pipeline.py",
+             "        rng = np.random.default_rng([self.seed, epoch])",
+             "        rng = np.random.default_rng([self.seed, 0])",
+             ("tests/test_pipeline.py",), "every epoch sees the same order"),
+    Mutation("reversed_forget_identity_walk", "oneshui_jax/splits.py",
+             "    for identity in ids:",
+             "    for identity in reversed(ids):",
+             ("tests/test_splits.py",), "other people are forgotten than the reference's"),
+    Mutation("fit_ignores_warmup_epochs", "oneshui_jax/train.py",
+             "epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs)",
+             "epochs=cfg.epochs)",
+             (T_LOOP,), "config.train.warmup_epochs has no effect"),
+    Mutation("fit_returns_last_params", "oneshui_jax/train.py",
+             '    best_params, best_epoch = arrays["best_params"], meta["best_epoch"]',
+             '    best_params, best_epoch = params, meta["best_epoch"]',
+             (T_LOOP,), "the last instead of the best-by-validation parameters"),
+    Mutation("inner_step_sign", "oneshui_jax/unlearn/meta_unlearn.py",
+             "    return jax.tree.map(lambda p, g: p - meta_lr * g, theta, grads)",
+             "    return jax.tree.map(lambda p, g: p + meta_lr * g, theta, grads)",
+             (T_OBJ, T_MU), "MetaUnlearn's inner step ascends its learned loss"),
+    Mutation("batch_map_mean_not_nanmean", "oneshui_jax/losses.py",
+             "    return jnp.nanmean(aps)",
+             "    return jnp.mean(aps)",
+             (T_OBJ, "-k", "batch_map"), "the in-graph mAP is NaN with a label without positives"),
+    # -- one or more per method ------------------------------------------------------------------
+    Mutation("meta_unlearn_meta_step_ascends", "oneshui_jax/unlearn/meta_unlearn.py",
+             "        new_phi = jax.tree.map(lambda p, u: p - lr * u, phi, updates)",
+             "        new_phi = jax.tree.map(lambda p, u: p + lr * u, phi, updates)",
+             (f"{T_MU}::test_meta_training_learns_a_step_that_unlearns_a_planted_request",),
+             "meta-training climbs the outer objective"),
+    Mutation("meta_unlearn_ignores_forget_epochs", "oneshui_jax/unlearn/meta_unlearn.py",
+             "    for _ in range(forget_epochs):",
+             "    for _ in range(1):",
+             (f"{T_MU}::test_inner_step_is_one_gradient_step_on_the_learned_loss",),
+             "config.meta_unlearn.forget_epochs has no effect"),
+    Mutation("meta_unlearn_rev_loses_its_gradient", "oneshui_jax/losses.py",
+             "        a_uv = weighted_loss(task, u_v, y_v, m_v, use_accs)  # keeps its gradient",
+             "        a_uv = weighted_loss(task, jax.lax.stop_gradient(u_v), y_v, m_v, use_accs)",
+             (T_OBJ,), "loss_type 'rev' no longer differentiates through u_v"),
+    Mutation("meta_unlearn_use_accs_sign", "oneshui_jax/losses.py",
+             "        loss = loss * (1.0 - jax.lax.stop_gradient(batch_accuracy(",
+             "        loss = loss * (1.0 + jax.lax.stop_gradient(batch_accuracy(",
+             (T_OBJ,), "use_accs weighs by 1 + acc"),
+    Mutation("meta_unlearn_scrub_kl_reversed", "oneshui_jax/losses.py",
+             "    return masked_mean(jnp.exp(log_q) * (log_q - log_p), mask)",
+             "    return masked_mean(jnp.exp(log_p) * (log_p - log_q), mask)",
+             (T_OBJ,), "KL(student || teacher) instead of F.kl_div's KL(teacher || student)"),
+    Mutation("meta_unlearn_uniform_batch_weights", "oneshui_jax/unlearn/meta_unlearn.py",
+             "    return sizes / jnp.maximum(jnp.sum(sizes), 1.0)",
+             "    return jnp.ones_like(sizes) / sizes.shape[0]",
+             (T_OBJ, "-k", "weights"), "a partial outer batch weighs as a full one"),
+    Mutation("smooth_l1_threshold", "oneshui_jax/losses.py",
+             "        return jnp.where(jnp.abs(d) < 1.0, 0.5 * d * d, jnp.abs(d) - 0.5)",
+             "        return jnp.where(jnp.abs(d) < 2.0, 0.5 * d * d, jnp.abs(d) - 0.5)",
+             (T_OBJ, "-k", "distance"), "smooth L1 with beta 2"),
+    Mutation("support_ascent_descends", "oneshui_jax/unlearn/support_ascent.py",
+             "    return jax.tree.map(lambda p, g: p + alpha.astype(p.dtype) * g, params, grads)",
+             "    return jax.tree.map(lambda p, g: p - alpha.astype(p.dtype) * g, params, grads)",
+             (T_OBJ, "-k", "support_ascent"), "support_ascent fine-tunes on the portraits"),
+    Mutation("support_ascent_selects_the_worst_alpha", "oneshui_jax/unlearn/support_ascent.py",
+             "    return int(order[np.argmin(np.asarray(mean_losses)[order])])",
+             "    return int(order[np.argmax(np.asarray(mean_losses)[order])])",
+             ("tests/test_method_api.py::"
+              "test_support_ascent_chooses_the_lowest_objective_and_the_shorter_step_on_ties",),
+             "the step size with the highest selection objective"),
+    # -- evaluation and the data-access contract -------------------------------------------------
+    Mutation("evaluate_counts_padding", "oneshui_jax/train.py",
+             "        logits.append(out_logits[mask])",
+             "        logits.append(out_logits)",
+             (f"{T_LOOP}::test_evaluate_ignores_padded_rows_and_averages_batch_means",),
+             "padded rows enter the split metric"),
+    Mutation("evaluate_loss_over_examples", "oneshui_jax/train.py",
+             '        "loss": float(np.mean(batch_means)),',
+             '        "loss": float(np.mean(np.concatenate(losses))),',
+             (f"{T_LOOP}::test_evaluate_ignores_padded_rows_and_averages_batch_means",),
+             "the split loss is not the reference's mean of batch means (Q28)"),
+    Mutation("tow_without_absolute_value", "oneshui_jax/metrics.py",
+             "        out *= 1.0 - abs(metrics[split] - retrain[split]) / 100.0",
+             "        out *= 1.0 - (metrics[split] - retrain[split]) / 100.0",
+             ("tests/test_metrics.py",), "ToW rewards being below the oracle"),
+    Mutation("guarded_source_grants_everything", "oneshui_jax/unlearn/api.py",
+             "        if not 0 <= int(index) < len(self._source) or not self._allowed[int(index)]:",
+             "        if not 0 <= int(index) < len(self._source):",
+             ("tests/test_method_api.py::test_guarded_source_refuses_what_was_not_granted",),
+             "a method may read images its ACCESS does not grant"),
+)
+
+
+def copy_tree(dest: str) -> None:
+    for name in COPIED:
+        src = os.path.join(REPO, name)
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(dest, name),
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(src, os.path.join(dest, name))
+
+
+def environment(root: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("ONESHUI_SHARED_DATA", os.path.join(REPO, "..", "shared", "data"))
+    env["ONESHUI_SHARED_DATA"] = os.path.abspath(env["ONESHUI_SHARED_DATA"])
+    return env
+
+
+def run_tests(root: str, tests: tuple[str, ...], timeout: float) -> tuple[str, float, str]:
+    """``(outcome, seconds, detail)``: passed | failed (a test failed; detail names the first) |
+    error (collection, import or usage error: the mutant broke the tests, not a test caught
+    it; detail is the last output line) | timeout."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-rf", "-p", "no:cacheprovider",
+           "-o", "addopts=", *tests]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=root, env=environment(root), capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.perf_counter() - start, ""
+    seconds = time.perf_counter() - start
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    if proc.returncode == 0:
+        return "passed", seconds, lines[-1] if lines else ""
+    failed = [line[len("FAILED "):] for line in lines if line.startswith("FAILED ")]
+    if proc.returncode == 1 and failed:
+        return "failed", seconds, failed[0].split(" - ")[0]
+    return "error", seconds, lines[-1] if lines else f"exit status {proc.returncode}"
+
+
+def check_isolated(root: str) -> None:
+    """The copy, not the installed working tree, must be what the tests import."""
+    out = subprocess.run([sys.executable, "-c", "import oneshui_jax; print(oneshui_jax.__file__)"],
+                         cwd=root, env=environment(root), capture_output=True, text=True,
+                         check=True).stdout.strip()
+    if not os.path.realpath(out).startswith(os.path.realpath(root)):
+        raise SystemExit(f"error: the tests would import {out}, not the copy in {root}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", action="append", default=[], metavar="NAME",
+                        help="run only this mutation (repeatable)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--no_baseline", action="store_true",
+                        help="skip the run of the unmutated tests")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant")
+    parser.add_argument("--json", default=os.path.join(REPO, "bench_out", "mutation_check.json"))
+    args = parser.parse_args(argv)
+
+    names = {m.name for m in MUTATIONS}
+    unknown = sorted(set(args.only) - names)
+    if unknown:
+        parser.error(f"unknown mutation(s) {unknown}; --list shows the names")
+    chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:44s} {m.path:40s} {' '.join(m.tests)}\n    {m.why}")
+        return 0
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="mutation_check_") as root:
+        copy_tree(root)
+        check_isolated(root)
+        if not args.no_baseline:
+            union = tuple(dict.fromkeys(t for m in chosen for t in _paths(m.tests)))
+            outcome, seconds, tail = run_tests(root, union, args.timeout * 2)
+            print(f"baseline (unmutated, {len(union)} test selections): {outcome} in "
+                  f"{seconds:.0f} s", flush=True)
+            if outcome != "passed":
+                print(f"error: the unmutated tests do not pass ({tail}); fix them first",
+                      file=sys.stderr)
+                return 1
+        for m in chosen:
+            path = os.path.join(root, m.path)
+            with open(path) as f:
+                original = f.read()
+            count = original.count(m.old)
+            if count != 1:
+                results.append({**_row(m), "result": "stale", "seconds": 0.0,
+                                "detail": f"text found {count} times"})
+            else:
+                with open(path, "w") as f:
+                    f.write(original.replace(m.old, m.new))
+                try:
+                    outcome, seconds, tail = run_tests(root, m.tests, args.timeout)
+                finally:
+                    with open(path, "w") as f:
+                        f.write(original)
+                result = {"passed": "SURVIVED", "failed": "killed", "timeout": "killed",
+                          "error": "error"}[outcome]
+                results.append({**_row(m), "result": result, "seconds": round(seconds, 1),
+                                "detail": "timeout" if outcome == "timeout" else tail})
+            r = results[-1]
+            print(f"  {r['result']:8s} {m.name:42s} {r['seconds']:6.1f} s  {r['detail']}",
+                  flush=True)
+
+    print()
+    print("| mutation | file | result | caught by | seconds |")
+    print("|---|---|---|---|---:|")
+    for r in results:
+        print(f"| {r['name']} | {r['path']} | {r['result']} | {r['detail']} | "
+              f"{r['seconds']:.1f} |")
+    bad = [r for r in results if r["result"] != "killed"]
+    print(f"\n{len(results) - len(bad)} of {len(results)} mutants killed"
+          + (f"; not killed: {', '.join(r['name'] for r in bad)}" if bad else ""))
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    tmp = args.json + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"results": results}, f, indent=2)
+    os.replace(tmp, args.json)
+    return 1 if bad else 0
+
+
+def _paths(tests: tuple[str, ...]) -> tuple[str, ...]:
+    """The test files and node ids of a selection (``-k`` expressions dropped: the baseline
+    runs the whole files)."""
+    out, skip = [], False
+    for t in tests:
+        if skip:
+            skip = False
+        elif t == "-k":
+            skip = True
+        else:
+            out.append(t)
+    return tuple(out)
+
+
+def _row(m: Mutation) -> dict:
+    return {"name": m.name, "path": m.path, "tests": list(m.tests), "why": m.why}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
