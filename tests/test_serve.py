@@ -358,6 +358,34 @@ def test_output_is_never_silently_replaced(run, first, tmp_path):
     assert checkpoints.is_finished(run.pretrain)
 
 
+def test_a_failed_overwrite_keeps_the_earlier_output(run, first, tmp_path, monkeypatch):
+    """--overwrite replaces an earlier output only once the new one is complete: a request that
+    fails while writing leaves the earlier output as it was and nothing of its own."""
+    again = str(tmp_path / "again")
+    shutil.copytree(first.out, again)
+    before = {p: open(os.path.join(dp, p), "rb").read() for dp, _, names in os.walk(again)
+              for p in names}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(serve.request.files, "save_json", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        serve.serve_request(run.meta, run.portraits[:1], again, identities=[run.identity],
+                            overwrite=True)
+    after = {p: open(os.path.join(dp, p), "rb").read() for dp, _, names in os.walk(again)
+             for p in names}
+    assert after == before
+    assert sorted(os.listdir(tmp_path)) == ["again"]
+    monkeypatch.undo()
+    serve.serve_request(run.meta, run.portraits[:1], again, identities=[run.identity],
+                        overwrite=True)
+    metadata = checkpoints.read_metadata(again)
+    with open(os.path.join(again, checkpoints.METADATA_FILE)) as f:
+        assert json.load(f)["run_dir"] == os.path.abspath(again)  # not the temporary name
+    assert metadata["status"] == "done" and sorted(os.listdir(tmp_path)) == ["again"]
+
+
 def test_parse_labels():
     assert serve.parse_labels(["0,1,1", "1,0,0"], "multilabel", 3) == [[0, 1, 1], [1, 0, 0]]
     assert serve.parse_labels(["2"], "classification", 8) == [2]

@@ -21,9 +21,11 @@ resolving an issue that touches a listed file, and add a mutation for every new 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import os
+import queue
 import shutil
 import subprocess
 import sys
@@ -143,6 +145,11 @@ MUTATIONS = (
              "        out *= 1.0 - abs(metrics[split] - retrain[split]) / 100.0",
              "        out *= 1.0 - (metrics[split] - retrain[split]) / 100.0",
              ("tests/test_metrics.py",), "ToW rewards being below the oracle"),
+    Mutation("reuse_ignores_stage_settings", "oneshui_jax/study/reuse.py",
+             "        settings_name: dict(settings),",
+             "        settings_name: {},",
+             ("tests/test_study.py::test_checkpoint_with_other_hyperparameters_is_refused",),
+             "a finished stage is reused after its hyper-parameters changed"),
     Mutation("guarded_source_grants_everything", "oneshui_jax/unlearn/api.py",
              "        if not 0 <= int(index) < len(self._source) or not self._allowed[int(index)]:",
              "        if not 0 <= int(index) < len(self._source):",
@@ -208,6 +215,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no_baseline", action="store_true",
                         help="skip the run of the unmutated tests")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="mutants tested at once, each in its own copy (and the baseline's "
+                             "pytest-xdist workers)")
     parser.add_argument("--json", default=os.path.join(REPO, "bench_out", "mutation_check.json"))
     args = parser.parse_args(argv)
 
@@ -221,42 +231,41 @@ def main(argv=None) -> int:
             print(f"{m.name:44s} {m.path:40s} {' '.join(m.tests)}\n    {m.why}")
         return 0
 
-    results = []
-    with tempfile.TemporaryDirectory(prefix="mutation_check_") as root:
-        copy_tree(root)
-        check_isolated(root)
+    with tempfile.TemporaryDirectory(prefix="mutation_check_") as tmp:
+        roots = [os.path.join(tmp, f"copy{k}") for k in range(max(args.jobs, 1))]
+        for root in roots:
+            os.makedirs(root)
+            copy_tree(root)
+        check_isolated(roots[0])
         if not args.no_baseline:
             union = tuple(dict.fromkeys(t for m in chosen for t in _paths(m.tests)))
-            outcome, seconds, tail = run_tests(root, union, args.timeout * 2)
+            workers = ("-n", str(args.jobs), "--dist", "loadfile") if args.jobs > 1 else ()
+            outcome, seconds, tail = run_tests(roots[0], (*workers, *union), args.timeout * 2)
             print(f"baseline (unmutated, {len(union)} test selections): {outcome} in "
                   f"{seconds:.0f} s", flush=True)
             if outcome != "passed":
                 print(f"error: the unmutated tests do not pass ({tail}); fix them first",
                       file=sys.stderr)
                 return 1
-        for m in chosen:
-            path = os.path.join(root, m.path)
-            with open(path) as f:
-                original = f.read()
-            count = original.count(m.old)
-            if count != 1:
-                results.append({**_row(m), "result": "stale", "seconds": 0.0,
-                                "detail": f"text found {count} times"})
-            else:
-                with open(path, "w") as f:
-                    f.write(original.replace(m.old, m.new))
-                try:
-                    outcome, seconds, tail = run_tests(root, m.tests, args.timeout)
-                finally:
-                    with open(path, "w") as f:
-                        f.write(original)
-                result = {"passed": "SURVIVED", "failed": "killed", "timeout": "killed",
-                          "error": "error"}[outcome]
-                results.append({**_row(m), "result": result, "seconds": round(seconds, 1),
-                                "detail": "timeout" if outcome == "timeout" else tail})
-            r = results[-1]
-            print(f"  {r['result']:8s} {m.name:42s} {r['seconds']:6.1f} s  {r['detail']}",
-                  flush=True)
+        free: queue.Queue[str] = queue.Queue()
+        for root in roots:
+            free.put(root)
+
+        def one(m: Mutation) -> dict:
+            root = free.get()
+            try:
+                return check(root, m, args.timeout)
+            finally:
+                free.put(root)
+
+        with concurrent.futures.ThreadPoolExecutor(len(roots)) as pool:
+            futures = [pool.submit(one, m) for m in chosen]
+            for future in concurrent.futures.as_completed(futures):
+                r = future.result()
+                print(f"  {r['result']:8s} {r['name']:42s} {r['seconds']:6.1f} s  {r['detail']}",
+                      flush=True)
+        order = {m.name: k for k, m in enumerate(chosen)}
+        results = sorted((f.result() for f in futures), key=lambda r: order[r["name"]])
 
     print()
     print("| mutation | file | result | caught by | seconds |")
@@ -273,6 +282,28 @@ def main(argv=None) -> int:
         json.dump({"results": results}, f, indent=2)
     os.replace(tmp, args.json)
     return 1 if bad else 0
+
+
+def check(root: str, m: Mutation, timeout: float) -> dict:
+    """Applies ``m`` in the copy ``root``, runs its tests, restores the file: the result row."""
+    path = os.path.join(root, m.path)
+    with open(path) as f:
+        original = f.read()
+    count = original.count(m.old)
+    if count != 1:
+        return {**_row(m), "result": "stale", "seconds": 0.0,
+                "detail": f"text found {count} times"}
+    with open(path, "w") as f:
+        f.write(original.replace(m.old, m.new))
+    try:
+        outcome, seconds, detail = run_tests(root, m.tests, timeout)
+    finally:
+        with open(path, "w") as f:
+            f.write(original)
+    result = {"passed": "SURVIVED", "failed": "killed", "timeout": "killed",
+              "error": "error"}[outcome]
+    return {**_row(m), "result": result, "seconds": round(seconds, 1),
+            "detail": "timeout" if outcome == "timeout" else detail}
 
 
 def _paths(tests: tuple[str, ...]) -> tuple[str, ...]:

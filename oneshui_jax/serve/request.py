@@ -156,18 +156,31 @@ def check_output(out: str, overwrite: bool, sources: Sequence[str]) -> None:
 
 def write_output(out: str, params: Any, metadata: Mapping[str, Any],
                  make_receipt: Any) -> Receipt:
-    """Writes ``out`` (``params/``, ``metadata.json``), then the receipt, last and atomically.
+    """Writes ``out`` (``params/``, ``metadata.json``, then the receipt) as a whole.
 
     ``make_receipt(params_hash_after)`` builds the :class:`Receipt` once the parameters are
-    saved. ``out`` must have passed :func:`check_output`; on any error it is removed again.
+    saved. Everything is written into a temporary sibling that is renamed to ``out`` at the end;
+    an earlier output being replaced (``--overwrite``, after :func:`check_output`) is removed only
+    then, so a failed request leaves it as it was and leaves nothing of its own.
     """
-    if os.path.lexists(out):
-        shutil.rmtree(out)
+    out = out.rstrip(os.sep)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        os.makedirs(out)
-        receipt = make_receipt(checkpoints.save_params(out, params, metadata))
-        files.save_json(receipt.to_json(), os.path.join(out, RECEIPT_FILE), indent=2)
+        os.makedirs(tmp)
+        receipt = make_receipt(checkpoints.save_params(tmp, params, metadata))
+        stored = checkpoints.read_metadata(tmp)  # records where it lives: out, not tmp
+        stored["run_dir"] = os.path.abspath(out)
+        files.save_json(stored, os.path.join(tmp, checkpoints.METADATA_FILE))
+        files.save_json(receipt.to_json(), os.path.join(tmp, RECEIPT_FILE), indent=2)
+        old = None
+        if os.path.lexists(out):
+            old = f"{out}.old-{os.getpid()}"
+            os.rename(out, old)
+        os.rename(tmp, out)
     except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return receipt
