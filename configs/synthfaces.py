@@ -22,7 +22,7 @@ default 10) and ``size`` (``default`` or ``small``, the SynthFaces variant).
 import ml_collections
 
 from oneshui_jax import config_lib
-from oneshui_jax.unlearn import api, meta_unlearn, support_ascent
+from oneshui_jax.unlearn import api, lipschitz, meta_unlearn, ssd, support_ascent
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -89,6 +89,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.support_ascent = sa = api.default_block(support_ascent)
     sa.num_identities_simulation = config.num_identities
     sa.compute_dtype = "float32"
+
+    # The reference's one-shot baselines (SPEC.md 7.3-7.5) with its generic values (the
+    # reference never tuned them for this data); add them with --config.stages.
+    config.ssd = api.default_block(ssd)  # dampening from training importances (stats)
+    config.lipschitz = api.default_block(lipschitz)  # JiT: smooth the output (support)
 
     config.progress = True
     return config

@@ -20,6 +20,7 @@ from oneshui_jax.unlearn import api, meta_unlearn, registry, support_ascent
 
 # Methods a config file can name: the reference's table, then the API's methods it lacks.
 METHODS = hparams.METHODS + tuple(m for m in registry.METHODS if m not in hparams.METHODS)
+ONE_SHOT_BASELINES = ("ssd", "lipschitz", "pgu")  # on the method API; blocks always present
 
 _TRUE = ("true", "t", "y", "yes", "1")
 _FALSE = ("false", "f", "n", "no", "0")
@@ -71,8 +72,9 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
 
     Same blocks as ``configs/synthfaces.py`` (``data``, ``model``, ``train``, ``meta_unlearn``)
     with the reference's values (``parser.py`` defaults, ``const.py`` per method / dataset / N),
-    plus a block named like the method (``scrub``, ``bad_teacher``, ``ssd``, ``lipschitz``,
-    ``pgu``) for a baseline. Logs a warning for a pair the reference never tuned; the notes of
+    plus a block named like the method (``scrub``, ``bad_teacher``) for a full-data baseline; the
+    method-API blocks (``meta_unlearn``, ``support_ascent``, ``ssd``, ``lipschitz``, ``pgu``) are
+    always present. Logs a warning for a pair the reference never tuned; the notes of
     where every method's values come from are ``config.hparams_note``.
     """
     pretrain = hparams.reference("pretrain", dataset, num_identities)  # validates dataset, N
@@ -131,6 +133,12 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
     # support_ascent is not in the reference: its defaults, simulated requests of size N.
     config.support_ascent = api.default_block(support_ascent)
     config.support_ascent.num_identities_simulation = num_identities
+    # The reference's one-shot baselines on the method API (SPEC.md 7.3-7.5): their Config with
+    # the reference's values for (dataset, N).
+    for name in ONE_SHOT_BASELINES:
+        if name in registry.METHODS:
+            config[name], _ = api.reference_block(registry.METHODS[name], name, dataset,
+                                                  num_identities)
 
     v = method_h.values if method_h is not None else {}
     if method == "scrub":  # SPEC.md 7.1
@@ -158,17 +166,6 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
         b.use_train_aug = v["use_train_aug"]
         b.optimizer = v["optimizer"]
         b.scheduler = v["scheduler"]  # per-epoch cosine over epochs
-    elif method == "ssd":  # SPEC.md 7.3
-        config.ssd = b = ml_collections.ConfigDict()
-        b.batch_size = v["batch_size"]
-        b.dampening_constant = v["ssd_dampening_constant"]  # λ
-        b.selection_weighting = v["ssd_selection_weighting"]  # α
-    elif method == "lipschitz":  # SPEC.md 7.4
-        config.lipschitz = b = ml_collections.ConfigDict()
-        b.batch_size = v["batch_size"]
-        b.lr = v["lr"]
-        b.weighting = v["lipschitz_weighting"]  # noise σ (30 for ViT)
-        b.n_samples = v["lipschitz_n_samples"]
     elif method == "pgu":  # SPEC.md 7.5
         config.pgu = b = ml_collections.ConfigDict()
         b.batch_size = v["batch_size"]

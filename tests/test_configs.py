@@ -9,6 +9,7 @@ import pytest
 
 from oneshui_jax import config_lib, hparams, study
 from oneshui_jax.errors import ConfigError
+from oneshui_jax.unlearn import api, registry
 from oneshui_jax.unlearn import meta_unlearn as mu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,8 +199,12 @@ def test_every_config_loads_for_every_method_and_paper_n():
                     () if method in ("pretrain", "retrain") else (method,))
                 assert config.stages == stages
                 assert len(config.hparams_note) == len(stages)
-                baselines = {"scrub", "bad_teacher", "ssd", "lipschitz", "pgu"}
-                assert {b for b in baselines if b in config} == ({method} & baselines)
+                full_data = {"scrub", "bad_teacher"}  # a block only when it is the method
+                assert {b for b in full_data if b in config} == ({method} & full_data)
+                for b in set(config_lib.ONE_SHOT_BASELINES) & set(registry.METHODS):
+                    method_module = registry.METHODS[b]  # always there, the reference's values
+                    block, _ = api.reference_block(method_module, b, name, n)
+                    assert dict(config[b]) == dict(block)
                 assert set(synth) <= set(config)
                 for block in STUDY_BLOCKS:
                     assert set(synth[block]) <= set(config[block]), (name, block)

@@ -314,3 +314,38 @@ def test_registry_modules_declare_the_interface():
     broken = types.SimpleNamespace(__name__="broken", ACCESS="everything", unlearn=None)
     with pytest.raises(TypeError, match="ACCESS must be one of"):
         api.check_method("broken", broken)
+
+
+@pytest.mark.parametrize("name", ["ssd", "lipschitz"])
+def test_one_shot_baselines_run_as_stages_read_what_they_may_and_serve(base, tmp_path,
+                                                                        monkeypatch, name):
+    """SSD (stats) and Lipschitz (support) as study stages: Lipschitz reads the portraits and
+    nothing else; SSD also reads, before the request, the training images the pretrained model
+    was fitted on (the forget identities' other images among them, as the reference) and never a
+    test image. Both change the model and serve a request from their own run directory."""
+    from PIL import Image
+
+    from oneshui_jax import serve
+
+    _no_evaluation(monkeypatch)
+    recording = Recording(base.ctx.dataset.source)
+    ctx = fresh_context(base, tmp_path, recording)
+    record, params = study.method_stage(ctx, name, base.params, base.base_dir)
+    read = set(recording.read)
+    assert not read & set(ctx.images["test"].tolist())
+    if name == "lipschitz":
+        assert read == set(ctx.splits.support) and record["access"] == api.SUPPORT
+    else:
+        assert read - set(ctx.splits.support) == set(ctx.images["train"].tolist())
+        assert record["access"] == api.STATS and record["unlearn"]["dampened"] > 0
+    assert checkpoints.params_hash(params) != checkpoints.params_hash(base.params)
+
+    rdir = ctx.run_dir(name)
+    portrait = str(tmp_path / "portrait.png")
+    support = int(ctx.splits.support[0])
+    Image.fromarray(np.asarray(base.ctx.dataset.source[support]["image"])).save(portrait)
+    identity = int(ctx.dataset.annotations.identities[support])
+    receipt = serve.serve_request(rdir, [portrait], str(tmp_path / "out"), identities=[identity])
+    assert receipt.method == name
+    served = checkpoints.load_params(str(tmp_path / "out"))
+    assert checkpoints.params_hash(served) != checkpoints.params_hash(base.params)

@@ -130,6 +130,19 @@ MUTATIONS = (
              ("tests/test_method_api.py::"
               "test_support_ascent_chooses_the_lowest_objective_and_the_shorter_step_on_ties",),
              "the step size with the highest selection objective"),
+    Mutation("ssd_beta_not_clipped_at_one", "oneshui_jax/unlearn/ssd.py",
+             "        beta = jnp.minimum((i_d * dampening_constant) / jnp.where(mask, i_f, 1.0), "
+             "1.0)",
+             "        beta = (i_d * dampening_constant) / jnp.where(mask, i_f, 1.0)",
+             ("tests/test_ssd.py::"
+              "test_unlearn_dampens_where_support_importance_exceeds_alpha_times_train",),
+             "SSD scales selected parameters up where λ I_D > I_f"),
+    Mutation("lipschitz_grads_never_accumulate", "oneshui_jax/unlearn/lipschitz.py",
+             "    total = jax.tree.map(lambda a, g: jnp.where(zero_grad, g, a + g), accumulated, "
+             "grads)",
+             "    total = grads",
+             ("tests/test_lipschitz.py::test_gradients_accumulate_across_batches_unless_zeroed",),
+             "the reference's missing zero_grad (Q21) silently fixed"),
     # -- evaluation and the data-access contract -------------------------------------------------
     Mutation("evaluate_counts_padding", "oneshui_jax/train.py",
              "        logits.append(out_logits[mask])",

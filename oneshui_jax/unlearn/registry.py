@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import types
 
-from oneshui_jax.unlearn import api, meta_unlearn, support_ascent
+from oneshui_jax.unlearn import api, lipschitz, meta_unlearn, ssd, support_ascent
 
 METHODS: dict[str, types.ModuleType] = {
     "meta_unlearn": meta_unlearn,
     "support_ascent": support_ascent,
+    "ssd": ssd,
+    "lipschitz": lipschitz,
 }
 
 for _name, _module in METHODS.items():
