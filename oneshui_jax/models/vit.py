@@ -27,6 +27,12 @@ Functional API (pure, jit-able, nestable in ``jax.grad(jax.grad(...))``)::
 
     params = init_params(cfg, jax.random.key(0))
     logits, cls_features = apply(cfg, params, images, dtype=jnp.bfloat16)
+    logits, cls_features, inputs = apply(cfg, params, images, capture_inputs=True)
+
+``capture_inputs=True`` also returns the input of every dense layer (the patch projection, per
+block ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``, and the head: 50 layers for ViT-B/16),
+keyed by the path of that layer's kernel (:func:`dense_kernel_paths`), as the model computes them
+(PGU's activation covariances). Without it the traced computation is exactly the plain forward.
 
 ``params`` is a plain nested dict of arrays with this layout (block indices are ``int`` keys)::
 
@@ -52,7 +58,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -170,6 +176,17 @@ def _layer_norm(width: int, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(width, epsilon=LN_EPS, dtype=dtype, use_fast_variance=False, rngs=rngs)
 
 
+Tap = Callable[[Path, jax.Array], None] | None
+"""Receives ``(kernel path relative to the module, input of that dense layer)`` when capturing."""
+
+
+def _scoped(tap: Tap, *prefix: str | int) -> Tap:
+    """``tap`` for a submodule at ``prefix`` (None stays None: nothing is captured)."""
+    if tap is None:
+        return None
+    return lambda path, x: tap((*prefix, *path), x)
+
+
 def _at_least_f32(x: jax.Array) -> jax.Array:
     """Cast half-precision arrays to float32; float32 and float64 pass through."""
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
@@ -209,17 +226,22 @@ class Attention(nnx.Module):
         self.qkv = _linear(cfg.width, 3 * cfg.width, dtype, rngs)
         self.proj = _linear(cfg.width, cfg.width, dtype, rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, tap: Tap = None) -> jax.Array:
         """``x`` [B, T, D] -> [B, T, D]; softmax(q k^T / sqrt(head_dim)) v, softmax in >= f32."""
         b, t, d = x.shape
         head_dim = d // self.num_heads
+        if tap is not None:
+            tap(("qkv", "kernel"), x)
         qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, T, heads, head_dim]
         if self.implementation != "xla":
-            return self.proj(fused_attention(q, k, v, self.implementation).reshape(b, t, d))
-        scores = _at_least_f32(jnp.einsum("bqhd,bkhd->bhqk", q, k)) / math.sqrt(head_dim)
-        weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d)
+            out = fused_attention(q, k, v, self.implementation).reshape(b, t, d)
+        else:
+            scores = _at_least_f32(jnp.einsum("bqhd,bkhd->bhqk", q, k)) / math.sqrt(head_dim)
+            weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+            out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d)
+        if tap is not None:
+            tap(("proj", "kernel"), out)
         return self.proj(out)
 
 
@@ -230,9 +252,14 @@ class Mlp(nnx.Module):
         self.fc1 = _linear(cfg.width, cfg.mlp_hidden, dtype, rngs)
         self.fc2 = _linear(cfg.mlp_hidden, cfg.width, dtype, rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, tap: Tap = None) -> jax.Array:
         """``x`` [..., D] -> [..., D]."""
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+        if tap is not None:
+            tap(("fc1", "kernel"), x)
+        hidden = jax.nn.gelu(self.fc1(x), approximate=False)
+        if tap is not None:
+            tap(("fc2", "kernel"), hidden)
+        return self.fc2(hidden)
 
 
 class Block(nnx.Module):
@@ -245,10 +272,10 @@ class Block(nnx.Module):
         self.norm2 = _layer_norm(cfg.width, dtype, rngs)
         self.mlp = Mlp(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, tap: Tap = None) -> jax.Array:
         """``x`` [B, T, D] -> [B, T, D]."""
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.attn(self.norm1(x), _scoped(tap, "attn"))
+        return x + self.mlp(self.norm2(x), _scoped(tap, "mlp"))
 
 
 class PatchEmbed(nnx.Module):
@@ -260,8 +287,10 @@ class PatchEmbed(nnx.Module):
                              dtype=dtype, kernel_init=nnx.initializers.lecun_normal(),
                              bias_init=nnx.initializers.zeros_init(), rngs=rngs)
 
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def __call__(self, images: jax.Array, tap: Tap = None) -> jax.Array:
         """``images`` [B, H, W, C] -> tokens [B, (H/p)*(W/p), D] in row-major patch order."""
+        if tap is not None:
+            tap(("proj", "kernel"), images)
         x = self.proj(images)
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
@@ -288,21 +317,26 @@ class VisionTransformer(nnx.Module):
         self.norm = _layer_norm(cfg.width, dtype, rngs)
         self.head = _linear(cfg.width, cfg.num_classes, dtype, rngs)
 
-    def forward_features(self, images: jax.Array) -> jax.Array:
-        """NHWC images in [-1, 1] -> tokens [B, 1 + P, D] after the final norm (compute dtype)."""
-        x = self.patch_embed(images)
+    def forward_features(self, images: jax.Array, tap: Tap = None) -> jax.Array:
+        """NHWC images in [-1, 1] -> tokens [B, 1 + P, D] after the final norm (compute dtype).
+
+        ``tap`` (optional) receives the input of every dense layer, keyed by its kernel path.
+        """
+        x = self.patch_embed(images, _scoped(tap, "patch_embed"))
         cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, _scoped(tap, "blocks", i))
         return self.norm(x)
 
-    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, images: jax.Array, tap: Tap = None) -> tuple[jax.Array, jax.Array]:
         """NHWC images -> ``(logits [B, num_classes], cls_features [B, D])``, >= float32.
 
         ``cls_features`` is the class token after the final norm, i.e. the head's input.
         """
-        cls_features = self.forward_features(images)[:, 0]
+        cls_features = self.forward_features(images, tap)[:, 0]
+        if tap is not None:
+            tap(("head", "kernel"), cls_features)
         logits = self.head(cls_features)
         return _at_least_f32(logits), _at_least_f32(cls_features)
 
@@ -331,8 +365,8 @@ def _graphdef(cfg: ViTConfig, dtype: np.dtype | None, attention: str = "xla") ->
 
 def apply(
     cfg: ViTConfig, params: Params, images: jax.Array, *, dtype: Any = None,
-    attention: str = "xla",
-) -> tuple[jax.Array, jax.Array]:
+    attention: str = "xla", capture_inputs: bool = False,
+) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, dict[Path, jax.Array]]:
     """Pure forward pass: NHWC images in [-1, 1] -> ``(logits, cls_features)``.
 
     ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``): parameters are cast to it for compute,
@@ -341,9 +375,31 @@ def apply(
     ``jax.jit(apply, static_argnums=0, static_argnames=("dtype", "attention"))``. With the
     default ``attention="xla"`` it is safe under nested ``jax.grad``; ``"cudnn"`` (GPU) is faster
     for first-order work (see ``ATTENTION_IMPLEMENTATIONS``).
+
+    ``capture_inputs=True`` returns ``(logits, cls_features, inputs)``: ``inputs`` maps the kernel
+    path of every dense layer (:func:`dense_kernel_paths`, e.g. ``("blocks", 0, "attn", "qkv",
+    "kernel")``) to the input that layer received in this pass: the images [B, H, W, C] for the
+    patch projection (a conv: unfolding them is the caller's business), tokens [B, T, D_in] for
+    the block layers (in the compute dtype) and the class features [B, D] for the head. The
+    default (False) traces exactly the plain forward pass.
     """
     graphdef = _graphdef(cfg, None if dtype is None else jnp.dtype(dtype), attention)
-    return nnx.merge(graphdef, params)(images)
+    model = nnx.merge(graphdef, params)
+    if not capture_inputs:
+        return model(images)
+    inputs: dict[Path, jax.Array] = {}
+    logits, cls_features = model(images, inputs.__setitem__)
+    return logits, cls_features, inputs
+
+
+def dense_kernel_paths(cfg: ViTConfig) -> list[Path]:
+    """Kernel path of every dense layer in forward order: the patch projection, per block
+    ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``, then the head (50 for ViT-B/16)."""
+    paths: list[Path] = [("patch_embed", "proj", "kernel")]
+    for i in range(cfg.depth):
+        paths += [("blocks", i, *layer, "kernel") for layer in
+                  (("attn", "qkv"), ("attn", "proj"), ("mlp", "fc1"), ("mlp", "fc2"))]
+    return paths + [("head", "kernel")]
 
 
 def count_params(params: Params) -> int:
