@@ -22,7 +22,7 @@ default 10) and ``size`` (``default`` or ``small``, the SynthFaces variant).
 import ml_collections
 
 from oneshui_jax import config_lib
-from oneshui_jax.unlearn import api, lipschitz, meta_unlearn, ssd, support_ascent
+from oneshui_jax.unlearn import api, lipschitz, meta_unlearn, pgu, ssd, support_ascent
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -94,6 +94,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # reference never tuned them for this data); add them with --config.stages.
     config.ssd = api.default_block(ssd)  # dampening from training importances (stats)
     config.lipschitz = api.default_block(lipschitz)  # JiT: smooth the output (support)
+    config.pgu = api.default_block(pgu)  # projected gradient unlearning (stats)
+    config.pgu.compute_dtype = "float32"  # bf16 matmuls are slow on CPU
 
     config.progress = True
     return config

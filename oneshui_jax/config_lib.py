@@ -166,14 +166,6 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
         b.use_train_aug = v["use_train_aug"]
         b.optimizer = v["optimizer"]
         b.scheduler = v["scheduler"]  # per-epoch cosine over epochs
-    elif method == "pgu":  # SPEC.md 7.5
-        config.pgu = b = ml_collections.ConfigDict()
-        b.batch_size = v["batch_size"]
-        b.lr = v["lr"]
-        b.epochs = v["epochs"]
-        b.gamma = v["pgu_gamma"]  # energy kept by the projection
-        # The support images always get the eval transform, so this changes nothing.
-        b.use_train_aug = v["use_train_aug"]
 
     config.progress = True
     notes = []

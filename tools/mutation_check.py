@@ -143,6 +143,12 @@ MUTATIONS = (
              "    total = grads",
              ("tests/test_lipschitz.py::test_gradients_accumulate_across_batches_unless_zeroed",),
              "the reference's missing zero_grad (Q21) silently fixed"),
+    Mutation("pgu_gradient_not_projected", "oneshui_jax/unlearn/pgu.py",
+             '    return (g - jnp.einsum("ij,jo->io", p, g, precision=_HIGHEST))'
+             '.reshape(grad.shape)',
+             "    return g.reshape(grad.shape)",
+             ("tests/test_pgu.py", "-k", "orthogonal"),
+             "PGU's updates move into the retained input subspace (plain gradient descent)"),
     # -- evaluation and the data-access contract -------------------------------------------------
     Mutation("evaluate_counts_padding", "oneshui_jax/train.py",
              "        logits.append(out_logits[mask])",

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import types
 
-from oneshui_jax.unlearn import api, lipschitz, meta_unlearn, ssd, support_ascent
+from oneshui_jax.unlearn import api, lipschitz, meta_unlearn, pgu, ssd, support_ascent
 
 METHODS: dict[str, types.ModuleType] = {
     "meta_unlearn": meta_unlearn,
     "support_ascent": support_ascent,
     "ssd": ssd,
     "lipschitz": lipschitz,
+    "pgu": pgu,
 }
 
 for _name, _module in METHODS.items():
