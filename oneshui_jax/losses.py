@@ -46,11 +46,12 @@ def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     broadcast over the trailing dims: for ``[B, C]`` values the result is the mean over valid
     rows x C, for ``[B]`` values the mean over valid rows.
     """
-    mask = mask.astype(values.dtype)
+    mask = mask.astype(bool)
     while mask.ndim < values.ndim:
         mask = mask[..., None]
-    count = jnp.maximum(jnp.sum(jnp.broadcast_to(mask, values.shape)), 1.0)
-    return jnp.sum(values * mask) / count
+    mask = jnp.broadcast_to(mask, values.shape)
+    count = jnp.maximum(jnp.sum(mask.astype(values.dtype)), 1.0)
+    return jnp.sum(jnp.where(mask, values, 0)) / count  # a non-finite padded value adds nothing
 
 
 def per_example_loss(task: str, logits: jax.Array, labels: jax.Array) -> jax.Array:

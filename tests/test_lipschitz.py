@@ -5,8 +5,8 @@ its documented contract), everything else (the clamp to the batch min / max, the
 the ratio sums, the gradient, the SGD steps, the batching) is recomputed here from ``vit.apply``.
 """
 
-import functools
 
+import doubles
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,20 +24,7 @@ SIGMA, N_SAMPLES, LR = 30.0, 3, 0.5
 
 
 def random_params(seed):
-    """ViT parameters drawn in numpy (larger than timm's init, so the logits move)."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        if leaf.ndim >= 2:
-            x = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-        elif getattr(path[-1], "key", None) == "scale":
-            x = 1.0 + 0.1 * rng.normal(size=leaf.shape)
-        else:
-            x = 0.1 * rng.normal(size=leaf.shape)
-        return jnp.asarray(x, jnp.float32)
-
-    shapes = jax.eval_shape(functools.partial(vit.init_params, MODEL_CFG), jax.random.key(0))
-    return jax.tree_util.tree_map_with_path(draw, shapes)
+    return doubles.random_params(vit.init_params, MODEL_CFG, seed)
 
 
 def images(seed, n):

@@ -10,6 +10,7 @@ import os
 import sys
 import types
 
+import doubles
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,20 +36,6 @@ def base(small_study):
     assert record["reused"]
     return types.SimpleNamespace(config=config, ctx=ctx, params=params,
                                  base_dir=ctx.run_dir("pretrain"))
-
-
-class Recording:
-    """A dataset source that logs every index read."""
-
-    def __init__(self, source):
-        self.source, self.read = source, []
-
-    def __len__(self):
-        return len(self.source)
-
-    def __getitem__(self, index):
-        self.read.append(int(index))
-        return self.source[index]
 
 
 def fresh_context(base, tmp_path, source=None):
@@ -155,7 +142,7 @@ def test_each_call_receives_what_its_access_grants(base, tmp_path, monkeypatch, 
 def test_support_ascent_never_reads_forget_or_test_images(base, tmp_path, monkeypatch):
     """Selection uses held-out identities only; the request-time step reads the portraits."""
     _no_evaluation(monkeypatch)
-    recording = Recording(base.ctx.dataset.source)
+    recording = doubles.Recording(base.ctx.dataset.source)
     ctx = fresh_context(base, tmp_path, recording)
     record, _ = study.method_stage(ctx, "support_ascent", base.params, base.base_dir)
     read = set(recording.read)
@@ -174,7 +161,7 @@ def test_unlearned_model_ignores_the_forget_images(base, tmp_path, monkeypatch):
     _no_evaluation(monkeypatch)
     forget = forget_only(base.ctx)
 
-    class Scrambled(Recording):
+    class Scrambled(doubles.Recording):
         def __getitem__(self, index):
             record = self.source[index]
             if int(index) in forget:
@@ -191,7 +178,7 @@ def test_unlearned_model_ignores_the_forget_images(base, tmp_path, monkeypatch):
 
 def test_meta_unlearn_prepare_never_reads_test_or_support_images(base, tmp_path, monkeypatch):
     _no_evaluation(monkeypatch)
-    recording = Recording(base.ctx.dataset.source)
+    recording = doubles.Recording(base.ctx.dataset.source)
     ctx = fresh_context(base, tmp_path, recording)
     ctx.config.meta_unlearn.epochs = 1
     ctx.config.meta_unlearn.num_identities_simulation = 40
@@ -329,7 +316,7 @@ def test_one_shot_baselines_run_as_stages_read_what_they_may_and_serve(base, tmp
     from oneshui_jax import serve
 
     _no_evaluation(monkeypatch)
-    recording = Recording(base.ctx.dataset.source)
+    recording = doubles.Recording(base.ctx.dataset.source)
     ctx = fresh_context(base, tmp_path, recording)
     record, params = study.method_stage(ctx, name, base.params, base.base_dir)
     read = set(recording.read)

@@ -15,6 +15,7 @@ ignored the mask would be far off.
 import functools
 import itertools
 
+import doubles
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -509,23 +510,6 @@ RETAIN_BATCH_LOSS = jax.jit(mu.retain_batch_loss, static_argnums=(0, 1))
 INNER_STEP = jax.jit(mu.inner_step, static_argnums=(0, 1, 2))
 
 
-def random_params(init, cfg, seed):
-    """Parameters of ``init``'s layout drawn in numpy (faster than eager init on 2 cores)."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        if leaf.ndim >= 2:
-            x = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-        elif getattr(path[-1], "key", None) == "scale":
-            x = 1.0 + 0.1 * rng.normal(size=leaf.shape)
-        else:
-            x = 0.1 * rng.normal(size=leaf.shape)
-        return jnp.asarray(x, jnp.float32)
-
-    shapes = jax.eval_shape(functools.partial(init, cfg), jax.random.key(0))
-    return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
 def _images(rng, n):
     return jnp.asarray(rng.uniform(-1, 1, (n, 16, 16, 3)), jnp.float32)
 
@@ -540,8 +524,8 @@ def _labels(task, rng, n):
 def test_retain_batch_loss_is_the_task_loss(task):
     """The retain step's loss is BCE (multi-label) or CE (classification, not BCE: Q18)."""
     model_cfg = MODEL_CFG
-    theta = random_params(vit.init_params, model_cfg, 0)
-    theta_u = random_params(vit.init_params, model_cfg, 1)
+    theta = doubles.random_params(vit.init_params, model_cfg, 0)
+    theta_u = doubles.random_params(vit.init_params, model_cfg, 1)
     rng = np.random.default_rng(0)
     retain = {"image": _images(rng, 4), "label": _labels(task, rng, 4),
               "mask": jnp.array([True, True, True, False])}
@@ -585,8 +569,8 @@ def test_inner_step_descends_the_learned_loss_by_meta_lr_times_its_gradient():
     """d = (θ_u − θ)/η: the support loss's slope along d is −‖d‖² and a small step lowers it."""
     ml_cfg = meta_loss.MetaLossConfig.for_vit(MODEL_CFG, num_identities=6, task="multilabel",
                                               hidden_size=16)
-    theta = random_params(vit.init_params, MODEL_CFG, 2)
-    phi = random_params(meta_loss.init_params, ml_cfg, 3)
+    theta = doubles.random_params(vit.init_params, MODEL_CFG, 2)
+    phi = doubles.random_params(meta_loss.init_params, ml_cfg, 3)
     rng = np.random.default_rng(0)
     support = {"image": _images(rng, 3), "label": _labels("multilabel", rng, 3),
                "row": jnp.array([0, 3, 5]), "mask": jnp.array([True, True, False])}
@@ -612,7 +596,7 @@ def test_inner_step_descends_the_learned_loss_by_meta_lr_times_its_gradient():
 @pytest.mark.parametrize("task", TASKS)
 def test_support_ascent_step_ascends_the_portraits_task_loss(task):
     """d = (θ' − θ)/α: the numpy task loss's slope along d is +‖d‖², and the step raises it."""
-    theta = random_params(vit.init_params, MODEL_CFG, 4)
+    theta = doubles.random_params(vit.init_params, MODEL_CFG, 4)
     rng = np.random.default_rng(1)
     images, labels = _images(rng, 3), _labels(task, rng, 3)
     model = api.Model(vit=MODEL_CFG, task=task)

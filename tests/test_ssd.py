@@ -8,6 +8,7 @@ Expected values are computed here: per-batch gradients of a task loss written ou
 import functools
 import math
 
+import doubles
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,20 +170,6 @@ def test_unlearn_dampens_where_support_importance_exceeds_alpha_times_train(para
 # prepare reads TRAIN minus support only, through the guarded source
 
 
-class Recording:
-    """A dataset source that logs every index read."""
-
-    def __init__(self, source):
-        self.source, self.read = source, []
-
-    def __len__(self):
-        return len(self.source)
-
-    def __getitem__(self, index):
-        self.read.append(int(index))
-        return self.source[index]
-
-
 def test_prepare_reads_train_minus_support_and_averages_its_batches(params):
     rng = np.random.default_rng(3)
     # identities 0-2 TRAIN (images 0-11), 3 VAL (12-13), 4 TEST (14-15); support images 2, 6.
@@ -191,7 +178,7 @@ def test_prepare_reads_train_minus_support_and_averages_its_batches(params):
                 "label": rng.integers(0, 2, C).astype(np.uint8), "identity": int(i)}
                for i in identity]
     train = [0, 1, 3, 4, 5, 7, 8, 9, 10, 11]
-    recording = Recording(records)
+    recording = doubles.Recording(records)
     data = api.TrainData(
         source=api.GuardedSource(recording, np.array(train + [12, 13]),
                                  "TRAIN images without the support, and VAL"),

@@ -53,7 +53,7 @@ T_MU = "tests/test_meta_unlearn.py"
 MUTATIONS = (
     # -- the nine planted bugs that motivated the check --------------------------------------
     Mutation("masked_mean_ignores_mask", "oneshui_jax/losses.py",
-             "    return jnp.sum(values * mask) / count",
+             "    return jnp.sum(jnp.where(mask, values, 0)) / count",
              "    return jnp.mean(values)",
              (T_OBJ, f"{T_LOOP}::test_train_loss_is_the_mean_over_valid_rows_only"),
              "padded rows count in every loss"),

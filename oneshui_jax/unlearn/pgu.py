@@ -78,6 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from oneshui_jax import losses
 from oneshui_jax.data import pipeline
 from oneshui_jax.errors import ConfigError
 from oneshui_jax.models import vit
@@ -272,11 +273,6 @@ def project(grad: jax.Array, p: jax.Array) -> jax.Array:
 # The unlearning loss
 
 
-def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-    keep = mask.astype(jnp.float32)
-    return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(keep), 1.0)
-
-
 def reverse_loss(task: str, logits: jax.Array, labels: jax.Array, mask: jax.Array,
                  reverse_bce: str = "index") -> jax.Array:
     """The reference's reverse loss over the valid rows (module docstring), float32."""
@@ -293,13 +289,13 @@ def reverse_loss(task: str, logits: jax.Array, labels: jax.Array, mask: jax.Arra
         terms = -jnp.log(1.0 - jax.nn.sigmoid(logits) + REVERSE_MARGIN)
         per_image = jnp.sum(terms * positive, axis=-1) / jnp.maximum(
             jnp.sum(positive, axis=-1), 1.0)
-    return _masked_mean(per_image, mask)
+    return losses.masked_mean(per_image, mask)
 
 
 def negative_entropy(logits: jax.Array, mask: jax.Array) -> jax.Array:
     """``mean_i Σ_c p_ic log(p_ic + 1e-15)``, ``p = softmax(logits)`` (multilabel too, Q20)."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    return _masked_mean(jnp.sum(probs * jnp.log(probs + LOG_EPS), axis=-1), mask)
+    return losses.masked_mean(jnp.sum(probs * jnp.log(probs + LOG_EPS), axis=-1), mask)
 
 
 def unlearning_loss(task: str, logits: jax.Array, labels: jax.Array, mask: jax.Array,
