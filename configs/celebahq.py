@@ -19,9 +19,10 @@ root)::
 Bring timm's ImageNet ViT-B/16 weights to ``config.model.init`` (README "Pretrained weights").
 
 ``get_config(arg)`` takes ``key=value`` pairs separated by commas: ``method`` (default
-``meta_unlearn``; one of ``config_lib.METHODS``) and ``N`` (forget identities, default
-20). Values of the reference's ``const.py`` for (method, celebahq, N); where the reference has
-none it falls back to generic defaults and a warning is logged.
+``meta_unlearn``; one of ``config_lib.METHODS``, or ``one_shot`` for every one-shot method) and
+``N`` (forget identities, default 20). Values of the reference's ``const.py`` for
+(method, celebahq, N); where the reference has none it falls back to generic defaults and a
+warning is logged.
 """
 
 from oneshui_jax import config_lib
@@ -29,5 +30,5 @@ from oneshui_jax import config_lib
 
 def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg, {"method": "meta_unlearn", "N": 20},
-                                choices={"method": config_lib.METHODS})
+                                choices={"method": (*config_lib.METHODS, "one_shot")})
     return config_lib.real_data_config("celebahq", args["method"], args["N"])

@@ -21,6 +21,9 @@ from oneshui_jax.unlearn import api, meta_unlearn, registry, support_ascent
 # Methods a config file can name: the reference's table, then the API's methods it lacks.
 METHODS = hparams.METHODS + tuple(m for m in registry.METHODS if m not in hparams.METHODS)
 ONE_SHOT_BASELINES = ("ssd", "lipschitz", "pgu")  # on the method API; blocks always present
+# The servable methods (ACCESS support / stats), in table order; ``method=one_shot`` runs them all
+# after one pretrain / retrain.
+ONE_SHOT = ("meta_unlearn", "support_ascent") + ONE_SHOT_BASELINES
 
 _TRUE = ("true", "t", "y", "yes", "1")
 _FALSE = ("false", "f", "n", "no", "0")
@@ -68,7 +71,9 @@ def parse_arg(arg: str | None, allowed: dict[str, Any],
 
 
 def real_data_config(dataset: str, method: str, num_identities: int) -> ml_collections.ConfigDict:
-    """The paper's setting for ``dataset`` (celeba | celebahq | mufac) and one method.
+    """The paper's setting for ``dataset`` (celeba | celebahq | mufac) and one method (or
+    ``one_shot``: every method of :data:`ONE_SHOT`, one stage each, after the same pretrain and
+    retrain).
 
     Same blocks as ``configs/synthfaces.py`` (``data``, ``model``, ``train``, ``meta_unlearn``)
     with the reference's values (``parser.py`` defaults, ``const.py`` per method / dataset / N),
@@ -78,6 +83,9 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
     where every method's values come from are ``config.hparams_note``.
     """
     pretrain = hparams.reference("pretrain", dataset, num_identities)  # validates dataset, N
+    if method not in METHODS + ("one_shot",):
+        raise ValueError(f"unknown method {method!r}; expected one of "
+                         f"{', '.join(METHODS + ('one_shot',))}")
     method_h = (hparams.reference(method, dataset, num_identities)
                 if method in hparams.METHODS else None)
 
@@ -88,7 +96,10 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
     config.workdir = f"workdir/{dataset}"  # results, tables, plots
     config.checkpoint_dir = "checkpoints"  # <dir>/<dataset>/<model>/<stage>_<N>_<seed>/
     training = ("pretrain", "retrain")
-    config.stages = training if method in training else training + (method,)
+    if method == "one_shot":
+        config.stages = training + ONE_SHOT
+    else:
+        config.stages = training if method in training else training + (method,)
 
     config.data = data = ml_collections.ConfigDict()
     data.data_dir = "datasets/"  # the reference's --data_dir default; the original layout below
@@ -200,8 +211,13 @@ CPU_PROFILE: dict[str, Any] = {
     "train.weight_decay": 1e-4,
     "train.warmup_epochs": 2,
     "train.compute_dtype": "float32",  # bf16 matmuls are slow on CPU
-    # MetaUnlearn keeps the reference's MUFAC values (epochs, lr, meta_lr, request size).
+    # The methods keep the reference's values for (dataset, N) (MetaUnlearn's epochs, lr,
+    # meta_lr, request size; SSD's λ, α; ...), in float32.
     "meta_unlearn.compute_dtype": "float32",
+    "support_ascent.compute_dtype": "float32",
+    "ssd.compute_dtype": "float32",
+    "lipschitz.compute_dtype": "float32",
+    "pgu.compute_dtype": "float32",
 }
 
 

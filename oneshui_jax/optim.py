@@ -46,6 +46,12 @@ def make(name: str, weight_decay: float, momentum: float = 0.9) -> optax.Gradien
     raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
 
 
+def epoch_cosine(lr: float, epoch: int, epochs: int) -> float:
+    """``lr (1 + cos(π e / E)) / 2``: torch's ``CosineAnnealingLR(T_max=E)`` stepped once per
+    epoch, the learning rate of epoch ``e`` (0-based) of the reference's unlearning methods."""
+    return lr * (1.0 + math.cos(math.pi * epoch / epochs)) / 2.0
+
+
 def reference_lr(step: int, *, base_lr: float, steps_per_epoch: int, epochs: int,
                  warmup_epochs: int = 2, t_max: float | None = None) -> float:
     """Learning rate of global batch ``step`` (0-based) under the reference's schedule."""

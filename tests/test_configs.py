@@ -212,6 +212,11 @@ def test_every_config_loads_for_every_method_and_paper_n():
                 m = ref("meta_unlearn", name, n)
                 assert (config.meta_unlearn.epochs, config.meta_unlearn.lr,
                         config.meta_unlearn.meta_lr) == (m["epochs"], m["lr"], m["meta_lr"])
+        one_shot = module.get_config("method=one_shot")
+        assert one_shot.stages == ("pretrain", "retrain") + config_lib.ONE_SHOT
+        assert len(one_shot.hparams_note) == len(one_shot.stages)
+        assert set(config_lib.ONE_SHOT) <= set(one_shot) and "scrub" not in one_shot
+        assert all(registry.METHODS[m].ACCESS in api.SERVABLE for m in config_lib.ONE_SHOT)
 
 
 def test_real_config_values():
@@ -257,8 +262,11 @@ def test_bad_config_args(name, arg, key):
 
 def test_cpu_profile_changes_only_what_it_says():
     mufac = load_config_file("mufac")
-    paper = flat(mufac.get_config("N=5"))
-    cpu_config = mufac.get_config("N=5,profile=cpu")
+    paper = flat(mufac.get_config("N=5,method=one_shot"))
+    cpu_config = mufac.get_config("N=5,profile=cpu")  # every one-shot method by default
+    assert cpu_config.stages == ("pretrain", "retrain") + config_lib.ONE_SHOT
+    assert mufac.get_config("N=5,profile=cpu,method=ssd").stages == ("pretrain", "retrain", "ssd")
+    assert mufac.get_config("N=5").stages == ("pretrain", "retrain", "meta_unlearn")
     cpu = flat(cpu_config)
     assert set(paper) == set(cpu)
     changed = {k for k in paper if paper[k] != cpu[k]}
@@ -271,6 +279,7 @@ def test_cpu_profile_changes_only_what_it_says():
     # MetaUnlearn keeps the reference's (mufac, N=5) values; only the dtype changes.
     assert (cpu["meta_unlearn.epochs"], cpu["meta_unlearn.num_identities_simulation"]) == (10, 5)
     assert (cpu["meta_unlearn.lr"], cpu["meta_unlearn.meta_lr"]) == (1e-2, 1e-3)
+    assert all(cpu[f"{m}.compute_dtype"] == "float32" for m in config_lib.ONE_SHOT)
     study.validate_config(cpu_config)
     study.validate_config(mufac.get_config("N=10"))  # the paper setting validates too
 

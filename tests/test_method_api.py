@@ -295,6 +295,25 @@ def test_config_blocks_are_derived_and_validated():
     assert again.task == "classification" and again.lr == 1e-2
 
 
+def test_request_batches_pad_the_last_batch_with_a_masked_repeat():
+    rng = np.random.default_rng(1)
+    images = rng.uniform(-1, 1, (5, 4, 4, 3)).astype(np.float32)
+    labels = np.arange(5)
+    request = api.Request(jnp.asarray(images), jnp.asarray(labels), (1, 1, 2, 2, 3))
+    order = np.array([4, 0, 3, 1, 2])
+    batches = api.request_batches(request, 2, order)
+    assert [b["image"].shape[0] for b in batches] == [2, 2, 2]
+    assert [np.asarray(b["mask"]).tolist() for b in batches] == [[1, 1], [1, 1], [1, 0]]
+    got = np.concatenate([np.asarray(b["label"]) for b in batches])
+    assert got.tolist() == [4, 0, 3, 1, 2, 2]  # the last batch repeats its first portrait
+    np.testing.assert_array_equal(batches[1]["image"], images[[3, 1]])
+    one = api.request_batches(request, 128)  # never padded beyond the request
+    assert len(one) == 1 and one[0]["image"].shape[0] == 5 and bool(one[0]["mask"].all())
+    np.testing.assert_array_equal(one[0]["image"], images)
+    with pytest.raises(ValueError, match="batch_size"):
+        api.request_batches(request, 0)
+
+
 def test_registry_modules_declare_the_interface():
     for name, module in registry.METHODS.items():
         api.check_method(name, module)

@@ -59,6 +59,13 @@ def test_reference_lr_schedule():
     assert last == pytest.approx(1e-3 * 0.0245, rel=1e-2) and last > 0  # never reaches 0
 
 
+def test_epoch_cosine_is_torch_cosine_annealing_per_epoch():
+    """CosineAnnealingLR(T_max=4) stepped once per epoch: lr of epochs 0-3 (PGU, MetaUnlearn)."""
+    lrs = [optim.epoch_cosine(0.1, e, 4) for e in range(4)]
+    np.testing.assert_allclose(lrs, [0.1, 0.1 * (1 + 0.5 ** 0.5) / 2, 0.05,
+                                     0.1 * (1 - 0.5 ** 0.5) / 2], rtol=1e-12)
+
+
 def test_sgd_matches_torch_semantics():
     """p -= lr * buf, buf = 0.9 buf + (g + wd p): torch.optim.SGD(momentum=0.9, weight_decay)."""
     import jax.numpy as jnp

@@ -238,12 +238,6 @@ def test_losses_against_numpy():
     assert float(total) == pytest.approx(expected["classification"] + 0.2 * entropy, rel=1e-5)
 
 
-def test_epoch_lr_is_the_cosine_schedule():
-    lrs = [pgu.epoch_lr(0.1, e, 4) for e in range(4)]
-    np.testing.assert_allclose(lrs, [0.1, 0.1 * (1 + 0.5 ** 0.5) / 2, 0.05,
-                                     0.1 * (1 - 0.5 ** 0.5) / 2], rtol=1e-12)
-
-
 # ---------------------------------------------------------------------------------------------
 # Unlearning
 

@@ -202,6 +202,29 @@ class _TrainAnnotations:
         return self.table
 
 
+def request_batches(request: Request, batch_size: int,
+                    order: Sequence[int] | np.ndarray | None = None) -> list[dict[str, jax.Array]]:
+    """The request's portraits in ``order`` (default: request order) as the reference's
+    unlearning loaders batch them: batches of ``min(batch_size, n)`` rows, the last one padded by
+    repeating its first portrait and masked, so every batch has one shape and padded rows count
+    nowhere. Each batch is ``{"image", "label", "mask"}``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = request.size
+    order = np.arange(n) if order is None else np.asarray(order, np.int64)
+    rows = min(batch_size, n)
+    images, labels = jnp.asarray(request.images, jnp.float32), jnp.asarray(request.labels)
+    out = []
+    for start in range(0, len(order), rows):
+        chunk = order[start:start + rows]
+        valid = len(chunk)
+        chunk = np.concatenate([chunk, np.full(rows - valid, chunk[0], np.int64)])
+        out.append({"image": images[chunk], "label": labels[chunk],
+                    "mask": jnp.asarray(np.arange(rows) < valid)})
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class FullData:
     """What a ``full`` method's ``unlearn`` reads: the forget and retain sets (and VAL).

@@ -220,19 +220,6 @@ def compiled_step(model: api.Model, n_samples: int, compute_dtype: str = "float3
     return jax.jit(step)
 
 
-def batches(size: int, batch_size: int) -> list[tuple[np.ndarray, int]]:
-    """``(indices, valid)`` per support batch in request order: one unpadded batch when
-    ``size <= batch_size``, otherwise batches of ``batch_size`` with the last padded (index 0
-    repeated, masked out)."""
-    if size <= batch_size:
-        return [(np.arange(size), size)]
-    out = []
-    for start in range(0, size, batch_size):
-        idx = np.arange(start, min(start + batch_size, size))
-        out.append((np.pad(idx, (0, batch_size - idx.size)), idx.size))
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # The method
 
@@ -247,14 +234,12 @@ def unlearn(model: api.Model, params: Params, artifacts: api.Artifacts, request:
     del artifacts, data
     step = compiled_step(model, cfg.n_samples, cfg.compute_dtype)
     zero_grad = jnp.asarray(cfg.zero_grad_between_batches)
-    images = jnp.asarray(request.images, jnp.float32)
     sigma = jnp.asarray(cfg.weighting, jnp.float32)
     lr = jnp.asarray(cfg.lr, jnp.float32)
     accumulated = jax.tree.map(jnp.zeros_like, params)
     losses = []
-    for k, (idx, valid) in enumerate(batches(request.size, cfg.batch_size)):
-        mask = jnp.asarray(np.arange(idx.size) < valid)
-        params, accumulated, loss = step(params, accumulated, images[jnp.asarray(idx)], mask,
+    for k, batch in enumerate(api.request_batches(request, cfg.batch_size)):
+        params, accumulated, loss = step(params, accumulated, batch["image"], batch["mask"],
                                          rng, jnp.uint32(k), sigma, lr, zero_grad)
         losses.append(loss)
     return params, {"loss": [float(v) for v in losses], "batches": len(losses),

@@ -100,7 +100,7 @@ class Config:
 
     def lr_at(self, epoch: int) -> float:
         """Per-epoch cosine without warmup: ``lr (1 + cos(π e / E)) / 2``."""
-        return self.lr * (1.0 + math.cos(math.pi * epoch / self.epochs)) / 2.0
+        return optim.epoch_cosine(self.lr, epoch, self.epochs)
 
 
 def reference_hyperparameters(dataset: str, num_identities: int) -> dict[str, Any]:

@@ -78,7 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from oneshui_jax import losses
+from oneshui_jax import losses, optim
 from oneshui_jax.data import pipeline
 from oneshui_jax.errors import ConfigError
 from oneshui_jax.models import vit
@@ -305,11 +305,6 @@ def unlearning_loss(task: str, logits: jax.Array, labels: jax.Array, mask: jax.A
             + ENTROPY_WEIGHT * negative_entropy(logits, mask))
 
 
-def epoch_lr(lr: float, epoch: int, epochs: int) -> float:
-    """``lr (1 + cos(π e / E)) / 2``: the reference's CosineAnnealingLR after ``e`` epochs."""
-    return lr * (1.0 + math.cos(math.pi * epoch / epochs)) / 2.0
-
-
 def _with_kernels(params: Params, kernels: dict[Path, jax.Array]) -> Params:
     """``params`` with the kernels at the given paths replaced (the other leaves shared)."""
     out = jax.tree.map(lambda x: x, params)
@@ -374,17 +369,6 @@ def prepare(model: api.Model, params: Params, data: api.TrainData, cfg: Config,
     return {"covariance": covariance}, info
 
 
-def _support_batches(request: api.Request, batch_size: int, order: np.ndarray):
-    """The request's portraits in ``order``, in padded, masked batches of ``batch_size``."""
-    images, labels = jnp.asarray(request.images, jnp.float32), jnp.asarray(request.labels)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        valid = len(chunk)
-        chunk = np.concatenate([chunk, np.full(batch_size - valid, chunk[0])])
-        yield {"image": images[chunk], "label": labels[chunk],
-               "mask": jnp.asarray(np.arange(batch_size) < valid)}
-
-
 def unlearn(model: api.Model, params: Params, artifacts: api.Artifacts, request: api.Request,
             cfg: Config, rng: jax.Array, data=None) -> tuple[Params, dict[str, Any]]:
     """Projections from ``C − C_f``, then ``epochs`` of projected SGD on the portraits."""
@@ -394,7 +378,7 @@ def unlearn(model: api.Model, params: Params, artifacts: api.Artifacts, request:
         return params, {"updated_layers": 0, "ranks": {}, "steps": 0, "loss": []}
     batch_size = min(cfg.batch_size, n)
     support = accumulate_covariances(
-        model.vit, params, _support_batches(request, batch_size, np.arange(n)),
+        model.vit, params, api.request_batches(request, batch_size),
         patch_covariance=cfg.patch_covariance, attention=model.attention)
     projections, ranks = {}, {}
     for name, c in artifacts["covariance"].items():
@@ -408,14 +392,14 @@ def unlearn(model: api.Model, params: Params, artifacts: api.Artifacts, request:
                         model.attention)
     epoch_losses, steps = [], 0
     for epoch in range(cfg.epochs):
-        lr = jnp.float32(epoch_lr(cfg.lr, epoch, cfg.epochs))
+        lr = jnp.float32(optim.epoch_cosine(cfg.lr, epoch, cfg.epochs))
         order = np.asarray(jax.random.permutation(jax.random.fold_in(rng, epoch), n))
-        losses = []
-        for batch in _support_batches(request, batch_size, order):
+        batch_losses = []
+        for batch in api.request_batches(request, batch_size, order):
             kernels, loss = step(params, kernels, projections, batch, lr)
-            losses.append(loss)
+            batch_losses.append(loss)
             steps += 1
-        epoch_losses.append(float(np.mean(jax.device_get(losses))))
+        epoch_losses.append(float(np.mean(jax.device_get(batch_losses))))
     new = _with_kernels(params, {paths[name]: k for name, k in kernels.items()})
     return new, {"updated_layers": len(kernels), "ranks": ranks, "steps": steps,
                  "loss": epoch_losses}

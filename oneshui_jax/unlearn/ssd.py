@@ -175,23 +175,6 @@ def train_order(data: api.TrainData) -> np.ndarray:
     return train[np.random.default_rng(data.seed).permutation(train.size)]
 
 
-def request_batches(images: jax.Array, labels: jax.Array, batch_size: int) -> list[Batch]:
-    """The portraits in batches of at most ``batch_size`` (request order), the last one padded
-    and masked to the first one's size."""
-    n = images.shape[0]
-    rows = min(batch_size, n)
-    out = []
-    for start in range(0, n, rows):
-        image, label = images[start:start + rows], labels[start:start + rows]
-        pad = rows - image.shape[0]
-        mask = jnp.arange(rows) < image.shape[0]
-        if pad:
-            image = jnp.concatenate([image, jnp.zeros((pad, *image.shape[1:]), image.dtype)])
-            label = jnp.concatenate([label, jnp.zeros((pad, *label.shape[1:]), label.dtype)])
-        out.append({"image": image, "label": label, "mask": mask})
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # The method
 
@@ -222,8 +205,7 @@ def unlearn(model: api.Model, params: Params, artifacts: api.Artifacts, request:
     ``support_batches``.
     """
     del rng, data
-    batches = request_batches(jnp.asarray(request.images), jnp.asarray(request.labels),
-                              cfg.batch_size)
+    batches = api.request_batches(request, cfg.batch_size)
     forget_importance, count = importances(model, params, batches, cfg)
     new, counts = _dampen_step(params, artifacts["train_importance"], forget_importance,
                                jnp.float32(cfg.dampening_constant),
