@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from oneshui_jax import checkpoints, losses, study
-from oneshui_jax.errors import ConfigError
+from oneshui_jax.errors import CheckpointError, ConfigError
 from oneshui_jax.models import vit
 from oneshui_jax.study import access, stages
 from oneshui_jax.unlearn import api, registry, support_ascent
@@ -126,6 +126,7 @@ def test_each_call_receives_what_its_access_grants(base, tmp_path, monkeypatch, 
     else:
         assert isinstance(log["prepare_data"], api.TrainData)
         assert "TRAIN images" in log["refused"]  # the test split cannot be read
+        assert log["prepare_data"].crop_scale == tuple(ctx.config.data.crop_scale)
     if level == api.FULL:
         data = log["unlearn_data"]
         assert isinstance(data, api.FullData)
@@ -137,6 +138,13 @@ def test_each_call_receives_what_its_access_grants(base, tmp_path, monkeypatch, 
     metadata = checkpoints.read_metadata(ctx.run_dir("spy"))
     assert metadata["access"] == level and metadata["method_config"]["scale"] == 1.0
     assert checkpoints.load_tree(ctx.run_dir("spy"), checkpoints.ARTIFACTS_DIR)["w"].shape == (2,)
+    # The training augmentation is part of what a method reading TRAIN images depends on.
+    ctx.config.data.crop_scale = (1.0, 1.0)
+    if level == api.SUPPORT:
+        assert study.method_stage(ctx, "spy", base.params, base.base_dir)[0]["reused"]
+    else:
+        with pytest.raises(CheckpointError, match=r"data.crop_scale: \[.*\] -> \[1.0, 1.0\]"):
+            study.method_stage(ctx, "spy", base.params, base.base_dir)
 
 
 def test_support_ascent_never_reads_forget_or_test_images(base, tmp_path, monkeypatch):

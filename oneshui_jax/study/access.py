@@ -38,7 +38,8 @@ def train_data(ctx, checkpointer=None) -> api.TrainData:
         holdout_identities=tuple(i for i in splits.train if i not in forget),
         support_images=tuple(int(i) for i in splits.support), val_images=images["val"],
         image_size=ctx.config.data.image_size, seed=ctx.config.seed,
-        progress=ctx.config.progress, checkpointer=checkpointer)
+        progress=ctx.config.progress, checkpointer=checkpointer,
+        crop_scale=tuple(ctx.config.data.crop_scale))
 
 
 def full_data(ctx) -> api.FullData:

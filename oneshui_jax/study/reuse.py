@@ -6,8 +6,9 @@ A stage's fingerprint has these parts (``fingerprint``):
   labels of the build, after ``dedup``), so changed labels make a new fingerprint;
 * ``model``: the architecture (``ViTConfig``, the image size included);
 * ``splits`` (their hash) and ``seed`` (data order, initialisation);
-* the stage's settings: ``train`` (``config.train`` plus ``data.crop_scale``) for pretrain and
-  retrain, the method's validated ``Config`` for a method;
+* the stage's settings: ``train`` for pretrain and retrain, the method's validated ``Config`` for
+  a method; plus ``data.crop_scale`` (the training augmentation) for every stage that reads
+  TRAIN images (pretrain, retrain and ``stats`` / ``full`` methods, e.g. PGU's covariances);
 * ``parent``: the hash of the parameters the stage starts from (the initial parameters for
   pretrain / retrain, the pretrained model for a method).
 
@@ -42,8 +43,9 @@ REUSE, RESUME, FRESH = "reuse", "resume", "fresh"
 
 
 def fingerprint(ctx, stage: str, settings_name: str, settings: Mapping[str, Any],
-                parent_hash: str | None, training: bool) -> dict[str, Any]:
-    """``{"version", "hash", "parts"}`` of a stage (module docstring)."""
+                parent_hash: str | None, augmented: bool) -> dict[str, Any]:
+    """``{"version", "hash", "parts"}`` of a stage (module docstring); ``augmented``: the stage
+    reads TRAIN images, so the training augmentation is part of its fingerprint."""
     config = ctx.config
     parts: dict[str, Any] = {
         "stage": stage,
@@ -56,7 +58,7 @@ def fingerprint(ctx, stage: str, settings_name: str, settings: Mapping[str, Any]
         settings_name: dict(settings),
         "parent": parent_hash,
     }
-    if training:
+    if augmented:
         parts["data.crop_scale"] = list(config.data.crop_scale)
     parts = files.to_json(parts)
     text = json.dumps(parts, sort_keys=True, separators=(",", ":"))
@@ -86,7 +88,7 @@ def differences(stored: Mapping[str, Any], wanted: Mapping[str, Any], *,
 
 
 def legacy_parts(metadata: Mapping[str, Any], settings_name: str,
-                 training: bool) -> dict[str, Any]:
+                 augmented: bool) -> dict[str, Any]:
     """The fingerprint parts an older checkpoint's metadata still tells (module docstring)."""
     config = metadata.get("config") or {}
     data = config.get("data") or {}
@@ -98,7 +100,7 @@ def legacy_parts(metadata: Mapping[str, Any], settings_name: str,
     if config.get(settings_name) is not None:
         parts[settings_name] = config[settings_name]
     parts["data.dedup"] = data.get("dedup", LEGACY_DATA_DEFAULTS["data.dedup"])
-    if training and "crop_scale" in data:
+    if augmented and "crop_scale" in data:
         parts["data.crop_scale"] = list(data["crop_scale"])
     if metadata.get("base_params_hash"):
         parts["parent"] = metadata["base_params_hash"]
@@ -111,18 +113,18 @@ def _has_train_state(run_dir: str) -> bool:
 
 
 def _changes(metadata: Mapping[str, Any], fp: Mapping[str, Any], settings_name: str,
-             training: bool) -> list[str]:
+             augmented: bool) -> list[str]:
     stored = metadata.get("fingerprint")
     if isinstance(stored, Mapping) and "parts" in stored:
         if stored.get("hash") == fp["hash"]:
             return []
         return differences(stored["parts"], fp["parts"]) or ["fingerprint version"]
-    return differences(legacy_parts(metadata, settings_name, training), fp["parts"],
+    return differences(legacy_parts(metadata, settings_name, augmented), fp["parts"],
                        only_common=True)
 
 
 def check(ctx, run_dir: str, fp: Mapping[str, Any], settings_name: str,
-          training: bool) -> tuple[str, dict[str, Any] | None]:
+          augmented: bool) -> tuple[str, dict[str, Any] | None]:
     """``(REUSE | RESUME | FRESH, the run's metadata or None)`` for ``run_dir``; CheckpointError
     when it holds other work (module docstring)."""
     if not os.path.isfile(os.path.join(run_dir, checkpoints.METADATA_FILE)):
@@ -135,7 +137,7 @@ def check(ctx, run_dir: str, fp: Mapping[str, Any], settings_name: str,
     config = ctx.config
     checkpoints.check_compatible(metadata, dataset=config.dataset, model=config.model.name,
                                  splits=ctx.splits.to_dict())
-    changes = _changes(metadata, fp, settings_name, training)
+    changes = _changes(metadata, fp, settings_name, augmented)
     if not changes:
         return (REUSE if finished else RESUME), metadata
     listed = "; ".join(changes)

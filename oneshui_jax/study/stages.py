@@ -63,8 +63,9 @@ def run_stage(ctx: Context, stage: str, *, settings_name: str, settings: dict[st
               extra_metadata: dict[str, Any] | None = None) -> tuple[dict, Any]:
     """Runs (or reuses, or resumes) one stage: ``(record, params)`` (module docstring)."""
     rdir = ctx.run_dir(stage)
-    fp = reuse.fingerprint(ctx, stage, settings_name, settings, parent_hash, training)
-    decision, stored = reuse.check(ctx, rdir, fp, settings_name, training)
+    augmented = training or access in (api.STATS, api.FULL)  # reads TRAIN images
+    fp = reuse.fingerprint(ctx, stage, settings_name, settings, parent_hash, augmented)
+    decision, stored = reuse.check(ctx, rdir, fp, settings_name, augmented)
     if decision == reuse.REUSE:
         logging.info("%s: reusing the finished checkpoint %s", stage, rdir)
         record = dict(stored["record"], reused=True)

@@ -155,7 +155,8 @@ class TrainData:
     hyper-parameters a method selects are selected on simulated requests of these people only,
     so no reported number has seen the people being forgotten. ``seed`` seeds the reference's
     request stream and batch order; ``checkpointer`` (or None) lets a long ``prepare`` save and
-    resume its state without knowing where it is stored.
+    resume its state without knowing where it is stored. ``crop_scale`` is the RandomResizedCrop
+    area range the model was trained with, for a method that reads train-augmented images (PGU).
     """
 
     source: GuardedSource
@@ -169,6 +170,7 @@ class TrainData:
     seed: int
     progress: bool = False
     checkpointer: Any = None
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # the training augmentation's crop area range
 
     def _annotations(self) -> _TrainAnnotations:
         return _TrainAnnotations(self.identity_images, self.image_identities)

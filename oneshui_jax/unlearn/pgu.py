@@ -358,7 +358,8 @@ def prepare(model: api.Model, params: Params, data: api.TrainData, cfg: Config,
     del rng
     indices = train_images(data)
     pcfg = pipeline.PipelineConfig(image_size=data.image_size, batch_size=cfg.batch_size,
-                                   seed=data.seed, num_threads=min(8, os.cpu_count() or 1))
+                                   seed=data.seed, num_threads=min(8, os.cpu_count() or 1),
+                                   crop_scale=tuple(data.crop_scale))
     batches = pipeline.to_iterator(pipeline.train_dataset(data.source, indices, pcfg, 1), pcfg)
     total = pipeline.steps_per_epoch(len(indices), cfg.batch_size)
     covariance = accumulate_covariances(
