@@ -187,6 +187,8 @@ def real_config_names():
 def test_every_config_loads_for_every_method_and_paper_n():
     synth = load_config_file("synthfaces").get_config()
     assert synth.data.dedup == "none"
+    assert synth.stages == ("pretrain", "retrain") + config_lib.ONE_SHOT  # the default study
+    study.validate_config(synth)
     for name in real_config_names():
         module = load_config_file(name)
         default = module.get_config()
