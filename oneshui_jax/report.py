@@ -3,12 +3,16 @@
 Rows are methods (pretrain, retrain, unlearning methods); columns are the task metric on the
 retain / forget / test identities, ToW against the retrained model and, when measured, the MIA
 AUC, as in the tables of De Min et al. (TMLR 2025). Runs of several seeds are summarised as
-``mean ± std`` per (method, N).
+``mean ± std`` per (method, N) and, because the spread between seeds (splits) hides differences
+between methods, as differences paired with pretrain on the same split (``paired``): per seed,
+their mean, sample std and 95% t-interval.
 
 ``write_report`` writes, atomically, into a study's workdir:
 
-* ``results.json``: ``{"config": ..., "results": records, **extra}``, numpy values made plain;
-* ``results.md``: a title line, the table (and the per-run table when seeds are averaged), a legend;
+* ``results.json``: ``{"config": ..., "results": records, **extra}`` (plus ``paired`` when seeds
+  are averaged), numpy values made plain;
+* ``results.md``: a title line, the table (with, when seeds are averaged, the paired differences
+  and the per-run table), a legend;
 * ``results.csv``: one flat row per record (``CSV_COLUMNS``);
 * ``training_curves.png``: losses and validation metric per epoch (only when a record has a
   ``history``);
@@ -29,6 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import scipy.stats
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -123,6 +128,94 @@ def aggregate(records: Sequence[Row]) -> list[Row]:
                      "seeds": sorted(r.get("seed") for r in members),
                      "mean": mean, "std": std})
     return rows
+
+
+PAIRED_STATS = ("tow", "forget_metric", "retain_metric", "test_metric")
+
+
+def _interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+    """The ``level`` t-interval of the mean of ``values`` (None with fewer than two)."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean, sem = float(np.mean(values)), float(np.std(values, ddof=1)) / math.sqrt(n)
+    half = float(scipy.stats.t.ppf(0.5 + level / 2, n - 1)) * sem
+    return mean - half, mean + half
+
+
+def paired(records: Sequence[Row], baseline: str = "pretrain",
+           stats: Sequence[str] = PAIRED_STATS) -> list[Row]:
+    """Differences ``method − baseline`` on the same (dataset, N, seed), over seeds.
+
+    One row per (method, N) other than ``baseline``, in order of first appearance: ``method``,
+    ``access``, ``num_identities``, ``seeds`` (those with both records), and per statistic of
+    ``stats`` ``values`` (one difference per seed), ``mean``, ``std`` (sample, None with one
+    seed) and ``interval`` (95% t-interval, None with one seed). Seeds without a baseline record
+    are left out; a method with none is left out.
+    """
+    base = {(r.get("dataset"), r.get("num_identities"), r.get("seed")): record_stats(r)
+            for r in records if r["method"] == baseline}
+    groups: dict[tuple[str, Any], list[Row]] = {}
+    for r in records:
+        if r["method"] != baseline and (r.get("dataset"), r.get("num_identities"),
+                                        r.get("seed")) in base:
+            groups.setdefault((r["method"], r.get("num_identities")), []).append(r)
+    rows = []
+    for (method, num_identities), members in groups.items():
+        members = sorted(members, key=lambda r: r.get("seed"))
+        row: Row = {"method": method, "access": members[0].get("access"),
+                    "num_identities": num_identities, "baseline": baseline,
+                    "seeds": [r.get("seed") for r in members]}
+        for name in stats:
+            diffs = []
+            for r in members:
+                mine = record_stats(r)[name]
+                theirs = base[(r.get("dataset"), r.get("num_identities"), r.get("seed"))][name]
+                diffs.append(None if mine is None or theirs is None else mine - theirs)
+            present = [d for d in diffs if d is not None]
+            mean, std = _mean_std(present)
+            row[name] = {"values": diffs, "mean": mean, "std": std,
+                         "interval": _interval(present)}
+        rows.append(row)
+    return rows
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.2f}"
+
+
+def _paired_cell(entry: Row) -> str:
+    """``+1.23 ± 0.45 [+0.10, +2.36]`` (mean ± std [95% interval]); blank when missing."""
+    if entry["mean"] is None:
+        return ""
+    text = _signed(entry["mean"])
+    if entry["std"] is not None:
+        text += f" ± {entry['std']:.2f}"
+    if entry["interval"] is not None:
+        lo, hi = entry["interval"]
+        text += f" [{_signed(lo)}, {_signed(hi)}]"
+    return text
+
+
+def paired_table(rows: Sequence[Row], metric_name: str) -> str:
+    """The paired differences as markdown: ToW per seed, then mean ± std [95% interval] of the
+    differences of ToW and of the forget / retain / test metric."""
+    several_n = _varies(rows, "num_identities")
+    head = ["method", "access"] + (["N"] if several_n else []) + [
+        "seeds", "ToW per seed", "ToW", f"forget {metric_name}", f"retain {metric_name}",
+        f"test {metric_name}"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join("---" if i < 3 + several_n else "---:"
+                            for i in range(len(head))) + "|"]
+    for row in rows:
+        per_seed = ", ".join("" if v is None else _signed(v) for v in row["tow"]["values"])
+        cells = [str(row["method"]), row.get("access") or ""]
+        cells += [str(row["num_identities"])] if several_n else []
+        cells += [", ".join(str(s) for s in row["seeds"]), per_seed, _paired_cell(row["tow"]),
+                  _paired_cell(row["forget_metric"]), _paired_cell(row["retain_metric"]),
+                  _paired_cell(row["test_metric"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def has_repeated_seeds(records: Sequence[Row]) -> bool:
@@ -377,8 +470,13 @@ def markdown_report(records: Sequence[Row]) -> str:
     parts = [f"# Results: {subject(records)}", ""]
     if has_repeated_seeds(records):
         rows = aggregate(records)
-        parts += ["Mean ± std (sample std) over seeds:", "", markdown_table(rows, metric), "",
-                  "Per run:", ""]
+        parts += ["Mean ± std (sample std) over seeds:", "", markdown_table(rows, metric), ""]
+        differences = paired(records)
+        if differences:
+            parts += ["Paired with pretrain on the same split (method − pretrain per seed; "
+                      "mean ± sample std [95% t-interval] over seeds):", "",
+                      paired_table(differences, metric), ""]
+        parts += ["Per run:", ""]
     parts += [markdown_table(records, metric), "", legend(metric, _has_mia(records)), ""]
     return "\n".join(parts)
 
@@ -394,12 +492,14 @@ def write_report(workdir: str, records: Sequence[Row], *, config: dict | None = 
     if not records:
         raise ValueError("write_report needs at least one record")
     extra = extra or {}
-    clash = {"config", "results"} & set(extra)
+    clash = {"config", "results", "paired"} & set(extra)
     if clash:
         raise ValueError(f"extra must not contain {sorted(clash)}")
     metric = _metric_name_of(records)
-    results_json = json.dumps(to_json({"config": config, "results": list(records), **extra}),
-                              indent=1)
+    payload = {"config": config, "results": list(records), **extra}
+    if has_repeated_seeds(records):
+        payload["paired"] = paired(records)
+    results_json = json.dumps(to_json(payload), indent=1)
     results_md = markdown_report(records)
     methods = method_bars_figure(records, metric)
     curves = training_curves_figure(records)

@@ -88,6 +88,44 @@ def test_aggregate_mean_and_std_over_three_seeds():
     assert row[1] == "none" and row[3] == f"{np.mean(forget):.2f} ± {std:.2f}"
 
 
+T_975 = {2: 4.302652729911275, 3: 3.182446305284263}  # Student's t quantiles, df 2 and 3
+
+
+def test_paired_differences_are_taken_seed_by_seed():
+    """Differences against pretrain of the same seed (records in scrambled order), their sample
+    std and 95% t-interval, by hand; a seed without pretrain and N without one are left out."""
+    pre_tow, pre_forget = {0: 90.0, 1: 80.0, 2: 95.0}, {0: 70.0, 1: 75.0, 2: 60.0}
+    gain, forget_drop = {0: 1.0, 1: 4.0, 2: 2.5}, {0: -3.0, 1: -1.0, 2: -2.0}
+    records = [make_record("ssd", s, tow=pre_tow[s] + gain[s], forget=pre_forget[s] +
+                           forget_drop[s]) for s in (2, 0, 1)]
+    records += [make_record("pretrain", s, tow=pre_tow[s], forget=pre_forget[s])
+                for s in (1, 2, 0)]
+    records.append(make_record("ssd", 3, tow=10.0))  # no pretrain for seed 3
+    other_n = make_record("lipschitz", 0)
+    other_n["num_identities"] = 50  # no pretrain for N = 50
+    (row,) = report.paired(records + [other_n])
+    assert (row["method"], row["seeds"], row["baseline"]) == ("ssd", [0, 1, 2], "pretrain")
+    diffs = [gain[s] for s in (0, 1, 2)]
+    assert row["tow"]["values"] == pytest.approx(diffs)
+    mean, std = sum(diffs) / 3, (sum((d - 2.5) ** 2 for d in diffs) / 2) ** 0.5
+    assert (row["tow"]["mean"], row["tow"]["std"]) == (pytest.approx(mean), pytest.approx(std))
+    half = T_975[2] * std / 3 ** 0.5
+    assert row["tow"]["interval"] == pytest.approx((mean - half, mean + half))
+    assert row["forget_metric"]["values"] == pytest.approx([-3.0, -1.0, -2.0])
+    assert row["retain_metric"]["values"] == pytest.approx([0.0, 0.0, 0.0])
+    with_four = report.paired([*records, make_record("pretrain", 3, tow=4.0)])[0]
+    d4 = [*diffs, 6.0]
+    m4, s4 = sum(d4) / 4, float(np.std(d4, ddof=1))
+    assert with_four["tow"]["interval"] == pytest.approx((m4 - T_975[3] * s4 / 2,
+                                                          m4 + T_975[3] * s4 / 2))
+    _, cells = table_rows(report.paired_table([row], "mAP"))
+    assert cells[:4] == ["ssd", "stats", "0, 1, 2", "+1.00, +4.00, +2.50"]
+    assert cells[4] == f"+2.50 ± {std:.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"
+    single = report.paired([make_record("pretrain"), make_record("ssd", tow=81.0)])[0]
+    assert single["tow"]["std"] is None and single["tow"]["interval"] is None
+    assert report.paired_table([single], "mAP").splitlines()[-1].split("|")[5].strip() == "+0.70"
+
+
 def test_table_shows_seed_and_n_columns_when_they_vary():
     records = [make_record("pretrain", 0), make_record("pretrain", 1)]
     records[1]["num_identities"] = 50
@@ -155,12 +193,17 @@ def test_write_report_without_history_tow_or_mia(tmp_path):
 
 
 def test_write_report_averages_seeds_in_markdown(tmp_path):
-    records = [make_record(m, seed) for m in ("pretrain", "retrain") for seed in range(3)]
+    records = [make_record(m, seed, tow=100.0 if m == "retrain" else 80.3)
+               for m in ("pretrain", "retrain") for seed in range(3)]
     written = report.write_report(str(tmp_path), records)
     with open(written["results.md"], encoding="utf-8") as f:
         md = f.read()
     assert md.startswith("# Results: synthfaces, N=10, seeds 0, 1, 2\n")
     assert "| pretrain | none | 65.10 ± 0.00 |" in md and "Per run:" in md
+    assert "Paired with pretrain" in md and "| retrain | oracle | 0, 1, 2 |" in md
+    with open(written["results.json"], encoding="utf-8") as f:
+        (row,) = json.load(f)["paired"]
+    assert row["method"] == "retrain" and row["tow"]["values"] == pytest.approx([19.7] * 3)
 
 
 def test_write_report_rejects_clashing_extra(tmp_path, records):
