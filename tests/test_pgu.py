@@ -160,7 +160,7 @@ def fake_train_data(num_images=14, seed=0):
         identity_images=table, image_identities=np.array([i // 3 if i < 12 else -1
                                                           for i in range(num_images)]),
         train_identities=(0, 1, 2, 3), holdout_identities=(1, 3), support_images=support,
-        val_images=np.array([12, 13]), image_size=16, seed=3)
+        val_images=np.array([12, 13]), image_size=16, seed=3, crop_scale=(0.5, 1.0))
 
 
 def test_prepare_sums_covariances_over_the_train_augmented_train_images():
@@ -170,7 +170,8 @@ def test_prepare_sums_covariances_over_the_train_augmented_train_images():
     artifacts, info = pgu.prepare(model, params, data, cfg, jax.random.key(0))
     train = [0, 2, 3, 4, 5, 6, 8, 9, 10, 11]  # TRAIN images minus the support images 1 and 7
     assert info["train_images"] == 10 and info["batches"] == 3 and info["layers"] == 6
-    pcfg = pipeline.PipelineConfig(image_size=16, batch_size=4, seed=3)
+    # The study's training augmentation (data.crop_scale), not the pipeline's default.
+    pcfg = pipeline.PipelineConfig(image_size=16, batch_size=4, seed=3, crop_scale=(0.5, 1.0))
     expected = {name: 0.0 for name in LAYERS}
     seen = []
     for batch in pipeline.train_dataset(data.source, np.array(train), pcfg, 1):
