@@ -16,7 +16,10 @@ their mean, sample std and 95% t-interval.
 * ``results.csv``: one flat row per record (``CSV_COLUMNS``);
 * ``training_curves.png``: losses and validation metric per epoch (only when a record has a
   ``history``);
-* ``methods.png``: retain / forget / test metric bars per method, ToW above each group.
+* ``methods.png``: retain / forget / test metric bars per method, ToW above each group;
+* ``differences.png``: per method, the forget metric's gap to retrain and the ToW gain over
+  pretrain, each paired on the same split, with 95% intervals over seeds (only when the records
+  have a retrain or pretrain to pair with).
 
 Plots use matplotlib's object-oriented API on an Agg canvas (``Figure``, not ``pyplot``): they
 work without a display, touch no global backend, and are freed with the ``Figure`` object. The
@@ -360,6 +363,50 @@ def training_curves_figure(records: Sequence[Row]) -> Figure | None:
     return fig
 
 
+def differences_figure(records: Sequence[Row], metric_name: str) -> Figure | None:
+    """Where the differences between methods are visible: per method (and N), left the forget
+    metric minus the retrained model's on the same split (0: forgotten as the oracle), right the
+    ToW minus pretrain's on the same split (> 0: better than doing nothing); dots are means over
+    seeds, bars 95% t-intervals (none with one seed), grey crosses the single seeds. None when the
+    records have neither a retrain nor a pretrain to pair with."""
+    gap = paired(records, baseline="retrain", stats=("forget_metric",))
+    gain = paired(records, baseline="pretrain", stats=("tow",))
+    if not gap and not gain:
+        return None
+    have = {(r["method"], r["num_identities"]) for r in [*gap, *gain]}
+    keys = [k for k in dict.fromkeys((r["method"], r.get("num_identities")) for r in records)
+            if k in have]  # in the records' order
+    several_n = len({n for _, n in keys}) > 1
+    labels = [f"{m} (N={n})" if several_n else str(m) for m, n in keys]
+    fig = _new_figure(11, max(2.5, 0.45 * len(keys) + 1.5))
+    axes = fig.subplots(1, 2, sharey=True)
+    panels = ((axes[0], gap, "forget_metric",
+               f"forget {metric_name} − retrain's (same split)"),
+              (axes[1], gain, "tow", "ToW − pretrain's (same split)"))
+    for ax, rows, stat, title in panels:
+        by_key = {(r["method"], r["num_identities"]): r[stat] for r in rows}
+        for y, key in enumerate(keys):
+            entry = by_key.get(key)
+            if entry is None or entry["mean"] is None:
+                continue
+            values = [v for v in entry["values"] if v is not None]
+            ax.plot(values, [y] * len(values), "x", color="gray", markersize=5)
+            if entry["interval"] is not None:
+                lo, hi = entry["interval"]
+                ax.errorbar(entry["mean"], y, xerr=[[entry["mean"] - lo], [hi - entry["mean"]]],
+                            fmt="o", color=f"C{y % 10}", capsize=4)
+            else:
+                ax.plot(entry["mean"], y, "o", color=f"C{y % 10}")
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set(title=title, xlabel="points")
+        ax.grid(alpha=0.3, axis="x")
+    axes[0].set_yticks(range(len(keys)), labels)
+    axes[0].invert_yaxis()
+    fig.suptitle(f"{subject(records)}: mean, 95% interval over seeds, single seeds (x)",
+                 fontsize=10)
+    return fig
+
+
 def plot_training_curves(records: Sequence[Row], path: str) -> str | None:
     """Writes ``training_curves_figure(records)`` to ``path``; None (nothing written) when no
     record has a history."""
@@ -483,8 +530,9 @@ def markdown_report(records: Sequence[Row]) -> str:
 
 def write_report(workdir: str, records: Sequence[Row], *, config: dict | None = None,
                  extra: dict | None = None) -> dict[str, str]:
-    """Writes results.json, results.md, results.csv, methods.png and (when some record has a
-    history) training_curves.png into ``workdir``, each atomically; returns {file name: path}.
+    """Writes results.json, results.md, results.csv, methods.png, (when some record has a
+    history) training_curves.png and (when there is a pretrain or retrain to pair with)
+    differences.png into ``workdir``, each atomically; returns {file name: path}.
 
     Every file's content (and figure) is made before the first one is written, so records the
     report cannot use leave ``workdir`` as it was.
@@ -503,6 +551,7 @@ def write_report(workdir: str, records: Sequence[Row], *, config: dict | None = 
     results_md = markdown_report(records)
     methods = method_bars_figure(records, metric)
     curves = training_curves_figure(records)
+    differences = differences_figure(records, metric)
     path = lambda name: os.path.join(workdir, name)
     with atomic_open(path("results.json")) as f:
         f.write(results_json)
@@ -513,6 +562,8 @@ def write_report(workdir: str, records: Sequence[Row], *, config: dict | None = 
                "methods.png": save_figure(methods, path("methods.png"))}
     if curves is not None:
         written["training_curves.png"] = save_figure(curves, path("training_curves.png"))
+    if differences is not None:
+        written["differences.png"] = save_figure(differences, path("differences.png"))
     return written
 
 

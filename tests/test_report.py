@@ -126,6 +126,36 @@ def test_paired_differences_are_taken_seed_by_seed():
     assert report.paired_table([single], "mAP").splitlines()[-1].split("|")[5].strip() == "+0.70"
 
 
+def test_differences_figure_plots_the_paired_means_and_intervals():
+    """Left: forget metric − retrain's; right: ToW − pretrain's; per method, seed by seed."""
+    records = []
+    for seed in range(3):
+        records += [make_record("pretrain", seed, forget=70.0 + seed, tow=90.0 + seed),
+                    make_record("retrain", seed, forget=60.0, tow=100.0),
+                    make_record("ssd", seed, forget=65.0 + 2 * seed, tow=91.0 + 3 * seed)]
+    fig = report.differences_figure(records, "mAP")
+    gap_ax, tow_ax = fig.axes
+    labels = [t.get_text() for t in gap_ax.get_yticklabels()]
+    assert labels == ["pretrain", "retrain", "ssd"]  # the records' order
+    # Left panel, ssd (row 2): gaps 5, 7, 9 -> mean 7; pretrain (row 0): 10, 11, 12.
+    means = {int(round(line.get_ydata()[0])): line.get_xdata()[0] for line in gap_ax.lines
+             if line.get_marker() == "o"}
+    assert means == {0: pytest.approx(11.0), 2: pytest.approx(7.0)}
+    ticks = sorted(x for line in gap_ax.lines if line.get_marker() == "x"
+                   for x, y in zip(line.get_xdata(), line.get_ydata(), strict=True) if y == 2)
+    assert ticks == pytest.approx([5.0, 7.0, 9.0])
+    # Right panel: ssd 1, 3, 5 -> mean 3 with the t-interval; retrain 10, 9, 8 -> 9.
+    means = {int(round(line.get_ydata()[0])): line.get_xdata()[0] for line in tow_ax.lines
+             if line.get_marker() == "o"}
+    assert means == {2: pytest.approx(3.0), 1: pytest.approx(9.0)}
+    (ssd_row,) = [r for r in report.paired(records) if r["method"] == "ssd"]
+    lo, hi = ssd_row["tow"]["interval"]
+    bars = [c for c in tow_ax.containers if isinstance(c, ErrorbarContainer)]
+    segments = [seg for c in bars for seg in c.lines[2][0].get_segments()]
+    assert any(np.allclose(seg[:, 0], [lo, hi]) and np.allclose(seg[:, 1], 2) for seg in segments)
+    assert report.differences_figure([make_record("ssd")], "mAP") is None  # nothing to pair
+
+
 def test_table_shows_seed_and_n_columns_when_they_vary():
     records = [make_record("pretrain", 0), make_record("pretrain", 1)]
     records[1]["num_identities"] = 50
@@ -158,7 +188,7 @@ def test_write_report_files_and_json_round_trip(tmp_path, records):
     written = report.write_report(str(tmp_path), records, config={"seed": 0, "crop": (0.35, 1)},
                                   extra=extra)
     expected = {"results.json", "results.md", "results.csv", "training_curves.png",
-                "methods.png"}
+                "methods.png", "differences.png"}  # retrain's forget gap to itself is 0
     assert set(written) == expected
     assert sorted(os.listdir(tmp_path)) == sorted(expected)  # no temporary files left
 
