@@ -21,6 +21,7 @@ from oneshui_jax.unlearn import api, meta_unlearn, registry, support_ascent
 # Methods a config file can name: the reference's table, then the API's methods it lacks.
 METHODS = hparams.METHODS + tuple(m for m in registry.METHODS if m not in hparams.METHODS)
 ONE_SHOT_BASELINES = ("ssd", "lipschitz", "pgu")  # on the method API; blocks always present
+FULL_DATA_BASELINES = ("scrub", "bad_teacher")  # ACCESS full; blocks always present
 # The servable methods (ACCESS support / stats), in table order; ``method=one_shot`` runs them all
 # after one pretrain / retrain.
 ONE_SHOT = ("meta_unlearn", "support_ascent") + ONE_SHOT_BASELINES
@@ -77,17 +78,16 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
 
     Same blocks as ``configs/synthfaces.py`` (``data``, ``model``, ``train``, ``meta_unlearn``)
     with the reference's values (``parser.py`` defaults, ``const.py`` per method / dataset / N),
-    plus a block named like the method (``scrub``, ``bad_teacher``) for a full-data baseline; the
-    method-API blocks (``meta_unlearn``, ``support_ascent``, ``ssd``, ``lipschitz``, ``pgu``) are
-    always present. Logs a warning for a pair the reference never tuned; the notes of
-    where every method's values come from are ``config.hparams_note``.
+    plus a block per method on the method API (``meta_unlearn``, ``support_ascent``, ``ssd``,
+    ``lipschitz``, ``pgu``, ``scrub``, ``bad_teacher``), always present, with the reference's
+    values for (dataset, N) where it has them. Logs a warning for a stage whose pair the
+    reference never tuned; the notes of where every method's values come from are
+    ``config.hparams_note``.
     """
     pretrain = hparams.reference("pretrain", dataset, num_identities)  # validates dataset, N
     if method not in METHODS + ("one_shot",):
         raise ValueError(f"unknown method {method!r}; expected one of "
                          f"{', '.join(METHODS + ('one_shot',))}")
-    method_h = (hparams.reference(method, dataset, num_identities)
-                if method in hparams.METHODS else None)
 
     config = ml_collections.ConfigDict()
     config.dataset = dataset
@@ -136,7 +136,7 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
 
     # The methods on the method API (unlearn/registry.py): every setting of the method's Config,
     # with the reference's value for (dataset, N) where const.py / parser.py have one.
-    # Both are always present, so --config.stages can add either.
+    # All are always present, so --config.stages can add any.
     # MetaUnlearn (SPEC.md 6.6): the reference's values for (dataset, N).
     config.meta_unlearn, _ = api.reference_block(meta_unlearn, "meta_unlearn", dataset,
                                                  num_identities)
@@ -146,37 +146,11 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
     config.support_ascent.num_identities_simulation = num_identities
     # The reference's one-shot baselines on the method API (SPEC.md 7.3-7.5): their Config with
     # the reference's values for (dataset, N).
-    for name in ONE_SHOT_BASELINES:
-        if name in registry.METHODS:
-            config[name], _ = api.reference_block(registry.METHODS[name], name, dataset,
-                                                  num_identities)
-
-    v = method_h.values if method_h is not None else {}
-    if method == "scrub":  # SPEC.md 7.1
-        config.scrub = b = ml_collections.ConfigDict()
-        b.epochs = v["epochs"]
-        b.lr = v["lr"]
-        b.momentum = v["momentum"]
-        b.weight_decay = v["weight_decay"]
-        b.batch_size = v["batch_size"]  # forget batches
-        b.batch_size_retain = v["batch_size_retain"]
-        b.forgetting_epochs = int(v["forgetting_epochs"])  # epochs with the max-step
-        b.alpha = v["alpha_scrub"]  # KL weight of the min-step
-        b.gamma = v["gamma_scrub"]  # task-loss weight of the min-step
-        b.temperature = v["temperature_scrub"]
-        b.use_train_aug = v["use_train_aug"]
-        b.optimizer = v["optimizer"]
-        b.scheduler = v["scheduler"]  # per-epoch cosine over epochs
-    elif method == "bad_teacher":  # SPEC.md 7.2
-        config.bad_teacher = b = ml_collections.ConfigDict()
-        b.batch_size = v["batch_size"]
-        b.lr = v["lr"]
-        b.epochs = v["epochs"]
-        b.momentum = v["momentum"]
-        b.weight_decay = v["weight_decay"]
-        b.use_train_aug = v["use_train_aug"]
-        b.optimizer = v["optimizer"]
-        b.scheduler = v["scheduler"]  # per-epoch cosine over epochs
+    # The full-data baselines (SPEC.md 7.1, 7.2: SCRUB, Bad Teacher) likewise; they read the
+    # forget and retain sets and are not servable, so method=one_shot leaves them out.
+    for name in ONE_SHOT_BASELINES + FULL_DATA_BASELINES:
+        config[name], _ = api.reference_block(registry.METHODS[name], name, dataset,
+                                              num_identities)
 
     config.progress = True
     notes = []
@@ -218,6 +192,8 @@ CPU_PROFILE: dict[str, Any] = {
     "ssd.compute_dtype": "float32",
     "lipschitz.compute_dtype": "float32",
     "pgu.compute_dtype": "float32",
+    "scrub.compute_dtype": "float32",
+    "bad_teacher.compute_dtype": "float32",
 }
 
 

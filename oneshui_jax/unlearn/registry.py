@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import types
 
-from oneshui_jax.unlearn import api, lipschitz, meta_unlearn, pgu, ssd, support_ascent
+from oneshui_jax.unlearn import (
+    api,
+    bad_teacher,
+    lipschitz,
+    meta_unlearn,
+    pgu,
+    scrub,
+    ssd,
+    support_ascent,
+)
 
 METHODS: dict[str, types.ModuleType] = {
     "meta_unlearn": meta_unlearn,
@@ -16,6 +25,8 @@ METHODS: dict[str, types.ModuleType] = {
     "ssd": ssd,
     "lipschitz": lipschitz,
     "pgu": pgu,
+    "scrub": scrub,
+    "bad_teacher": bad_teacher,
 }
 
 for _name, _module in METHODS.items():
