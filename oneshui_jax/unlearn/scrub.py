@@ -20,10 +20,10 @@ in that order within an epoch (all max-steps of the epoch, then all min-steps), 
 kinds of step (its momentum carries over from max- to min-steps, as the reference's single
 ``SGD``): torch's SGD, momentum 0.9, weight decay 5e-4 added to the (clipped) gradient
 (``optim.sgd``); epoch ``e`` runs at ``lr (1 + cos(π e / epochs)) / 2`` (``CosineAnnealingLR``
-stepped per epoch, ``optim.epoch_cosine``). The student starts equal to the teacher, so the
-very first max-step has KL 0 and a zero gradient (only weight decay moves it), as in the
-reference. Clipping is torch's ``clip_grad_norm_``: every
-gradient scaled by ``min(1, 1.0 / (‖g‖₂ + 1e-6))``, ``‖g‖₂`` over all parameters together.
+stepped per epoch, ``optim.epoch_cosine``). Clipping is torch's ``clip_grad_norm_``: every
+gradient scaled by ``min(1, 1.0 / (‖g‖₂ + 1e-6))``, ``‖g‖₂`` over all parameters together. The
+student starts equal to the teacher, so the very first max-step has KL 0 and a zero gradient
+(only weight decay moves it), as in the reference.
 
 Q20: the softmax and KL run over the independent multi-label logits as if they were one
 categorical distribution (``kl="softmax"``, faithful, the default). ``kl="bernoulli"`` is the fix
