@@ -130,6 +130,7 @@ def test_each_call_receives_what_its_access_grants(base, tmp_path, monkeypatch, 
     if level == api.FULL:
         data = log["unlearn_data"]
         assert isinstance(data, api.FullData)
+        assert data.crop_scale == tuple(ctx.config.data.crop_scale)
         np.testing.assert_array_equal(data.forget_images, ctx.images["forget"])
         with pytest.raises(api.AccessError):
             data.source[int(ctx.images["test"][0])]

@@ -6,6 +6,7 @@ steps' updates recovered from the parameters before and after.
 """
 
 import functools
+import itertools
 
 import doubles
 import jax
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from oneshui_jax import hparams
+from oneshui_jax.data import pipeline
 from oneshui_jax.errors import ConfigError
 from oneshui_jax.models import vit
 from oneshui_jax.unlearn import api, scrub
@@ -169,11 +171,26 @@ def full_data(progress=False):
     source = api.GuardedSource(recording, np.concatenate([forget, retain, val]),
                                "forget, retain and VAL images")
     data = api.FullData(source=source, forget_images=forget, retain_images=retain,
-                        val_images=val, image_size=16, seed=0, progress=progress)
+                        val_images=val, image_size=16, seed=0, progress=progress,
+                        crop_scale=(0.6, 1.0))
     return data, recording
 
 
 REQUEST = api.Request(jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 3)), (0,))
+
+
+def test_augmented_batches_use_the_study_crop_scale():
+    """With use_train_aug, epochs read the train pipeline with FullData.crop_scale."""
+    data, _ = full_data()
+    indices = np.arange(4, 10)
+    (epoch,) = list(scrub.epoch_batches(data, indices, 4, True, 1, seed=7))
+    got = [b["image"][b["mask"]] for b in epoch]
+    pcfg = pipeline.PipelineConfig(image_size=16, batch_size=4, seed=7, crop_scale=(0.6, 1.0))
+    want = [b["image"][b["mask"]] for b in itertools.islice(pipeline.to_iterator(
+        pipeline.train_dataset(data.source, indices, pcfg, 1), pcfg), 2)]
+    assert len(got) == len(want) == 2
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
 
 
 @pytest.mark.parametrize("forgetting_epochs,augment", [(1, False), (5, True)])

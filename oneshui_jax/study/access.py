@@ -50,7 +50,7 @@ def full_data(ctx) -> api.FullData:
         source=api.GuardedSource(ctx.dataset.source, allowed, "forget, retain and VAL images"),
         forget_images=images["forget"], retain_images=images["retain"],
         val_images=images["val"], image_size=ctx.config.data.image_size, seed=ctx.config.seed,
-        progress=ctx.config.progress)
+        progress=ctx.config.progress, crop_scale=tuple(ctx.config.data.crop_scale))
 
 
 def study_request(ctx) -> api.Request:

@@ -232,7 +232,8 @@ class FullData:
     """What a ``full`` method's ``unlearn`` reads: the forget and retain sets (and VAL).
 
     The reference's SCRUB and Bad Teacher read the forget identities' training images and the
-    retain identities' images at request time; the test split stays absent.
+    retain identities' images at request time; the test split stays absent. ``crop_scale`` is
+    the training augmentation's RandomResizedCrop area range (as in :class:`TrainData`).
     """
 
     source: GuardedSource
@@ -242,6 +243,7 @@ class FullData:
     image_size: int
     seed: int
     progress: bool = False
+    crop_scale: tuple[float, float] = (0.08, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,8 +42,8 @@ Where the SPEC is silent, this port chooses:
 * batch order: a fresh permutation per epoch of each set, from ``data.seed`` (the forget and
   retain streams from two independent seeds derived from it), where the reference draws from
   torch's generator (``rng`` is unused);
-* the training augmentation's crop area range is the study's (``FullData.crop_scale`` when the
-  study passes one, else the reference's (0.08, 1));
+* the training augmentation's crop area range is the study's (``FullData.crop_scale``, the
+  reference's (0.08, 1) in the paper's configs);
 * the forward passes of student and teacher run in ``compute_dtype`` (bfloat16, the reference's
   autocast), the losses in float32; the GradScaler of the reference only guards float16 and is
   omitted (it does not change a bfloat16 step);
@@ -71,7 +71,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from oneshui_jax import losses, optim
-from oneshui_jax.data import pipeline, transforms
+from oneshui_jax.data import pipeline
 from oneshui_jax.errors import ConfigError
 from oneshui_jax.unlearn import api
 
@@ -309,7 +309,7 @@ def epoch_batches(data: api.FullData, indices: np.ndarray, batch_size: int, augm
     rows = min(batch_size, indices.size)
     pcfg = pipeline.PipelineConfig(
         image_size=data.image_size, batch_size=rows, seed=seed,
-        crop_scale=tuple(getattr(data, "crop_scale", transforms.SCALE)),
+        crop_scale=tuple(data.crop_scale),
         num_threads=min(8, os.cpu_count() or 1))
     steps = pipeline.steps_per_epoch(indices.size, rows)
     if augment:
