@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The test suite (CPU, offline): lint, then pytest on two workers (pytest-xdist, one test file per
 # worker at a time; the shared small study is built once, see tests/conftest.py). Extra arguments
-# go to pytest (`-n 0` runs everything in one process).
+# go to pytest (`-n 0` runs everything in one process). The 15 slowest tests are listed at the end.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 ruff check .
-exec python -m pytest -q -n 2 --dist loadfile "$@"
+exec python -m pytest -q -n 2 --dist loadfile --durations=15 "$@"
