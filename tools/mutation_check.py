@@ -156,7 +156,7 @@ MUTATIONS = (
              "SCRUB's max-steps pull the student towards the teacher on the forget set"),
     Mutation("scrub_max_step_unclipped", "oneshui_jax/unlearn/scrub.py",
              "    grads, norm = clip_grad_norm(grads, MAX_GRAD_NORM)",
-             "    norm = global_norm(grads)",
+             "    norm = optax.global_norm(grads)",
              ("tests/test_scrub.py::test_max_step_ascends_the_kl_with_the_clipped_gradient",),
              "SCRUB's max-steps are not clipped to gradient norm 1.0"),
     Mutation("bad_teacher_forget_rows_use_the_original", "oneshui_jax/unlearn/bad_teacher.py",

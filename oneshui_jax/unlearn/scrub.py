@@ -68,6 +68,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
 from oneshui_jax import losses, optim
@@ -221,16 +222,10 @@ def retain_loss(model: api.Model, cfg: Config, params: Params, teacher: Params,
     return jnp.float32(cfg.alpha) * kl + jnp.float32(cfg.gamma) * task
 
 
-def global_norm(tree: Params) -> jax.Array:
-    """``‖g‖₂`` over every leaf of ``tree`` together (float32)."""
-    return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
-                        for g in jax.tree.leaves(tree)))
-
-
 def clip_grad_norm(grads: Params, max_norm: float) -> tuple[Params, jax.Array]:
     """torch's ``clip_grad_norm_``: ``g · min(1, max_norm / (‖g‖₂ + 1e-6))``; returns the clipped
     gradients and ``‖g‖₂`` before clipping."""
-    norm = global_norm(grads)
+    norm = optax.global_norm(grads)
     coef = jnp.minimum(1.0, jnp.float32(max_norm) / (norm + CLIP_EPS))
     return jax.tree.map(lambda g: (g * coef).astype(g.dtype), grads), norm
 
