@@ -17,7 +17,8 @@ without the forget identities (the oracle) and runs the method (run from the rep
 Bring timm's ImageNet ViT-B/16 weights to ``config.model.init`` (README "Pretrained weights").
 
 ``get_config(arg)`` takes ``key=value`` pairs separated by commas: ``method`` (default
-``meta_unlearn``; one of ``config_lib.METHODS``, or ``one_shot`` for every one-shot method) and
+``meta_unlearn``; one of ``config_lib.METHODS``, ``one_shot`` for every one-shot method or ``all``
+for every row of the paper's table) and
 ``N`` (forget identities, default 10). Values of the reference's ``const.py`` for
 (method, celeba, N); where the reference has none (e.g. SCRUB or Bad Teacher at N=20) it
 falls back to generic defaults and a warning is logged.
@@ -28,5 +29,5 @@ from oneshui_jax import config_lib
 
 def get_config(arg: str | None = None):
     args = config_lib.parse_arg(arg, {"method": "meta_unlearn", "N": 10},
-                                choices={"method": (*config_lib.METHODS, "one_shot")})
+                                choices={"method": config_lib.METHOD_CHOICES})
     return config_lib.real_data_config("celeba", args["method"], args["N"])

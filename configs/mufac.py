@@ -16,17 +16,17 @@ without the forget identities (the oracle) and runs the method (run from the rep
         --config.data.data_dir=/path/to/data
 
 ``profile=cpu`` is the same study shrunk to run on CPU (a small ViT from scratch on 32 px images;
-``oneshui_jax.config_lib.CPU_PROFILE``); by default it runs every one-shot method
-(``method=one_shot``: meta_unlearn, support_ascent, ssd, lipschitz, pgu) after one pretrain and
-retrain, e.g. on the copy of MUFAC in ``../shared/data``::
+``oneshui_jax.config_lib.CPU_PROFILE``); by default it runs every row of the paper's table
+(``method=all``: meta_unlearn, support_ascent, ssd, lipschitz, pgu, scrub, bad_teacher) after one
+pretrain and retrain, e.g. on the copy of MUFAC in ``../shared/data``::
 
     python -m oneshui_jax.main --config=configs/mufac.py:N=5,profile=cpu \
         --config.data.data_dir=../shared/data --config.seed=1
 
 ``get_config(arg)`` takes ``key=value`` pairs separated by commas: ``method`` (one of
-``config_lib.METHODS`` or ``one_shot``; default ``meta_unlearn``, and ``one_shot`` with
-``profile=cpu``), ``N`` (forget identities, default 10) and ``profile`` (``paper``, the default,
-or ``cpu``). Values of the reference's ``const.py`` for
+``config_lib.METHODS``, ``one_shot`` (the servable methods) or ``all``; default
+``meta_unlearn``, and ``all`` with ``profile=cpu``), ``N`` (forget identities, default 10)
+and ``profile`` (``paper``, the default, or ``cpu``). Values of the reference's ``const.py`` for
 (method, mufac, N); the reference has none for other N and falls back to generic defaults (a
 warning is logged).
 """
@@ -37,11 +37,11 @@ from oneshui_jax import config_lib
 def get_config(arg: str | None = None):
     args = config_lib.parse_arg(
         arg, {"method": "default", "N": 10, "profile": "paper"},
-        choices={"method": ("default", *config_lib.METHODS, "one_shot"),
+        choices={"method": ("default", *config_lib.METHOD_CHOICES),
                  "profile": ("paper", "cpu")})
     method = args["method"]
     if method == "default":
-        method = "one_shot" if args["profile"] == "cpu" else "meta_unlearn"
+        method = "all" if args["profile"] == "cpu" else "meta_unlearn"
     config = config_lib.real_data_config("mufac", method, args["N"])
     if args["profile"] == "cpu":
         config_lib.cpu_profile(config)

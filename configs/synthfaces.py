@@ -8,8 +8,8 @@ trained on a person fits them better than one that never saw the person).
 The study pretrains a small ViT from scratch, retrains it without the forget identities (the
 oracle), meta-trains MetaUnlearn and unlearns the request from its support images, selects
 support_ascent's step length and takes its step, runs the reference's one-shot baselines (SSD,
-Lipschitz / JiT, PGU), then reports retain / forget / test mAP, ToW and each method's data access
-for each.
+Lipschitz / JiT, PGU) and its full-data baselines (SCRUB, Bad Teacher), then reports retain /
+forget / test mAP, ToW and each method's data access for each.
 
 Run it (from the repository root)::
 
@@ -22,8 +22,17 @@ default 10) and ``size`` (``default`` or ``small``, the SynthFaces variant).
 
 import ml_collections
 
-from oneshui_jax import config_lib
-from oneshui_jax.unlearn import api, lipschitz, meta_unlearn, pgu, ssd, support_ascent
+from oneshui_jax import config_lib, hparams
+from oneshui_jax.unlearn import (
+    api,
+    bad_teacher,
+    lipschitz,
+    meta_unlearn,
+    pgu,
+    scrub,
+    ssd,
+    support_ascent,
+)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -35,7 +44,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seed = 0
     config.workdir = "workdir/synthfaces"  # results, tables, plots
     config.checkpoint_dir = "checkpoints"  # <dir>/<dataset>/<model>/<stage>_<N>_<seed>/
-    config.stages = ("pretrain", "retrain", *config_lib.ONE_SHOT)  # in this order
+    # A killed stage resumes from its last save; saves at most every this many seconds (at epoch
+    # or request boundaries; 0: every one). Changes no result.
+    config.checkpoint_every_s = 60.0
+    config.stages = ("pretrain", "retrain", *config_lib.ONE_SHOT,
+                     *config_lib.FULL_DATA_BASELINES)  # in this order
 
     config.data = ml_collections.ConfigDict()
     config.data.synthfaces_config = args["size"]  # default | small
@@ -46,6 +59,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # face to learn from; SynthFaces uses a milder crop (a deviation of this config only).
     config.data.crop_scale = (0.35, 1.0)
     config.data.num_threads = 2  # grain read threads
+    # Decode the images once and keep them in memory (about 60 MB): bit-identical results, and the
+    # two CPU cores spend the epochs on training instead of PNG decoding.
+    config.data.in_memory = True
     config.data.eval_batch_size = 256
     # "none" | "merge": merge identities that share byte-identical images (a documented deviation
     # for real data; SynthFaces has none).
@@ -97,6 +113,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.lipschitz = api.default_block(lipschitz)  # JiT: smooth the output (support)
     config.pgu = api.default_block(pgu)  # projected gradient unlearning (stats)
     config.pgu.compute_dtype = "float32"  # bf16 matmuls are slow on CPU
+
+    # The reference's full-data baselines (SPEC.md 7.1-7.2), ACCESS full: SynthFaces is
+    # CelebA-like, so the reference's CelebA values for N (SCRUB: lr 5e-3, no augmentation;
+    # Bad Teacher: lr 1e-4, batch 32; Q24's fallback and warning for N it never configured).
+    # A named deviation of this config only, for the 10-minute CPU budget: fewer epochs than the
+    # reference's 10 (SCRUB) and 5 (Bad Teacher), SCRUB's max-step epochs scaled with them (the
+    # reference's 5 of 10 -> 2 of 4). The real-data configs keep the reference's epochs.
+    for name, module in (("scrub", scrub), ("bad_teacher", bad_teacher)):
+        config[name], h = api.reference_block(module, name, "celeba", config.num_identities)
+        hparams.warn_if_untuned(h)
+        config[name].compute_dtype = "float32"
+    config.scrub.epochs = 4
+    config.scrub.forgetting_epochs = min(config.scrub.forgetting_epochs, 2)
+    config.bad_teacher.epochs = 2
 
     config.progress = True
     return config

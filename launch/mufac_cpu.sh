@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The study on real MUFAC faces on CPU (README "MUFAC on CPU"): a small ViT from scratch at
-# reduced resolution (configs/mufac.py:profile=cpu), pretrain, retrain and every one-shot method
-# (meta_unlearn, support_ascent, ssd, lipschitz, pgu) for N = 5 and 10 and seeds 0-2, then one
-# table with mean ± std over seeds.
+# reduced resolution (configs/mufac.py:profile=cpu), pretrain, retrain and every row of the paper's
+# table (meta_unlearn, support_ascent, ssd, lipschitz, pgu, scrub, bad_teacher) for N = 5 and 10
+# and seeds 0-2, then one table: mean ± std [95% interval] over seeds, and every method paired with
+# the pretrained model of its own split.
 #
 #   ./launch/mufac_cpu.sh                     # data in ../shared/data (the MUFAC layout)
 #   DATA_DIR=/path/to/data NS="5" SEEDS="0" ./launch/mufac_cpu.sh --config.train.epochs=5

@@ -25,6 +25,11 @@ FULL_DATA_BASELINES = ("scrub", "bad_teacher")  # ACCESS full; blocks always pre
 # The servable methods (ACCESS support / stats), in table order; ``method=one_shot`` runs them all
 # after one pretrain / retrain.
 ONE_SHOT = ("meta_unlearn", "support_ascent") + ONE_SHOT_BASELINES
+# Every method of the paper's comparison table (Tables 1-3), in table order.
+ALL = ONE_SHOT + FULL_DATA_BASELINES
+# What ``method=`` may name besides one method: several methods after one pretrain / retrain.
+METHOD_GROUPS = {"one_shot": ONE_SHOT, "all": ALL}
+METHOD_CHOICES = METHODS + tuple(METHOD_GROUPS)  # every value of a config's ``method=``
 
 _TRUE = ("true", "t", "y", "yes", "1")
 _FALSE = ("false", "f", "n", "no", "0")
@@ -72,9 +77,10 @@ def parse_arg(arg: str | None, allowed: dict[str, Any],
 
 
 def real_data_config(dataset: str, method: str, num_identities: int) -> ml_collections.ConfigDict:
-    """The paper's setting for ``dataset`` (celeba | celebahq | mufac) and one method (or
-    ``one_shot``: every method of :data:`ONE_SHOT`, one stage each, after the same pretrain and
-    retrain).
+    """The paper's setting for ``dataset`` (celeba | celebahq | mufac) and one method, or a
+    group of :data:`METHOD_GROUPS` (``one_shot``: every method of :data:`ONE_SHOT`; ``all``:
+    every row of the paper's table, :data:`ALL`), one stage each after the same pretrain and
+    retrain.
 
     Same blocks as ``configs/synthfaces.py`` (``data``, ``model``, ``train``, ``meta_unlearn``)
     with the reference's values (``parser.py`` defaults, ``const.py`` per method / dataset / N),
@@ -85,9 +91,9 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
     ``config.hparams_note``.
     """
     pretrain = hparams.reference("pretrain", dataset, num_identities)  # validates dataset, N
-    if method not in METHODS + ("one_shot",):
+    if method not in METHOD_CHOICES:
         raise ValueError(f"unknown method {method!r}; expected one of "
-                         f"{', '.join(METHODS + ('one_shot',))}")
+                         f"{', '.join(METHOD_CHOICES)}")
 
     config = ml_collections.ConfigDict()
     config.dataset = dataset
@@ -95,9 +101,12 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
     config.seed = 0  # decides the splits (the reference's --seed)
     config.workdir = f"workdir/{dataset}"  # results, tables, plots
     config.checkpoint_dir = "checkpoints"  # <dir>/<dataset>/<model>/<stage>_<N>_<seed>/
+    # A killed stage resumes from its last save; saves at most every this many seconds (at epoch
+    # or request boundaries; 0: every one). Changes no result.
+    config.checkpoint_every_s = 60.0
     training = ("pretrain", "retrain")
-    if method == "one_shot":
-        config.stages = training + ONE_SHOT
+    if method in METHOD_GROUPS:
+        config.stages = training + METHOD_GROUPS[method]
     else:
         config.stages = training if method in training else training + (method,)
 
@@ -108,6 +117,9 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
     data.crop_scale = (0.08, 1.0)  # the reference's RandomResizedCrop area range
     data.num_threads = 8  # grain read threads (the reference's num_workers 8)
     data.eval_batch_size = 256
+    # Read (and decode) every record once and hold them in memory: same results, less pipeline
+    # work per epoch; for data that fits in memory (CelebA at full size does not).
+    data.in_memory = False
     # "none" (the reference) | "merge": merge identities that share byte-identical images (MUFAC
     # has thousands of such images under different identities); a documented deviation.
     data.dedup = "none"
@@ -178,6 +190,7 @@ CPU_PROFILE: dict[str, Any] = {
     # unlearn); without them it fits, and memorises, its training faces as the paper's models do.
     "data.crop_scale": (1.0, 1.0),
     "data.num_threads": 2,
+    "data.in_memory": True,  # MUFAC's 13,068 decoded faces: about 0.6 GB
     "train.optimizer": "adamw",  # SGD learns far too slowly from scratch in a CPU budget
     "train.epochs": 30,  # as the reference
     "train.batch_size": 64,

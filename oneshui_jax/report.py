@@ -112,10 +112,11 @@ def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
 def aggregate(records: Sequence[Row]) -> list[Row]:
     """Mean and std over seeds per (method, num_identities), in order of first appearance.
 
-    Each row: ``method``, ``dataset``, ``num_identities``, ``seeds`` (sorted), ``mean`` and
-    ``std`` (dicts over ``STATS``). The std is the sample std (ddof=1) over the seeds that have
-    the value; None with one seed. Missing values (ToW without a retrained model, no MIA) are
-    left out; a statistic missing everywhere is None.
+    Each row: ``method``, ``dataset``, ``num_identities``, ``seeds`` (sorted), ``mean``, ``std``
+    and ``interval`` (dicts over ``STATS``). The std is the sample std (ddof=1) over the seeds
+    that have the value, the interval the 95% t-interval of the mean; both None with one seed.
+    Missing values (ToW without a retrained model, no MIA) are left out; a statistic missing
+    everywhere is None.
     """
     groups: dict[tuple[str, Any], list[Row]] = {}
     for r in records:
@@ -123,13 +124,15 @@ def aggregate(records: Sequence[Row]) -> list[Row]:
     rows = []
     for (method, num_identities), members in groups.items():
         stats = [record_stats(r) for r in members]
-        mean, std = {}, {}
+        mean, std, interval = {}, {}, {}
         for name in STATS:
-            mean[name], std[name] = _mean_std([s[name] for s in stats])
+            values = [s[name] for s in stats]
+            mean[name], std[name] = _mean_std(values)
+            interval[name] = _interval([v for v in values if v is not None])
         rows.append({"method": method, "dataset": members[0].get("dataset"),
                      "access": members[0].get("access"), "num_identities": num_identities,
                      "seeds": sorted(r.get("seed") for r in members),
-                     "mean": mean, "std": std})
+                     "mean": mean, "std": std, "interval": interval})
     return rows
 
 
@@ -146,34 +149,48 @@ def _interval(values: Sequence[float], level: float = 0.95) -> tuple[float, floa
     return mean - half, mean + half
 
 
+def _split_key(record: Row) -> tuple[Any, ...]:
+    """What makes two records comparable seed by seed: the same dataset, N, seed and split
+    (``splits_hash``, written by studies; records without one pair on the seed alone)."""
+    return (record.get("dataset"), record.get("num_identities"), record.get("seed"),
+            record.get("splits_hash"))
+
+
 def paired(records: Sequence[Row], baseline: str = "pretrain",
            stats: Sequence[str] = PAIRED_STATS) -> list[Row]:
-    """Differences ``method − baseline`` on the same (dataset, N, seed), over seeds.
+    """Differences ``method − baseline`` on the same split (dataset, N, seed, splits hash).
 
     One row per (method, N) other than ``baseline``, in order of first appearance: ``method``,
     ``access``, ``num_identities``, ``seeds`` (those with both records), and per statistic of
     ``stats`` ``values`` (one difference per seed), ``mean``, ``std`` (sample, None with one
-    seed) and ``interval`` (95% t-interval, None with one seed). Seeds without a baseline record
-    are left out; a method with none is left out.
+    seed) and ``interval`` (95% t-interval, None with one seed). Records without a baseline
+    record of their split are left out; a method with none is left out. ValueError when one
+    split has two records of a method (the same study combined twice, say).
     """
-    base = {(r.get("dataset"), r.get("num_identities"), r.get("seed")): record_stats(r)
-            for r in records if r["method"] == baseline}
+    seen: set[tuple[Any, ...]] = set()
+    for r in records:
+        key = (r["method"], *_split_key(r))
+        if key in seen:
+            raise ValueError(
+                f"two {r['method']} records for dataset {r.get('dataset')}, N = "
+                f"{r.get('num_identities')}, seed {r.get('seed')} on the same split; combine "
+                "each study once")
+        seen.add(key)
+    base = {_split_key(r): record_stats(r) for r in records if r["method"] == baseline}
     groups: dict[tuple[str, Any], list[Row]] = {}
     for r in records:
-        if r["method"] != baseline and (r.get("dataset"), r.get("num_identities"),
-                                        r.get("seed")) in base:
+        if r["method"] != baseline and _split_key(r) in base:
             groups.setdefault((r["method"], r.get("num_identities")), []).append(r)
     rows = []
     for (method, num_identities), members in groups.items():
-        members = sorted(members, key=lambda r: r.get("seed"))
+        members = sorted(members, key=lambda r: (r.get("seed"), str(r.get("splits_hash"))))
         row: Row = {"method": method, "access": members[0].get("access"),
                     "num_identities": num_identities, "baseline": baseline,
                     "seeds": [r.get("seed") for r in members]}
         for name in stats:
             diffs = []
             for r in members:
-                mine = record_stats(r)[name]
-                theirs = base[(r.get("dataset"), r.get("num_identities"), r.get("seed"))][name]
+                mine, theirs = record_stats(r)[name], base[_split_key(r)][name]
                 diffs.append(None if mine is None or theirs is None else mine - theirs)
             present = [d for d in diffs if d is not None]
             mean, std = _mean_std(present)
@@ -235,15 +252,20 @@ def _is_aggregated(row: Row) -> bool:
     return "mean" in row
 
 
-def _cell(row: Row, stat: str) -> str:
-    """One number with 2 decimals (``mean ± std`` for an aggregated row); blank when missing."""
+def _cell(row: Row, stat: str, interval: bool = False) -> str:
+    """One number with 2 decimals; for an aggregated row ``mean ± std``, with ``interval`` also
+    the 95% interval ``[lo, hi]``; blank when missing."""
     if _is_aggregated(row):
         mean, std = row["mean"][stat], row["std"][stat]
+        bounds = row.get("interval", {}).get(stat) if interval else None
     else:
-        mean, std = record_stats(row)[stat], None
+        mean, std, bounds = record_stats(row)[stat], None, None
     if mean is None:
         return ""
-    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+    text = f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+    if bounds is not None:
+        text += f" [{bounds[0]:.2f}, {bounds[1]:.2f}]"
+    return text
 
 
 def _varies(rows: Sequence[Row], key: str) -> bool:
@@ -255,7 +277,8 @@ def _has_mia(rows: Sequence[Row]) -> bool:
 
 
 def markdown_table(rows: Sequence[Row], metric_name: str) -> str:
-    """The results table: one row per record, or per ``aggregate`` row (``mean ± std``).
+    """The results table: one row per record, or per ``aggregate`` row (``mean ± std``, and the
+    95% interval ``[lo, hi]`` for the metrics and ToW).
 
     Columns: method, access (what the method may read, ``unlearn/api.py``; blank for records
     that predate it), [N when rows span several N], [seed when records span several seeds],
@@ -269,8 +292,9 @@ def markdown_table(rows: Sequence[Row], metric_name: str) -> str:
     if not any(_is_aggregated(r) for r in rows) and _varies(rows, "seed"):
         columns.append(("seed", lambda r: str(r.get("seed"))))
     for split in TABLE_SPLITS:
-        columns.append((f"{split} {metric_name}", lambda r, s=split: _cell(r, f"{s}_metric")))
-    columns.append(("ToW", lambda r: _cell(r, "tow")))
+        columns.append((f"{split} {metric_name}",
+                        lambda r, s=split: _cell(r, f"{s}_metric", interval=True)))
+    columns.append(("ToW", lambda r: _cell(r, "tow", interval=True)))
     if _has_mia(rows):
         columns.append(("MIA AUC", lambda r: _cell(r, "mia_auc")))
     columns.append(("seconds", lambda r: _cell(r, "seconds")))
@@ -517,7 +541,8 @@ def markdown_report(records: Sequence[Row]) -> str:
     parts = [f"# Results: {subject(records)}", ""]
     if has_repeated_seeds(records):
         rows = aggregate(records)
-        parts += ["Mean ± std (sample std) over seeds:", "", markdown_table(rows, metric), ""]
+        parts += ["Mean ± sample std [95% t-interval of the mean] over seeds:", "",
+                  markdown_table(rows, metric), ""]
         differences = paired(records)
         if differences:
             parts += ["Paired with pretrain on the same split (method − pretrain per seed; "

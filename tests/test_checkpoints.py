@@ -176,6 +176,25 @@ def test_train_checkpointer_round_trip_with_optax_state(tmp_path, params):
     assert restored_state == dict(state, step=3)
 
 
+def test_train_checkpointer_spaces_its_saves(tmp_path, params, monkeypatch):
+    """every_s: a save within every_s seconds of the last one (or of opening) is skipped and
+    writes nothing; force saves anyway; every_s = 0 saves every time."""
+    clock = [100.0]
+    monkeypatch.setattr(checkpoints.time, "monotonic", lambda: clock[0])
+    arrays = {"params": params}
+    with checkpoints.TrainCheckpointer(str(tmp_path / "spaced"), every_s=60.0) as ckpt:
+        clock[0] = 130.0
+        assert not ckpt.save(1, arrays, {"step": 1}) and ckpt.latest_step() is None
+        clock[0] = 161.0
+        assert ckpt.save(2, arrays, {"step": 2}) and ckpt.latest_step() == 2
+        clock[0] = 200.0
+        assert not ckpt.save(3, arrays, {"step": 3}) and ckpt.latest_step() == 2
+        assert ckpt.save(4, arrays, {"step": 4}, force=True) and ckpt.latest_step() == 4
+    with checkpoints.TrainCheckpointer(str(tmp_path / "every")) as ckpt:
+        assert ckpt.save(1, arrays, {"step": 1}) and ckpt.save(2, arrays, {"step": 2})
+        assert ckpt.latest_step() == 2
+
+
 KILLED_SAVE = r"""
 import sys, time
 import numpy as np

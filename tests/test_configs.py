@@ -187,8 +187,17 @@ def real_config_names():
 def test_every_config_loads_for_every_method_and_paper_n():
     synth = load_config_file("synthfaces").get_config()
     assert synth.data.dedup == "none"
-    assert synth.stages == ("pretrain", "retrain") + config_lib.ONE_SHOT  # the default study
+    assert synth.stages == ("pretrain", "retrain") + config_lib.ALL  # the default study: 9 rows
     study.validate_config(synth)
+    # SCRUB and Bad Teacher: the reference's CelebA values for N, except the named deviation
+    # (fewer epochs; SCRUB's max-step epochs scaled with them) and float32 on CPU.
+    for name, epochs in (("scrub", 4), ("bad_teacher", 2)):
+        block, _ = api.reference_block(registry.METHODS[name], name, "celeba", 10)
+        changed = {k for k in block if block[k] != synth[name][k]}
+        assert changed <= {"epochs", "forgetting_epochs", "compute_dtype"}, changed
+        assert synth[name].epochs == epochs and synth[name].compute_dtype == "float32"
+    assert (synth.scrub.lr, synth.scrub.forgetting_epochs, synth.bad_teacher.lr) == (
+        5e-3, 2, 1e-4)
     for name in real_config_names():
         module = load_config_file(name)
         default = module.get_config()
@@ -205,7 +214,7 @@ def test_every_config_loads_for_every_method_and_paper_n():
                     method_module = registry.METHODS[b]  # always there, the reference's values
                     block, _ = api.reference_block(method_module, b, name, n)
                     assert dict(config[b]) == dict(block)
-                if method != "one_shot" and method not in ("pretrain", "retrain"):
+                if method not in ("pretrain", "retrain"):
                     study.validate_config(config)  # every configured method is implemented
                 assert set(synth) <= set(config)
                 for block in STUDY_BLOCKS:
@@ -220,6 +229,11 @@ def test_every_config_loads_for_every_method_and_paper_n():
         assert set(config_lib.ONE_SHOT) <= set(one_shot)
         assert not set(config_lib.FULL_DATA_BASELINES) & set(one_shot.stages)  # not servable
         assert all(registry.METHODS[m].ACCESS in api.SERVABLE for m in config_lib.ONE_SHOT)
+        every = module.get_config("method=all")  # the paper's table: all nine rows
+        assert every.stages == ("pretrain", "retrain") + config_lib.ONE_SHOT + (
+            "scrub", "bad_teacher")
+        assert len(every.hparams_note) == len(every.stages)
+        study.validate_config(every)
 
 
 def test_real_config_values():
@@ -274,9 +288,9 @@ def test_bad_config_args(name, arg, key):
 
 def test_cpu_profile_changes_only_what_it_says():
     mufac = load_config_file("mufac")
-    paper = flat(mufac.get_config("N=5,method=one_shot"))
-    cpu_config = mufac.get_config("N=5,profile=cpu")  # every one-shot method by default
-    assert cpu_config.stages == ("pretrain", "retrain") + config_lib.ONE_SHOT
+    paper = flat(mufac.get_config("N=5,method=all"))
+    cpu_config = mufac.get_config("N=5,profile=cpu")  # every row of the table by default
+    assert cpu_config.stages == ("pretrain", "retrain") + config_lib.ALL
     assert mufac.get_config("N=5,profile=cpu,method=ssd").stages == ("pretrain", "retrain", "ssd")
     assert mufac.get_config("N=5").stages == ("pretrain", "retrain", "meta_unlearn")
     cpu = flat(cpu_config)

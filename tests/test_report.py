@@ -83,12 +83,42 @@ def test_aggregate_mean_and_std_over_three_seeds():
     assert pretrain["mean"]["mia_auc"] is None
     assert retrain["mean"]["tow"] == 100.0 and retrain["std"]["tow"] is None  # one seed has it
 
-    _, row, _ = table_rows(report.markdown_table([pretrain, retrain], "mAP"))
-    std = np.std(forget, ddof=1)
-    assert row[1] == "none" and row[3] == f"{np.mean(forget):.2f} ± {std:.2f}"
+    # The 95% t-interval of the mean, by hand (retain is constant: a zero-width interval).
+    mean, std = np.mean(forget), np.std(forget, ddof=1)
+    half = T_975[2] * std / 3 ** 0.5
+    assert pretrain["interval"]["forget_metric"] == pytest.approx((mean - half, mean + half))
+    assert pretrain["interval"]["retain_metric"] == pytest.approx((65.1, 65.1))
+    assert retrain["interval"]["tow"] is None and pretrain["interval"]["mia_auc"] is None
+
+    _, row, rrow = table_rows(report.markdown_table([pretrain, retrain], "mAP"))
+    assert row[1] == "none"
+    assert row[3] == f"{mean:.2f} ± {std:.2f} [{mean - half:.2f}, {mean + half:.2f}]"
+    assert row[6] == "101.20 ± 0.00"  # seconds: no interval
+    assert rrow[5] == "100.00"  # ToW of one seed: no std, no interval
 
 
 T_975 = {2: 4.302652729911275, 3: 3.182446305284263}  # Student's t quantiles, df 2 and 3
+
+
+def test_pairing_follows_the_split_not_the_order_of_studies():
+    """Studies combined in any order: each method pairs with the pretrain of its own split
+    (splits_hash), also when two studies share a seed but not the split; a split combined twice
+    is refused."""
+    def rec(method, seed, split, tow):
+        r = make_record(method, seed, tow=tow)
+        r["splits_hash"] = split
+        return r
+
+    records = [rec("ssd", 0, "a", 91.0), rec("pretrain", 1, "b", 70.0), rec("ssd", 1, "b", 75.0),
+               rec("pretrain", 0, "a", 90.0),
+               # seed 0 again, another split (e.g. other synthfaces size): its own pretrain
+               rec("pretrain", 0, "c", 50.0), rec("ssd", 0, "c", 58.0),
+               rec("ssd", 2, "d", 99.0)]  # no pretrain for split d: left out
+    (row,) = report.paired(records)
+    assert row["seeds"] == [0, 0, 1]
+    assert sorted(row["tow"]["values"]) == pytest.approx([1.0, 5.0, 8.0])
+    with pytest.raises(ValueError, match="two ssd records .* seed 1 on the same split"):
+        report.paired(records + [rec("ssd", 1, "b", 80.0)])
 
 
 def test_paired_differences_are_taken_seed_by_seed():
@@ -229,7 +259,7 @@ def test_write_report_averages_seeds_in_markdown(tmp_path):
     with open(written["results.md"], encoding="utf-8") as f:
         md = f.read()
     assert md.startswith("# Results: synthfaces, N=10, seeds 0, 1, 2\n")
-    assert "| pretrain | none | 65.10 ± 0.00 |" in md and "Per run:" in md
+    assert "| pretrain | none | 65.10 ± 0.00 [65.10, 65.10] |" in md and "Per run:" in md
     assert "Paired with pretrain" in md and "| retrain | oracle | 0, 1, 2 |" in md
     with open(written["results.json"], encoding="utf-8") as f:
         (row,) = json.load(f)["paired"]

@@ -187,6 +187,10 @@ def test_config_errors_before_any_work(finished_study):
             study.run(bad)
         assert not os.path.exists(bad.checkpoint_dir)
     bad = config.copy_and_resolve_references()
+    bad.checkpoint_every_s = -1.0
+    with pytest.raises(ConfigError, match="config.checkpoint_every_s must be"):
+        study.run(bad)
+    bad = config.copy_and_resolve_references()
     bad.dataset = "mufac"
     with pytest.raises(DataError, match="mufac"):
         study.run(bad)
@@ -295,7 +299,7 @@ def test_killed_cli_run_resumes_only_with_the_same_settings(tfds_dir, tmp_path):
                    f"--config.data.tfds_dir={tfds_dir}", f"--config.workdir={tmp_path}/work",
                    f"--config.checkpoint_dir={tmp_path}/ckpt", "--config.train.epochs=4",
                    "--config.stages=('pretrain',)", "--config.progress=False",
-                   "--config.data.num_threads=0"]
+                   "--config.data.num_threads=0", "--config.checkpoint_every_s=0"]
     cmd = [sys.executable, "-m", "oneshui_jax.main", *config_args]
     rdir = checkpoints.run_dir(f"{tmp_path}/ckpt", "synthfaces", "vit_small_demo", "pretrain",
                                5, 0)
@@ -315,18 +319,19 @@ def test_killed_cli_run_resumes_only_with_the_same_settings(tfds_dir, tmp_path):
     proc.wait()
     epochs_before = len(open(log).read().splitlines())
     assert epochs_before < 4, "the run finished before it could be killed"
-    for override, expected in (("--config.train.epochs=5", "train.epochs: 4 -> 5"),
-                               ("--config.data.crop_scale=(1.0, 1.0)",
-                                "data.crop_scale: [0.35, 1.0] -> [1.0, 1.0]")):
-        refused = subprocess.run([*cmd, override], cwd=REPO, capture_output=True, text=True)
-        assert refused.returncode == 2, refused.stderr[-2000:]
-        error = refused.stderr.strip().splitlines()[-1]
-        assert error.startswith("error: ") and expected in error, error
-        assert "not resumed" in error and f"rm -r {rdir}" in error
-        assert "Traceback" not in refused.stderr
-        assert checkpoints.read_metadata(rdir)["status"] == "training"
-        assert len(open(log).read().splitlines()) == epochs_before  # nothing trained
-        assert not os.path.exists(f"{tmp_path}/work/results.json")  # nothing reported
+    # Two changed settings at once (a training setting and the augmentation): both listed.
+    refused = subprocess.run([*cmd, "--config.train.epochs=5",
+                              "--config.data.crop_scale=(1.0, 1.0)"],
+                             cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    error = refused.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: ") and "train.epochs: 4 -> 5" in error, error
+    assert "data.crop_scale: [0.35, 1.0] -> [1.0, 1.0]" in error, error
+    assert "not resumed" in error and f"rm -r {rdir}" in error
+    assert "Traceback" not in refused.stderr
+    assert checkpoints.read_metadata(rdir)["status"] == "training"
+    assert len(open(log).read().splitlines()) == epochs_before  # nothing trained
+    assert not os.path.exists(f"{tmp_path}/work/results.json")  # nothing reported
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming after epoch" in done.stderr

@@ -70,6 +70,7 @@ def run_stage(ctx: Context, stage: str, *, settings_name: str, settings: dict[st
         logging.info("%s: reusing the finished checkpoint %s", stage, rdir)
         record = dict(stored["record"], reused=True)
         record.setdefault("access", access)  # checkpoints older than the access column
+        record["splits_hash"] = fp["parts"]["splits"]  # equal fingerprints, equal splits
         return record, checkpoints.load_params(rdir, template)
     if decision == reuse.RESUME:
         logging.info("%s: resuming the unfinished run in %s", stage, rdir)
@@ -77,11 +78,14 @@ def run_stage(ctx: Context, stage: str, *, settings_name: str, settings: dict[st
     metadata = _metadata(ctx, stage, fingerprint=fp, **(extra_metadata or {}))
     checkpoints.write_metadata(rdir, metadata, status="training")
     start = time.perf_counter()
-    with checkpoints.TrainCheckpointer(rdir) as checkpointer:
+    with checkpoints.TrainCheckpointer(
+            rdir, every_s=ctx.config.get("checkpoint_every_s", 0.0)) as checkpointer:
         out = body(rdir, checkpointer)
     config = ctx.config
     record = {"method": stage, "dataset": config.dataset,
               "num_identities": config.num_identities, "seed": config.seed,
+              # which split: the report pairs each method with the pretrain of its own split
+              "splits_hash": fp["parts"]["splits"],
               "seconds": time.perf_counter() - start, **out.record}
     record.update(evaluate_splits(ctx, out.params))
     extra = dict(out.metadata)

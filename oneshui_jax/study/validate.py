@@ -45,6 +45,10 @@ def validate_config(config) -> None:
         raise ConfigError(f"config.num_identities must be >= 1, got {config.num_identities}")
     if config.train.epochs < 1 or config.train.batch_size < 1:
         raise ConfigError("config.train.epochs and config.train.batch_size must be >= 1")
+    every = config.get("checkpoint_every_s", 0.0)
+    if isinstance(every, bool) or not isinstance(every, (int, float)) or not every >= 0:
+        raise ConfigError(f"config.checkpoint_every_s must be a number of seconds >= 0, got "
+                          f"{every!r}")
     try:
         vit.ViTConfig.preset(config.model.name, image_size=config.data.image_size)
     except ValueError as e:
