@@ -115,18 +115,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.pgu.compute_dtype = "float32"  # bf16 matmuls are slow on CPU
 
     # The reference's full-data baselines (SPEC.md 7.1-7.2), ACCESS full: SynthFaces is
-    # CelebA-like, so the reference's CelebA values for N (SCRUB: lr 5e-3, no augmentation;
-    # Bad Teacher: lr 1e-4, batch 32; Q24's fallback and warning for N it never configured).
-    # A named deviation of this config only, for the 10-minute CPU budget: fewer epochs than the
-    # reference's 10 (SCRUB) and 5 (Bad Teacher), SCRUB's max-step epochs scaled with them (the
-    # reference's 5 of 10 -> 2 of 4). The real-data configs keep the reference's epochs.
+    # CelebA-like, so the reference's CelebA values for N, epochs included (SCRUB: 10 epochs,
+    # max-steps in the first 5, lr 5e-3, no augmentation; Bad Teacher: 5 epochs, lr 1e-4, batch
+    # 32; Q24's fallback and warning for an N it never configured).
     for name, module in (("scrub", scrub), ("bad_teacher", bad_teacher)):
         config[name], h = api.reference_block(module, name, "celeba", config.num_identities)
         hparams.warn_if_untuned(h)
         config[name].compute_dtype = "float32"
-    config.scrub.epochs = 4
-    config.scrub.forgetting_epochs = min(config.scrub.forgetting_epochs, 2)
-    config.bad_teacher.epochs = 2
 
     config.progress = True
     return config

@@ -189,15 +189,13 @@ def test_every_config_loads_for_every_method_and_paper_n():
     assert synth.data.dedup == "none"
     assert synth.stages == ("pretrain", "retrain") + config_lib.ALL  # the default study: 9 rows
     study.validate_config(synth)
-    # SCRUB and Bad Teacher: the reference's CelebA values for N, except the named deviation
-    # (fewer epochs; SCRUB's max-step epochs scaled with them) and float32 on CPU.
-    for name, epochs in (("scrub", 4), ("bad_teacher", 2)):
+    # SCRUB and Bad Teacher: the reference's CelebA values for N (epochs included), float32.
+    for name in ("scrub", "bad_teacher"):
         block, _ = api.reference_block(registry.METHODS[name], name, "celeba", 10)
         changed = {k for k in block if block[k] != synth[name][k]}
-        assert changed <= {"epochs", "forgetting_epochs", "compute_dtype"}, changed
-        assert synth[name].epochs == epochs and synth[name].compute_dtype == "float32"
-    assert (synth.scrub.lr, synth.scrub.forgetting_epochs, synth.bad_teacher.lr) == (
-        5e-3, 2, 1e-4)
+        assert changed == {"compute_dtype"} and synth[name].compute_dtype == "float32"
+    assert (synth.scrub.epochs, synth.scrub.lr, synth.scrub.forgetting_epochs) == (10, 5e-3, 5)
+    assert (synth.bad_teacher.epochs, synth.bad_teacher.lr) == (5, 1e-4)
     for name in real_config_names():
         module = load_config_file(name)
         default = module.get_config()
