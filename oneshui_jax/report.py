@@ -387,12 +387,17 @@ def training_curves_figure(records: Sequence[Row]) -> Figure | None:
     return fig
 
 
+SYMLOG_SPAN = 20.0  # points: a wider panel of differences_figure gets a symmetric log scale
+
+
 def differences_figure(records: Sequence[Row], metric_name: str) -> Figure | None:
     """Where the differences between methods are visible: per method (and N), left the forget
     metric minus the retrained model's on the same split (0: forgotten as the oracle), right the
     ToW minus pretrain's on the same split (> 0: better than doing nothing); dots are means over
-    seeds, bars 95% t-intervals (none with one seed), grey crosses the single seeds. None when the
-    records have neither a retrain nor a pretrain to pair with."""
+    seeds, bars 95% t-intervals (none with one seed), grey crosses the single seeds. A panel
+    whose values span more than ``SYMLOG_SPAN`` points (one method destroys the model, another
+    moves it by half a point) is drawn on a symmetric log scale, linear within ±1 point, so both
+    stay visible. None when the records have neither a retrain nor a pretrain to pair with."""
     gap = paired(records, baseline="retrain", stats=("forget_metric",))
     gain = paired(records, baseline="pretrain", stats=("tow",))
     if not gap and not gain:
@@ -424,6 +429,12 @@ def differences_figure(records: Sequence[Row], metric_name: str) -> Figure | Non
         ax.axvline(0.0, color="black", linewidth=0.8)
         ax.set(title=title, xlabel="points")
         ax.grid(alpha=0.3, axis="x")
+        shown = [v for r in rows for v in (*r[stat]["values"], *(r[stat]["interval"] or ()))
+                 if v is not None]
+        if shown and max(shown) - min(shown) > SYMLOG_SPAN:
+            ax.set_xscale("symlog", linthresh=1.0)
+            ax.set_xlabel("points (symmetric log scale, linear within ±1)")
+        ax.margins(x=0.06)
     axes[0].set_yticks(range(len(keys)), labels)
     axes[0].invert_yaxis()
     fig.suptitle(f"{subject(records)}: mean, 95% interval over seeds, single seeds (x)",

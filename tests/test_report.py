@@ -184,6 +184,12 @@ def test_differences_figure_plots_the_paired_means_and_intervals():
     segments = [seg for c in bars for seg in c.lines[2][0].get_segments()]
     assert any(np.allclose(seg[:, 0], [lo, hi]) and np.allclose(seg[:, 1], 2) for seg in segments)
     assert report.differences_figure([make_record("ssd")], "mAP") is None  # nothing to pair
+    assert gap_ax.get_xscale() == tow_ax.get_xscale() == "linear"  # a span of a few points
+    # A method that destroys the model (ToW -60) next to ones that move it by tenths: the ToW
+    # panel turns to a symmetric log scale, the forget panel (a span of a few points) does not.
+    records += [make_record("lipschitz", seed, forget=65.0, tow=30.0 + seed) for seed in range(3)]
+    gap_ax, tow_ax = report.differences_figure(records, "mAP").axes
+    assert tow_ax.get_xscale() == "symlog" and gap_ax.get_xscale() == "linear"
 
 
 def test_table_shows_seed_and_n_columns_when_they_vary():
