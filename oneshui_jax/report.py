@@ -19,7 +19,13 @@ their mean, sample std and 95% t-interval.
 * ``methods.png``: retain / forget / test metric bars per method, ToW above each group;
 * ``differences.png``: per method, the forget metric's gap to retrain and the ToW gain over
   pretrain, each paired on the same split, with 95% intervals over seeds (only when the records
-  have a retrain or pretrain to pair with).
+  have a retrain or pretrain to pair with);
+* ``roc.png``: the ROC curves of the membership attacks, one panel per attack, every method, FPR
+  on a log scale (only when records carry ROC points under ``mia``).
+
+Attack results live under ``record["mia"]`` (``ATTACK_STATS``, all in %): ``loss_rf`` (``auc``,
+``acc``), ``rmia`` (``auc``, ``tpr_at_1e-4``), ``per_person`` (``mean`` / ``max``: ``auc``),
+each optionally with ``roc = {"fpr": [...], "tpr": [...]}``.
 
 Plots use matplotlib's object-oriented API on an Agg canvas (``Figure``, not ``pyplot``): they
 work without a display, touch no global backend, and are freed with the ``Figure`` object. The
@@ -45,8 +51,22 @@ from oneshui_jax.data import catalog
 from oneshui_jax.files import atomic_open, to_json
 from oneshui_jax.metrics import EVAL_SPLITS, TABLE_SPLITS
 
+# The privacy evaluation's numbers in a record (all in %): stat name -> (path under
+# ``record["mia"]``, column header or None for CSV / JSON only). ``loss_rf``: the reference's
+# random-forest loss attack (SPEC.md 5.4); ``rmia``: RMIA with one reference model (5.5), its
+# selected (γ, a); ``per_person``: the attack on people (each person's mean score).
+ATTACK_STATS: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "loss_mia_auc": (("loss_rf", "auc"), "loss-MIA AUC"),
+    "loss_mia_acc": (("loss_rf", "acc"), None),
+    "rmia_auc": (("rmia", "auc"), "RMIA AUC"),
+    "rmia_tpr": (("rmia", "tpr_at_1e-4"), "RMIA TPR@0.01%FPR"),
+    "person_auc": (("per_person", "mean", "auc"), "person AUC"),
+}
+# Each attack's ROC curve, when recorded: ``record["mia"][attack]["roc"] = {"fpr": [...],
+# "tpr": [...]}`` (per_person: under its "mean" aggregation).
+ROC_PATHS = {"loss_rf": ("loss_rf",), "rmia": ("rmia",), "per_person": ("per_person", "mean")}
 STATS = tuple(f"{s}_{k}" for s in EVAL_SPLITS for k in ("metric", "loss")) + (
-    "tow", "mia_auc", "mia_acc", "seconds")
+    "tow", *ATTACK_STATS, "seconds")
 CSV_COLUMNS = ("method", "access", "dataset", "num_identities", "seed") + STATS
 SPLIT_COLORS = {"retain": "tab:blue", "forget": "tab:red", "test": "tab:green"}
 
@@ -82,6 +102,22 @@ def _nan_if_none(value: float | None) -> float:
     return math.nan if value is None else value
 
 
+def _attacks(record: Row) -> dict[str, Any]:
+    """``record["mia"]``; an older flat ``{"auc", "acc"}`` is read as the loss attack's."""
+    mia = record.get("mia") or {}
+    if isinstance(mia, dict) and "loss_rf" not in mia and ("auc" in mia or "acc" in mia):
+        return {"loss_rf": mia}
+    return mia if isinstance(mia, dict) else {}
+
+
+def _at(tree: Any, path: Sequence[str]) -> Any:
+    for key in path:
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(key)
+    return tree
+
+
 def record_stats(record: Row) -> dict[str, float | None]:
     """The numbers of one record under the flat names of ``STATS``; None where missing."""
     out: dict[str, float | None] = {}
@@ -89,10 +125,10 @@ def record_stats(record: Row) -> dict[str, float | None]:
         entry = record.get(split) or {}
         out[f"{split}_metric"] = _number(entry.get("metric"))
         out[f"{split}_loss"] = _number(entry.get("loss"))
-    mia = record.get("mia") or {}
     out["tow"] = _number(record.get("tow"))
-    out["mia_auc"] = _number(mia.get("auc"))
-    out["mia_acc"] = _number(mia.get("acc"))
+    attacks = _attacks(record)
+    for name, (path, _) in ATTACK_STATS.items():
+        out[name] = _number(_at(attacks, path))
     out["seconds"] = _number(record.get("seconds"))
     return out
 
@@ -272,8 +308,10 @@ def _varies(rows: Sequence[Row], key: str) -> bool:
     return len({str(r.get(key)) for r in rows}) > 1
 
 
-def _has_mia(rows: Sequence[Row]) -> bool:
-    return any(_cell(r, "mia_auc") for r in rows)
+def _attack_columns(rows: Sequence[Row]) -> list[str]:
+    """The attack stats with a column that some row has a value for."""
+    return [name for name, (_, header) in ATTACK_STATS.items()
+            if header and any(_cell(r, name) for r in rows)]
 
 
 def markdown_table(rows: Sequence[Row], metric_name: str) -> str:
@@ -282,8 +320,8 @@ def markdown_table(rows: Sequence[Row], metric_name: str) -> str:
 
     Columns: method, access (what the method may read, ``unlearn/api.py``; blank for records
     that predate it), [N when rows span several N], [seed when records span several seeds],
-    retain / forget / test metric, ToW (blank without a retrained model), [MIA AUC when some row
-    has it], seconds.
+    retain / forget / test metric, ToW (blank without a retrained model), [each attack column of
+    ``ATTACK_STATS`` that some row has], seconds.
     """
     columns: list[tuple[str, Callable[[Row], str]]] = [("method", lambda r: str(r["method"])),
                                                         ("access", lambda r: r.get("access") or "")]
@@ -295,8 +333,8 @@ def markdown_table(rows: Sequence[Row], metric_name: str) -> str:
         columns.append((f"{split} {metric_name}",
                         lambda r, s=split: _cell(r, f"{s}_metric", interval=True)))
     columns.append(("ToW", lambda r: _cell(r, "tow", interval=True)))
-    if _has_mia(rows):
-        columns.append(("MIA AUC", lambda r: _cell(r, "mia_auc")))
+    for name in _attack_columns(rows):
+        columns.append((ATTACK_STATS[name][1], lambda r, n=name: _cell(r, n)))
     columns.append(("seconds", lambda r: _cell(r, "seconds")))
     lines = ["| " + " | ".join(name for name, _ in columns) + " |",
              "|" + "|".join("---" if name in ("method", "access", "N", "seed") else "---:"
@@ -442,6 +480,51 @@ def differences_figure(records: Sequence[Row], metric_name: str) -> Figure | Non
     return fig
 
 
+ROC_GRID = np.concatenate([[0.0], np.geomspace(1e-5, 1.0, 200)])  # FPRs of an averaged curve
+
+
+def roc_curves(records: Sequence[Row]) -> dict[str, dict[str, tuple[Any, Any, float]]]:
+    """``{method label: {attack: (fpr, tpr, auc as a fraction)}}`` of the records that carry ROC
+    points (``ROC_PATHS``). Several seeds of a (method, N) are averaged vertically: the mean TPR
+    at each FPR of ``ROC_GRID``, and the mean AUC."""
+    groups: dict[tuple[Any, Any], list[Row]] = {}
+    for r in records:
+        groups.setdefault((r["method"], r.get("num_identities")), []).append(r)
+    several_n = len({n for _, n in groups}) > 1
+    aucs = {"loss_rf": "loss_mia_auc", "rmia": "rmia_auc", "per_person": "person_auc"}
+    curves: dict[str, dict[str, tuple[Any, Any, float]]] = {}
+    for (method, n), members in groups.items():
+        label = f"{method} (N={n})" if several_n else str(method)
+        for attack, path in ROC_PATHS.items():
+            rocs = [(_at(_attacks(r), (*path, "roc")), record_stats(r)[aucs[attack]])
+                    for r in members]
+            rocs = [(roc, auc) for roc, auc in rocs if roc is not None and auc is not None]
+            if not rocs:
+                continue
+            if len(rocs) == 1:
+                fpr, tpr = rocs[0][0]["fpr"], rocs[0][0]["tpr"]
+            else:
+                fpr = ROC_GRID
+                tpr = np.mean([np.interp(ROC_GRID, roc["fpr"], roc["tpr"]) for roc, _ in rocs],
+                              axis=0)
+            auc = float(np.mean([auc for _, auc in rocs])) / 100.0
+            curves.setdefault(label, {})[attack] = (fpr, tpr, auc)
+    return curves
+
+
+def roc_figure(records: Sequence[Row]) -> Figure | None:
+    """``oneshui_jax.mia.roc.roc_figure`` of ``roc_curves(records)``: one panel per attack, every
+    method, log-scale FPR; None when no record carries ROC points."""
+    curves = roc_curves(records)
+    if not curves:
+        return None
+    from oneshui_jax.mia import roc
+
+    fig = roc.roc_figure(curves)
+    fig.suptitle(f"{subject(records)}: membership attacks", fontsize=10)
+    return fig
+
+
 def plot_training_curves(records: Sequence[Row], path: str) -> str | None:
     """Writes ``training_curves_figure(records)`` to ``path``; None (nothing written) when no
     record has a history."""
@@ -523,7 +606,7 @@ def subject(records: Sequence[Row]) -> str:
             f"N={_joined([r.get('num_identities') for r in records])}, {seed_text}")
 
 
-def legend(metric: str, with_mia: bool) -> str:
+def legend(metric: str, attacks: Sequence[str] = ()) -> str:
     """What the columns mean."""
     lines = [
         f"- **retain / forget / test {metric}** (%): the task metric on images of the retain "
@@ -539,9 +622,19 @@ def legend(metric: str, with_mia: bool) -> str:
                  "data before the request; `full`, the forget and retain sets (a full-data "
                  "reference, not a 1-SHUI method). `none` is the pretrained model, `oracle` the "
                  "model retrained without the forget identities.")
-    if with_mia:
-        lines.append("- **MIA AUC** (%): AUC of the membership-inference attack on the forget "
-                     "identities; 50 means the attack cannot tell them from unseen people.")
+    explained = {
+        "loss_mia_auc": "- **loss-MIA AUC** (%): the reference's loss attack (a random forest on "
+                        "per-sample losses, trained on retain vs val, tested on forget vs test "
+                        "images); 50 means it cannot tell the forget images from unseen ones.",
+        "rmia_auc": "- **RMIA AUC** (%): RMIA with one reference model (the method applied to "
+                    "the retrained model), forget vs val images, at the (γ, a) the reference "
+                    "selects.",
+        "rmia_tpr": "- **RMIA TPR@0.01%FPR** (%): its true-positive rate at 0.01% false "
+                    "positives.",
+        "person_auc": "- **person AUC** (%): the attack on people (each person's mean score): "
+                      "forget identities vs unseen validation identities.",
+    }
+    lines += [explained[a] for a in attacks if a in explained]
     lines.append("- **seconds**: wall-clock time of the stage.")
     return "\n".join(lines)
 
@@ -560,15 +653,18 @@ def markdown_report(records: Sequence[Row]) -> str:
                       "mean ± sample std [95% t-interval] over seeds):", "",
                       paired_table(differences, metric), ""]
         parts += ["Per run:", ""]
-    parts += [markdown_table(records, metric), "", legend(metric, _has_mia(records)), ""]
+    parts += [markdown_table(records, metric), "", legend(metric, _attack_columns(records)), ""]
+    if roc_curves(records):
+        parts += ["ROC curves of the attacks: [roc.png](roc.png)", ""]
     return "\n".join(parts)
 
 
 def write_report(workdir: str, records: Sequence[Row], *, config: dict | None = None,
                  extra: dict | None = None) -> dict[str, str]:
     """Writes results.json, results.md, results.csv, methods.png, (when some record has a
-    history) training_curves.png and (when there is a pretrain or retrain to pair with)
-    differences.png into ``workdir``, each atomically; returns {file name: path}.
+    history) training_curves.png, (when there is a pretrain or retrain to pair with)
+    differences.png and (when some record has attack ROC points) roc.png into ``workdir``, each
+    atomically; returns {file name: path}.
 
     Every file's content (and figure) is made before the first one is written, so records the
     report cannot use leave ``workdir`` as it was.
@@ -588,6 +684,7 @@ def write_report(workdir: str, records: Sequence[Row], *, config: dict | None = 
     methods = method_bars_figure(records, metric)
     curves = training_curves_figure(records)
     differences = differences_figure(records, metric)
+    rocs = roc_figure(records)
     path = lambda name: os.path.join(workdir, name)
     with atomic_open(path("results.json")) as f:
         f.write(results_json)
@@ -600,6 +697,8 @@ def write_report(workdir: str, records: Sequence[Row], *, config: dict | None = 
         written["training_curves.png"] = save_figure(curves, path("training_curves.png"))
     if differences is not None:
         written["differences.png"] = save_figure(differences, path("differences.png"))
+    if rocs is not None:
+        written["roc.png"] = save_figure(rocs, path("roc.png"))
     return written
 
 
@@ -619,8 +718,8 @@ def record_problem(record: Any) -> str | None:
 
     A record is a JSON object with ``method`` and ``dataset`` (strings, a dataset the catalog
     knows), ``num_identities`` and ``seed`` (ints) and, where present, numbers for the metrics
-    and losses of each split, ``tow``, ``seconds``, ``mia.auc`` / ``mia.acc`` and the fields of
-    each ``history`` entry.
+    and losses of each split, ``tow``, ``seconds``, the attack numbers of ``ATTACK_STATS`` under
+    ``mia`` (and their ``roc`` lists) and the fields of each ``history`` entry.
     """
     if not isinstance(record, dict):
         return f"is a JSON {type(record).__name__}; expected an object (a record of a study)"
@@ -638,8 +737,20 @@ def record_problem(record: Any) -> str | None:
         entry = record.get(group)
         if entry is not None and not isinstance(entry, dict):
             return f"has {group} {entry!r}; expected an object of numbers"
-        keys = ("auc", "acc") if group == "mia" else ("metric", "loss")
-        numbers += [(f"{group}.{key}", (entry or {}).get(key)) for key in keys]
+        if group != "mia":
+            numbers += [(f"{group}.{key}", (entry or {}).get(key)) for key in ("metric", "loss")]
+    attacks = _attacks(record)
+    for path, _ in ATTACK_STATS.values():
+        numbers.append(("mia." + ".".join(path), _at(attacks, path)))
+    for path in ROC_PATHS.values():
+        roc = _at(attacks, (*path, "roc"))
+        if roc is None:
+            continue
+        fpr, tpr = (roc.get("fpr"), roc.get("tpr")) if isinstance(roc, dict) else (None, None)
+        if not (isinstance(fpr, list) and isinstance(tpr, list) and len(fpr) == len(tpr) > 0
+                and all(_is_number(v) for v in (*fpr, *tpr))):
+            return (f"has mia.{'.'.join(path)}.roc {str(roc)[:80]}; expected {{\"fpr\": [...], "
+                    "\"tpr\": [...]}} of equal, non-zero length")
     history = record.get("history")
     if history is not None and not isinstance(history, list):
         return f"has history {history!r}; expected a list of epochs"

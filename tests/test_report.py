@@ -62,12 +62,24 @@ def test_markdown_table_cells(records):
     assert table_rows(report.markdown_table(records, "mAP"))[1][1] == ""
 
 
-def test_markdown_table_mia_column_only_when_present(records):
+def test_markdown_table_attack_columns_only_when_present(records):
     assert "MIA" not in report.markdown_table(records, "mAP")
-    records[0]["mia"] = {"auc": 55.0, "acc": 40.0}
+    records[0]["mia"] = {"auc": 55.0, "acc": 40.0}  # an older flat record: the loss attack's
     header, pretrain, retrain = table_rows(report.markdown_table(records, "acc"))
-    assert header[2] == "retain acc" and header[6] == "MIA AUC"
+    assert header[2] == "retain acc" and header[6] == "loss-MIA AUC" and header[7] == "seconds"
     assert pretrain[6] == "55.00" and retrain[6] == ""
+    records[0]["mia"] = {"loss_rf": {"auc": 56.0, "acc": 41.0},
+                         "rmia": {"auc": 61.5, "tpr_at_1e-4": 2.5},
+                         "per_person": {"mean": {"auc": 70.0}, "max": {"auc": 75.0}}}
+    records[1]["mia"] = {"rmia": {"auc": 50.5, "tpr_at_1e-4": 0.0}}
+    header, pretrain, retrain = table_rows(report.markdown_table(records, "mAP"))
+    assert header[6:] == ["loss-MIA AUC", "RMIA AUC", "RMIA TPR@0.01%FPR", "person AUC",
+                          "seconds"]
+    assert pretrain[6:10] == ["56.00", "61.50", "2.50", "70.00"]
+    assert retrain[6:10] == ["", "50.50", "0.00", ""]
+    assert report.record_stats(records[0])["loss_mia_acc"] == 41.0
+    legend = report.legend("mAP", ["rmia_auc"])
+    assert "RMIA AUC" in legend and "loss-MIA" not in legend
 
 
 def test_aggregate_mean_and_std_over_three_seeds():
@@ -80,7 +92,7 @@ def test_aggregate_mean_and_std_over_three_seeds():
     assert pretrain["mean"]["forget_metric"] == pytest.approx(np.mean(forget))
     assert pretrain["std"]["forget_metric"] == pytest.approx(np.std(forget, ddof=1))
     assert pretrain["std"]["retain_metric"] == pytest.approx(0.0)
-    assert pretrain["mean"]["mia_auc"] is None
+    assert pretrain["mean"]["loss_mia_auc"] is None
     assert retrain["mean"]["tow"] == 100.0 and retrain["std"]["tow"] is None  # one seed has it
 
     # The 95% t-interval of the mean, by hand (retain is constant: a zero-width interval).
@@ -88,7 +100,7 @@ def test_aggregate_mean_and_std_over_three_seeds():
     half = T_975[2] * std / 3 ** 0.5
     assert pretrain["interval"]["forget_metric"] == pytest.approx((mean - half, mean + half))
     assert pretrain["interval"]["retain_metric"] == pytest.approx((65.1, 65.1))
-    assert retrain["interval"]["tow"] is None and pretrain["interval"]["mia_auc"] is None
+    assert retrain["interval"]["tow"] is None and pretrain["interval"]["rmia_auc"] is None
 
     _, row, rrow = table_rows(report.markdown_table([pretrain, retrain], "mAP"))
     assert row[1] == "none"
@@ -201,7 +213,8 @@ def test_table_shows_seed_and_n_columns_when_they_vary():
 
 def test_csv_round_trip(tmp_path, records):
     records[1]["tow"] = None
-    records[0]["mia"] = {"auc": np.float32(55.5), "acc": 40.0}
+    records[0]["mia"] = {"loss_rf": {"auc": np.float32(55.5), "acc": 40.0},
+                         "rmia": {"auc": 60.0, "tpr_at_1e-4": 1.5}}
     path = report.write_csv(str(tmp_path / "results.csv"), records)
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
@@ -211,8 +224,9 @@ def test_csv_round_trip(tmp_path, records):
     assert rows[0]["access"] == "none" and rows[1]["access"] == "oracle"
     assert float(rows[0]["forget_metric"]) == pytest.approx(68.2)
     assert float(rows[0]["val_loss"]) == pytest.approx(0.62)
-    assert float(rows[0]["mia_auc"]) == pytest.approx(55.5)
-    assert rows[1]["tow"] == "" and rows[1]["mia_auc"] == "" and rows[1]["mia_acc"] == ""
+    assert float(rows[0]["loss_mia_auc"]) == pytest.approx(55.5)
+    assert float(rows[0]["rmia_tpr"]) == pytest.approx(1.5) and rows[0]["person_auc"] == ""
+    assert rows[1]["tow"] == "" and rows[1]["loss_mia_auc"] == "" and rows[1]["rmia_auc"] == ""
     assert float(rows[1]["seconds"]) == pytest.approx(101.2)
 
 
@@ -358,3 +372,52 @@ def test_combine_averages_studies_over_seeds(tmp_path, capsys):
 def test_atomic_files_get_the_usual_permissions(tmp_path):
     files.save_json({"a": 1}, str(tmp_path / "x.json"))
     assert os.stat(tmp_path / "x.json").st_mode & 0o777 == 0o666 & ~files._UMASK
+
+
+def _with_roc(record, attack, auc, fpr, tpr):
+    entry = {"auc": auc, "roc": {"fpr": fpr, "tpr": tpr}}
+    if attack == "per_person":
+        record.setdefault("mia", {})[attack] = {"mean": entry}
+    else:
+        record.setdefault("mia", {})[attack] = entry
+    return record
+
+
+def test_roc_curves_average_seeds_and_write_roc_png(tmp_path):
+    """One curve per (method, attack); several seeds: the mean TPR on a common FPR grid and the
+    mean AUC (as a fraction); roc.png written and linked only when some record has ROC points."""
+    records = [_with_roc(make_record("ssd", s), "rmia", 60.0 + 2 * s, [0.0, 0.5, 1.0],
+                         [0.0, 0.4 + 0.2 * s, 1.0]) for s in range(2)]
+    pretrain = _with_roc(make_record("pretrain"), "loss_rf", 55.0, [0.0, 1.0], [0.0, 1.0])
+    records.append(_with_roc(pretrain, "per_person", 80.0, [0.0, 0.25, 1.0], [0.0, 0.9, 1.0]))
+    curves = report.roc_curves(records)
+    assert set(curves) == {"ssd", "pretrain"} and set(curves["pretrain"]) == {"loss_rf",
+                                                                              "per_person"}
+    fpr, tpr, auc = curves["ssd"]["rmia"]
+    assert auc == pytest.approx(0.61)
+    expected = np.mean([np.interp(fpr, [0.0, 0.5, 1.0], [0.0, 0.4 + 0.2 * s, 1.0])
+                        for s in range(2)], axis=0)
+    np.testing.assert_allclose(tpr, expected)
+    assert np.interp(0.5, fpr, tpr) == pytest.approx(0.5)
+    assert curves["pretrain"]["per_person"] == ([0.0, 0.25, 1.0], [0.0, 0.9, 1.0], 0.8)
+    written = report.write_report(str(tmp_path), records)
+    assert "roc.png" in written
+    with open(written["roc.png"], "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE
+    with open(written["results.md"], encoding="utf-8") as f:
+        assert "[roc.png](roc.png)" in f.read()
+    fig = report.roc_figure(records)
+    assert [ax.get_title() for ax in fig.axes] == ["rmia", "loss_rf", "per_person"]
+    assert report.roc_figure([make_record("ssd")]) is None
+
+
+@pytest.mark.parametrize("mia,field", [
+    ({"loss_rf": {"auc": "high"}}, "mia.loss_rf.auc"),
+    ({"rmia": {"auc": 50.0, "tpr_at_1e-4": None, "roc": {"fpr": [0.0], "tpr": []}}},
+     "mia.rmia.roc"),
+    ({"per_person": {"mean": {"auc": 50.0, "roc": {"fpr": ["a"], "tpr": [1.0]}}}},
+     "mia.per_person.mean.roc"),
+])
+def test_attack_fields_are_checked(mia, field):
+    record = make_record("ssd", mia=mia)
+    assert field in report.record_problem(record)
