@@ -164,6 +164,11 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
         config[name], _ = api.reference_block(registry.METHODS[name], name, dataset,
                                               num_identities)
 
+    # The privacy evaluation (SPEC.md 5.4-5.5). loss_rf: the reference's loss attack (a random
+    # forest on per-sample losses) with every evaluation, as the reference prints it.
+    config.mia = ml_collections.ConfigDict()
+    config.mia.loss_rf = True
+
     config.progress = True
     notes = []
     for stage in config.stages:

@@ -480,13 +480,12 @@ def differences_figure(records: Sequence[Row], metric_name: str) -> Figure | Non
     return fig
 
 
-ROC_GRID = np.concatenate([[0.0], np.geomspace(1e-5, 1.0, 200)])  # FPRs of an averaged curve
-
-
 def roc_curves(records: Sequence[Row]) -> dict[str, dict[str, tuple[Any, Any, float]]]:
     """``{method label: {attack: (fpr, tpr, auc as a fraction)}}`` of the records that carry ROC
     points (``ROC_PATHS``). Several seeds of a (method, N) are averaged vertically: the mean TPR
-    at each FPR of ``ROC_GRID``, and the mean AUC."""
+    at each FPR of ``oneshui_jax.mia.roc.GRID``, and the mean AUC."""
+    from oneshui_jax.mia import roc as roc_lib
+
     groups: dict[tuple[Any, Any], list[Row]] = {}
     for r in records:
         groups.setdefault((r["method"], r.get("num_identities")), []).append(r)
@@ -504,8 +503,8 @@ def roc_curves(records: Sequence[Row]) -> dict[str, dict[str, tuple[Any, Any, fl
             if len(rocs) == 1:
                 fpr, tpr = rocs[0][0]["fpr"], rocs[0][0]["tpr"]
             else:
-                fpr = ROC_GRID
-                tpr = np.mean([np.interp(ROC_GRID, roc["fpr"], roc["tpr"]) for roc, _ in rocs],
+                fpr = roc_lib.GRID
+                tpr = np.mean([np.interp(fpr, roc["fpr"], roc["tpr"]) for roc, _ in rocs],
                               axis=0)
             auc = float(np.mean([auc for _, auc in rocs])) / 100.0
             curves.setdefault(label, {})[attack] = (fpr, tpr, auc)

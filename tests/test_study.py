@@ -155,6 +155,42 @@ def test_finished_stages_are_reused(small_study):
             assert evaluated[split]["loss"] == pytest.approx(first[split]["loss"], abs=1e-9)
 
 
+def test_loss_attack_runs_with_every_evaluation_and_on_reuse(finished_study):
+    """config.mia.loss_rf: each evaluation carries the reference's loss attack on its own
+    per-sample losses; a stage finished without it gets it on reuse, its checkpoint untouched."""
+    from oneshui_jax.mia import loss_attack
+
+    config, _ = finished_study
+    config = config.copy_and_resolve_references()
+    config.mia.loss_rf = True
+    ctx = study.prepare(config)
+    rdir = ctx.run_dir("pretrain")
+    stored = checkpoints.read_metadata(rdir)
+    assert "mia" not in stored["record"]  # the shared study ran without it
+    record, params = study.train_stage(ctx, "pretrain", study.initial_params(ctx))
+    assert record["reused"] and checkpoints.read_metadata(rdir) == stored
+    # the attack on losses computed here, independently of the study's evaluation
+    t = config.train
+    step = train_lib.make_eval_step(ctx.model_cfg, ctx.dataset.task, t.compute_dtype,
+                                    t.attention)
+    cfg = ctx.pipeline_config(config.data.eval_batch_size)
+    losses = {split: train_lib.evaluate(step, params, pipeline.eval_batches(
+        ctx.dataset.source, ctx.images[split], cfg), ctx.dataset.task)["losses"]
+              for split in metrics.EVAL_SPLITS}
+    direct = loss_attack.attack(losses["retain"], losses["val"], losses["forget"],
+                                losses["test"])
+    got = record["mia"]["loss_rf"]
+    assert (got["auc"], got["acc"]) == (pytest.approx(direct["auc"]),
+                                        pytest.approx(direct["acc"]))
+    assert (got["n_estimators"], got["criterion"]) == (direct["n_estimators"],
+                                                      direct["criterion"])
+    if direct["fpr"] is not None:
+        assert len(got["roc"]["fpr"]) == len(got["roc"]["tpr"]) == 201
+        assert np.interp(1.0, got["roc"]["fpr"], got["roc"]["tpr"]) == pytest.approx(1.0)
+    config.mia.loss_rf = False
+    assert "mia" not in study.evaluate_splits(dataclasses.replace(ctx, config=config), params)
+
+
 def test_checkpoint_of_another_split_is_refused(finished_study, tmp_path):
     config, _ = finished_study
     other = config.copy_and_resolve_references()

@@ -16,6 +16,16 @@ from matplotlib.figure import Figure
 
 FPR_FLOOR = 1e-5
 CHANCE_LABEL = "chance"
+# FPRs at which a stored or averaged ROC curve is kept: 0, then 200 log-spaced points to 1.
+GRID = np.concatenate([[0.0], np.geomspace(FPR_FLOOR, 1.0, 200)])
+
+
+def compact(fpr: Sequence[float], tpr: Sequence[float]) -> dict[str, list[float]]:
+    """A ROC curve as ``{"fpr", "tpr"}`` lists at the FPRs of ``GRID`` (``np.interp``), so a
+    record stores 201 points whatever the size of the evaluated sets."""
+    return {"fpr": GRID.tolist(),
+            "tpr": np.interp(GRID, np.asarray(fpr, np.float64),
+                             np.asarray(tpr, np.float64)).tolist()}
 
 
 def auc_label(method: str, auc: float) -> str:

@@ -62,13 +62,16 @@ def model_config(config, num_classes: int) -> vit.ViTConfig:
                                 image_size=config.data.image_size)
 
 
-def evaluate_splits(ctx: Context, params) -> dict[str, dict[str, float]]:
-    """Loss and metric on retain / forget / test / val, eval transform (SPEC.md 5.2)."""
+def evaluate_splits(ctx: Context, params) -> dict[str, dict[str, Any]]:
+    """Loss and metric on retain / forget / test / val, eval transform (SPEC.md 5.2), and, with
+    ``config.mia.loss_rf``, the reference's loss attack on the per-sample losses (SPEC.md 5.4):
+    ``{"mia": {"loss_rf": {"auc", "acc", "n_estimators", "criterion", "roc"}}}``, in %."""
     t = ctx.config.train
     eval_step = train_lib.make_eval_step(ctx.model_cfg, ctx.dataset.task, t.compute_dtype,
                                          t.attention)
     cfg = ctx.pipeline_config(ctx.config.data.eval_batch_size)
-    out = {}
+    out: dict[str, Any] = {}
+    losses = {}
     for split in metrics.EVAL_SPLITS:
         batches = pipeline.eval_batches(ctx.dataset.source, ctx.images[split], cfg)
         result = train_lib.evaluate(
@@ -76,7 +79,29 @@ def evaluate_splits(ctx: Context, params) -> dict[str, dict[str, float]]:
             desc=f"eval {split}" if ctx.config.progress else None,
             total=pipeline.steps_per_epoch(len(ctx.images[split]), cfg.batch_size))
         out[split] = {"metric": result["metric"], "loss": result["loss"]}
+        losses[split] = result["losses"]
+    if wants_loss_attack(ctx.config):
+        out["mia"] = {"loss_rf": loss_attack(losses)}
     return out
+
+
+def wants_loss_attack(config) -> bool:
+    """``config.mia.loss_rf`` (absent: False)."""
+    return bool((config.get("mia") or {}).get("loss_rf", False))
+
+
+def loss_attack(losses: dict[str, Any]) -> dict[str, Any]:
+    """The reference's loss attack (``oneshui_jax.mia.loss_attack``) on per-sample losses of
+    every split, as stored in a record: the chosen configuration, its AUC and accuracy (%) and
+    its ROC curve at the FPRs of ``mia.roc.GRID``."""
+    from oneshui_jax.mia import loss_attack as attack_lib
+    from oneshui_jax.mia import roc
+
+    result = attack_lib.attack(losses["retain"], losses["val"], losses["forget"], losses["test"])
+    entry = {k: result[k] for k in ("auc", "acc", "n_estimators", "criterion")}
+    if result["fpr"] is not None:
+        entry["roc"] = roc.compact(result["fpr"], result["tpr"])
+    return entry
 
 
 def prepare(config) -> Context:

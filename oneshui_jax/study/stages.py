@@ -32,7 +32,7 @@ from oneshui_jax import checkpoints
 from oneshui_jax import train as train_lib
 from oneshui_jax.data import pipeline
 from oneshui_jax.study import access, reuse, validate
-from oneshui_jax.study.context import Context, evaluate_splits
+from oneshui_jax.study.context import Context, evaluate_splits, wants_loss_attack
 from oneshui_jax.study.validate import TRAINING_STAGES
 from oneshui_jax.unlearn import api, registry
 
@@ -71,7 +71,12 @@ def run_stage(ctx: Context, stage: str, *, settings_name: str, settings: dict[st
         record = dict(stored["record"], reused=True)
         record.setdefault("access", access)  # checkpoints older than the access column
         record["splits_hash"] = fp["parts"]["splits"]  # equal fingerprints, equal splits
-        return record, checkpoints.load_params(rdir, template)
+        params = checkpoints.load_params(rdir, template)
+        if wants_loss_attack(ctx.config) and "loss_rf" not in (record.get("mia") or {}):
+            # finished before the attack ran with every evaluation: evaluate again (the result
+            # depends on the parameters and the data only), without touching the checkpoint
+            record.update(evaluate_splits(ctx, params))
+        return record, params
     if decision == reuse.RESUME:
         logging.info("%s: resuming the unfinished run in %s", stage, rdir)
     os.makedirs(rdir, exist_ok=True)

@@ -45,6 +45,9 @@ def validate_config(config) -> None:
         raise ConfigError(f"config.num_identities must be >= 1, got {config.num_identities}")
     if config.train.epochs < 1 or config.train.batch_size < 1:
         raise ConfigError("config.train.epochs and config.train.batch_size must be >= 1")
+    loss_rf = (config.get("mia") or {}).get("loss_rf", False)
+    if not isinstance(loss_rf, bool):
+        raise ConfigError(f"config.mia.loss_rf must be True or False, got {loss_rf!r}")
     every = config.get("checkpoint_every_s", 0.0)
     if isinstance(every, bool) or not isinstance(every, (int, float)) or not every >= 0:
         raise ConfigError(f"config.checkpoint_every_s must be a number of seconds >= 0, got "
