@@ -125,3 +125,25 @@ def test_eval_resize_matches_torch():
             torch.from_numpy(x).permute(2, 0, 1)[None], size=out, mode="bilinear",
             align_corners=False, antialias=False)[0].permute(1, 2, 0).numpy()
         np.testing.assert_allclose(transforms.resize_bilinear(x, *out), ref, atol=1e-5)
+
+
+def test_augmented_pass_covers_every_example_once_in_order_with_fresh_crops():
+    """RMIA's signal passes: the eval order and mask, the training augmentation, crops that
+    differ between passes and repeat for the same pass."""
+    src = _source()
+    cfg = pipeline.PipelineConfig(image_size=16, batch_size=8, seed=3, crop_scale=(0.2, 1.0))
+    idx = np.array([5, 0, 17, 33, 2, 9, 11, 39, 21, 4, 8])
+
+    def run(k):
+        return list(pipeline.to_iterator(pipeline.augmented_pass(src, idx, cfg, k), cfg))
+
+    first, again, other = run(0), run(0), run(1)
+    assert len(first) == 2
+    order = np.concatenate([b["index"][b["mask"]] for b in first])
+    np.testing.assert_array_equal(order, idx)  # each example once, in the given order
+    assert first[1]["mask"].sum() == 3 and first[0]["image"].shape == (8, 16, 16, 3)
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+    assert not np.array_equal(first[0]["image"], other[0]["image"])
+    evaluated = next(iter(pipeline.eval_batches(src, idx, cfg)))["image"]
+    assert not np.allclose(first[0]["image"], evaluated)  # augmented, not the eval transform

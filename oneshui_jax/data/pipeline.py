@@ -117,6 +117,21 @@ def eval_dataset(source: Source, indices: np.ndarray, cfg: PipelineConfig) -> gr
             .batch(cfg.batch_size))
 
 
+def augmented_pass(source: Source, indices: np.ndarray, cfg: PipelineConfig,
+                   pass_index: int) -> grain.MapDataset:
+    """Every example of ``indices`` once, in order, with the *training* augmentation
+    (RandomResizedCrop over ``cfg.crop_scale`` + flip), the last batch padded + masked: one of
+    RMIA's signal passes (SPEC.md 5.5: train transform, batch 32, no shuffle). Pass ``k`` draws
+    its crops from the seed ``[cfg.seed, k]``, so passes differ from each other and every pass is
+    reproducible."""
+    slots = _Slots(indices, cfg.batch_size, cfg.seed, shuffle=False)
+    seed = int(np.random.SeedSequence([cfg.seed, pass_index]).generate_state(1)[0])
+    return (grain.MapDataset.range(slots.per_epoch)
+            .map(_load(source, slots))
+            .random_map(_augment(cfg.image_size, cfg.crop_scale), seed=seed)
+            .batch(cfg.batch_size))
+
+
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """Batches per epoch with the reference's ``drop_last=False``."""
     return _num_batches(num_examples, batch_size)
