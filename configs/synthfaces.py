@@ -21,6 +21,7 @@ default 10) and ``size`` (``default`` or ``small``, the SynthFaces variant).
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from oneshui_jax import config_lib, hparams
 from oneshui_jax.unlearn import (
@@ -42,6 +43,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dataset = "synthfaces"
     config.num_identities = args["N"]  # N_S: identities in the deletion request
     config.seed = 0
+    # The split's seed when it must differ from config.seed (RMIA's reference models: the same
+    # split, other randomness); None: config.seed. Part of the run folder's name when it differs.
+    config.split_seed = config_dict.placeholder(int)
     config.workdir = "workdir/synthfaces"  # results, tables, plots
     config.checkpoint_dir = "checkpoints"  # <dir>/<dataset>/<model>/<stage>_<N>_<seed>/
     # A killed stage resumes from its last save; saves at most every this many seconds (at epoch

@@ -85,9 +85,14 @@ class LeafInfo(NamedTuple):
 
 
 def run_dir(root: str, dataset: str, model: str, stage: str, num_identities: int,
-            seed: int) -> str:
-    """``<root>/<dataset>/<model>/<stage>_<N>_<seed>``: the folder of one run."""
-    return os.path.join(root, dataset, model, f"{stage}_{num_identities}_{seed}")
+            seed: int, split_seed: int | None = None) -> str:
+    """``<root>/<dataset>/<model>/<stage>_<N>_<seed>``: the folder of one run;
+    ``..._<seed>_split<split_seed>`` when the split comes from another seed than the rest of
+    the run's randomness (e.g. RMIA's reference models)."""
+    name = f"{stage}_{num_identities}_{seed}"
+    if split_seed is not None and split_seed != seed:
+        name += f"_split{split_seed}"
+    return os.path.join(root, dataset, model, name)
 
 
 def _key_value(key: Any) -> str | int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 from oneshui_jax import hparams
 from oneshui_jax.unlearn import api, meta_unlearn, registry, support_ascent
@@ -98,7 +99,10 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
     config = ml_collections.ConfigDict()
     config.dataset = dataset
     config.num_identities = num_identities  # N: identities in the deletion request
-    config.seed = 0  # decides the splits (the reference's --seed)
+    config.seed = 0  # the reference's --seed: the split and every other draw
+    # The split's seed when it must differ from config.seed (RMIA's reference models: the same
+    # split, other randomness); None: config.seed. Part of the run folder's name when it differs.
+    config.split_seed = config_dict.placeholder(int)
     config.workdir = f"workdir/{dataset}"  # results, tables, plots
     config.checkpoint_dir = "checkpoints"  # <dir>/<dataset>/<model>/<stage>_<N>_<seed>/
     # A killed stage resumes from its last save; saves at most every this many seconds (at epoch

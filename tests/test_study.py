@@ -191,6 +191,35 @@ def test_loss_attack_runs_with_every_evaluation_and_on_reuse(finished_study):
     assert "mia" not in study.evaluate_splits(dataclasses.replace(ctx, config=config), params)
 
 
+def test_split_seed_fixes_the_split_apart_from_the_other_randomness(finished_study):
+    """config.split_seed (RMIA's reference models): the split of that seed, the run folder and
+    fingerprint say so; unset, nothing changes (old folders and fingerprints stay valid)."""
+    from oneshui_jax.study import reuse
+
+    config, _ = finished_study
+    base = study.prepare(config)
+    assert config.split_seed is None and base.run_dir("ssd").endswith("ssd_5_0")
+    plain = reuse.fingerprint(base, "ssd", "ssd", {}, None, False)
+    assert "split_seed" not in plain["parts"]
+    other = config.copy_and_resolve_references()
+    other.seed, other.split_seed = 1, 0
+    ctx = study.prepare(other)
+    assert ctx.splits.to_dict() == base.splits.to_dict()  # the split of seed 0
+    assert ctx.run_dir("ssd").endswith("ssd_5_1_split0")
+    assert ctx.pipeline_config(8).seed == 1  # every other draw follows config.seed
+    moved = reuse.fingerprint(ctx, "ssd", "ssd", {}, None, False)
+    assert moved["parts"]["split_seed"] == 0 and moved["hash"] != plain["hash"]
+    other.seed = 0  # equal seeds: the plain name and fingerprint
+    same = study.prepare(other)
+    assert same.run_dir("ssd") == base.run_dir("ssd")
+    assert reuse.fingerprint(same, "ssd", "ssd", {}, None, False)["hash"] == plain["hash"]
+    for bad in (-1, True):
+        wrong = config.copy_and_resolve_references()
+        wrong.split_seed = bad
+        with pytest.raises(ConfigError, match="config.split_seed must be"):
+            study.validate_config(wrong)
+
+
 def test_checkpoint_of_another_split_is_refused(finished_study, tmp_path):
     config, _ = finished_study
     other = config.copy_and_resolve_references()

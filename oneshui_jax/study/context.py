@@ -39,7 +39,8 @@ class Context:
     def run_dir(self, stage: str) -> str:
         c = self.config
         return checkpoints.run_dir(os.path.expanduser(c.checkpoint_dir), c.dataset,
-                                   c.model.name, stage, c.num_identities, c.seed)
+                                   c.model.name, stage, c.num_identities, c.seed,
+                                   split_seed(c))
 
     def pipeline_config(self, batch_size: int, **kw) -> pipeline.PipelineConfig:
         return pipeline.PipelineConfig(image_size=self.config.data.image_size,
@@ -55,6 +56,14 @@ class Context:
     def method_config(self, name: str) -> Any:
         """Method ``name``'s validated ``Config`` from ``config.<name>``."""
         return validate.method_config(self.config, name, self.dataset.task)
+
+
+def split_seed(config) -> int:
+    """The seed of the identity split: ``config.split_seed``, or ``config.seed`` when it is
+    unset (None). The rest of the run's randomness (initialisation, data order, a method's
+    draws) always follows ``config.seed``."""
+    value = config.get("split_seed")
+    return config.seed if value is None else value
 
 
 def model_config(config, num_classes: int) -> vit.ViTConfig:
@@ -112,7 +121,7 @@ def prepare(config) -> Context:
         logging.warning("config.data.dedup=merge: %d identities merged into others because they "
                         "share byte-identical images (a deviation from the reference)",
                         ds.merged_identities)
-    splits = splits_lib.make_splits(ds.annotations, config.num_identities, config.seed)
+    splits = splits_lib.make_splits(ds.annotations, config.num_identities, split_seed(config))
     images = splits_lib.split_images(ds.annotations, splits)
     logging.info("splits: identities train/val/test %d/%d/%d, forget %d (%d images)",
                  len(splits.train), len(splits.val), len(splits.test), len(splits.forget),

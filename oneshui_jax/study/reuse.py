@@ -5,7 +5,8 @@ A stage's fingerprint has these parts (``fingerprint``):
 * ``dataset`` and ``data.fingerprint``: the dataset and its content (images, identities and
   labels of the build, after ``dedup``), so changed labels make a new fingerprint;
 * ``model``: the architecture (``ViTConfig``, the image size included);
-* ``splits`` (their hash) and ``seed`` (data order, initialisation);
+* ``splits`` (their hash) and ``seed`` (data order, initialisation), and ``split_seed`` when
+  the split comes from another seed;
 * the stage's settings: ``train`` for pretrain and retrain, the method's validated ``Config`` for
   a method; plus ``data.crop_scale`` (the training augmentation) for every stage that reads
   TRAIN images (pretrain, retrain and ``stats`` / ``full`` methods, e.g. PGU's covariances);
@@ -60,6 +61,8 @@ def fingerprint(ctx, stage: str, settings_name: str, settings: Mapping[str, Any]
     }
     if augmented:
         parts["data.crop_scale"] = list(config.data.crop_scale)
+    if config.get("split_seed") is not None and config.split_seed != config.seed:
+        parts["split_seed"] = config.split_seed  # only when it differs: old hashes stay valid
     parts = files.to_json(parts)
     text = json.dumps(parts, sort_keys=True, separators=(",", ":"))
     return {"version": FINGERPRINT_VERSION, "hash": hashlib.sha256(text.encode()).hexdigest(),

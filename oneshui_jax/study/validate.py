@@ -45,6 +45,11 @@ def validate_config(config) -> None:
         raise ConfigError(f"config.num_identities must be >= 1, got {config.num_identities}")
     if config.train.epochs < 1 or config.train.batch_size < 1:
         raise ConfigError("config.train.epochs and config.train.batch_size must be >= 1")
+    value = config.get("split_seed")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < 0):
+        raise ConfigError(f"config.split_seed must be a seed (an int >= 0) or None (the split "
+                          f"follows config.seed), got {value!r}")
     loss_rf = (config.get("mia") or {}).get("loss_rf", False)
     if not isinstance(loss_rf, bool):
         raise ConfigError(f"config.mia.loss_rf must be True or False, got {loss_rf!r}")
