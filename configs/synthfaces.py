@@ -133,6 +133,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # (--config.mia.loss_rf=True turns it on).
     config.mia = ml_collections.ConfigDict()
     config.mia.loss_rf = False
+    # RMIA (study/privacy.py): a reference model per method (the method applied to the retrained
+    # model with the next seed), 8 augmented passes; --config.mia.rmia=True.
+    config.mia.rmia = False
+    config.mia.passes = 8
+    config.mia.batch_size = 256  # the reference: 32; the same losses, faster on CPU
 
     config.progress = True
     return config

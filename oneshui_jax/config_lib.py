@@ -172,6 +172,11 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
     # forest on per-sample losses) with every evaluation, as the reference prints it.
     config.mia = ml_collections.ConfigDict()
     config.mia.loss_rf = True
+    # rmia: RMIA with one reference model per target (built by the study, study/privacy.py) and
+    # the attack on people; passes with the training augmentation, their batch size.
+    config.mia.rmia = False
+    config.mia.passes = 8
+    config.mia.batch_size = 32
 
     config.progress = True
     notes = []

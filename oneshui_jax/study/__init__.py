@@ -13,7 +13,8 @@ ACCESS grants (``study.access``).
 
 Modules: ``context`` (config, dataset, split, evaluation), ``validate`` (every setting checked
 before any data is read), ``access`` (what a method call receives), ``reuse`` (fingerprints),
-``stages`` (the skeleton and its bodies).
+``stages`` (the skeleton and its bodies), ``privacy`` (RMIA with reference models the study
+builds itself, the attack on people; ``config.mia.rmia``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import time
 
 from oneshui_jax import metrics, report
+from oneshui_jax.study import privacy
 from oneshui_jax.study.context import Context, evaluate_splits, initial_params, prepare
 from oneshui_jax.study.stages import method_stage, run_stage, train_stage
 from oneshui_jax.study.validate import TRAINING_STAGES, validate_config
@@ -50,8 +52,13 @@ def run(config) -> list[dict]:
         else:
             if "pretrain" not in trained:  # methods start from the pretrained model
                 _, trained["pretrain"] = train_stage(ctx, "pretrain", init)
-            record, _ = method_stage(ctx, stage, trained["pretrain"], ctx.run_dir("pretrain"))
+            record, params = method_stage(ctx, stage, trained["pretrain"],
+                                          ctx.run_dir("pretrain"))
+            if privacy.wants_rmia(config):  # RMIA attacks every model after the stages
+                trained[stage] = params
         records.append(record)
+    if privacy.wants_rmia(config):
+        privacy.run(ctx, records, trained)
     add_tow(records)
     report.write_report(config.workdir, records, config=config.to_dict(), extra={
         "splits": {k: len(v) for k, v in ctx.splits.to_dict().items()},

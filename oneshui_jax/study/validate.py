@@ -50,9 +50,18 @@ def validate_config(config) -> None:
                               or value < 0):
         raise ConfigError(f"config.split_seed must be a seed (an int >= 0) or None (the split "
                           f"follows config.seed), got {value!r}")
-    loss_rf = (config.get("mia") or {}).get("loss_rf", False)
-    if not isinstance(loss_rf, bool):
-        raise ConfigError(f"config.mia.loss_rf must be True or False, got {loss_rf!r}")
+    mia = config.get("mia") or {}
+    for key in ("loss_rf", "rmia"):
+        if not isinstance(mia.get(key, False), bool):
+            raise ConfigError(f"config.mia.{key} must be True or False, got {mia.get(key)!r}")
+    for key in ("passes", "batch_size"):
+        value = mia.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"config.mia.{key} must be an int >= 1, got {value!r}")
+    if mia.get("rmia", False) and "retrain" not in config.stages:
+        raise ConfigError("config.mia.rmia needs the retrained model (the reference model of "
+                          "pretrain and the start of every other reference model): add "
+                          "'retrain' to config.stages")
     every = config.get("checkpoint_every_s", 0.0)
     if isinstance(every, bool) or not isinstance(every, (int, float)) or not every >= 0:
         raise ConfigError(f"config.checkpoint_every_s must be a number of seconds >= 0, got "
