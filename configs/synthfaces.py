@@ -136,6 +136,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # RMIA (study/privacy.py): a reference model per method (the method applied to the retrained
     # model with the next seed), 8 augmented passes; --config.mia.rmia=True.
     config.mia.rmia = False
+    config.mia.rmia_variant = "reference"  # | "canonical" (on probabilities; not the paper's)
     config.mia.passes = 8
     config.mia.batch_size = 256  # the reference: 32; the same losses, faster on CPU
 

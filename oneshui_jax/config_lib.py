@@ -175,6 +175,7 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
     # rmia: RMIA with one reference model per target (built by the study, study/privacy.py) and
     # the attack on people; passes with the training augmentation, their batch size.
     config.mia.rmia = False
+    config.mia.rmia_variant = "reference"  # | "canonical" (on probabilities; not the paper's)
     config.mia.passes = 8
     config.mia.batch_size = 32
 

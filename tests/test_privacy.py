@@ -81,6 +81,31 @@ def test_rmia_builds_its_reference_models_and_attacks_models_and_people(small_st
     assert (tmp_path / "work" / "roc.png").stat().st_size > 0
 
 
+def test_canonical_variant_scores_true_label_probabilities(small_study):
+    """rmia_variant="canonical": canonical RMIA on exp(-C·loss) (multi-label) / exp(-loss)."""
+    rng = np.random.default_rng(0)
+    ctx = study.prepare(small_study.config)
+    sig = lambda: {s: rng.gamma(2.0, 0.2, (3, len(ctx.images[s])))
+                   for s in ("train", "forget", "val")}
+    target, reference = sig(), sig()
+    got = privacy.attack(ctx, target, reference, "canonical")["rmia"]
+    c = ctx.dataset.num_classes
+    assert ctx.dataset.task == "multilabel" and got["variant"] == "canonical"
+    p = {name: {s: np.exp(-c * v) for s, v in d.items()}
+         for name, d in (("in", target), ("ref", reference))}
+    grid = rmia.score_grid_canonical(
+        np.concatenate([p["in"]["train"], p["in"]["val"]], 1),
+        np.concatenate([p["ref"]["train"], p["ref"]["val"]], 1),
+        p["in"]["forget"], p["ref"]["forget"], p["in"]["val"], p["ref"]["val"])
+    chosen = rmia.best(grid) or grid[0]
+    assert got["auc"] == pytest.approx(100 * chosen["auc"])
+    assert privacy.probabilities(np.array([0.5]), "classification", 8) == pytest.approx(
+        np.exp(-0.5))
+    ref = privacy.attack(ctx, target, reference)["rmia"]
+    assert ref["variant"] == "reference" and [g["auc"] for g in ref["grid"]] != [
+        g["auc"] for g in got["grid"]]
+
+
 def test_rmia_settings_are_checked_before_any_work(small_study):
     config = small_study.config.copy_and_resolve_references()
     config.mia.rmia = True
@@ -90,5 +115,9 @@ def test_rmia_settings_are_checked_before_any_work(small_study):
     config.stages = ("pretrain", "retrain")
     config.mia.passes = 0
     with pytest.raises(ConfigError, match="config.mia.passes must be an int >= 1"):
+        study.validate_config(config)
+    config.mia.passes = 2
+    config.mia.rmia_variant = "lira"
+    with pytest.raises(ConfigError, match="config.mia.rmia_variant"):
         study.validate_config(config)
     assert privacy.wants_rmia(config) and not privacy.wants_rmia(small_study.config)

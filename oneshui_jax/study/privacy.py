@@ -19,6 +19,12 @@ validation images, per-sample losses of the target and of its reference model; z
 ``rmia.best`` keeps its (γ, a). The scores of that point then feed ``mia.per_person``: forget
 identities (members) against validation identities (non-members), by each person's mean and max.
 
+``config.mia.rmia_variant = "canonical"`` (a named option; the default ``"reference"`` is what the
+paper reports, Q5) runs canonical offline RMIA (``rmia.score_grid_canonical``) on the
+probability of each image's true label, read off the same losses: ``exp(-loss)`` for a class
+(cross-entropy), ``exp(-C · loss)`` for C independent labels (the joint Bernoulli likelihood of
+the label vector; the loss is the mean BCE over labels).
+
 Each target's record gains ``mia.rmia`` (``auc`` and ``tpr_at_1e-4`` in %, ``gamma``, ``a``,
 the whole ``grid``, ``roc``) and ``mia.per_person`` (``mean`` / ``max``: ``auc`` and TPR at 1% and
 10% FPR in %, ``roc``), and ``mia.reference_run_dir``.
@@ -37,6 +43,13 @@ from oneshui_jax.data import pipeline
 from oneshui_jax.study.context import Context
 
 SIGNAL_SPLITS = ("train", "forget", "val")
+VARIANTS = ("reference", "canonical")
+
+
+def probabilities(losses: np.ndarray, task: str, num_classes: int) -> np.ndarray:
+    """The probability of the true label(s) from per-sample losses (module docstring)."""
+    scale = num_classes if task == "multilabel" else 1
+    return np.exp(-scale * np.asarray(losses, np.float64))
 
 
 def wants_rmia(config) -> bool:
@@ -75,17 +88,23 @@ def signals(ctx: Context, params, passes: int, batch_size: int) -> dict[str, np.
 
 
 def attack(ctx: Context, target: dict[str, np.ndarray],
-           reference: dict[str, np.ndarray]) -> dict[str, Any]:
-    """``{"rmia": ..., "per_person": ...}`` from the signals of a target and its reference
+           reference: dict[str, np.ndarray], variant: str = "reference") -> dict[str, Any]:
+    """``{"rmia": ..., "per_person": ...}`` from the loss signals of a target and its reference
     (module docstring), in %."""
     from oneshui_jax.mia import per_person, rmia, roc
 
+    if variant == "canonical":
+        convert = lambda x: probabilities(x, ctx.dataset.task, ctx.dataset.num_classes)
+        target = {k: convert(v) for k, v in target.items()}
+        reference = {k: convert(v) for k, v in reference.items()}
     z_in = np.concatenate([target["train"], target["val"]], axis=1)
     z_avg = np.concatenate([reference["train"], reference["val"]], axis=1)
-    grid = rmia.score_grid(z_in, z_avg, target["forget"], reference["forget"], target["val"],
-                           reference["val"])
+    score = rmia.score_grid_canonical if variant == "canonical" else rmia.score_grid
+    grid = score(z_in, z_avg, target["forget"], reference["forget"], target["val"],
+                 reference["val"])
     best = rmia.best(grid) or grid[0]  # no TPR above 0: the first point (the reference's start)
-    entry = {"auc": 100.0 * best["auc"], "tpr_at_1e-4": 100.0 * best[rmia.TPR_KEY],
+    entry = {"variant": variant,
+             "auc": 100.0 * best["auc"], "tpr_at_1e-4": 100.0 * best[rmia.TPR_KEY],
              "gamma": best["gamma"], "a": best["a"], "selected": rmia.best(grid) is not None,
              "grid": [{"gamma": g["gamma"], "a": g["a"], "auc": 100.0 * g["auc"],
                        "tpr_at_1e-4": 100.0 * g[rmia.TPR_KEY]} for g in grid],
@@ -133,5 +152,6 @@ def run(ctx: Context, records: list[dict], trained: dict[str, Any]) -> None:
             ref_dir = ref_ctx.run_dir(name)
             reference = signals(ctx, ref_params, passes, batch_size)
         target = signals(ctx, trained[name], passes, batch_size)
-        record.setdefault("mia", {}).update(attack(ctx, target, reference))
+        record.setdefault("mia", {}).update(
+            attack(ctx, target, reference, mia.get("rmia_variant", "reference")))
         record["mia"]["reference_run_dir"] = ref_dir

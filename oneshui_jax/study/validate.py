@@ -58,6 +58,11 @@ def validate_config(config) -> None:
         value = mia.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"config.mia.{key} must be an int >= 1, got {value!r}")
+    from oneshui_jax.study.privacy import VARIANTS
+
+    if mia.get("rmia_variant", "reference") not in VARIANTS:
+        raise ConfigError(f"config.mia.rmia_variant is {mia.get('rmia_variant')!r}; expected "
+                          f"one of {VARIANTS}")
     if mia.get("rmia", False) and "retrain" not in config.stages:
         raise ConfigError("config.mia.rmia needs the retrained model (the reference model of "
                           "pretrain and the start of every other reference model): add "
