@@ -24,16 +24,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from oneshui_jax import config_lib, hparams
-from oneshui_jax.unlearn import (
-    api,
-    bad_teacher,
-    lipschitz,
-    meta_unlearn,
-    pgu,
-    scrub,
-    ssd,
-    support_ascent,
-)
+from oneshui_jax.unlearn import api, registry
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -98,7 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # MetaUnlearn (SPEC.md 6.6: the reference's CelebA values, except lr and meta_lr). The
     # reference's lr 1e-4 / meta_lr 0.1 (for fine-tuned ViT-B/16) wreck this tiny model (ToW
     # 77.7, seed 0); a sweep on seed 0 (README) picked lr 1e-3 / meta_lr 3e-4.
-    config.meta_unlearn = ml = api.default_block(meta_unlearn)
+    config.meta_unlearn = ml = api.default_block(registry.METHODS["meta_unlearn"])
     ml.epochs = 3
     ml.lr = 1e-3  # AdamW(AMSGrad) of the meta-loss
     ml.meta_lr = 3e-4  # step size of the inner step and of the request-time step
@@ -107,23 +98,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # support_ascent: one ascent step on the portraits' task loss, its length chosen on
     # simulated requests of held-out training identities (unlearn/support_ascent.py).
-    config.support_ascent = sa = api.default_block(support_ascent)
+    config.support_ascent = sa = api.default_block(registry.METHODS["support_ascent"])
     sa.num_identities_simulation = config.num_identities
     sa.compute_dtype = "float32"
 
     # The reference's one-shot baselines (SPEC.md 7.3-7.5) with its generic values (the
     # reference never tuned them for this data; nothing here was tuned either).
-    config.ssd = api.default_block(ssd)  # dampening from training importances (stats)
-    config.lipschitz = api.default_block(lipschitz)  # JiT: smooth the output (support)
-    config.pgu = api.default_block(pgu)  # projected gradient unlearning (stats)
+    # SSD: dampening from training importances (stats); Lipschitz / JiT: smooth the output
+    # (support); PGU: projected gradient unlearning (stats).
+    for name in config_lib.ONE_SHOT_BASELINES:
+        config[name] = api.default_block(registry.METHODS[name])
     config.pgu.compute_dtype = "float32"  # bf16 matmuls are slow on CPU
 
     # The reference's full-data baselines (SPEC.md 7.1-7.2), ACCESS full: SynthFaces is
     # CelebA-like, so the reference's CelebA values for N, epochs included (SCRUB: 10 epochs,
     # max-steps in the first 5, lr 5e-3, no augmentation; Bad Teacher: 5 epochs, lr 1e-4, batch
     # 32; Q24's fallback and warning for an N it never configured).
-    for name, module in (("scrub", scrub), ("bad_teacher", bad_teacher)):
-        config[name], h = api.reference_block(module, name, "celeba", config.num_identities)
+    for name in config_lib.FULL_DATA_BASELINES:
+        config[name], h = api.reference_block(registry.METHODS[name], name, "celeba",
+                                              config.num_identities)
         hparams.warn_if_untuned(h)
         config[name].compute_dtype = "float32"
 
