@@ -490,7 +490,8 @@ def roc_curves(records: Sequence[Row]) -> dict[str, dict[str, tuple[Any, Any, fl
     for r in records:
         groups.setdefault((r["method"], r.get("num_identities")), []).append(r)
     several_n = len({n for _, n in groups}) > 1
-    aucs = {"loss_rf": "loss_mia_auc", "rmia": "rmia_auc", "per_person": "person_auc"}
+    aucs = {attack: name for attack, path in ROC_PATHS.items()
+            for name, (stat_path, _) in ATTACK_STATS.items() if stat_path == (*path, "auc")}
     curves: dict[str, dict[str, tuple[Any, Any, float]]] = {}
     for (method, n), members in groups.items():
         label = f"{method} (N={n})" if several_n else str(method)
