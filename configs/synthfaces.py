@@ -1,9 +1,10 @@
 r"""The default study on the embedded SynthFaces data (CPU-sized).
 
-SynthFaces is procedurally generated (nothing is downloaded): ~1,200 identities with 2-30 images
-each and a CelebA-like multi-label attribute task, some attributes following the identity, some the
-image and some an identity-specific annotator quirk that only memorisation can fit (so a model
-trained on a person fits them better than one that never saw the person).
+SynthFaces is procedurally generated (nothing is downloaded): 600 identities (the ``medium``
+variant) with 2-30 images each and a CelebA-like multi-label attribute task, some attributes
+following the identity, some the image and some an identity-specific annotator quirk that only
+memorisation can fit (so a model trained on a person fits them better than one that never saw
+the person).
 
 The study pretrains a small ViT from scratch, retrains it without the forget identities (the
 oracle), meta-trains MetaUnlearn and unlearns the request from its support images, selects
@@ -17,19 +18,21 @@ Run it (from the repository root)::
     python -m oneshui_jax.main --config=configs/synthfaces.py:N=50 --config.seed=1
 
 ``get_config(arg)`` takes ``key=value`` pairs separated by commas: ``N`` (forget identities,
-default 10) and ``size`` (``default`` or ``small``, the SynthFaces variant).
+default 10) and ``size`` (the SynthFaces variant: ``medium``, the default, 600 identities;
+``large``, 1,200; ``small``, 150 at 32 px).
 """
 
 import ml_collections
 from ml_collections import config_dict
 
 from oneshui_jax import config_lib, hparams
+from oneshui_jax.data import synthfaces
 from oneshui_jax.unlearn import api, registry
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = config_lib.parse_arg(arg, {"N": 10, "size": "default"},
-                                choices={"size": ("default", "small")})
+    args = config_lib.parse_arg(arg, {"N": 10, "size": synthfaces.DEFAULT_CONFIG},
+                                choices={"size": tuple(synthfaces.CONFIGS)})
     config = ml_collections.ConfigDict()
     config.dataset = "synthfaces"
     config.num_identities = args["N"]  # N_S: identities in the deletion request
@@ -46,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      *config_lib.FULL_DATA_BASELINES)  # in this order
 
     config.data = ml_collections.ConfigDict()
-    config.data.synthfaces_config = args["size"]  # default | small
+    config.data.synthfaces_config = args["size"]  # medium | large | small
     config.data.data_dir = ""  # unused for SynthFaces (generated, nothing read)
     config.data.tfds_dir = "~/tensorflow_datasets"  # where the built records live
     config.data.image_size = 32  # model input; SynthFaces images are 48 px (32 for "small")
@@ -120,18 +123,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         hparams.warn_if_untuned(h)
         config[name].compute_dtype = "float32"
 
-    # The privacy evaluation (SPEC.md 5.4-5.5). The reference's loss attack with every evaluation
-    # costs about 7.5 CPU-seconds per model here (340 trees on 7,100 losses), about 35 s for the
-    # nine rows: off in the default study, which has to stay under 10 minutes on 2 CPU cores
-    # (--config.mia.loss_rf=True turns it on).
+    # The privacy evaluation (SPEC.md 5.4-5.5), all of it in the default study: the reference's
+    # loss attack with every evaluation, and RMIA with a reference model per method (the method
+    # applied to the retrained model with the next seed; study/privacy.py) followed by the attack
+    # on people.
     config.mia = ml_collections.ConfigDict()
-    config.mia.loss_rf = False
-    # RMIA (study/privacy.py): a reference model per method (the method applied to the retrained
-    # model with the next seed), 8 augmented passes; --config.mia.rmia=True.
-    config.mia.rmia = False
+    config.mia.loss_rf = True
+    config.mia.rmia = True
     config.mia.rmia_variant = "reference"  # | "canonical" (on probabilities; not the paper's)
     config.mia.passes = 8
     config.mia.batch_size = 256  # the reference: 32; the same losses, faster on CPU
+    config.mia.subsample = "none"  # | "per_pass" (the reference's CelebA, Q6) | "once"
+    config.mia.subsample_z = 30_000
+    config.mia.subsample_val = 7_000
+    # The augmented images of the passes, made once and shared by every model of the study while
+    # they fit this many MB (more: made again for each model, the same crops). Changes no result.
+    config.mia.cache_mb = 1024
 
     config.progress = True
     return config

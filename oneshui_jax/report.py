@@ -24,8 +24,8 @@ their mean, sample std and 95% t-interval.
   on a log scale (only when records carry ROC points under ``mia``).
 
 Attack results live under ``record["mia"]`` (``ATTACK_STATS``, all in %): ``loss_rf`` (``auc``,
-``acc``), ``rmia`` (``auc``, ``tpr_at_1e-4``), ``per_person`` (``mean`` / ``max``: ``auc``),
-each optionally with ``roc = {"fpr": [...], "tpr": [...]}``.
+``acc``), ``rmia`` (``auc``, ``tpr_at_1e-4``, ``tpr_at_1pct``), ``per_person`` (``mean`` /
+``max``: ``auc``), each optionally with ``roc = {"fpr": [...], "tpr": [...]}``.
 
 Plots use matplotlib's object-oriented API on an Agg canvas (``Figure``, not ``pyplot``): they
 work without a display, touch no global backend, and are freed with the ``Figure`` object. The
@@ -60,6 +60,7 @@ ATTACK_STATS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "loss_mia_acc": (("loss_rf", "acc"), None),
     "rmia_auc": (("rmia", "auc"), "RMIA AUC"),
     "rmia_tpr": (("rmia", "tpr_at_1e-4"), "RMIA TPR@0.01%FPR"),
+    "rmia_tpr_1pct": (("rmia", "tpr_at_1pct"), "RMIA TPR@1%FPR"),
     "person_auc": (("per_person", "mean", "auc"), "person AUC"),
 }
 # Each attack's ROC curve, when recorded: ``record["mia"][attack]["roc"] = {"fpr": [...],
@@ -630,7 +631,10 @@ def legend(metric: str, attacks: Sequence[str] = ()) -> str:
                     "the retrained model), forget vs val images, at the (γ, a) the reference "
                     "selects.",
         "rmia_tpr": "- **RMIA TPR@0.01%FPR** (%): its true-positive rate at 0.01% false "
-                    "positives.",
+                    "positives, the paper's number; with fewer than 10,000 val images it is read "
+                    "off the ROC's first segment by linear interpolation (`np.interp`), below "
+                    "what the data can resolve.",
+        "rmia_tpr_1pct": "- **RMIA TPR@1%FPR** (%): the same curve at 1% false positives.",
         "person_auc": "- **person AUC** (%): the attack on people (each person's mean score): "
                       "forget identities vs unseen validation identities.",
     }

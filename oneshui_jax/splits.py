@@ -261,7 +261,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dataset", required=True, choices=tuple(catalog.DATASETS))
     parser.add_argument("--data_dir", default=None,
                         help="folder holding celeba/, CelebAMask-HQ/ or mufac/ (not synthfaces)")
-    parser.add_argument("--synthfaces_config", default="default", choices=("default", "small"))
+    parser.add_argument("--synthfaces_config", default="medium",
+                        choices=("medium", "large", "small"))
     parser.add_argument("--num_identities", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="JSON file to write")

@@ -67,6 +67,7 @@ def small_study(synthfaces_tfds, tmp_path_factory):
     import small_study as small
 
     from oneshui_jax import checkpoints, study
+    from oneshui_jax.study.context import dataset_folder
 
     root = _session_dir(tmp_path_factory, "small_study")
     config = small.config(synthfaces_tfds, root)
@@ -93,8 +94,8 @@ def small_study(synthfaces_tfds, tmp_path_factory):
             os.replace(hashes_file + ".tmp", hashes_file)
 
     def run_dir(stage: str) -> str:
-        return checkpoints.run_dir(config.checkpoint_dir, "synthfaces", config.model.name, stage,
-                                   config.num_identities, config.seed)
+        return checkpoints.run_dir(config.checkpoint_dir, dataset_folder(config),
+                                   config.model.name, stage, config.num_identities, config.seed)
 
     return types.SimpleNamespace(config=config, records=records, run_dir=run_dir,
                                  first_hashes=first_hashes)

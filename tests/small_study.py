@@ -34,5 +34,9 @@ def config(tfds_dir: str, root: str, epochs: int = 3):
     config.support_ascent.batch_size = 256
     config.support_ascent.num_requests = 4
     config.data.num_threads = 0
+    # The privacy attacks (on in the default study) have their own tests (test_privacy.py,
+    # test_study.py), which turn them on where they test them.
+    config.mia.loss_rf = False
+    config.mia.rmia = False
     config.progress = False
     return config

@@ -854,6 +854,7 @@ def study_config(tmp_path, monkeypatch):
     config.workdir = str(tmp_path / "work")
     config.checkpoint_dir = str(tmp_path / "ckpt")
     config.data.num_threads = 0
+    config.mia.loss_rf = config.mia.rmia = False  # errors, not attacks, are tested here
     config.progress = False
     monkeypatch.setattr(main_cli, "_CONFIG", types.SimpleNamespace(value=config))
     handler = main_cli.logging.get_absl_handler()

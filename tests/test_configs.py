@@ -196,10 +196,18 @@ def test_every_config_loads_for_every_method_and_paper_n():
         assert changed == {"compute_dtype"} and synth[name].compute_dtype == "float32"
     assert (synth.scrub.epochs, synth.scrub.lr, synth.scrub.forgetting_epochs) == (10, 5e-3, 5)
     assert (synth.bad_teacher.epochs, synth.bad_teacher.lr) == (5, 1e-4)
+    # every attack on every row, on the medium SynthFaces (the size that fits 10 CPU minutes)
+    assert synth.mia.loss_rf and synth.mia.rmia and synth.mia.passes == 8
+    assert (synth.mia.subsample, synth.data.synthfaces_config) == ("none", "medium")
+    assert load_config_file("synthfaces").get_config("size=large").data.synthfaces_config == \
+        "large"
     for name in real_config_names():
         module = load_config_file(name)
         default = module.get_config()
         assert default.dataset == name and default.num_identities == DEFAULT_N[name]
+        # Q6: the reference subsamples z and val in every RMIA pass on CelebA only
+        assert (default.mia.subsample, default.mia.subsample_z, default.mia.subsample_val) == (
+            "per_pass" if name == "celeba" else "none", 30_000, 7_000)
         for method in config_lib.METHODS:
             for n in PAPER_N[name]:
                 config = module.get_config(f"method={method},N={n}")

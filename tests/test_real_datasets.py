@@ -26,7 +26,7 @@ from oneshui_jax.errors import DataError
 def data_cfg(data_dir, tfds_dir, dedup="none"):
     return ml_collections.ConfigDict(dict(data_dir=str(data_dir), tfds_dir=str(tfds_dir),
                                           dedup=dedup, num_threads=2,
-                                          synthfaces_config="default"))
+                                          synthfaces_config="medium"))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from PIL import Image
 from oneshui_jax.data import synthfaces as sf
 
 SMALL = sf.named_config("small")
-DEFAULT = sf.named_config("default")
+LARGE = sf.named_config("large")
 N_ID = len(sf.IDENTITY_ATTRIBUTES)
 N_IMG = len(sf.IMAGE_ATTRIBUTES)
 N_QUIRK = len(sf.QUIRK_ATTRIBUTES)
@@ -76,10 +76,14 @@ def test_bad_config_raises_naming_field(field: str, value: int) -> None:
 
 
 def test_named_configs() -> None:
-    assert DEFAULT == sf.SynthFacesConfig()
+    assert LARGE == sf.SynthFacesConfig()
     assert (SMALL.num_identities, SMALL.image_size, SMALL.seed) == (150, 32, 0)
+    medium = sf.named_config(sf.DEFAULT_CONFIG)
+    assert (sf.DEFAULT_CONFIG, medium.num_identities, medium.image_size) == ("medium", 600, 48)
     with pytest.raises(ValueError, match="nope"):
         sf.named_config("nope")
+    with pytest.raises(ValueError, match="'default' is now called 'large'"):
+        sf.named_config("default")
 
 
 # ---------------------------------------------------------------------------------- determinism
@@ -136,25 +140,28 @@ def test_tables_agree_with_rendered_examples(
     assert names[:3] == ["00000_00.png", "00000_01.png", sf.file_name(int(table[2]), 2)]
 
 
-def test_fewer_identities_are_a_prefix_of_more() -> None:
-    counts = sf.images_per_identity(SMALL)
-    np.testing.assert_array_equal(counts, sf.images_per_identity(DEFAULT)[: len(counts)])
+@pytest.mark.parametrize("name", ["small", "medium"])
+def test_fewer_identities_are_a_prefix_of_more(name) -> None:
+    fewer = sf.named_config(name)
+    counts = sf.images_per_identity(fewer)
+    np.testing.assert_array_equal(counts, sf.images_per_identity(LARGE)[: len(counts)])
     n = int(counts.sum())
-    np.testing.assert_array_equal(sf.label_table(SMALL), sf.label_table(DEFAULT)[:n])
+    np.testing.assert_array_equal(sf.label_table(fewer), sf.label_table(LARGE)[:n])
+
 
 
 # ---------------------------------------------------------------------------------- spread
 
 
 def test_images_per_identity_spread() -> None:
-    counts = sf.images_per_identity(DEFAULT)
-    assert DEFAULT.num_identities >= 1000 and len(counts) == DEFAULT.num_identities
+    counts = sf.images_per_identity(LARGE)
+    assert LARGE.num_identities >= 1000 and len(counts) == LARGE.num_identities
     assert counts.min() >= 2 and counts.max() <= 30
     low, high = sf.MEAN_IMAGES_TARGET
     assert low <= counts.mean() <= high
     assert np.median(counts) < counts.mean()  # skewed: most identities have few images
     assert (counts <= 4).mean() > 0.3 and counts.max() >= 25  # ... and a long tail
-    assert sf.num_images(DEFAULT) == counts.sum() == len(sf.identity_table(DEFAULT))
+    assert sf.num_images(LARGE) == counts.sum() == len(sf.identity_table(LARGE))
 
 
 # ---------------------------------------------------------------------------------- attributes
@@ -196,11 +203,11 @@ def test_image_attributes_vary_within_identity(
 
 
 def test_quirks_follow_identity_not_pixels() -> None:
-    labels = sf.label_table(DEFAULT).astype(np.float64)
-    ids = sf.identity_table(DEFAULT)
+    labels = sf.label_table(LARGE).astype(np.float64)
+    ids = sf.identity_table(LARGE)
     quirks, visible = labels[:, -N_QUIRK:], labels[:, :-N_QUIRK]
     per_identity = np.stack(
-        [quirks[ids == i].mean(axis=0) >= 0.5 for i in range(DEFAULT.num_identities)]
+        [quirks[ids == i].mean(axis=0) >= 0.5 for i in range(LARGE.num_identities)]
     )
     flips = (quirks != per_identity[ids]).mean()
     assert 0.0 < flips <= 2 * sf.QUIRK_LABEL_NOISE  # nearly constant, small label noise

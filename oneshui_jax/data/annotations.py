@@ -236,7 +236,7 @@ def read_mufac(data_dir: str) -> IdentityAnnotations:
     return IdentityAnnotations("mufac", np.asarray(ids, np.int64), tuple(files), "list")
 
 
-def read_synthfaces(config_name: str = "default") -> IdentityAnnotations:
+def read_synthfaces(config_name: str = "medium") -> IdentityAnnotations:
     """SynthFaces identities, computed from the generator without rendering an image."""
     from oneshui_jax.data import synthfaces
 
@@ -257,7 +257,7 @@ def _within_identity(ids: np.ndarray) -> Sequence[tuple[int, int]]:
 
 
 def read_identities(dataset: str, data_dir: str | None = None,
-                    synthfaces_config: str = "default") -> IdentityAnnotations:
+                    synthfaces_config: str = "medium") -> IdentityAnnotations:
     """Identity annotations of ``dataset`` under ``data_dir`` (unused for SynthFaces)."""
     if dataset == "synthfaces":
         return read_synthfaces(synthfaces_config)

@@ -200,6 +200,23 @@ def best(grid: list[dict]) -> dict | None:
     return chosen
 
 
+def draw_indices(n_z_total: int, n_val_total: int, *, n_z: int, n_val: int, passes: int,
+                 rng: np.random.Generator, per_pass: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The positions ``subsample`` keeps: ``([passes, n_z], [passes, n_val])`` into z and val,
+    without replacement within a pass; one fresh draw per pass (``per_pass``, the reference) or
+    one draw for all passes (the fix). ValueError when more are asked for than there are."""
+    if n_z > n_z_total or n_val > n_val_total:
+        raise ValueError(f"cannot draw {n_z} of {n_z_total} z or {n_val} of {n_val_total} val "
+                         "samples")
+
+    def draws(n, k):
+        if per_pass:
+            return np.stack([rng.permutation(n)[:k] for _ in range(passes)])
+        return np.broadcast_to(rng.permutation(n)[:k], (passes, k))
+
+    return draws(n_z_total, n_z), draws(n_val_total, n_val)
+
+
 def subsample(z_in, z_avg, val_in, val_avg, *, n_z: int, n_val: int,
               rng: np.random.Generator, per_pass: bool = True):
     """CelebA's subsampling in ``compute_mia_metric`` (Q6): z to ``n_z`` (30,000) and val to
@@ -210,16 +227,7 @@ def subsample(z_in, z_avg, val_in, val_avg, *, n_z: int, n_val: int,
     ``per_pass=False`` is the fix: one draw used by every pass. Returns
     ``(z_in, z_avg, val_in, val_avg)`` as [passes, n] arrays."""
     z_in, z_avg, val_in, val_avg = (np.asarray(v) for v in (z_in, z_avg, val_in, val_avg))
-    passes = z_in.shape[0]
-    if n_z > z_in.shape[1] or n_val > val_in.shape[1]:
-        raise ValueError(f"cannot draw {n_z} of {z_in.shape[1]} z or {n_val} of "
-                         f"{val_in.shape[1]} val samples")
-
-    def draws(n, k):
-        if per_pass:
-            return np.stack([rng.permutation(n)[:k] for _ in range(passes)])
-        return np.broadcast_to(rng.permutation(n)[:k], (passes, k))
-
-    iz, iv = draws(z_in.shape[1], n_z), draws(val_in.shape[1], n_val)
+    iz, iv = draw_indices(z_in.shape[1], val_in.shape[1], n_z=n_z, n_val=n_val,
+                          passes=z_in.shape[0], rng=rng, per_pass=per_pass)
     take = np.take_along_axis
     return (take(z_in, iz, 1), take(z_avg, iz, 1), take(val_in, iv, 1), take(val_avg, iv, 1))

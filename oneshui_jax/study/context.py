@@ -38,7 +38,7 @@ class Context:
 
     def run_dir(self, stage: str) -> str:
         c = self.config
-        return checkpoints.run_dir(os.path.expanduser(c.checkpoint_dir), c.dataset,
+        return checkpoints.run_dir(os.path.expanduser(c.checkpoint_dir), dataset_folder(c),
                                    c.model.name, stage, c.num_identities, c.seed,
                                    split_seed(c))
 
@@ -56,6 +56,18 @@ class Context:
     def method_config(self, name: str) -> Any:
         """Method ``name``'s validated ``Config`` from ``config.<name>``."""
         return validate.method_config(self.config, name, self.dataset.task)
+
+
+def dataset_folder(config) -> str:
+    """The dataset's folder under ``config.checkpoint_dir``: its name, and for a SynthFaces
+    variant other than the default one ``synthfaces_<variant>`` (``synthfaces_large``,
+    ``synthfaces_small``), so that runs on different data never share a folder."""
+    from oneshui_jax.data import synthfaces
+
+    variant = config.data.get("synthfaces_config", synthfaces.DEFAULT_CONFIG)
+    if config.dataset == "synthfaces" and variant != synthfaces.DEFAULT_CONFIG:
+        return f"synthfaces_{variant}"
+    return config.dataset
 
 
 def split_seed(config) -> int:

@@ -12,12 +12,16 @@ after its stages, for every target in ``config.stages`` but ``retrain``:
   (``<M>_<N>_<seed+1>_split<seed>``), so it is reused, resumed and fingerprinted like any other.
 
 Signals: ``config.mia.passes`` (the reference: 8) passes with the training augmentation
-(``pipeline.augmented_pass``: in order, batch ``config.mia.batch_size``, per-pass seeds) over the
-train images (every TRAIN identity, the forget identities included), the forget images and the
-validation images, per-sample losses of the target and of its reference model; z = train ∪ val.
-``oneshui_jax.mia.rmia.score_grid`` scores them with the reference's formula and
-``rmia.best`` keeps its (γ, a). The scores of that point then feed ``mia.per_person``: forget
-identities (members) against validation identities (non-members), by each person's mean and max.
+(``pipeline.augmented_pass``: in index order, batch ``config.mia.batch_size``, per-pass seeds)
+over z = train ∪ val (every TRAIN identity, the forget identities included), the forget images
+and the validation images: per-sample losses of the target and of its reference model, each
+image scored once per pass. ``config.mia.subsample`` reproduces the reference's CelebA
+subsampling of z and val (Q6: ``"per_pass"``) or its fix (``"once"``); see ``plan``. Signals are
+cached in each model's run folder (``mia_signals/``), so a second run, another variant or a
+report never computes them again. ``oneshui_jax.mia.rmia.score_grid`` scores them with the
+reference's formula and ``rmia.best`` keeps its (γ, a). The scores of that point then feed
+``mia.per_person``: forget identities (members) against validation identities (non-members), by
+each person's mean and max.
 
 ``config.mia.rmia_variant = "canonical"`` (a named option; the default ``"reference"`` is what the
 paper reports, Q5) runs canonical offline RMIA (``rmia.score_grid_canonical``) on the
@@ -25,24 +29,28 @@ probability of each image's true label, read off the same losses: ``exp(-loss)``
 (cross-entropy), ``exp(-C · loss)`` for C independent labels (the joint Bernoulli likelihood of
 the label vector; the loss is the mean BCE over labels).
 
-Each target's record gains ``mia.rmia`` (``auc`` and ``tpr_at_1e-4`` in %, ``gamma``, ``a``,
-the whole ``grid``, ``roc``) and ``mia.per_person`` (``mean`` / ``max``: ``auc`` and TPR at 1% and
-10% FPR in %, ``roc``), and ``mia.reference_run_dir``.
+Each target's record gains ``mia.rmia`` (``auc``, ``tpr_at_1e-4`` and ``tpr_at_1pct`` in %,
+``gamma``, ``a``, the whole ``grid``, ``roc``) and ``mia.per_person`` (``mean`` / ``max``:
+``auc`` and TPR at 1% and 10% FPR in %, ``roc``), and ``mia.reference_run_dir``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 from typing import Any
 
 import numpy as np
 from absl import logging
 
+from oneshui_jax import checkpoints, files
 from oneshui_jax import train as train_lib
 from oneshui_jax.data import pipeline
+from oneshui_jax.mia import rmia
 from oneshui_jax.study.context import Context
 
-SIGNAL_SPLITS = ("train", "forget", "val")
 VARIANTS = ("reference", "canonical")
 
 
@@ -65,52 +73,167 @@ def reference_context(ctx: Context) -> Context:
     config = ctx.config.copy_and_resolve_references()
     config.split_seed = split_seed(ctx.config)
     config.seed = ctx.config.seed + 1
+    if "mia" in config:  # the reference model's own loss attack is never reported
+        config.mia.loss_rf = False
     return dataclasses.replace(ctx, config=config)
 
 
-def signals(ctx: Context, params, passes: int, batch_size: int) -> dict[str, np.ndarray]:
-    """``{split: [passes, n]}`` per-sample losses of ``params`` on ``SIGNAL_SPLITS`` under the
-    training augmentation, pass ``k`` seeded by ``[config.seed, k]`` (the same crops for the
-    target and its reference model)."""
-    t = ctx.config.train
-    step = train_lib.make_eval_step(ctx.model_cfg, ctx.dataset.task, t.compute_dtype,
-                                    t.attention)
-    cfg = ctx.pipeline_config(batch_size, crop_scale=tuple(ctx.config.data.crop_scale))
-    out = {}
-    for split in SIGNAL_SPLITS:
-        rows = []
-        for k in range(passes):
-            batches = pipeline.to_iterator(
-                pipeline.augmented_pass(ctx.dataset.source, ctx.images[split], cfg, k), cfg)
-            rows.append(train_lib.evaluate(step, params, batches, ctx.dataset.task)["losses"])
-        out[split] = np.stack(rows)
+SUBSAMPLE_MODES = ("none", "per_pass", "once")
+_SUBSAMPLE_STREAM = 5  # the random stream of the subsample draws, after the seed
+CACHE_DIR = "mia_signals"  # in the run folder of the model the signals belong to
+
+
+def plan(ctx: Context) -> dict[str, np.ndarray]:
+    """Which images every pass scores: ``{"z", "forget", "val"}`` -> [passes, n] image indices.
+
+    z = train ∪ val (SPEC.md 5.5). ``config.mia.subsample`` (Q6): ``"none"`` keeps all of them;
+    ``"per_pass"`` (the reference on CelebA) draws, in every pass, ``config.mia.subsample_z`` of z
+    and ``config.mia.subsample_val`` of val afresh, so val rows are misaligned across the passes
+    of the vote; ``"once"`` (the fix) draws once for all passes. Sizes above what there is keep
+    everything, as ``torch.randperm(n)[:k]`` does. The draws follow ``config.seed``."""
+    mia = ctx.config.mia
+    passes = int(mia.get("passes", 8))
+    z = np.concatenate([ctx.images["train"], ctx.images["val"]])
+    out = {"z": z, "forget": ctx.images["forget"], "val": ctx.images["val"]}
+    out = {k: np.broadcast_to(np.asarray(v, np.int64), (passes, len(v))) for k, v in out.items()}
+    mode = mia.get("subsample", "none")
+    if mode == "none":
+        return out
+    rng = np.random.default_rng([ctx.config.seed, _SUBSAMPLE_STREAM])
+    iz, iv = rmia.draw_indices(len(z), len(ctx.images["val"]), passes=passes, rng=rng,
+                               n_z=min(int(mia.subsample_z), len(z)),
+                               n_val=min(int(mia.subsample_val), len(ctx.images["val"])),
+                               per_pass=mode == "per_pass")
+    out["z"] = np.take_along_axis(out["z"], iz, 1)
+    out["val"] = np.take_along_axis(out["val"], iv, 1)
     return out
 
 
-def attack(ctx: Context, target: dict[str, np.ndarray],
-           reference: dict[str, np.ndarray], variant: str = "reference") -> dict[str, Any]:
-    """``{"rmia": ..., "per_person": ...}`` from the loss signals of a target and its reference
-    (module docstring), in %."""
-    from oneshui_jax.mia import per_person, rmia, roc
+def _cache_key(ctx: Context, params_hash: str, rows: dict[str, np.ndarray],
+               batch_size: int) -> str:
+    """What the signals depend on: the parameters, the images of every pass, the augmentation
+    and its seeds, the numerics."""
+    digest = hashlib.sha256()
+    for name in sorted(rows):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(rows[name]).tobytes())
+    t, d = ctx.config.train, ctx.config.data
+    parts = {"params": params_hash, "rows": digest.hexdigest(), "seed": ctx.config.seed,
+             "image_size": d.image_size, "crop_scale": list(d.crop_scale),
+             "batch_size": batch_size, "dtype": t.compute_dtype, "attention": t.attention,
+             "data": ctx.dataset.fingerprint}
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
+
+class Passes:
+    """The augmented batches of every pass (``plan``'s images, each once, in index order; crops
+    of pass ``k`` from the seed ``[config.seed, k]``), made once per study and handed to every
+    model: a target and its reference model see the same crops, and the images are not cropped
+    again for each of the study's models. A pass is kept in memory while the kept passes stay
+    within ``budget_mb`` (``config.mia.cache_mb``); a pass beyond it is made again for every
+    model (same seeds, same crops)."""
+
+    def __init__(self, ctx: Context, rows: dict[str, np.ndarray], batch_size: int,
+                 budget_mb: float = 0.0):
+        self.ctx, self.rows, self.batch_size = ctx, rows, batch_size
+        self.cfg = ctx.pipeline_config(batch_size, crop_scale=tuple(ctx.config.data.crop_scale))
+        self.count = next(iter(rows.values())).shape[0]
+        self.images = [np.unique(np.concatenate([v[k] for v in rows.values()]))
+                       for k in range(self.count)]
+        self._left = float(budget_mb) * 2**20
+        self._kept: dict[int, list] = {}
+
+    def batches(self, k: int):
+        """Pass ``k``'s batches (dicts with ``image``, ``label``, ``mask``)."""
+        if k in self._kept:
+            return self._kept[k]
+        stream = pipeline.to_iterator(
+            pipeline.augmented_pass(self.ctx.dataset.source, self.images[k], self.cfg, k),
+            self.cfg)
+        size = (self.images[k].size * self.cfg.image_size ** 2 * 3 * 4)  # float32 images
+        if size > self._left:
+            return stream
+        self._left -= size
+        self._kept[k] = [{n: np.asarray(batch[n]) for n in ("image", "label", "mask")}
+                         for batch in stream]
+        return self._kept[k]
+
+
+def signals(ctx: Context, params, rows: dict[str, np.ndarray], batch_size: int,
+            run_dir: str | None = None, passes: Passes | None = None) -> dict[str, np.ndarray]:
+    """``{name: [passes, n]}`` per-sample losses of ``params`` on the images of ``rows``
+    (``plan``) under the training augmentation.
+
+    Pass ``k`` scores the images any row ``k`` names once each (in index order, crops from the
+    seed ``[config.seed, k]``: the same crops for a target and its reference model; ``passes``
+    shares them between calls) and hands every row its losses. With ``run_dir`` (the model's
+    run folder, whose metadata holds its ``params_hash``) the result is cached there under
+    ``mia_signals/`` and reused when nothing it depends on changed. Evaluation's own losses are
+    not reused: they come from the eval transform, the signals from the training augmentation."""
+    path = None
+    params_hash = checkpoints.read_metadata(run_dir).get("params_hash") if run_dir else None
+    if params_hash:
+        key = _cache_key(ctx, params_hash, rows, batch_size)
+        path = os.path.join(run_dir, CACHE_DIR, f"{key}.npz")
+        if os.path.isfile(path):
+            with np.load(path) as cached:
+                if set(cached.files) == set(rows):
+                    logging.info("mia: reusing the signals in %s", path)
+                    return {k: cached[k] for k in rows}
+    t = ctx.config.train
+    step = train_lib.make_eval_step(ctx.model_cfg, ctx.dataset.task, t.compute_dtype,
+                                    t.attention)
+    passes = Passes(ctx, rows, batch_size) if passes is None else passes
+    out = {k: np.empty(v.shape, np.float32) for k, v in rows.items()}
+    for k in range(passes.count):
+        losses = []
+        for batch in passes.batches(k):
+            _, batch_losses = step(params, batch["image"], batch["label"])
+            losses.append(np.asarray(batch_losses)[np.asarray(batch["mask"])])
+        losses = np.concatenate(losses)
+        for name, v in rows.items():
+            out[name][k] = losses[np.searchsorted(passes.images[k], v[k])]
+    if path:
+        with files.atomic_open(path, "wb") as f:
+            np.savez(f, **out)
+    return out
+
+
+def attack(ctx: Context, target: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+           variant: str = "reference", rows: dict[str, np.ndarray] | None = None
+           ) -> dict[str, Any]:
+    """``{"rmia": ..., "per_person": ...}`` from the loss signals (``signals``) of a target and
+    its reference model (module docstring), in %. ``rows`` is the ``plan`` the signals follow
+    (default: ``plan(ctx)``); the attack on people needs the val rows to hold the same image in
+    every pass, so with ``subsample="per_pass"`` it is left out (``per_person.skipped``)."""
+    from oneshui_jax.mia import per_person, roc
+
+    rows = plan(ctx) if rows is None else rows
     if variant == "canonical":
         convert = lambda x: probabilities(x, ctx.dataset.task, ctx.dataset.num_classes)
         target = {k: convert(v) for k, v in target.items()}
         reference = {k: convert(v) for k, v in reference.items()}
-    z_in = np.concatenate([target["train"], target["val"]], axis=1)
-    z_avg = np.concatenate([reference["train"], reference["val"]], axis=1)
     score = rmia.score_grid_canonical if variant == "canonical" else rmia.score_grid
-    grid = score(z_in, z_avg, target["forget"], reference["forget"], target["val"],
-                 reference["val"])
+    grid = score(target["z"], reference["z"], target["forget"], reference["forget"],
+                 target["val"], reference["val"])
     best = rmia.best(grid) or grid[0]  # no TPR above 0: the first point (the reference's start)
     entry = {"variant": variant,
              "auc": 100.0 * best["auc"], "tpr_at_1e-4": 100.0 * best[rmia.TPR_KEY],
+             # 1e-4 is below the ROC's resolution unless there are > 10,000 val images
+             "tpr_at_1pct": 100.0 * float(np.interp(0.01, best["fpr"], best["tpr"])),
              "gamma": best["gamma"], "a": best["a"], "selected": rmia.best(grid) is not None,
+             "members": int(rows["forget"].shape[1]), "nonmembers": int(rows["val"].shape[1]),
              "grid": [{"gamma": g["gamma"], "a": g["a"], "auc": 100.0 * g["auc"],
                        "tpr_at_1e-4": 100.0 * g[rmia.TPR_KEY]} for g in grid],
              "roc": roc.compact(best["fpr"], best["tpr"])}
+    aligned = all((v == v[0]).all() for v in (rows["forget"], rows["val"]))
+    if not aligned:
+        return {"rmia": entry, "per_person": {
+            "skipped": "config.mia.subsample='per_pass' gives each pass other val images, so a "
+                       "score belongs to no one person; use 'once' for the attack on people"}}
     ids = ctx.dataset.annotations.identities
-    images = np.concatenate([ctx.images["forget"], ctx.images["val"]])
+    images = np.concatenate([rows["forget"][0], rows["val"][0]])
     people = per_person.attack(best["scores"], ids[images], ctx.splits.forget, ctx.splits.val)
     persons = {}
     for how in ("mean", "max"):
@@ -130,10 +253,12 @@ def run(ctx: Context, records: list[dict], trained: dict[str, Any]) -> None:
     from oneshui_jax.study.stages import method_stage
 
     mia = ctx.config.mia
-    passes, batch_size = int(mia.get("passes", 8)), int(mia.get("batch_size", 32))
+    batch_size = int(mia.get("batch_size", 32))
     if "retrain" not in trained:
         raise ValueError("config.mia.rmia needs the retrained model: add 'retrain' to "
                          "config.stages")
+    rows = plan(ctx)
+    passes = Passes(ctx, rows, batch_size, mia.get("cache_mb", 0))
     ref_ctx = reference_context(ctx)
     retrain_dir = ctx.run_dir("retrain")
     retrain_signals = None
@@ -141,17 +266,18 @@ def run(ctx: Context, records: list[dict], trained: dict[str, Any]) -> None:
         name = record["method"]
         if name == "retrain":
             continue
-        logging.info("mia: RMIA for %s (%d passes)", name, passes)
+        logging.info("mia: RMIA for %s (%d passes)", name, rows["z"].shape[0])
         if name == "pretrain":
             ref_dir = retrain_dir
             if retrain_signals is None:
-                retrain_signals = signals(ctx, trained["retrain"], passes, batch_size)
+                retrain_signals = signals(ctx, trained["retrain"], rows, batch_size, ref_dir,
+                                          passes)
             reference = retrain_signals
         else:
             _, ref_params = method_stage(ref_ctx, name, trained["retrain"], retrain_dir)
             ref_dir = ref_ctx.run_dir(name)
-            reference = signals(ctx, ref_params, passes, batch_size)
-        target = signals(ctx, trained[name], passes, batch_size)
+            reference = signals(ctx, ref_params, rows, batch_size, ref_dir, passes)
+        target = signals(ctx, trained[name], rows, batch_size, ctx.run_dir(name), passes)
         record.setdefault("mia", {}).update(
-            attack(ctx, target, reference, mia.get("rmia_variant", "reference")))
+            attack(ctx, target, reference, mia.get("rmia_variant", "reference"), rows))
         record["mia"]["reference_run_dir"] = ref_dir

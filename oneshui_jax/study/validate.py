@@ -54,12 +54,23 @@ def validate_config(config) -> None:
     for key in ("loss_rf", "rmia"):
         if not isinstance(mia.get(key, False), bool):
             raise ConfigError(f"config.mia.{key} must be True or False, got {mia.get(key)!r}")
-    for key in ("passes", "batch_size"):
+    from oneshui_jax.study.privacy import SUBSAMPLE_MODES, VARIANTS
+
+    subsample = mia.get("subsample", "none")
+    if subsample not in SUBSAMPLE_MODES:
+        raise ConfigError(f"config.mia.subsample is {subsample!r}; expected one of "
+                          f"{SUBSAMPLE_MODES}")
+    sizes = ("subsample_z", "subsample_val") if subsample != "none" else ()
+    for key in ("passes", "batch_size", *sizes):
         value = mia.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"config.mia.{key} must be an int >= 1, got {value!r}")
-    from oneshui_jax.study.privacy import VARIANTS
-
+    cache_mb = mia.get("cache_mb", 0)
+    if isinstance(cache_mb, bool) or not isinstance(cache_mb, (int, float)) or not cache_mb >= 0:
+        raise ConfigError(f"config.mia.cache_mb must be a number of MB >= 0, got {cache_mb!r}")
+    if mia.get("passes", 1) > 255:
+        raise ConfigError(f"config.mia.passes must be at most 255 (votes are counted in uint8), "
+                          f"got {mia.get('passes')}")
     if mia.get("rmia_variant", "reference") not in VARIANTS:
         raise ConfigError(f"config.mia.rmia_variant is {mia.get('rmia_variant')!r}; expected "
                           f"one of {VARIANTS}")

@@ -62,7 +62,7 @@ class SynthFaces(tfds.core.GeneratorBasedBuilder):
         )
         for name, cfg in synthfaces.CONFIGS.items()
     ]
-    DEFAULT_CONFIG_NAME = "default"
+    DEFAULT_CONFIG_NAME = synthfaces.DEFAULT_CONFIG
 
     def _info(self) -> tfds.core.DatasetInfo:
         size = self.builder_config.synth.image_size
@@ -97,13 +97,14 @@ class SynthFaces(tfds.core.GeneratorBasedBuilder):
             yield example["index"], {**example, "image": synthfaces.encode_png(example["image"])}
 
 
-def synthfaces_builder(data_dir: str, config: str = "default") -> SynthFaces:
+def synthfaces_builder(data_dir: str, config: str = synthfaces.DEFAULT_CONFIG) -> SynthFaces:
     """The SynthFaces builder of named ``config`` storing ``array_record`` files in ``data_dir``."""
     synthfaces.named_config(config)  # ValueError on an unknown name
     return SynthFaces(data_dir=data_dir, config=config, file_format=FILE_FORMAT)
 
 
-def build_synthfaces(data_dir: str, config: str = "default") -> Sequence[Mapping[str, Any]]:
+def build_synthfaces(data_dir: str,
+                     config: str = synthfaces.DEFAULT_CONFIG) -> Sequence[Mapping[str, Any]]:
     """Build SynthFaces ``config`` into ``data_dir`` once and return its ``train`` data source.
 
     A finished build is reused untouched. TFDS writes into an ``incomplete.*`` folder and renames
