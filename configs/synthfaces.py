@@ -45,6 +45,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # A killed stage resumes from its last save; saves at most every this many seconds (at epoch
     # or request boundaries; 0: every one). Changes no result.
     config.checkpoint_every_s = 60.0
+    # A stage another process is running (same checkpoint_dir): wait for it and reuse its
+    # result (True), or stop at once naming its pid and host (False).
+    config.wait_for_lock = True
     config.stages = ("pretrain", "retrain", *config_lib.ONE_SHOT,
                      *config_lib.FULL_DATA_BASELINES)  # in this order
 

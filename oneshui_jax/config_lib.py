@@ -108,6 +108,9 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
     # A killed stage resumes from its last save; saves at most every this many seconds (at epoch
     # or request boundaries; 0: every one). Changes no result.
     config.checkpoint_every_s = 60.0
+    # A stage another process is running (same checkpoint_dir): wait for it and reuse its
+    # result (True), or stop at once naming its pid and host (False).
+    config.wait_for_lock = True
     training = ("pretrain", "retrain")
     if method in METHOD_GROUPS:
         config.stages = training + METHOD_GROUPS[method]

@@ -6,11 +6,14 @@ Usage::
     python -m oneshui_jax.inspect RUN_DIR/train_state     # latest resumable training state
     python -m oneshui_jax.inspect --diff RUN_A RUN_B      # ||a - b|| / ||a|| per tensor
     python -m oneshui_jax.inspect RUN_DIR --json          # the same, machine-readable
+    python -m oneshui_jax.inspect --verify RUN_DIR        # re-read params/, check their sha256
 
 ``RUN_DIR`` is a folder written by ``oneshui_jax.checkpoints`` (``params/``, ``metadata.json``,
 see that module). The tree is read from orbax metadata (names, shapes, dtypes), without loading
-any array; ``--diff`` loads both parameter sets (verifying their hashes). A path that is not a
-checkpoint prints one ``error: ...`` line and exits with status 2.
+any array; ``--diff`` loads both parameter sets (verifying their hashes). ``--verify`` reads
+every parameter and checks their sha256 against ``params_hash`` in ``metadata.json``. A path
+that is not a checkpoint, or one whose parameters are unreadable or do not match their hash,
+prints one ``error: ...`` line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -81,6 +84,23 @@ def run_summary(path: str) -> dict[str, Any]:
     if metadata["status"] == "done":
         return {**summary, **_leaves_summary(checkpoints.params_info(path))}
     return summary
+
+
+def verify_summary(path: str) -> dict[str, Any]:
+    """Reads every parameter of the finished run ``path`` and checks them against the sha256
+    recorded in its ``metadata.json``; CheckpointError when they are unreadable or differ."""
+    if os.path.basename(os.path.normpath(path)) == checkpoints.TRAIN_STATE_DIR:
+        raise CheckpointError(f"--verify checks a finished run's parameters; {path} is a "
+                              "training state (give its run directory)")
+    metadata = checkpoints.read_metadata(path)
+    if not metadata.get("params_hash"):
+        raise CheckpointError(f"{path} records no params_hash in {checkpoints.METADATA_FILE}: "
+                              "there is nothing to verify against")
+    params = checkpoints.load_params(path, verify=True)
+    leaves = checkpoints.named_leaves(params)
+    return {"path": metadata["run_dir"], "kind": "verify", "verified": True,
+            "params_hash": metadata["params_hash"], "tensors": len(leaves),
+            "parameters": int(sum(np.size(leaf) for _, leaf in leaves))}
 
 
 def _relative(diff_norm: float, ref_norm: float) -> float:
@@ -213,11 +233,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("path", nargs="?", help="run directory (or its train_state/ folder)")
     parser.add_argument("--diff", nargs=2, metavar=("PATH_A", "PATH_B"),
                         help="per-tensor relative change ||a - b|| / ||a|| of two runs")
+    parser.add_argument("--verify", action="store_true",
+                        help="read PATH's parameters and check them against the sha256 in its "
+                             "metadata.json (exit status 2 when they differ or are unreadable)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead")
     args = parser.parse_args(argv)
     if (args.path is None) == (args.diff is None):
         parser.error("give either PATH or --diff PATH_A PATH_B")
+    if args.verify and args.path is None:
+        parser.error("--verify needs PATH (a run directory)")
     return args
+
+
+def format_verify(summary: dict[str, Any]) -> str:
+    """Human-readable line of ``verify_summary``."""
+    return (f"verified {summary['path']}: {summary['tensors']} tensors, "
+            f"{summary['parameters']:,} parameters match sha256 {summary['params_hash']} "
+            f"recorded in {checkpoints.METADATA_FILE}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -225,14 +257,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.getLogger("absl").setLevel(logging.CRITICAL)  # errors are reported as one line
     try:
-        summary = diff_summary(*args.diff) if args.diff else run_summary(args.path)
+        if args.diff:
+            summary = diff_summary(*args.diff)
+        else:
+            summary = verify_summary(args.path) if args.verify else run_summary(args.path)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(summary, indent=2))
+    elif args.diff:
+        print(format_diff(summary))
     else:
-        print(format_diff(summary) if args.diff else format_summary(summary))
+        print(format_verify(summary) if args.verify else format_summary(summary))
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,8 +28,8 @@ import optax
 from absl import logging
 from tqdm.auto import tqdm
 
+from oneshui_jax import files, optim
 from oneshui_jax import metrics as metrics_lib
-from oneshui_jax import optim
 from oneshui_jax.errors import ConfigError
 from oneshui_jax.losses import masked_mean, per_example_loss
 from oneshui_jax.models import vit
@@ -161,6 +162,27 @@ def _append_jsonl(path: str | None, record: dict) -> None:
             f.write(json.dumps(record) + "\n")
 
 
+def _drop_epochs_from(path: str | None, epoch: int) -> None:
+    """Drops the lines of epochs ``>= epoch`` from the metrics log ``path`` (rewritten
+    atomically), so that a resumed (or restarted) run logs each epoch once. Lines that are not
+    JSON records of an epoch (e.g. the half-written last line of a killed run) are dropped too.
+    """
+    if not path or not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("epoch"), int) \
+                    and record["epoch"] < epoch and line.endswith("\n"):
+                kept.append(line)
+    with files.atomic_open(path) as f:
+        f.writelines(kept)
+
+
 def fit(model_cfg: vit.ViTConfig, cfg: TrainConfig, params: Params,
         train_batches, steps_per_epoch: int,
         validate: Callable[[Params], dict[str, Any]], *, desc: str = "train",
@@ -171,8 +193,9 @@ def fit(model_cfg: vit.ViTConfig, cfg: TrainConfig, params: Params,
     (``checkpoints.TrainCheckpointer``) the training state (parameters, optimiser state, best
     parameters, epoch, history and the iterator position) is saved after every epoch, and a run
     that finds a saved state resumes from it: the result equals an uninterrupted run. One JSON line
-    per epoch goes to ``metrics_log``. A non-finite loss raises ``TrainingDiverged`` before the
-    epoch is saved, so the last good state stays on disk.
+    per epoch goes to ``metrics_log`` (on a resume, the lines of the epochs that run again are
+    dropped first, so it holds each epoch once). A non-finite loss raises ``TrainingDiverged``
+    before the epoch is saved, so the last good state stays on disk.
     """
     tx, step_fn = train_step(model_cfg, cfg)
     params = _copy(params)  # the step donates its inputs; keep the caller's
@@ -185,6 +208,7 @@ def fit(model_cfg: vit.ViTConfig, cfg: TrainConfig, params: Params,
         logging.info("%s: resuming after epoch %d (step %d)", desc, meta["epoch"] - 1,
                      meta["step"])
     resumed_from = meta["epoch"]
+    _drop_epochs_from(metrics_log, resumed_from)  # epochs after the last save run again
     params, opt_state = arrays["params"], arrays["opt_state"]
     start = time.perf_counter()
     total = cfg.epochs * steps_per_epoch

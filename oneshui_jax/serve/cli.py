@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import jax
 
-from oneshui_jax import checkpoints
+from oneshui_jax import checkpoints, locks
 from oneshui_jax.errors import CheckpointError, ConfigError, DataError
 from oneshui_jax.serve import request as request_lib
 from oneshui_jax.serve.engine import Engine
@@ -46,8 +46,25 @@ def serve_request(checkpoint: str, portraits: Sequence[str], out: str, *,
                   method: str | None = None, overwrite: bool = False) -> Receipt:
     """Serves one request end to end and returns its receipt (also written to ``out``).
 
-    ``method``, if given, only asserts that the method run was made by that method.
+    ``method``, if given, only asserts that the method run was made by that method. ``out`` is
+    locked (``locks.hold``) for the whole request: a second request on the same ``out`` waits,
+    then finds it written and is refused unless ``overwrite``.
     """
+    with locks.hold(out, what="a deletion request", warn=_warn, lock_dir=locks.host_lock_dir()):
+        return _serve(checkpoint, portraits, out, artifacts_dir=artifacts_dir,
+                      identities=identities, labels=labels, request_id=request_id,
+                      method=method, overwrite=overwrite)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _serve(checkpoint: str, portraits: Sequence[str], out: str, *,
+           artifacts_dir: str | None, identities: Sequence[int] | None,
+           labels: Sequence[str] | None, request_id: str | None, method: str | None,
+           overwrite: bool) -> Receipt:
+    """``serve_request`` once ``out`` is locked."""
     start = time.perf_counter()
     if not portraits:
         raise DataError("an empty request: give at least one --portrait")
@@ -106,7 +123,8 @@ def serve_request(checkpoint: str, portraits: Sequence[str], out: str, *,
             versions=checkpoints.library_versions(), device=str(jax.devices()[0].platform),
             timings=timings)
 
-    return request_lib.write_output(out, params, metadata, make_receipt)
+    return request_lib.write_output(out, params, metadata, make_receipt,
+                                    overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------------------------

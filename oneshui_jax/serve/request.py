@@ -155,13 +155,15 @@ def check_output(out: str, overwrite: bool, sources: Sequence[str]) -> None:
 
 
 def write_output(out: str, params: Any, metadata: Mapping[str, Any],
-                 make_receipt: Any) -> Receipt:
+                 make_receipt: Any, *, overwrite: bool = True) -> Receipt:
     """Writes ``out`` (``params/``, ``metadata.json``, then the receipt) as a whole.
 
     ``make_receipt(params_hash_after)`` builds the :class:`Receipt` once the parameters are
     saved. Everything is written into a temporary sibling that is renamed to ``out`` at the end;
     an earlier output being replaced (``--overwrite``, after :func:`check_output`) is removed only
-    then, so a failed request leaves it as it was and leaves nothing of its own.
+    then, so a failed request leaves it as it was and leaves nothing of its own. Without
+    ``overwrite``, an ``out`` that appeared meanwhile (another writer not holding the lock of
+    ``locks.hold``) is never replaced: ConfigError, and nothing of this request is kept.
     """
     out = out.rstrip(os.sep)
     tmp = f"{out}.tmp-{os.getpid()}"
@@ -174,6 +176,9 @@ def write_output(out: str, params: Any, metadata: Mapping[str, Any],
         files.save_json(stored, os.path.join(tmp, checkpoints.METADATA_FILE))
         files.save_json(receipt.to_json(), os.path.join(tmp, RECEIPT_FILE), indent=2)
         old = None
+        if os.path.lexists(out) and not overwrite:
+            raise ConfigError(f"--out {out} was created by another process meanwhile; choose a "
+                              "new directory or pass --overwrite")
         if os.path.lexists(out):
             old = f"{out}.old-{os.getpid()}"
             os.rename(out, old)

@@ -2,7 +2,8 @@
 
 ``run_stage`` does, for any stage::
 
-    fingerprint -> reuse (equal fingerprint) | resume | start -> metadata ("training")
+    lock -> fingerprint -> reuse (equal fingerprint, parameters verified against their hash)
+        | resume | start -> metadata ("training")
         -> body -> evaluate (retain / forget / test / val) -> save artifacts and parameters
         -> metadata ("done") -> clean up the resumable state
 
@@ -13,7 +14,8 @@ identities only) and ``method_stage`` (a method of ``unlearn/registry.py``: ``pr
 A stage's run directory ``<checkpoint_dir>/<dataset>/<model>/<stage>_<N>_<seed>/`` holds
 ``params/``, ``metadata.json`` (config, splits, fingerprint, record, ...), ``metrics.jsonl``
 (training stages), ``artifacts/`` (a method's prepared artifacts, e.g. MetaUnlearn's meta-loss)
-and, while it runs, ``train_state/``.
+and, while it runs, ``train_state/``; next to it, ``.<stage>_<N>_<seed>.lock`` and, while a
+process holds that lock, ``.<stage>_<N>_<seed>.holder`` (``locks.py``).
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from typing import Any
 import jax
 from absl import logging
 
-from oneshui_jax import checkpoints
+from oneshui_jax import checkpoints, locks
 from oneshui_jax import train as train_lib
 from oneshui_jax.data import pipeline
+from oneshui_jax.errors import CheckpointError
 from oneshui_jax.study import access, reuse, validate
 from oneshui_jax.study.context import Context, evaluate_splits, wants_loss_attack
 from oneshui_jax.study.validate import TRAINING_STAGES
@@ -61,8 +64,35 @@ def _metadata(ctx: Context, stage: str, **extra) -> dict:
 def run_stage(ctx: Context, stage: str, *, settings_name: str, settings: dict[str, Any],
               template: Any, parent_hash: str | None, body: Body, training: bool, access: str,
               extra_metadata: dict[str, Any] | None = None) -> tuple[dict, Any]:
-    """Runs (or reuses, or resumes) one stage: ``(record, params)`` (module docstring)."""
+    """Runs (or reuses, or resumes) one stage: ``(record, params)`` (module docstring).
+
+    The run directory is locked (``locks.hold``) before the reuse decision: a second process on
+    the same stage waits for the first (``config.wait_for_lock``, the default) and then reuses
+    its result, or stops at once with ``LockBusy`` naming the holder.
+    """
     rdir = ctx.run_dir(stage)
+    with locks.hold(rdir, wait=ctx.config.get("wait_for_lock", True), what=f"stage {stage}"):
+        return _run_locked(ctx, stage, rdir, settings_name=settings_name, settings=settings,
+                           template=template, parent_hash=parent_hash, body=body,
+                           training=training, access=access, extra_metadata=extra_metadata)
+
+
+def _load_for_reuse(rdir: str, template: Any) -> Any:
+    """The finished parameters of ``rdir``, checked against their recorded hash; a corrupt or
+    unreadable checkpoint is one CheckpointError saying what to do, and is never used."""
+    try:
+        return checkpoints.load_params(rdir, template, verify=True)
+    except CheckpointError as e:
+        raise CheckpointError(
+            f"the finished checkpoint {rdir} cannot be reused: {e}. Delete it (rm -r {rdir}) "
+            "to run the stage again") from e
+
+
+def _run_locked(ctx: Context, stage: str, rdir: str, *, settings_name: str,
+                settings: dict[str, Any], template: Any, parent_hash: str | None, body: Body,
+                training: bool, access: str,
+                extra_metadata: dict[str, Any] | None) -> tuple[dict, Any]:
+    """``run_stage`` once the lock on ``rdir`` is held."""
     augmented = training or access in (api.STATS, api.FULL)  # reads TRAIN images
     fp = reuse.fingerprint(ctx, stage, settings_name, settings, parent_hash, augmented)
     decision, stored = reuse.check(ctx, rdir, fp, settings_name, augmented)
@@ -71,7 +101,7 @@ def run_stage(ctx: Context, stage: str, *, settings_name: str, settings: dict[st
         record = dict(stored["record"], reused=True)
         record.setdefault("access", access)  # checkpoints older than the access column
         record["splits_hash"] = fp["parts"]["splits"]  # equal fingerprints, equal splits
-        params = checkpoints.load_params(rdir, template)
+        params = _load_for_reuse(rdir, template)
         if wants_loss_attack(ctx.config) and "loss_rf" not in (record.get("mia") or {}):
             # finished before the attack ran with every evaluation: evaluate again (the result
             # depends on the parameters and the data only), without touching the checkpoint

@@ -82,6 +82,9 @@ def validate_config(config) -> None:
     if isinstance(every, bool) or not isinstance(every, (int, float)) or not every >= 0:
         raise ConfigError(f"config.checkpoint_every_s must be a number of seconds >= 0, got "
                           f"{every!r}")
+    if not isinstance(config.get("wait_for_lock", True), bool):
+        raise ConfigError("config.wait_for_lock must be True (wait for another process running "
+                          f"a stage) or False (stop), got {config.wait_for_lock!r}")
     try:
         vit.ViTConfig.preset(config.model.name, image_size=config.data.image_size)
     except ValueError as e:
