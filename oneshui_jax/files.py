@@ -65,6 +65,19 @@ def cannot_create(path: str) -> str | None:
     return None
 
 
+def cannot_write_in(folder: str) -> str | None:
+    """Why files cannot be written in ``folder`` (existing, or to be created), or None when they
+    can: an existing ``folder`` must be a writable folder, a new one creatable (``cannot_create``).
+    """
+    if os.path.lexists(folder):
+        if not os.path.isdir(folder):
+            return f"{folder} is a file, not a folder"
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return f"the folder {folder} is not writable"
+        return None
+    return cannot_create(folder)
+
+
 def save_json(obj: Any, path: str, **kwargs: Any) -> None:
     """Writes ``obj`` as JSON to ``path`` atomically."""
     with atomic_open(path) as f:

@@ -8,7 +8,8 @@ r"""Command line of the study: ``python -m oneshui_jax.main --config=configs/<da
 ``config.stages`` run in order (see ``oneshui_jax.study``); the results table is printed and
 written with plots to ``config.workdir``. Any bad input (flag, config file, override, data,
 checkpoint) prints one ``error: ...`` line on stderr and exits with status 2, as the other
-command lines do.
+command lines do. Ctrl-C prints one line (the stage it stopped in, that finished stages and the
+last save are kept, the command that resumes: the same one) and exits with status 130.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 import logging as std_logging
 import os
 import re
+import shlex
 import sys
+import traceback
 from typing import NoReturn
 
 import jax
@@ -27,6 +30,7 @@ from oneshui_jax import report, study
 from oneshui_jax.errors import CheckpointError, ConfigError, DataError
 
 DEFAULT_CONFIG = "configs/synthfaces.py"
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, as a shell reports a program ended by Ctrl-C
 EXPECTED_FLAGS = "expected --config=FILE[:ARG] and --config.FIELD=VALUE overrides (see --help)"
 # The command line the config flag reads its overrides from: filled by parse_flags, so that
 # defining the flag (at import) reads no sys.argv and cannot fail.
@@ -94,6 +98,30 @@ def parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
+def resume_command() -> str:
+    """The command line that started this process, as a shell would take it back."""
+    return shlex.join(["python", "-m", "oneshui_jax.main", *sys.argv[1:]])
+
+
+def _interrupted_in(tb) -> str:
+    """Where the study was when Ctrl-C came: the innermost stage run in the traceback ``tb``
+    (``study.stages`` keeps the stage's name in a local ``stage``), else before or after the
+    stages."""
+    study_dir = f"{os.sep}oneshui_jax{os.sep}study{os.sep}"
+    stage, prepared = None, False
+    for frame, _ in traceback.walk_tb(tb):
+        if study_dir not in frame.f_code.co_filename:
+            continue
+        if isinstance(frame.f_locals.get("stage"), str):
+            stage = frame.f_locals["stage"]
+        prepared = prepared or "ctx" in frame.f_locals
+    if stage:
+        return f"in stage {stage}"
+    if prepared:
+        return "after the stages (the privacy attacks or the report)"
+    return "before the first stage (reading the data and making the split)"
+
+
 class _OwnInfoOnly(std_logging.Filter):
     """Keeps this package's INFO lines and every library's warnings, minus known noise."""
 
@@ -115,6 +143,11 @@ def main(argv):
         records = study.run(config)
     except (ConfigError, DataError, CheckpointError) as e:
         fail(str(e))
+    except KeyboardInterrupt as e:
+        print(f"interrupted (Ctrl-C) {_interrupted_in(e.__traceback__)}; the finished stages and "
+              f"the last save of an unfinished one are kept under {config.checkpoint_dir}; to "
+              f"resume, run the same command: {resume_command()}", file=sys.stderr)
+        raise SystemExit(INTERRUPTED_STATUS) from None
     print(f"\n{report.subject(records)} ({jax.devices()[0].platform.upper()}):")
     print(report.markdown_table(records, report.metric_name(config.dataset)))
     forget = {r["method"]: r["forget"]["metric"] for r in records}

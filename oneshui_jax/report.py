@@ -48,7 +48,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from oneshui_jax.data import catalog
-from oneshui_jax.files import atomic_open, to_json
+from oneshui_jax.files import atomic_open, cannot_write_in, to_json
 from oneshui_jax.metrics import EVAL_SPLITS, TABLE_SPLITS
 
 # The privacy evaluation's numbers in a record (all in %): stat name -> (path under
@@ -806,6 +806,10 @@ def combine(paths: Sequence[str], out: str) -> dict[str, str]:
     if replaced:
         raise ValueError(f"--out {out} would replace the input {replaced[0]}; choose another "
                          "folder")
+    problem = cannot_write_in(out)
+    if problem:
+        raise ValueError(f"--out {out} cannot be written: {problem}; expected a writable folder "
+                         "for results.{json,md,csv} and the plots")
     return write_report(out, records, extra={"sources": [os.path.abspath(p) for p in paths]})
 
 

@@ -17,8 +17,10 @@ The same Python ``random`` calls are made in the same order, so for a seed and i
 output equals the reference's. Membership tests use sets and per-identity counts, so a CelebA split
 takes well under a second (the reference needs seconds).
 
-Deviation (named): the reference silently takes fewer than ``N`` forget identities when too few are
-eligible; here that is an error.
+Deviations (named): the reference silently takes fewer than ``N`` forget identities when too few
+are eligible, and accepts an ``N`` that forgets every TRAIN identity (an empty retain set, on
+which the study cannot retrain or evaluate) or a dataset too small for a VAL or TEST identity;
+here each is an error that states the largest ``N`` allowed.
 
 Command line::
 
@@ -160,16 +162,35 @@ def make_splits(ann: IdentityAnnotations, num_identities: int, seed: int) -> Spl
             forget.append(identity)
         else:
             retain.append(identity)
+    where = f"{ann.dataset} (seed {seed})"
+    if not val or not test:
+        raise ConfigError(f"{where}: {len(ann.identity_ids())} identities are too few to split "
+                          f"into train/val/test (val {len(val)}, test {len(test)} identities); "
+                          "expected a dataset where every split gets an identity")
+    eligible = sum(len(id2imgs[i]) >= min_images for i in train)
+    largest = eligible if eligible < len(train) else eligible - 1  # keep one retain identity
     if len(forget) < num_identities:
         raise ConfigError(
             f"num_identities={num_identities} but only {len(forget)} train identities of "
-            f"{ann.dataset} (seed {seed}) have at least {min_images} images. The reference code "
-            f"would silently forget only {len(forget)}; choose num_identities <= {len(forget)}."
+            f"{where} have at least {min_images} images. The reference code would silently "
+            f"forget only {len(forget)}; choose num_identities <= {largest}"
+            f"{_retain_note(largest, eligible)}."
+        )
+    if not retain:  # every train identity forgotten: nothing to retain, train or evaluate on
+        raise ConfigError(
+            f"num_identities={num_identities} forgets every one of the {len(train)} train "
+            f"identities of {where}, leaving the retain set empty; choose num_identities <= "
+            f"{largest}{_retain_note(largest, eligible)}."
         )
     splits = Splits(train=train, val=val, test=test, support=support, forget=forget,
                     retain=retain)
     splits.check(ann)
     return splits
+
+
+def _retain_note(largest: int, eligible: int) -> str:
+    """Why the largest N is one less than the eligible identities, when it is."""
+    return " (one train identity must stay in the retain set)" if largest < eligible else ""
 
 
 def image_indices(ann: IdentityAnnotations, identities: Iterable[int],

@@ -26,12 +26,16 @@ means "the input was refused, nothing was written" across the package.
 
 import contextlib
 import dataclasses
+import glob
 import importlib.util
 import json
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import types
 
 import jax
@@ -94,6 +98,20 @@ def writes_nothing(*roots: str):
         changed = sorted(k for k in set(before[root]) | set(after)
                          if before[root].get(k) != after.get(k))
         assert not changed, f"written under {root}: {changed}"
+
+
+def read_only(monkeypatch, *folders) -> None:
+    """``folders`` look read-only to ``os.access`` (tests run as root, which writes anywhere:
+    permission bits cannot make a folder read-only here)."""
+    real_access = os.access
+    protected = {os.path.abspath(str(f)) for f in folders}
+
+    def access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and os.path.abspath(os.fspath(path)) in protected:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
 
 
 def call(capsys, main, argv, *, unchanged=()) -> Outcome:
@@ -439,6 +457,33 @@ def test_serve_out_that_cannot_be_created(chain, capsys, monkeypatch):
     assert not os.path.exists(out)
 
 
+def test_every_out_in_a_read_only_folder_is_refused_up_front(chain, capsys, tmp_path,
+                                                             monkeypatch):
+    """serve, splits, convert and report: an --out (OUT) in a read-only folder, or a read-only
+    --out folder of report, is one line before any work; nothing is written."""
+    locked = tmp_path / "read_only"
+    locked.mkdir()
+    read_only(monkeypatch, locked, os.path.join(chain.work, "read_only"))
+    not_writable = f"the folder {locked} is not writable"
+    out = os.path.join(chain.work, "read_only", "out")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    outcome = serve_error(capsys, chain, "--checkpoint", chain.method, out=out)
+    assert_error(outcome, SERVE_STATUS, f"--out {out} cannot be created",
+                 f"the folder {os.path.dirname(out)} is not writable")
+    out = str(locked / "split.json")
+    outcome = call(capsys, splits.main, [*SMALL, "--num_identities", "1", "--out", out],
+                   unchanged=(str(tmp_path),))
+    assert_error(outcome, SPLITS_STATUS, f"--out {out} cannot be written", not_writable)
+    out = str(locked / "converted")
+    outcome = call(capsys, convert.main, [SAFETENSORS, out], unchanged=(str(tmp_path),))
+    assert_error(outcome, CONVERT_STATUS, f"OUT {out} cannot be created", not_writable)
+    results = write_json(tmp_path / "in" / "results.json", {"results": [RECORD]})
+    for out, problem in ((str(locked / "report"), not_writable), (str(locked), not_writable)):
+        outcome = call(capsys, report.main, [results, "--out", out], unchanged=(str(tmp_path),))
+        assert_error(outcome, REPORT_STATUS, f"--out {out} cannot be written", problem,
+                     "expected a writable folder")
+
+
 # --------------------------------------------------------------------------------------------
 # python -m oneshui_jax.inspect: status 2
 
@@ -600,6 +645,32 @@ def test_convert_usage_errors(capsys, tmp_path):
     assert_usage_error(outcome, prog, "argument --width: invalid int value: 'wide'")
 
 
+def test_convert_missing_input_names_IN_not_the_study_flag(capsys, tmp_path):
+    missing = str(tmp_path / "model.safetensors")
+    outcome = call(capsys, convert.main, [missing, str(tmp_path / "out")],
+                   unchanged=(str(tmp_path),))
+    line = assert_error(outcome, CONVERT_STATUS, f"IN {missing} not found",
+                        "expected a timm .safetensors file", "model.safetensors of Hugging Face")
+    assert "--config" not in line, line  # the study's flag, not convert's
+
+
+def test_convert_warns_on_nan_and_infinite_weights(capsys, tmp_path):
+    """Converted as they are, with one warning line per damaged tensor."""
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(SAFETENSORS)
+    weights["blocks.0.mlp.fc1.weight"][0, :3] = [np.nan, np.inf, -np.inf]
+    damaged = str(tmp_path / "damaged.safetensors")
+    save_file(weights, damaged)
+    outcome = call(capsys, convert.main, [damaged, str(tmp_path / "out"), *TINY_ARCH])
+    assert outcome.status == 0, outcome
+    warnings = [line for line in outcome.err.splitlines() if line.startswith("warning: ")]
+    assert warnings == [f"warning: {damaged}: blocks.0.mlp.fc1.kernel has 1 NaN and 2 infinite "
+                        f"values of {weights['blocks.0.mlp.fc1.weight'].size}"], outcome.err
+    outcome = call(capsys, convert.main, [SAFETENSORS, str(tmp_path / "clean"), *TINY_ARCH])
+    assert outcome.status == 0 and "warning" not in outcome.err, outcome
+
+
 # --------------------------------------------------------------------------------------------
 # python -m oneshui_jax.splits: status 2, no JSON written
 
@@ -661,7 +732,12 @@ def test_splits_refuses_impossible_requests(capsys, tmp_path):
         "zero": (["--num_identities", "0"], ["num_identities must be >= 1, got 0"]),
         "too_many": (["--num_identities", "100000"],
                      ["num_identities=100000 but only 92 train identities of synthfaces (seed 0)",
-                      "choose num_identities <= 92"]),
+                      "choose num_identities <= 91 (one train identity must stay in the retain "
+                      "set)"]),
+        "no_retain": (["--num_identities", "92"],
+                      ["num_identities=92 forgets every one of the 92 train identities of "
+                       "synthfaces (seed 0), leaving the retain set empty",
+                       "choose num_identities <= 91"]),
         "dedup_synthfaces": (["--num_identities", "1", "--dedup", "merge"],
                              ["--dedup merge needs a real dataset's image files"]),
     }
@@ -717,6 +793,40 @@ def test_annotation_readers_refuse_files_that_are_not_text(tmp_path):
     csv_path.write_bytes(b"family_id,person_id,age_class,image_path\nF\xe9,P1,a,1.jpg\n")
     with pytest.raises(DataError, match=f"{csv_path} is not UTF-8 text"):
         annotations.read_identities("mufac", str(tmp_path))
+
+
+def test_header_only_annotation_files_warn(tmp_path, caplog):
+    """A MUFAC CSV or an attribute file with a header and no rows is read (an empty split can be
+    meant) with one warning naming the file, once per file."""
+    data = _mufac(tmp_path, "F1,P1,a,1.jpg\n")
+    empty_csv = tmp_path / "mufac" / "custom_test_dataset.csv"
+    empty_csv.write_text("family_id,person_id,age_class,image_path\n")
+    with caplog.at_level("WARNING", logger="absl"):
+        annotations.read_identities("mufac", data)
+        annotations.read_identities("mufac", data)  # read again (labels): no second warning
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [f"{empty_csv} has a header but no rows: the MUFAC test split has no "
+                      "images; is the file complete?"], warned
+    caplog.clear()
+    (tmp_path / "CelebAMask-HQ").mkdir()
+    (tmp_path / "CelebAMask-HQ" / "CelebA-HQ-identity.txt").write_text("0.jpg 3\n")
+    attributes = tmp_path / "CelebAMask-HQ" / "CelebAMask-HQ-attribute-anno.txt"
+    attributes.write_text("0\n5_o_Clock_Shadow Bald\n")
+    with caplog.at_level("WARNING", logger="absl"), contextlib.suppress(DataError):
+        annotations.read_celebahq_labels(str(tmp_path), annotations.IdentityAnnotations(
+            "celebahq", np.asarray([], np.int64), (), "list"))
+    assert any(f"{attributes} has a header but no rows" in r.getMessage()
+               for r in caplog.records), caplog.records
+
+
+def test_a_fresh_tfds_build_does_not_warn_about_dataset_info(tmp_path, caplog):
+    """TFDS checks a dataset's folder before building it and warned on every first build that
+    it has no dataset_info.json (it cannot have one yet); the warning is dropped."""
+    from oneshui_jax.data import tfds_builders
+
+    with caplog.at_level("INFO", logger="absl"):
+        assert not tfds_builders.synthfaces_builder(str(tmp_path), "small").is_prepared()
+    assert not [r for r in caplog.records if "dataset_info.json" in r.getMessage()], caplog.text
 
 
 def test_splits_out_that_cannot_be_written(capsys, tmp_path, monkeypatch):
@@ -881,10 +991,63 @@ def test_main_reports_config_errors(study_config, capsys):
 
 
 def test_main_reports_data_errors(study_config, capsys, tmp_path):
+    """A missing data folder names --config.data.data_dir and the layout it must hold."""
     study_config.dataset = "mufac"
-    study_config.data.data_dir = str(tmp_path / "nowhere")
-    assert_error(main_error(capsys, study_config), MAIN_STATUS,
-                 f"Data directory not found: {tmp_path / 'nowhere'}")
+    layout = "custom_{train,val,test}_dataset.csv"
+    (tmp_path / "empty").mkdir()
+    cases = {  # data_dir, what the error must name
+        "missing": (str(tmp_path / "nowhere"),
+                    [f"Data directory not found: --config.data.data_dir {tmp_path / 'nowhere'}",
+                     layout]),
+        "unset": ("", ["dataset 'mufac' needs its files: --config.data.data_dir is not set",
+                       layout]),
+        "no_mufac_folder": (str(tmp_path / "empty"),
+                            [f"--config.data.data_dir {tmp_path / 'empty'} has no mufac/ folder",
+                             layout, "README, Real data"]),
+    }
+    for name, (data_dir, words) in cases.items():
+        study_config.data.data_dir = data_dir
+        assert_error(main_error(capsys, study_config), MAIN_STATUS, *words, case=name)
+
+
+def test_main_refuses_outputs_it_cannot_write(study_config, capsys, tmp_path, monkeypatch):
+    """A checkpoint_dir or workdir that is a file, under a file or read-only: one line before
+    any data is read or any stage trains; nothing is written."""
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "locked").mkdir()
+    read_only(monkeypatch, tmp_path / "locked")
+    a_file, locked = str(tmp_path / "a_file"), str(tmp_path / "locked")
+    cases = {  # field, value, what the error must name
+        "checkpoint_dir_a_file": ("checkpoint_dir", a_file, f"{a_file} is a file, not a folder"),
+        "checkpoint_dir_under_a_file": ("checkpoint_dir", os.path.join(a_file, "ckpt"),
+                                        f"{a_file} is a file, not a folder"),
+        "checkpoint_dir_read_only": ("checkpoint_dir", locked,
+                                     f"the folder {locked} is not writable"),
+        "workdir_read_only": ("workdir", locked, f"the folder {locked} is not writable"),
+        "workdir_in_a_read_only_folder": ("workdir", os.path.join(locked, "work"),
+                                          f"the folder {locked} is not writable"),
+    }
+    defaults = {"checkpoint_dir": study_config.checkpoint_dir, "workdir": study_config.workdir}
+    for name, (field, value, problem) in cases.items():
+        study_config.update(defaults)
+        setattr(study_config, field, value)
+        outcome = call(capsys, main_cli.main, ["oneshui_jax.main"], unchanged=(str(tmp_path),))
+        assert_error(outcome, MAIN_STATUS, f"--config.{field} {value} cannot be written",
+                     problem, "expected a writable folder", case=name)
+
+
+def test_main_refuses_an_N_that_leaves_no_retain_identity(study_config, capsys, synthfaces_tfds,
+                                                         tmp_path):
+    """size=small has 92 train identities (seed 0), each with 2 images or more: N = 92 would
+    forget them all and crash after pretraining; 91 is the largest N, and both errors say so
+    before any stage runs."""
+    study_config.data.tfds_dir = synthfaces_tfds
+    for n, words in ((92, ["num_identities=92 forgets every one of the 92 train identities",
+                           "leaving the retain set empty"]),
+                     (500, ["num_identities=500 but only 92 train identities"])):
+        study_config.num_identities = n
+        outcome = call(capsys, main_cli.main, ["oneshui_jax.main"], unchanged=(str(tmp_path),))
+        assert_error(outcome, MAIN_STATUS, *words, "choose num_identities <= 91", case=str(n))
 
 
 def test_main_reports_checkpoint_errors(study_config, capsys, tmp_path):
@@ -945,6 +1108,15 @@ def test_main_flag_errors_are_one_line(tmp_path):
                                        ["--config configs/missing.py: cannot load the config "
                                         "file", "No such file or directory"]),
         "positional": (["extra"], ["unexpected arguments ['extra']"]),
+        "override_not_an_int": (["--config.train.epochs=abc"],
+                                ["flag --config.train.epochs=abc: invalid literal for int()",
+                                 "expected a value of type int"]),
+        "config_file_missing": (["--config=configs/nope.py"],
+                                ["--config configs/nope.py: cannot load the config file",
+                                 "expected a Python file defining get_config()"]),
+        "config_arg_misspelt": (["--config=configs/synthfaces.py:size=smal"],
+                                ["config argument size='smal' must be one of medium, large, "
+                                 "small"]),
     }
     running = {name: subprocess.Popen(
         [sys.executable, "-m", "oneshui_jax.main", *args,
@@ -957,3 +1129,45 @@ def test_main_flag_errors_are_one_line(tmp_path):
         assert_error(Outcome(process.returncode, out, err), MAIN_STATUS, *cases[name][1],
                      case=name)
     assert os.listdir(tmp_path) == []
+
+
+def test_main_ctrl_c_prints_one_line_and_exits_130(tmp_path, synthfaces_tfds):
+    """SIGINT during a training stage: no traceback, one last line naming the stage, what is
+    kept and the command that resumes (the same one), exit status 130; the stage stays
+    resumable (metadata "training")."""
+    args = ["--config=configs/synthfaces.py:size=small,N=5", "--config.stages=('pretrain',)",
+            "--config.train.epochs=500", "--config.mia.loss_rf=False", "--config.mia.rmia=False",
+            "--config.progress=False", "--config.data.num_threads=0",
+            f"--config.workdir={tmp_path / 'work'}", f"--config.checkpoint_dir={tmp_path / 'ckpt'}",
+            f"--config.data.tfds_dir={synthfaces_tfds}"]
+    process = subprocess.Popen(  # SIGINT as a terminal sends it, even if pytest ignores it
+        [sys.executable, "-m", "oneshui_jax.main", *args], cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        metadata, deadline = None, time.monotonic() + 300
+        while metadata is None and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            for path in glob.glob(str(tmp_path / "ckpt" / "**" / "metadata.json"),
+                                  recursive=True):
+                with contextlib.suppress(OSError, ValueError), open(path) as f:
+                    if json.load(f).get("status") == "training":
+                        metadata = path
+        assert metadata, "the stage never started training"
+        time.sleep(3)  # inside the training loop
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == main_cli.INTERRUPTED_STATUS == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    resume = "python -m oneshui_jax.main " + shlex.join(args)
+    assert err.splitlines()[-1] == (
+        f"interrupted (Ctrl-C) in stage pretrain; the finished stages and the last save of an "
+        f"unfinished one are kept under {tmp_path / 'ckpt'}; to resume, run the same command: "
+        f"{resume}"), err
+    with open(metadata) as f:
+        assert json.load(f)["status"] == "training"  # resumable, not marked done
+    assert not os.path.exists(tmp_path / "work")

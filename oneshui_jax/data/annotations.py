@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from typing import IO, Literal
 
 import numpy as np
+from absl import logging
 
 from oneshui_jax.data import catalog
 from oneshui_jax.errors import DataError
@@ -201,7 +202,7 @@ def read_celebahq(data_dir: str) -> IdentityAnnotations:
 def read_mufac_rows(data_dir: str) -> list[tuple[str, str, int, list[str]]]:
     """MUFAC CSV rows as ``(split, csv_path, line, row)``, train then val then test, header
     checked."""
-    rows = []
+    rows, empty = [], []
     for split in MUFAC_SPLITS:
         path = os.path.join(data_dir, "mufac", f"custom_{split}_dataset.csv")
         _require_file(path, MUFAC_LAYOUT)
@@ -213,6 +214,7 @@ def read_mufac_rows(data_dir: str) -> list[tuple[str, str, int, list[str]]]:
                     f"{path}, line 1: header {header!r} does not start with the columns "
                     f"{','.join(MUFAC_COLUMNS)}. Expected {MUFAC_LAYOUT}."
                 )
+            before = len(rows)
             for lineno, row in enumerate(reader, start=2):
                 if not row:
                     continue
@@ -222,7 +224,23 @@ def read_mufac_rows(data_dir: str) -> list[tuple[str, str, int, list[str]]]:
                         f"({','.join(MUFAC_COLUMNS)}), got {row!r}."
                     )
                 rows.append((split, path, lineno, row))
+        if len(rows) == before:
+            empty.append((split, path))
+    for split, path in empty:  # once every file is read: no warning before an error
+        warn_no_rows(path, f"the MUFAC {split} split has no images")
     return rows
+
+
+_WARNED_NO_ROWS: set[str] = set()
+
+
+def warn_no_rows(path: str, consequence: str) -> None:
+    """Warns (once per file and process) that the annotation file ``path`` has a header and no
+    rows: not an error (an empty split can be meant), but rarely what was meant."""
+    if path not in _WARNED_NO_ROWS:
+        _WARNED_NO_ROWS.add(path)
+        logging.warning("%s has a header but no rows: %s; is the file complete?", path,
+                        consequence)
 
 
 def read_mufac(data_dir: str) -> IdentityAnnotations:
@@ -265,10 +283,13 @@ def read_identities(dataset: str, data_dir: str | None = None,
     if dataset not in readers:
         raise DataError(f"Unknown dataset {dataset!r}; expected one of "
                         f"{', '.join(catalog.DATASETS)}.")
+    layout = {"celeba": CELEBA_LAYOUT, "celebahq": CELEBAHQ_LAYOUT, "mufac": MUFAC_LAYOUT}[dataset]
     if not data_dir:
-        raise DataError(f"Dataset {dataset!r} needs a data_dir; none was given.")
+        raise DataError(f"Dataset {dataset!r} needs a data_dir; none was given. Expected the "
+                        f"folder holding {layout}.")
     if not os.path.isdir(data_dir):
-        raise DataError(f"Data directory not found: {data_dir}.")
+        raise DataError(f"Data directory not found: {data_dir}. Expected the folder holding "
+                        f"{layout}.")
     return readers[dataset](data_dir)
 
 
@@ -308,6 +329,8 @@ def _attribute_file(path: str, layout: str) -> tuple[list[str], list[tuple[int, 
     if len(rows) != count:
         raise DataError(f"{path}: line 1 announces {count} images but {len(rows)} rows follow. "
                         f"Expected {layout}.")
+    if not rows:
+        warn_no_rows(path, "no image has attributes")
     return names, rows
 
 

@@ -157,6 +157,7 @@ def _load_real(dataset: str, data_cfg, tfds_dir: str, progress: bool) -> Dataset
     if dedup not in DEDUP_OPTIONS:
         raise DataError(f"config.data.dedup is {dedup!r}; expected one of {DEDUP_OPTIONS}")
     data_dir = os.path.expanduser(data_cfg.get("data_dir") or "")
+    _check_data_dir(dataset, data_cfg.get("data_dir") or "", data_dir)
     ann = read_identities(dataset, data_dir)
     labels = annotations_lib.read_labels(dataset, data_dir, ann)
     if dataset == "celeba":
@@ -176,6 +177,26 @@ def _load_real(dataset: str, data_cfg, tfds_dir: str, progress: bool) -> Dataset
         ann, removed = audit_lib.merge_identities(ann, audit.duplicate_groups)
     return Dataset(dataset, labels.task, labels.names, DecodedSource(records, ann.identities), ann,
                    audit, removed, _fingerprint(table.fingerprint(), ann))
+
+
+DATA_FOLDERS = {"celeba": "celeba", "celebahq": "CelebAMask-HQ", "mufac": "mufac"}
+"""The folder of each real dataset under ``data_dir`` (README, Real data)."""
+
+
+def _check_data_dir(dataset: str, given: str, data_dir: str) -> None:
+    """One DataError naming ``--config.data.data_dir`` and the layout, unless ``data_dir`` holds
+    the dataset's folder."""
+    layout = f"expected the folder holding {_layout(dataset)} (README, Real data)"
+    if not given:
+        raise DataError(f"dataset {dataset!r} needs its files: --config.data.data_dir is not set;"
+                        f" {layout}")
+    if not os.path.isdir(data_dir):
+        what = "is a file" if os.path.exists(data_dir) else "not found"
+        raise DataError(f"Data directory {what}: --config.data.data_dir {given}; {layout}")
+    folder = os.path.join(data_dir, DATA_FOLDERS[dataset])
+    if not os.path.isdir(folder):
+        raise DataError(f"--config.data.data_dir {given} has no {DATA_FOLDERS[dataset]}/ folder "
+                        f"(Data directory not found: {folder}); {layout}")
 
 
 def audited(dataset: str, data_dir: str, ann: IdentityAnnotations, cache_path: str | None = None,

@@ -14,12 +14,13 @@ from typing import Any
 import jax
 from absl import logging
 
-from oneshui_jax import checkpoints, metrics
+from oneshui_jax import checkpoints, files, metrics
 from oneshui_jax import splits as splits_lib
 from oneshui_jax import train as train_lib
 from oneshui_jax.data import audit as audit_lib
 from oneshui_jax.data import datasets as datasets_lib
 from oneshui_jax.data import pipeline
+from oneshui_jax.errors import ConfigError
 from oneshui_jax.models import vit
 from oneshui_jax.study import validate
 from oneshui_jax.unlearn import api
@@ -125,9 +126,26 @@ def loss_attack(losses: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
+def check_outputs(config) -> None:
+    """A ConfigError unless the study can write its checkpoints and its results: refused before
+    any data is read or any stage trains (not after a whole stage, when the report is written)."""
+    outputs = {"checkpoint_dir": "the stages' checkpoints",
+               "workdir": "results.{json,md,csv} and the plots"}
+    for field, what in outputs.items():
+        path = config.get(field)
+        if not path:
+            raise ConfigError(f"--config.{field} is empty; expected a folder for {what}")
+        problem = files.cannot_write_in(os.path.expanduser(path))
+        if problem:
+            raise ConfigError(f"--config.{field} {path} cannot be written: {problem}; expected a "
+                              f"writable folder for {what}")
+
+
 def prepare(config) -> Context:
-    """Validates the config, opens the dataset and makes the reference-exact split."""
+    """Validates the config, checks the output folders, opens the dataset and makes the
+    reference-exact split."""
     validate.validate_config(config)
+    check_outputs(config)
     ds = datasets_lib.load(config.dataset, config.data, progress=config.progress)
     if ds.merged_identities:
         logging.warning("config.data.dedup=merge: %d identities merged into others because they "
