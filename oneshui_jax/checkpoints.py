@@ -555,6 +555,17 @@ def _split_difference(name: str, stored: Any, wanted: Any) -> str:
             f"[{short_list(only_wanted)}]")
 
 
+def model_config_differences(stored: Mapping[str, Any] | None,
+                             wanted: Mapping[str, Any] | None) -> list[str]:
+    """``"width: 64 -> 48"`` for every field in which a checkpoint's model config (its recorded
+    ``model_config``, a ``ViTConfig`` as a dict) differs from the requested one, by field name;
+    ``[]`` when they are the same. A field one of them lacks reads ``(absent)``."""
+    stored, wanted = stored or {}, wanted or {}
+    a, b = ({k: config.get(k, "(absent)") for k in set(stored) | set(wanted)}
+            for config in (stored, wanted))
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(a) if a[k] != b[k]]
+
+
 def check_compatible(metadata: Mapping[str, Any], *, dataset: str, model: str,
                      splits: Mapping[str, Any] | None = None, num_identities: int | None = None,
                      seed: int | None = None) -> None:

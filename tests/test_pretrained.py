@@ -2,6 +2,7 @@
 augreg2_in21k_ft_in1k): timm safetensors, Google npz (both namings), our run directories, the
 pos_embed / head adaptations, the errors and the convert CLI."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -237,3 +238,154 @@ def test_run_directories_convert_and_start_a_study(tmp_path, synthfaces_tfds, ca
     assert float(np.abs(init["head"]["bias"]).max()) == 0.0
     again = study.initial_params(ctx)
     np.testing.assert_array_equal(init["head"]["kernel"], again["head"]["kernel"])  # the seed's
+
+
+# --------------------------------------------------------------------------------------------
+# convert infers the architecture from the file
+
+
+WIDE = vit.ViTConfig(image_size=32, patch_size=8, width=64, depth=2, num_heads=1, mlp_ratio=4.0,
+                     num_classes=5)
+DEEP = vit.ViTConfig(image_size=24, patch_size=4, width=128, depth=3, num_heads=2, mlp_ratio=2.5,
+                     num_classes=7)
+
+
+def _write_timm(path, cfg: vit.ViTConfig, seed: int = 0) -> dict:
+    """Random params of ``cfg`` saved as a timm safetensors file; returns the params."""
+    params = vit.init_params(cfg, jax.random.key(seed))
+    save_file({k: np.ascontiguousarray(v) for k, v in vit.to_timm_state_dict(params).items()},
+              str(path))
+    return params
+
+
+def _converted(capsys, *args: str) -> tuple[int, str, str]:
+    from oneshui_jax.models import convert
+
+    status = convert.main(list(args))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def _model_config(run_dir: str) -> dict:
+    model = dict(checkpoints.read_metadata(run_dir)["config"]["model"])
+    model.pop("name")
+    return model
+
+
+def test_timm_key_table_is_shared_both_ways():
+    """timm_to_ours (pretrained) inverts to_timm_state_dict (vit): one table, one layout."""
+    params = vit.init_params(DEEP, jax.random.key(2))
+    ours = pretrained.timm_to_ours(vit.to_timm_state_dict(params))
+    flat = _flat(params)
+    assert set(ours) == set(flat)
+    for name, value in flat.items():
+        np.testing.assert_array_equal(ours[name], value, err_msg=name)
+    bad = {"head.weight": np.zeros((2, 3, 4), np.float32), "extra": np.zeros(2, np.float32)}
+    assert set(pretrained.timm_to_ours(bad)) == {"head.weight", "extra"}  # kept as unexpected
+
+
+@pytest.mark.parametrize("cfg", [vit.ViTConfig(), WIDE, DEEP, TINY,
+                                 # int(448 * (61 / 448)) is 60; the inferred ratio gives 61
+                                 vit.ViTConfig(width=448, num_heads=7, depth=1,
+                                               mlp_ratio=61.5 / 448)],
+                         ids=["vit_b16", "wide", "deep", "tiny", "odd_mlp"])
+def test_infer_architecture_from_shapes(cfg):
+    abstract = jax.eval_shape(lambda: vit.init_params(cfg, jax.random.key(0)))
+    found = pretrained.infer_architecture(dict(checkpoints.named_leaves(abstract)), "x")
+    expected = dataclasses.asdict(cfg)
+    del expected["num_heads"]  # not in the shapes
+    ratio = found.pop("mlp_ratio"), expected.pop("mlp_ratio")
+    assert found == expected
+    assert int(cfg.width * ratio[0]) == cfg.mlp_hidden
+    if cfg.mlp_ratio in (2.5, 4.0):
+        assert ratio[0] == ratio[1]
+
+
+@pytest.mark.parametrize("cfg", [WIDE, DEEP], ids=["wide", "deep"])
+def test_convert_without_flags_infers_the_architecture(tmp_path, capsys, cfg):
+    source = tmp_path / "model.safetensors"
+    params = _write_timm(source, cfg)
+    out = str(tmp_path / "run")
+    status, stdout, err = _converted(capsys, str(source), out)
+    assert status == 0, err
+    assert _model_config(out) == dataclasses.asdict(cfg)
+    _assert_same(checkpoints.load_params(out), params)
+    assert f"num_heads {cfg.num_heads} (width / 64" in stdout
+    assert f"image_size {cfg.image_size} (from the file)" in stdout
+    assert "no adaptation" in stdout
+
+    # a Google .npz of the same model and the written run directory infer the same
+    npz = str(tmp_path / "model.npz")
+    np.savez(npz, **_to_google(params, cfg, big_vision=True))
+    for i, source_path in enumerate((npz, out)):
+        again = str(tmp_path / f"again{i}")
+        status, _, err = _converted(capsys, source_path, again)
+        assert status == 0, err
+        assert _model_config(again) == dataclasses.asdict(cfg)
+        _assert_same(checkpoints.load_params(again), params)
+
+
+def test_convert_num_heads_defaults_to_width_over_64_and_is_overridable(tmp_path, capsys):
+    source = str(tmp_path / "model.safetensors")
+    _write_timm(source, DEEP)
+    assert _converted(capsys, source, str(tmp_path / "default"))[0] == 0
+    assert _model_config(str(tmp_path / "default"))["num_heads"] == 128 // 64
+    status, stdout, err = _converted(capsys, source, str(tmp_path / "four"), "--num_heads", "4")
+    assert status == 0, err
+    assert _model_config(str(tmp_path / "four")) == dataclasses.asdict(
+        dataclasses.replace(DEEP, num_heads=4))
+    assert "num_heads 4 (--num_heads)" in stdout
+    # flags that agree with the file and adaptations keep working
+    status, _, err = _converted(capsys, source, str(tmp_path / "flags"), "--width", "128",
+                                "--depth", "3", "--patch_size", "4", "--mlp_ratio", "2.5",
+                                "--num_classes", "3", "--image_size", "32")
+    assert status == 0, err
+    assert _model_config(str(tmp_path / "flags")) == dataclasses.asdict(
+        dataclasses.replace(DEEP, num_classes=3, image_size=32))
+
+
+def _assert_refused(capsys, tmp_path, args, *parts):
+    before = sorted(os.listdir(tmp_path))
+    status, stdout, err = _converted(capsys, *args, str(tmp_path / "out"))
+    assert status == 2 and stdout == ""
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for part in parts:
+        assert part in err, err
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written
+
+
+@pytest.mark.parametrize("flags, parts", [
+    (["--width", "64"], ["--width gives width 64", "give 128"]),
+    (["--depth", "2"], ["--depth gives depth 2", "give 3"]),
+    (["--patch_size", "8"], ["--patch_size gives patch_size 8", "give 4"]),
+    (["--mlp_ratio", "4"], ["--mlp_ratio gives mlp_ratio 4.0", "give 2.5"]),
+    (["--model", "vit_base_patch16_224"], ["--model vit_base_patch16_224 gives width 768",
+                                           "depth 12", "patch_size 16", "mlp_ratio 4.0"]),
+    (["--num_heads", "3"], ["width (128) must be divisible", "num_heads (3)"]),
+], ids=["width", "depth", "patch", "mlp", "preset", "heads"])
+def test_convert_refuses_a_flag_that_contradicts_the_file(tmp_path, capsys, flags, parts):
+    source = str(tmp_path / "model.safetensors")
+    _write_timm(source, DEEP)
+    _assert_refused(capsys, tmp_path, [source, *flags], *parts)
+
+
+def test_convert_refuses_what_is_not_a_vit(tmp_path, capsys):
+    cnn = str(tmp_path / "cnn.safetensors")
+    save_file({"conv1.weight": np.zeros((8, 3, 3, 3), np.float32),
+               "fc.weight": np.zeros((10, 8), np.float32)}, cnn)
+    _assert_refused(capsys, tmp_path, [cnn], "is not a ViT", "patch_embed.proj", "conv1.weight")
+
+    state_dict = vit.to_timm_state_dict(vit.init_params(WIDE, jax.random.key(0)))
+    no_class_token = dict(state_dict, pos_embed=np.zeros((1, 16, 64), np.float32))
+    path = str(tmp_path / "no_cls.safetensors")
+    save_file({k: np.ascontiguousarray(v) for k, v in no_class_token.items()}, path)
+    _assert_refused(capsys, tmp_path, [path], "one class token", "(1, 16, 64)")
+
+    headless = {k: np.ascontiguousarray(v) for k, v in state_dict.items()
+                if not k.startswith("head.")}
+    path = str(tmp_path / "headless.safetensors")
+    save_file(headless, path)
+    _assert_refused(capsys, tmp_path, [path], "classification head")
+
+    # width 48 (the fixture) is no multiple of 64: heads cannot be inferred
+    _assert_refused(capsys, tmp_path, [SAFETENSORS], "cannot infer num_heads", "--num_heads")

@@ -330,8 +330,12 @@ def test_model_of_another_architecture_or_lineage_is_refused(run, tmp_path):
     tiny = str(tmp_path / "tiny")
     checkpoints.save_params(tiny, vit.init_params(tiny_cfg, jax.random.key(0)),
                             {**base, "model_config": dataclasses.asdict(tiny_cfg)})
-    with pytest.raises(CheckpointError, match="model_config differs"):
+    with pytest.raises(CheckpointError, match="model_config differs") as e:
         serve.Engine.from_checkpoint(tiny, run.meta)
+    wanted = checkpoints.read_metadata(run.meta)["model_config"]
+    for field, value in dataclasses.asdict(tiny_cfg).items():  # each differing field, by name
+        assert (f"{field}: {value!r} -> {wanted[field]!r}" in str(e.value)) == (
+            value != wanted[field]), field
     other = str(tmp_path / "other")
     params = jax.tree.map(lambda x: x * 1.01, checkpoints.load_params(run.pretrain))
     checkpoints.save_params(other, params, {**base, "model_config": source["model_config"]})
@@ -393,3 +397,17 @@ def test_parse_labels():
         serve.parse_labels(["0,x"], "multilabel", 2)
     with pytest.raises(ConfigError, match="one class index"):
         serve.parse_labels(["0,1"], "classification", 8)
+
+
+def test_one_model_config_comparison():
+    """Serving and the study's reuse check compare architectures with the same function."""
+    from oneshui_jax.study import reuse
+
+    stored = dataclasses.asdict(vit.ViTConfig.preset("vit_tiny_test", num_classes=5))
+    wanted = {**stored, "width": 64, "num_heads": 4}
+    del wanted["in_chans"]
+    expected = ["in_chans: 3 -> '(absent)'", "num_heads: 2 -> 4", "width: 32 -> 64"]
+    assert checkpoints.model_config_differences(stored, wanted) == expected
+    assert checkpoints.model_config_differences(stored, dict(stored)) == []
+    assert reuse.differences({"model": stored, "seed": 0}, {"model": wanted, "seed": 1}) == [
+        f"model.{line}" for line in expected] + ["seed: 0 -> 1"]

@@ -284,6 +284,22 @@ def test_timm_round_trip():
     jax.tree.map(np.testing.assert_array_equal, back, params)
 
 
+def test_timm_key_table_and_layouts():
+    """One table: every leaf has one timm key whose torch shape is the permuted one."""
+    abstract = _abstract_params(TINY)
+    table = vit.timm_keys(TINY.depth)
+    assert list(table) == vit.timm_state_dict_keys(TINY)
+    assert sorted(map(str, table.values())) == sorted(
+        str(tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path))
+        for path, _ in jax.tree_util.tree_flatten_with_path(abstract)[0])
+    assert table["blocks.1.norm2.weight"] == ("blocks", 1, "norm2", "scale")
+    assert vit.torch_axes(("head", "kernel"), 2) == (1, 0)
+    assert vit.torch_axes(("patch_embed", "proj", "kernel"), 4) == (3, 2, 0, 1)
+    assert vit.torch_axes(("pos_embed",), 3) is None
+    with pytest.raises(ValueError, match="head.kernel: a kernel of rank 3"):
+        vit.torch_axes(("head", "kernel"), 3)
+
+
 def test_timm_mismatch_lists_every_problem():
     state_dict = vit.to_timm_state_dict(vit.init_params(TINY, jax.random.key(0)))
     del state_dict["blocks.1.norm2.bias"]

@@ -35,6 +35,7 @@ import numpy as np
 
 from oneshui_jax import checkpoints
 from oneshui_jax.errors import CheckpointError
+from oneshui_jax.models import vit
 from oneshui_jax.models.tree import set_path
 from oneshui_jax.models.vit import Params, ViTConfig, init_params
 
@@ -42,14 +43,6 @@ log = logging.getLogger(__name__)
 
 TIMM_MODEL = "vit_base_patch16_224.augreg2_in21k_ft_in1k"
 """The timm weights the reference starts from."""
-
-_TIMM_LINEAR = re.compile(
-    r"^(patch_embed\.proj|blocks\.\d+\.(?:norm[12]|attn\.(?:qkv|proj)|mlp\.fc[12])|norm|head)"
-    r"\.(weight|bias)$")
-"""timm keys of our modules' weights and biases (other keys are passed through unchanged)."""
-
-_TORCH_TO_OURS: dict[int, tuple[int, ...]] = {2: (1, 0), 4: (2, 3, 1, 0)}
-"""Kernel ndim -> axis permutation from torch's layout (Linear [out, in], Conv OIHW) to ours."""
 
 _GOOGLE_PREFIXES = ("", "opt/target/", "params/", "params/img/")
 """Prefixes under which Google checkpoints store the model (as timm's ``_load_weights``)."""
@@ -89,22 +82,26 @@ def load_timm_safetensors(path: str) -> dict[str, np.ndarray]:
 def timm_to_ours(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """timm state dict -> our layout, keyed by our dotted names (``blocks.0.attn.qkv.kernel``).
 
-    Linear weights are transposed to [in, out], the conv weight goes OIHW -> HWIO, LayerNorm
-    weights become ``scale``. Keys that are not ViT parameters are kept under their timm name,
-    so that :func:`load_pretrained` reports them as unexpected.
+    Keys and layouts follow :func:`oneshui_jax.models.vit.timm_keys` and
+    :func:`~oneshui_jax.models.vit.torch_axes` (Linear weights transposed to [in, out], the conv
+    weight OIHW -> HWIO, LayerNorm weights become ``scale``). Keys that are not ViT parameters,
+    and kernels of a rank no layer has, are kept under their timm name, so that
+    :func:`load_pretrained` reports them as unexpected.
     """
+    blocks = [int(m.group(1)) for key in state_dict if (m := re.match(r"blocks\.(\d+)\.", key))]
+    table = vit.timm_keys(max(blocks, default=-1) + 1)
     out: dict[str, np.ndarray] = {}
     for key, value in state_dict.items():
-        array = np.asarray(value)
-        match = _TIMM_LINEAR.match(key)
-        if match is None or match.group(2) == "bias":
+        array, path = np.asarray(value), table.get(key)
+        try:
+            axes = None if path is None else vit.torch_axes(path, array.ndim)
+        except ValueError:
+            path = None  # a weight of the wrong rank: reported as unexpected
+        if path is None:
             out[key] = array
-        elif match.group(1).split(".")[-1].startswith("norm"):
-            out[f"{match.group(1)}.scale"] = array
-        elif array.ndim in _TORCH_TO_OURS:
-            out[f"{match.group(1)}.kernel"] = np.transpose(array, _TORCH_TO_OURS[array.ndim])
         else:
-            out[key] = array  # a weight of the wrong rank: reported as unexpected
+            name = ".".join(map(str, path))
+            out[name] = array if axes is None else np.transpose(array, np.argsort(axes))
     return out
 
 
@@ -234,6 +231,49 @@ def source_grid(pos_embed_shape: tuple[int, ...]) -> int | None:
         return None
     g = math.isqrt(pos_embed_shape[1] - 1)
     return g if g * g == pos_embed_shape[1] - 1 else None
+
+
+def infer_architecture(weights: Mapping[str, np.ndarray], path: str) -> dict[str, int | float]:
+    """The architecture of ViT weights in our layout (:func:`read_weights`), from their shapes.
+
+    ``patch_size``, ``in_chans`` and ``width`` from the patch projection [p, p, C, D];
+    ``image_size`` from the position embedding [1, (image / patch)^2 + 1, D] (one class token);
+    ``depth`` from the blocks ``blocks.{i}``; ``mlp_ratio`` from ``blocks.0.mlp.fc1.kernel``
+    [D, H] (``int(D * mlp_ratio) == H``); ``num_classes`` from the head [D, C]. ``num_heads`` is
+    not in the shapes (the qkv projection is fused). Tensors that are not a ViT's raise one
+    CheckpointError naming ``path``; the remaining tensors are checked by :func:`load_pretrained`.
+    """
+    def shape(name: str) -> tuple[int, ...] | None:
+        return tuple(int(n) for n in weights[name].shape) if name in weights else None
+
+    patch = shape("patch_embed.proj.kernel")
+    if patch is None or len(patch) != 4 or patch[0] != patch[1]:
+        raise CheckpointError(
+            f"{path} is not a ViT: expected a square patch projection patch_embed.proj "
+            f"([p, p, C, D] here, timm's [D, C, p, p]), got {patch} (tensors: "
+            f"{checkpoints.short_list(sorted(weights))})")
+    p, _, in_chans, width = patch
+    pos = shape("pos_embed")
+    grid = source_grid(pos) if pos is not None else None
+    if grid is None or pos[2] != width:
+        raise CheckpointError(
+            f"{path} is not a ViT with one class token: pos_embed is {pos}, expected "
+            f"[1, (image / patch)^2 + 1, {width}]")
+    blocks = {int(m.group(1)) for key in weights if (m := re.match(r"blocks\.(\d+)\.", key))}
+    fc1 = shape("blocks.0.mlp.fc1.kernel")
+    if not blocks or fc1 is None or len(fc1) != 2 or fc1[0] != width:
+        raise CheckpointError(f"{path} is not a ViT: expected blocks.0.mlp.fc1 of shape "
+                              f"[{width}, hidden] here ([hidden, {width}] in timm), got {fc1}")
+    head = shape("head.kernel")
+    if head is None or len(head) != 2 or head[0] != width:
+        raise CheckpointError(f"{path} is not a ViT with a classification head: expected head "
+                              f"of shape [{width}, classes] here ([classes, {width}] in timm), "
+                              f"got {head}")
+    mlp_ratio = fc1[1] / width
+    if int(width * mlp_ratio) != fc1[1]:  # rounding: the next float up gives the hidden width
+        mlp_ratio = float(np.nextafter(mlp_ratio, np.inf))
+    return {"width": width, "depth": max(blocks) + 1, "patch_size": p, "image_size": grid * p,
+            "mlp_ratio": mlp_ratio, "num_classes": head[1], "in_chans": in_chans}
 
 
 def _adapt(weights: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]], cfg: ViTConfig,

@@ -50,7 +50,8 @@ keyed by the path of that layer's kernel (:func:`dense_kernel_paths`), as the mo
 
 Each leaf maps to exactly one timm state-dict key by a rule table (path joined with ``.``,
 ``kernel``/``scale`` -> ``weight``, Linear kernels transposed, conv kernels HWIO -> OIHW); see
-:func:`to_timm_state_dict` and :func:`from_timm_state_dict`.
+:func:`timm_keys` and :func:`torch_axes` (the one table, also used by
+:mod:`oneshui_jax.models.pretrained`), :func:`to_timm_state_dict` and :func:`from_timm_state_dict`.
 """
 
 from __future__ import annotations
@@ -448,20 +449,35 @@ def _timm_key(path: Path) -> str:
     return ".".join(str(p) for p in (*path[:-1], _LEAF_NAMES.get(str(path[-1]), path[-1])))
 
 
-def _torch_axes(path: Path, ndim: int) -> tuple[int, ...] | None:
-    """Axis permutation from our layout to torch's for the parameter at ``path`` (None: same)."""
-    return _KERNEL_TO_TORCH[ndim] if path[-1] == "kernel" else None
+def timm_keys(depth: int) -> dict[str, Path]:
+    """timm state-dict key -> our parameter path for a ``depth``-block ViT, in timm's order.
+
+    The one table between the two namings (:func:`to_timm_state_dict`,
+    :func:`from_timm_state_dict` and :func:`oneshui_jax.models.pretrained.timm_to_ours`).
+    """
+    return {_timm_key(path): path for path in _param_paths(depth)}
+
+
+def torch_axes(path: Path, ndim: int) -> tuple[int, ...] | None:
+    """Axis permutation from our layout to torch's for the parameter at ``path`` of rank ``ndim``
+    (None: the same layout); a ``ValueError`` for a kernel of a rank no layer has."""
+    if path[-1] != "kernel":
+        return None
+    if ndim not in _KERNEL_TO_TORCH:
+        raise ValueError(f"{'.'.join(map(str, path))}: a kernel of rank {ndim}; expected "
+                         f"{' or '.join(map(str, _KERNEL_TO_TORCH))}")
+    return _KERNEL_TO_TORCH[ndim]
 
 
 def timm_state_dict_keys(cfg: ViTConfig) -> list[str]:
     """timm's state-dict keys for this architecture, in timm's order (152 for ViT-B/16)."""
-    return [_timm_key(path) for path in _param_paths(cfg.depth)]
+    return list(timm_keys(cfg.depth))
 
 
 def to_timm_state_dict(params: Params) -> dict[str, np.ndarray]:
     """Our params -> timm state dict (numpy, torch layouts), in timm's key order."""
-    rules = {_timm_key(path): (path, _torch_axes(path, np.ndim(get_path(params, path))))
-             for path in _param_paths(len(params["blocks"]))}
+    rules = {key: (path, torch_axes(path, np.ndim(get_path(params, path))))
+             for key, path in timm_keys(len(params["blocks"])).items()}
     return to_torch_layout(params, rules)
 
 
@@ -471,6 +487,6 @@ def from_timm_state_dict(cfg: ViTConfig, state_dict: Mapping[str, Any]) -> Param
     Raises one ``ValueError`` listing every missing, unexpected and mis-shaped key.
     """
     abstract = jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
-    rules = {_timm_key(path): (path, _torch_axes(path, len(get_path(abstract, path).shape)))
-             for path in _param_paths(cfg.depth)}
+    rules = {key: (path, torch_axes(path, len(get_path(abstract, path).shape)))
+             for key, path in timm_keys(cfg.depth).items()}
     return from_torch_layout(abstract, rules, state_dict, f"timm state dict for {cfg}")

@@ -124,13 +124,12 @@ def lineage_hash(metadata: Mapping[str, Any]) -> str | None:
 def check_pair(model_meta: Mapping[str, Any], method_meta: Mapping[str, Any]) -> None:
     """CheckpointError unless the model is one the method run was prepared for."""
     model_dir, method_dir = model_meta["run_dir"], method_meta["run_dir"]
-    ours, theirs = model_meta.get("model_config") or {}, method_meta["model_config"]
-    if ours != theirs:
-        differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    differ = checkpoints.model_config_differences(model_meta.get("model_config"),
+                                                  method_meta["model_config"])
+    if differ:
         raise CheckpointError(
             f"the model at {model_dir} does not match the method run {method_dir}: model_config "
-            f"differs in {differ} ({ {k: ours.get(k) for k in differ} } vs "
-            f"{ {k: theirs.get(k) for k in differ} })")
+            f"differs in {'; '.join(differ)} (the model's -> the method run's)")
     if (model_meta.get("splits") or {}).get("train") != method_meta["splits"]["train"]:
         raise CheckpointError(f"the model at {model_dir} was trained on other identities than "
                               f"the method run {method_dir} (splits['train'] differ)")

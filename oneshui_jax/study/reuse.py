@@ -86,8 +86,12 @@ def differences(stored: Mapping[str, Any], wanted: Mapping[str, Any], *,
     """``"key: stored -> wanted"`` for every part that differs (``only_common``: keys in both)."""
     s, w = _flat(stored), _flat(wanted)
     keys = set(s) & set(w) if only_common else set(s) | set(w)
-    return [f"{k}: {s.get(k, '(absent)')!r} -> {w.get(k, '(absent)')!r}"
-            for k in sorted(keys) if s.get(k, "(absent)") != w.get(k, "(absent)")]
+    lines = {k: [f"{k}: {s.get(k, '(absent)')!r} -> {w.get(k, '(absent)')!r}"]
+             for k in keys if s.get(k, "(absent)") != w.get(k, "(absent)")}
+    if isinstance(s.get("model"), Mapping) and isinstance(w.get("model"), Mapping):
+        lines["model"] = [f"model.{d}"  # field by field, as serving compares architectures
+                          for d in checkpoints.model_config_differences(s["model"], w["model"])]
+    return [line for k in sorted(lines) for line in lines[k]]
 
 
 def legacy_parts(metadata: Mapping[str, Any], settings_name: str,
