@@ -572,7 +572,7 @@ def test_convert_refuses_unreadable_weights(capsys, tmp_path):
                                              "pre_logits/kernel": np.zeros((48, 48))})
     cases = {  # input, what the error must name
         "missing": (tmp_path / "model.safetensors",
-                    ["ImageNet weights not found at", "download timm's vit_base_patch16_224"]),
+                    ["not found", "Hugging Face timm/vit_base_patch16_224"]),
         "format": (tmp_path / "weights.json",
                    ["unknown weights format; expected a timm .safetensors file"]),
         "safetensors": (tmp_path / "zeros.safetensors", ["is not a readable safetensors file"]),
