@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from oneshui_jax import checkpoints
 from oneshui_jax.errors import ConfigError
@@ -145,6 +146,18 @@ def _source_hash(path: str) -> str:
     return digest.hexdigest()
 
 
+def nonfinite_tensors(params: Any) -> list[str]:
+    """One line per tensor of ``params`` holding NaN or infinite values (a damaged download or a
+    diverged run): converted as they are, but a model that starts from them cannot train."""
+    lines = []
+    for name, leaf in checkpoints.named_leaves(params):
+        array = np.asarray(leaf)
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+            lines.append(f"{name} has {nan} NaN and {inf} infinite values of {array.size}")
+    return lines
+
+
 def convert(args: argparse.Namespace) -> tuple[str, int, int, list[str], ViTConfig, str]:
     """Writes OUT (via a temporary sibling, renamed when complete).
 
@@ -155,11 +168,18 @@ def convert(args: argparse.Namespace) -> tuple[str, int, int, list[str], ViTConf
     problem = cannot_create(args.output)  # refused before the weights are read
     if problem:
         raise checkpoints.CheckpointError(f"OUT {args.output} cannot be created: {problem}")
+    if not os.path.exists(args.input):  # not the study's --config.model.init advice
+        raise checkpoints.CheckpointError(
+            f"IN {args.input} not found; expected a timm .safetensors file (such as "
+            f"model.safetensors of Hugging Face timm/{pretrained.TIMM_MODEL}), a Google ViT "
+            ".npz checkpoint or a run directory of oneshui_jax")
     cfg, summary = _config(args)
     name = args.model or _model_name(cfg)
     adaptations: list[str] = []
     params = pretrained.load_pretrained(args.input, cfg, rng=jax.random.key(0),
                                         report=adaptations)
+    for line in nonfinite_tensors(params):
+        print(f"warning: {args.input}: {line}", file=sys.stderr)
     metadata = {
         "config": {"dataset": "imagenet", "model": {"name": name,
                                                     **dataclasses.asdict(cfg)},
