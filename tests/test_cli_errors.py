@@ -595,8 +595,8 @@ def test_convert_refuses_unreadable_weights(capsys, tmp_path):
 def test_convert_refuses_an_architecture_the_weights_do_not_fit(capsys, tmp_path):
     out = str(tmp_path / "out")
     cases = {  # extra arguments, what the error must name
-        "default_model": ([], [f"weights at {SAFETENSORS} do not fit ViTConfig(",
-                               "width=768", "missing: blocks.2.", "more)", "mis-shaped: "]),
+        "heads_not_inferable": ([], ["cannot infer num_heads: width 48 is not a multiple of 64",
+                                     "pass --num_heads"]),
         "preset": (["--model", "vit_huge"], ["unknown ViT preset 'vit_huge'", "vit_tiny_test"]),
         "width": (["--width", "0"], ["ViTConfig.width must be a positive int, got 0"]),
         "image_size": ([*TINY_ARCH, "--image_size", "30"],
