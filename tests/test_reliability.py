@@ -6,6 +6,7 @@ so two real processes can race on one stage in seconds.
 """
 
 import dataclasses
+import importlib.util
 import json
 import os
 import signal
@@ -29,6 +30,7 @@ from oneshui_jax.errors import CheckpointError, ConfigError
 from oneshui_jax.models import vit
 from oneshui_jax.serve import cli as serve_cli
 from oneshui_jax.study import stages, validate
+from oneshui_jax.study.context import dataset_folder
 from oneshui_jax.unlearn import api, support_ascent
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -185,7 +187,8 @@ def test_busy_stage_without_waiting_is_one_line_exit_2(tmp_path):
 def test_main_refuses_a_busy_stage_with_wait_for_lock_false(synthfaces_tfds, tmp_path):
     """The study's command line: exit 2 and one line naming the holder, nothing trained."""
     ckpt = str(tmp_path / "ckpt")
-    rdir = checkpoints.run_dir(ckpt, "synthfaces", "vit_small_demo", "pretrain", 5, 0)
+    config = synthfaces_config()
+    rdir = checkpoints.run_dir(ckpt, dataset_folder(config), config.model.name, "pretrain", 5, 0)
     holder = start_holder(rdir)
     try:
         result = subprocess.run(
@@ -229,13 +232,17 @@ def test_lock_of_a_killed_holder_is_taken_over_with_a_warning(tmp_path):
     assert locks.read_holder(path) is None
 
 
-def test_wait_for_lock_is_validated():
-    import importlib.util
+def synthfaces_config():
+    """``configs/synthfaces.py:N=5,size=small``."""
     spec = importlib.util.spec_from_file_location(
         "synthfaces_config_for_reliability", os.path.join(REPO, "configs", "synthfaces.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config("N=5,size=small")
+    return module.get_config("N=5,size=small")
+
+
+def test_wait_for_lock_is_validated():
+    config = synthfaces_config()
     assert config.wait_for_lock is True  # the default: wait
     validate.validate_config(config)
     with config.unlocked():
