@@ -56,7 +56,7 @@ def test_study_runs_end_to_end(finished_study):
     assert "| access |" in open(os.path.join(config.workdir, "results.md")).read()
     for name in ("results.md", "results.csv", "methods.png", "training_curves.png"):
         assert os.path.getsize(os.path.join(config.workdir, name)) > 0
-    rdir = checkpoints.run_dir(config.checkpoint_dir, "synthfaces", "vit_small_demo",
+    rdir = checkpoints.run_dir(config.checkpoint_dir, "synthfaces_small", "vit_small_demo",
                                "pretrain", 5, 0)
     lines = open(os.path.join(rdir, "metrics.jsonl")).read().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
@@ -227,7 +227,7 @@ def test_checkpoint_of_another_split_is_refused(finished_study, tmp_path):
     other.workdir = str(tmp_path)
     ctx = study.prepare(other)
     ctx.run_dir = lambda stage: checkpoints.run_dir(
-        config.checkpoint_dir, "synthfaces", "vit_small_demo", stage, 5, 0)
+        config.checkpoint_dir, "synthfaces_small", "vit_small_demo", stage, 5, 0)
     with pytest.raises(CheckpointError, match="splits differ"):
         study.train_stage(ctx, "pretrain", None)
 
@@ -364,10 +364,11 @@ def test_killed_cli_run_resumes_only_with_the_same_settings(tfds_dir, tmp_path):
                    f"--config.data.tfds_dir={tfds_dir}", f"--config.workdir={tmp_path}/work",
                    f"--config.checkpoint_dir={tmp_path}/ckpt", "--config.train.epochs=4",
                    "--config.stages=('pretrain',)", "--config.progress=False",
-                   "--config.data.num_threads=0", "--config.checkpoint_every_s=0"]
+                   "--config.data.num_threads=0", "--config.checkpoint_every_s=0",
+                   "--config.mia.loss_rf=False", "--config.mia.rmia=False"]
     cmd = [sys.executable, "-m", "oneshui_jax.main", *config_args]
-    rdir = checkpoints.run_dir(f"{tmp_path}/ckpt", "synthfaces", "vit_small_demo", "pretrain",
-                               5, 0)
+    rdir = checkpoints.run_dir(f"{tmp_path}/ckpt", "synthfaces_small", "vit_small_demo",
+                               "pretrain", 5, 0)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = os.path.join(rdir, "metrics.jsonl")
     state_dir = os.path.join(rdir, checkpoints.TRAIN_STATE_DIR)
@@ -436,7 +437,7 @@ def test_inspect_reads_every_checkpoint_of_the_study(finished_study, capsys):
 
     config, records = finished_study
     for r in records:
-        rdir = checkpoints.run_dir(config.checkpoint_dir, "synthfaces", "vit_small_demo",
+        rdir = checkpoints.run_dir(config.checkpoint_dir, "synthfaces_small", "vit_small_demo",
                                    r["method"], 5, 0)
         inspect_cli.main([rdir])
         out = capsys.readouterr().out
