@@ -147,7 +147,13 @@ def main(argv):
         print(f"interrupted (Ctrl-C) {_interrupted_in(e.__traceback__)}; the finished stages and "
               f"the last save of an unfinished one are kept under {config.checkpoint_dir}; to "
               f"resume, run the same command: {resume_command()}", file=sys.stderr)
-        raise SystemExit(INTERRUPTED_STATUS) from None
+        # The stage's context managers (lock, checkpointer) have already unwound. Leave without
+        # the interpreter's teardown: with the interrupted step's runtime threads still about,
+        # it can crash after the line above (a segfault, seen in one run of the test suite).
+        logging.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(INTERRUPTED_STATUS)
     print(f"\n{report.subject(records)} ({jax.devices()[0].platform.upper()}):")
     print(report.markdown_table(records, report.metric_name(config.dataset)))
     forget = {r["method"]: r["forget"]["metric"] for r in records}
