@@ -128,8 +128,10 @@ CONFIGS: dict[str, SynthFacesConfig] = {
 default study's: all nine rows and the privacy attacks fit 10 minutes on 2 CPU cores. ``large``
 (1,200 identities; named ``default`` before the attacks joined the default study) and ``small``
 (150 identities at 32 px, for tests). Fewer identities are a prefix of more: the first 600 of
-``large`` are ``medium``. A config's name is not part of the data's fingerprint, so runs made
-under the old name are reused."""
+``large`` are ``medium``. A config's name is not part of the data's fingerprint: checkpoints
+made under the old name are reused as ``large`` once their folder ``<checkpoint_dir>/synthfaces``
+is renamed ``synthfaces_large`` (left where they are, the ``medium`` study refuses them, naming
+the difference)."""
 
 DEFAULT_CONFIG = "medium"
 """The builder's default config and the default of ``configs/synthfaces.py``."""
