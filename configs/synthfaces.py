@@ -132,18 +132,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # loss attack with every evaluation, and RMIA with a reference model per method (the method
     # applied to the retrained model with the next seed; study/privacy.py) followed by the attack
     # on people.
-    config.mia = ml_collections.ConfigDict()
-    config.mia.loss_rf = True
+    config.mia = config_lib.mia_block(config.dataset)
     config.mia.rmia = True
-    config.mia.rmia_variant = "reference"  # | "canonical" (on probabilities; not the paper's)
-    config.mia.passes = 8
     config.mia.batch_size = 256  # the reference: 32; the same losses, faster on CPU
-    config.mia.subsample = "none"  # | "per_pass" (the reference's CelebA, Q6) | "once"
-    config.mia.subsample_z = 30_000
-    config.mia.subsample_val = 7_000
-    # The augmented images of the passes, made once and shared by every model of the study while
-    # they fit this many MB (more: made again for each model, the same crops). Changes no result.
-    config.mia.cache_mb = 1024
 
     config.progress = True
     return config

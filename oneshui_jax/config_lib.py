@@ -77,6 +77,31 @@ def parse_arg(arg: str | None, allowed: dict[str, Any],
     return out
 
 
+def mia_block(dataset: str) -> ml_collections.ConfigDict:
+    """``config.mia``, the privacy evaluation (SPEC.md 5.4-5.5), with the reference's values for
+    ``dataset``; a config file changes what it needs to."""
+    mia = ml_collections.ConfigDict()
+    # loss_rf: the reference's loss attack (a random forest on per-sample losses) with every
+    # evaluation, as the reference prints it.
+    mia.loss_rf = True
+    # rmia: RMIA with one reference model per target (built by the study, study/privacy.py) and
+    # the attack on people; passes with the training augmentation, their batch size.
+    mia.rmia = False
+    mia.rmia_variant = "reference"  # | "canonical" (on probabilities; not the paper's)
+    mia.passes = 8
+    mia.batch_size = 32
+    # Q6: on CelebA the reference draws, in every pass, 30,000 of z and 7,000 of val afresh
+    # ("per_pass"; val rows are then misaligned across passes and the attack on people is left
+    # out); "once" is the fix (one draw for every pass); "none" scores everything.
+    mia.subsample = "per_pass" if dataset == "celeba" else "none"
+    mia.subsample_z = 30_000
+    mia.subsample_val = 7_000
+    # The augmented images of the passes, made once and shared by every model of the study while
+    # they fit this many MB (more: made again for each model, the same crops). Changes no result.
+    mia.cache_mb = 1024
+    return mia
+
+
 def real_data_config(dataset: str, method: str, num_identities: int) -> ml_collections.ConfigDict:
     """The paper's setting for ``dataset`` (celeba | celebahq | mufac) and one method, or a
     group of :data:`METHOD_GROUPS` (``one_shot``: every method of :data:`ONE_SHOT`; ``all``:
@@ -171,25 +196,7 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
         config[name], _ = api.reference_block(registry.METHODS[name], name, dataset,
                                               num_identities)
 
-    # The privacy evaluation (SPEC.md 5.4-5.5). loss_rf: the reference's loss attack (a random
-    # forest on per-sample losses) with every evaluation, as the reference prints it.
-    config.mia = ml_collections.ConfigDict()
-    config.mia.loss_rf = True
-    # rmia: RMIA with one reference model per target (built by the study, study/privacy.py) and
-    # the attack on people; passes with the training augmentation, their batch size.
-    config.mia.rmia = False
-    config.mia.rmia_variant = "reference"  # | "canonical" (on probabilities; not the paper's)
-    config.mia.passes = 8
-    config.mia.batch_size = 32
-    # Q6: on CelebA the reference draws, in every pass, 30,000 of z and 7,000 of val afresh
-    # ("per_pass"; val rows are then misaligned across passes and the attack on people is left
-    # out); "once" is the fix (one draw for every pass); "none" scores everything.
-    config.mia.subsample = "per_pass" if dataset == "celeba" else "none"
-    config.mia.subsample_z = 30_000
-    config.mia.subsample_val = 7_000
-    # The augmented images of the passes, made once and shared by every model of the study while
-    # they fit this many MB (more: made again for each model, the same crops). Changes no result.
-    config.mia.cache_mb = 1024
+    config.mia = mia_block(dataset)
 
     config.progress = True
     notes = []

@@ -67,15 +67,9 @@ def cannot_create(path: str) -> str | None:
 
 def cannot_write_in(folder: str) -> str | None:
     """Why files cannot be written in ``folder`` (existing, or to be created), or None when they
-    can: an existing ``folder`` must be a writable folder, a new one creatable (``cannot_create``).
-    """
-    if os.path.lexists(folder):
-        if not os.path.isdir(folder):
-            return f"{folder} is a file, not a folder"
-        if not os.access(folder, os.W_OK | os.X_OK):
-            return f"the folder {folder} is not writable"
-        return None
-    return cannot_create(folder)
+    can: ``cannot_create`` of a file inside it (the folder itself, if it exists, must then be a
+    writable folder)."""
+    return cannot_create(os.path.join(folder, "_"))
 
 
 def save_json(obj: Any, path: str, **kwargs: Any) -> None:

@@ -39,3 +39,40 @@ def random_params(init, cfg, seed):
 
     shapes = jax.eval_shape(functools.partial(init, cfg), jax.random.key(0))
     return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+TINY_SPLITS = {"train": [1, 2, 3, 4, 5], "val": [6, 7], "test": [8, 9], "support": [40, 41],
+               "forget": [1, 2], "retain": [3, 4, 5]}
+
+
+def request_chain(root: str, splits=TINY_SPLITS):
+    """The cheapest servable request under ``root``: a pretrained ``vit_tiny_test`` run (3
+    attributes), a support_ascent method run prepared on it (artifacts and metadata, no
+    parameters) and a grey PNG portrait. Returns ``(pretrain, method, portrait)`` paths."""
+    import dataclasses
+    import os
+
+    from PIL import Image
+
+    from oneshui_jax import checkpoints
+    from oneshui_jax.models import vit
+    from oneshui_jax.unlearn import api, support_ascent
+
+    cfg = vit.ViTConfig.preset("vit_tiny_test", num_classes=3)
+    base = {"config": {"dataset": "synthfaces", "model": {"name": "vit_tiny_test"},
+                       "num_identities": 2, "seed": 0},
+            "splits": splits, "model_config": dataclasses.asdict(cfg)}
+    pretrain = os.path.join(root, "pretrain")
+    digest = checkpoints.save_params(pretrain, vit.init_params(cfg, jax.random.key(0)),
+                                     {**base, "stage": "pretrain"})
+    method = os.path.join(root, "support_ascent")
+    artifacts_hash = checkpoints.save_tree(method, checkpoints.ARTIFACTS_DIR,
+                                           {"alpha": np.asarray(0.1, np.float32)})
+    checkpoints.write_metadata(method, {
+        **base, "stage": "support_ascent", "method": "support_ascent", "access": "stats",
+        "method_config": api.config_record(support_ascent.Config(task="multilabel")),
+        "base_run_dir": pretrain, "base_params_hash": digest, "artifacts_hash": artifacts_hash,
+    }, status="done")
+    portrait = os.path.join(root, "portrait.png")
+    Image.fromarray(np.full((20, 24, 3), 128, np.uint8)).save(portrait)
+    return pretrain, method, portrait

@@ -38,18 +38,16 @@ import sys
 import time
 import types
 
-import jax
+import doubles
 import numpy as np
 import pytest
-from PIL import Image
 
 from oneshui_jax import checkpoints, report, serve, splits
 from oneshui_jax import inspect as inspect_cli
 from oneshui_jax import main as main_cli
 from oneshui_jax.data import annotations, datasets
 from oneshui_jax.errors import DataError
-from oneshui_jax.models import convert, vit
-from oneshui_jax.unlearn import api, support_ascent
+from oneshui_jax.models import convert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAFETENSORS = os.path.join(REPO, "tests", "fixtures", "timm_tiny_vit.safetensors")
@@ -60,8 +58,7 @@ TINY_ARCH = ["--width", "48", "--depth", "2", "--num_heads", "3", "--patch_size"
 MAIN_STATUS = SPLITS_STATUS = SERVE_STATUS = INSPECT_STATUS = CONVERT_STATUS = REPORT_STATUS = 2
 USAGE_STATUS = 2  # argparse's own errors (inspect, convert, splits, report)
 
-SPLITS = {"train": [1, 2, 3, 4, 5], "val": [6, 7], "test": [8, 9], "support": [40, 41],
-          "forget": [1, 2], "retain": [3, 4, 5]}
+SPLITS = doubles.TINY_SPLITS
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,23 +207,7 @@ def chain(tmp_path_factory):
     """A pretrained vit_tiny_test run (3 attributes), a support_ascent method run prepared on it
     (artifacts + metadata, no params), and a PNG portrait."""
     root = str(tmp_path_factory.mktemp("chain"))
-    cfg = vit.ViTConfig.preset("vit_tiny_test", num_classes=3)
-    base = {"config": {"dataset": "synthfaces", "model": {"name": "vit_tiny_test"},
-                       "num_identities": 2, "seed": 0},
-            "splits": SPLITS, "model_config": dataclasses.asdict(cfg)}
-    pretrain = os.path.join(root, "pretrain")
-    digest = checkpoints.save_params(pretrain, vit.init_params(cfg, jax.random.key(0)),
-                                     {**base, "stage": "pretrain"})
-    method = os.path.join(root, "support_ascent")
-    artifacts_hash = checkpoints.save_tree(method, checkpoints.ARTIFACTS_DIR,
-                                           {"alpha": np.asarray(0.1, np.float32)})
-    checkpoints.write_metadata(method, {
-        **base, "stage": "support_ascent", "method": "support_ascent", "access": "stats",
-        "method_config": api.config_record(support_ascent.Config(task="multilabel")),
-        "base_run_dir": pretrain, "base_params_hash": digest, "artifacts_hash": artifacts_hash,
-    }, status="done")
-    portrait = os.path.join(root, "portrait.png")
-    Image.fromarray(np.full((20, 24, 3), 128, np.uint8)).save(portrait)
+    pretrain, method, portrait = doubles.request_chain(root, SPLITS)
     work = os.path.join(root, "work")  # fakes and outputs of the tests
     os.makedirs(work)
     return types.SimpleNamespace(

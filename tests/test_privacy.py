@@ -199,7 +199,7 @@ def test_signals_are_the_losses_of_each_image_and_cached(small_study, tmp_path):
     run_dir.mkdir()
     shutil.copy(os.path.join(small_study.run_dir("pretrain"), checkpoints.METADATA_FILE),
                 run_dir / checkpoints.METADATA_FILE)
-    got = privacy.signals(ctx, params, rows, 64, str(run_dir))
+    got = privacy.signals(ctx, params, privacy.Passes(ctx, rows, 64), str(run_dir))
     # every image once per pass: pass k scores the images row k names, in index order, with the
     # crops of pass k; an image in two rows of a pass gets one loss
     t = ctx.config.train
@@ -221,7 +221,7 @@ def test_signals_are_the_losses_of_each_image_and_cached(small_study, tmp_path):
     assert shared > 0  # the case of one image in two rows was exercised
     # without subsampling: the losses of every image of train ∪ val (computed here another way)
     plain = _plan_ctx(small_study, "none", passes=2)
-    full = privacy.signals(plain, params, privacy.plan(plain), 256)
+    full = privacy.signals(plain, params, privacy.Passes(plain, privacy.plan(plain), 256))
     want = _augmented_losses(plain, params, 2, 256)
     for name in want:
         np.testing.assert_allclose(full[name], want[name], rtol=1e-5, atol=1e-6)
@@ -229,7 +229,7 @@ def test_signals_are_the_losses_of_each_image_and_cached(small_study, tmp_path):
     for budget, kept in ((1000, 2), (0.001, 0)):
         shared_passes = privacy.Passes(ctx, rows, 64, budget_mb=budget)
         for _ in range(2):  # a second model reads the kept batches
-            again = privacy.signals(ctx, params, rows, 64, passes=shared_passes)
+            again = privacy.signals(ctx, params, shared_passes)
             for name in rows:
                 np.testing.assert_array_equal(again[name], got[name])
         assert len(shared_passes._kept) == kept
@@ -239,11 +239,11 @@ def test_signals_are_the_losses_of_each_image_and_cached(small_study, tmp_path):
     # cached: the second call computes nothing; other parameters are computed again
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(privacy.train_lib, "make_eval_step", _no_signals)
-        cached = privacy.signals(ctx, params, rows, 64, str(run_dir))
+        cached = privacy.signals(ctx, params, privacy.Passes(ctx, rows, 64), str(run_dir))
         for name in rows:
             np.testing.assert_array_equal(cached[name], got[name])
         meta = json.loads((run_dir / checkpoints.METADATA_FILE).read_text())
         meta["params_hash"] = "0" * 64
         (run_dir / checkpoints.METADATA_FILE).write_text(json.dumps(meta))
         with pytest.raises(AssertionError, match="computed again"):
-            privacy.signals(ctx, params, rows, 64, str(run_dir))
+            privacy.signals(ctx, params, privacy.Passes(ctx, rows, 64), str(run_dir))

@@ -5,7 +5,6 @@ The stages here run ``run_stage`` on a fake context (tiny parameters, no data, n
 so two real processes can race on one stage in seconds.
 """
 
-import dataclasses
 import importlib.util
 import json
 import os
@@ -17,11 +16,11 @@ import textwrap
 import time
 import types
 
+import doubles
 import jax
 import ml_collections
 import numpy as np
 import pytest
-from PIL import Image
 
 from oneshui_jax import checkpoints, locks
 from oneshui_jax import inspect as inspect_cli
@@ -31,12 +30,10 @@ from oneshui_jax.models import vit
 from oneshui_jax.serve import cli as serve_cli
 from oneshui_jax.study import stages, validate
 from oneshui_jax.study.context import dataset_folder
-from oneshui_jax.unlearn import api, support_ascent
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
-SPLITS = {"train": [1, 2, 3, 4, 5], "val": [6, 7], "test": [8, 9], "support": [40, 41],
-          "forget": [1, 2], "retain": [3, 4, 5]}
+SPLITS = doubles.TINY_SPLITS
 MODEL = vit.ViTConfig.preset("vit_tiny_test", num_classes=3)
 
 
@@ -417,22 +414,7 @@ def chain(tmp_path_factory):
     """A pretrained vit_tiny_test run, a support_ascent method run (artifacts, no params) and a
     portrait: a request in about a second."""
     root = str(tmp_path_factory.mktemp("chain"))
-    base = {"config": {"dataset": "synthfaces", "model": {"name": "vit_tiny_test"},
-                       "num_identities": 2, "seed": 0},
-            "splits": SPLITS, "model_config": dataclasses.asdict(MODEL)}
-    pretrain = os.path.join(root, "pretrain")
-    digest = checkpoints.save_params(pretrain, vit.init_params(MODEL, jax.random.key(0)),
-                                     {**base, "stage": "pretrain"})
-    method = os.path.join(root, "support_ascent")
-    artifacts_hash = checkpoints.save_tree(method, checkpoints.ARTIFACTS_DIR,
-                                           {"alpha": np.asarray(0.1, np.float32)})
-    checkpoints.write_metadata(method, {
-        **base, "stage": "support_ascent", "method": "support_ascent", "access": "stats",
-        "method_config": api.config_record(support_ascent.Config(task="multilabel")),
-        "base_run_dir": pretrain, "base_params_hash": digest, "artifacts_hash": artifacts_hash,
-    }, status="done")
-    portrait = os.path.join(root, "portrait.png")
-    Image.fromarray(np.full((20, 24, 3), 128, np.uint8)).save(portrait)
+    _, method, portrait = doubles.request_chain(root, SPLITS)
     return types.SimpleNamespace(root=root, method=method, portrait=portrait)
 
 

@@ -160,21 +160,22 @@ class Passes:
         return self._kept[k]
 
 
-def signals(ctx: Context, params, rows: dict[str, np.ndarray], batch_size: int,
-            run_dir: str | None = None, passes: Passes | None = None) -> dict[str, np.ndarray]:
-    """``{name: [passes, n]}`` per-sample losses of ``params`` on the images of ``rows``
+def signals(ctx: Context, params, passes: Passes,
+            run_dir: str | None = None) -> dict[str, np.ndarray]:
+    """``{name: [passes, n]}`` per-sample losses of ``params`` on the images of ``passes.rows``
     (``plan``) under the training augmentation.
 
     Pass ``k`` scores the images any row ``k`` names once each (in index order, crops from the
-    seed ``[config.seed, k]``: the same crops for a target and its reference model; ``passes``
-    shares them between calls) and hands every row its losses. With ``run_dir`` (the model's
+    seed ``[config.seed, k]``: the same crops for a target and its reference model, shared
+    between calls through ``passes``) and hands every row its losses. With ``run_dir`` (the model's
     run folder, whose metadata holds its ``params_hash``) the result is cached there under
     ``mia_signals/`` and reused when nothing it depends on changed. Evaluation's own losses are
     not reused: they come from the eval transform, the signals from the training augmentation."""
+    rows = passes.rows
     path = None
     params_hash = checkpoints.read_metadata(run_dir).get("params_hash") if run_dir else None
     if params_hash:
-        key = _cache_key(ctx, params_hash, rows, batch_size)
+        key = _cache_key(ctx, params_hash, rows, passes.batch_size)
         path = os.path.join(run_dir, CACHE_DIR, f"{key}.npz")
         if os.path.isfile(path):
             with np.load(path) as cached:
@@ -184,7 +185,6 @@ def signals(ctx: Context, params, rows: dict[str, np.ndarray], batch_size: int,
     t = ctx.config.train
     step = train_lib.make_eval_step(ctx.model_cfg, ctx.dataset.task, t.compute_dtype,
                                     t.attention)
-    passes = Passes(ctx, rows, batch_size) if passes is None else passes
     out = {k: np.empty(v.shape, np.float32) for k, v in rows.items()}
     for k in range(passes.count):
         losses = []
@@ -261,23 +261,19 @@ def run(ctx: Context, records: list[dict], trained: dict[str, Any]) -> None:
     passes = Passes(ctx, rows, batch_size, mia.get("cache_mb", 0))
     ref_ctx = reference_context(ctx)
     retrain_dir = ctx.run_dir("retrain")
-    retrain_signals = None
     for record in records:
         name = record["method"]
         if name == "retrain":
             continue
-        logging.info("mia: RMIA for %s (%d passes)", name, rows["z"].shape[0])
+        logging.info("mia: RMIA for %s (%d passes)", name, passes.count)
         if name == "pretrain":
             ref_dir = retrain_dir
-            if retrain_signals is None:
-                retrain_signals = signals(ctx, trained["retrain"], rows, batch_size, ref_dir,
-                                          passes)
-            reference = retrain_signals
+            reference = signals(ctx, trained["retrain"], passes, ref_dir)
         else:
             _, ref_params = method_stage(ref_ctx, name, trained["retrain"], retrain_dir)
             ref_dir = ref_ctx.run_dir(name)
-            reference = signals(ctx, ref_params, rows, batch_size, ref_dir, passes)
-        target = signals(ctx, trained[name], rows, batch_size, ctx.run_dir(name), passes)
+            reference = signals(ctx, ref_params, passes, ref_dir)
+        target = signals(ctx, trained[name], passes, ctx.run_dir(name))
         record.setdefault("mia", {}).update(
             attack(ctx, target, reference, mia.get("rmia_variant", "reference"), rows))
         record["mia"]["reference_run_dir"] = ref_dir
