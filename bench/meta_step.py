@@ -120,11 +120,11 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.variant == "request":
         support = _synthetic(model_cfg, rng, (args.portraits,), with_rows=True)
-        step = mu.make_unlearn_step(model_cfg, ml_cfg, cfg.meta_lr)
+        step = mu.make_unlearn_step(model_cfg, ml_cfg, cfg)
         start = time.perf_counter()
-        compiled = step.lower(theta, phi, support).compile()
+        compiled = step.lower(theta, phi, support, 1.0).compile()
         out["compile_s"] = time.perf_counter() - start
-        jax.block_until_ready(compiled(theta, phi, support))  # warm-up
+        jax.block_until_ready(compiled(theta, phi, support, 1.0))  # warm-up
         on_device, with_copy = [], []
         host = jax.device_get(support)
         for _ in range(args.requests):

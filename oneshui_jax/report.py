@@ -16,6 +16,8 @@ their mean, sample std and 95% t-interval.
 * ``results.csv``: one flat row per record (``CSV_COLUMNS``);
 * ``training_curves.png``: losses and validation metric per epoch (only when a record has a
   ``history``);
+* ``meta_diagnostics.png``: MetaUnlearn's learned step on held-out simulated requests per
+  meta-training epoch (only when a record's ``prepare.meta_history`` has the diagnostics);
 * ``methods.png``: retain / forget / test metric bars per method, ToW above each group;
 * ``differences.png``: per method, the forget metric's gap to retrain and the ToW gain over
   pretrain, each paired on the same split, with 95% intervals over seeds (only when the records
@@ -426,6 +428,54 @@ def training_curves_figure(records: Sequence[Row]) -> Figure | None:
     return fig
 
 
+def _meta_runs(records: Sequence[Row]) -> list[Row]:
+    """Records whose MetaUnlearn meta-training logged held-out diagnostics."""
+    return [r for r in records
+            if any("reduction_learned" in h for h in (r.get("prepare") or {}).get(
+                "meta_history") or [])]
+
+
+def meta_diagnostics_figure(records: Sequence[Row]) -> Figure | None:
+    """MetaUnlearn's learned step on held-out simulated requests per meta-training epoch (epoch
+    -1: before meta-training), one colour per run: the share of the outer objective it removes
+    (solid) next to a gradient-ascent step of the same length (dashed), the step's length
+    relative to the model's, and the share of portraits that give no step (solid) with the
+    largest portrait's share of the step (dotted). None when no record has diagnostics."""
+    runs = _meta_runs(records)
+    if not runs:
+        return None
+    fig = _new_figure(13, 4.0)
+    ax_red, ax_step, ax_port = fig.subplots(1, 3)
+    for i, r in enumerate(runs):
+        prepared = r["prepare"]
+        history = [h for h in prepared["meta_history"] if "reduction_learned" in h]
+        initial = (prepared.get("validation") or {}).get("initial")
+        points = ([{"epoch": -1, **initial}] if initial else []) + history
+        epochs = [p["epoch"] for p in points]
+        color = f"C{i % 10}"
+        get = lambda key, points=points: [p[key] for p in points]  # noqa: E731
+        ax_red.plot(epochs, 100 * np.asarray(get("reduction_learned")), "-o", markersize=3,
+                    color=color, label=_run_label(r, runs))
+        ax_red.plot(epochs, 100 * np.asarray(get("reduction_ascent")), "--", color=color)
+        ax_step.plot(epochs, get("relative_step"), "-o", markersize=3, color=color)
+        ax_port.plot(epochs, 100 * np.asarray(get("dead_share")), "-o", markersize=3,
+                     color=color)
+        ax_port.plot(epochs, 100 * np.asarray(get("top_share")), ":", color=color)
+    ax_red.axhline(0, color="grey", linewidth=1)
+    ax_red.set(xlabel="meta-training epoch", ylabel="% of the outer objective removed",
+               title="held-out requests (solid: learned, dashed: ascent)")
+    ax_step.set(xlabel="meta-training epoch", ylabel="||Δθ|| / ||θ||", yscale="log",
+                title="relative step size")
+    ax_port.set(xlabel="meta-training epoch", ylabel="%",
+                title="portraits: no step (solid), largest share (dotted)")
+    for ax in (ax_red, ax_step, ax_port):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    fig.legend(loc="outside right upper", fontsize=8)
+    fig.suptitle(f"{subject(runs)}: MetaUnlearn diagnostics", fontsize=10)
+    return fig
+
+
 SYMLOG_SPAN = 20.0  # points: a wider panel of differences_figure gets a symmetric log scale
 
 
@@ -666,9 +716,9 @@ def markdown_report(records: Sequence[Row]) -> str:
 def write_report(workdir: str, records: Sequence[Row], *, config: dict | None = None,
                  extra: dict | None = None) -> dict[str, str]:
     """Writes results.json, results.md, results.csv, methods.png, (when some record has a
-    history) training_curves.png, (when there is a pretrain or retrain to pair with)
-    differences.png and (when some record has attack ROC points) roc.png into ``workdir``, each
-    atomically; returns {file name: path}.
+    history) training_curves.png, (with MetaUnlearn diagnostics) meta_diagnostics.png, (when
+    there is a pretrain or retrain to pair with) differences.png and (when some record has attack
+    ROC points) roc.png into ``workdir``, each atomically; returns {file name: path}.
 
     Every file's content (and figure) is made before the first one is written, so records the
     report cannot use leave ``workdir`` as it was.
@@ -687,6 +737,7 @@ def write_report(workdir: str, records: Sequence[Row], *, config: dict | None = 
     results_md = markdown_report(records)
     methods = method_bars_figure(records, metric)
     curves = training_curves_figure(records)
+    diagnostics = meta_diagnostics_figure(records)
     differences = differences_figure(records, metric)
     rocs = roc_figure(records)
     path = lambda name: os.path.join(workdir, name)
@@ -699,6 +750,9 @@ def write_report(workdir: str, records: Sequence[Row], *, config: dict | None = 
                "methods.png": save_figure(methods, path("methods.png"))}
     if curves is not None:
         written["training_curves.png"] = save_figure(curves, path("training_curves.png"))
+    if diagnostics is not None:
+        written["meta_diagnostics.png"] = save_figure(diagnostics,
+                                                      path("meta_diagnostics.png"))
     if differences is not None:
         written["differences.png"] = save_figure(differences, path("differences.png"))
     if rocs is not None:

@@ -31,6 +31,7 @@ def ctx(tmp_path_factory, synthfaces_tfds):
     config.meta_unlearn.num_identities_simulation = 30  # 4 requests per epoch: fast
     config.meta_unlearn.batch_size = 256  # one outer batch per request: one compilation
     config.meta_unlearn.hidden_size = 32
+    config.meta_unlearn.validation_requests = 0  # the reference's request stream
     ctx = study.prepare(config)
     # A tiny ViT: these tests are about the meta-training loop, not the model.
     tiny = vit.ViTConfig.preset("vit_tiny_test", num_classes=ctx.model_cfg.num_classes)

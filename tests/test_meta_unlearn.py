@@ -94,7 +94,7 @@ def test_meta_gradient_matches_finite_differences_in_float64():
 
 def test_inner_step_is_one_gradient_step_on_the_learned_loss():
     model_cfg, ml_cfg, cfg, theta, phi, support, *_ = _setup()
-    step = mu.make_unlearn_step(model_cfg, ml_cfg, cfg.meta_lr)
+    step = mu.make_unlearn_step(model_cfg, ml_cfg, cfg)
     theta_u = step(theta, phi, support)
 
     def mean_learned_loss(t):  # written out: valid support rows only, dropout off
@@ -219,6 +219,6 @@ def test_meta_training_learns_a_step_that_unlearns_a_planted_request():
                                     None, jax.random.key(k))
         outer.append(float(stats["loss"]))
     assert outer[-1] < 0.3 * outer[0]
-    unlearned = mu.make_unlearn_step(model_cfg, ml_cfg, cfg.meta_lr)(theta, phi, support)
+    unlearned = mu.make_unlearn_step(model_cfg, ml_cfg, cfg)(theta, phi, support)
     forget_after = task_loss(unlearned, held_out)
     assert forget_after > forget_before + 0.5 * (val_loss - forget_before)

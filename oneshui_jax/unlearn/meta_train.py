@@ -8,6 +8,13 @@ images shuffled into batches of ``batch_size``, each paired with one validation 
 shuffled pass over VAL (and, for ``use_retain`` or ``loss_type="scrub"``, one retain batch). The
 meta-loss, its optimiser state and the position (epoch, request) are checkpointed through
 ``data.checkpointer``, so a killed run resumes where it stopped.
+
+With ``validation_requests`` > 0, ``validation_identities`` first sets aside that many simulated
+requests' worth of TRAIN identities outside the real request (``TrainData.holdout_identities``);
+meta-training draws its requests from the others. After every epoch (and once before the first)
+``meta_diagnostics`` measures the learned step on these held-out requests; the history records
+it. ``step_control`` line_search / normalize then picks the request-time factor of the step on
+them. ``requests_per_update`` > 1 averages that many requests' meta-gradients per update of φ.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from oneshui_jax.models import meta_loss
-from oneshui_jax.unlearn import api, simulated
+from oneshui_jax.unlearn import api, meta_diagnostics, simulated
 from oneshui_jax.unlearn import meta_unlearn as mu
 
 CHECKPOINT_EVERY = 50  # meta-steps between saves of the meta-training state
@@ -36,6 +43,62 @@ class MetaTrainResult:
     phi_retain: Any | None
     history: list[dict]
     seconds: float
+    step_scale: float = 1.0  # the request-time factor of the step (line search; 1: none)
+    line_search: list[dict] | None = None  # [{"scale", "outer_loss"}] on the held-out requests
+    # The held-out identities and requests (counts) and the diagnostics before meta-training.
+    validation: dict | None = None
+
+
+MAX_HELD_OUT = 0.25  # at most this share of the TRAIN identities outside the request
+
+
+def validation_identities(data: api.TrainData, cfg: mu.Config) -> tuple[int, ...]:
+    """The TRAIN identities held out of meta-training: ``validation_requests x
+    num_identities_simulation`` of ``data.holdout_identities`` (never a person of the real
+    request), at most ``MAX_HELD_OUT`` of them (a warning says when fewer are held out), drawn
+    with ``data.seed``, in the TRAIN order. Empty when ``validation_requests`` is 0.
+    """
+    wanted = cfg.validation_requests * cfg.num_identities_simulation
+    pool = sorted(data.holdout_identities)
+    count = min(wanted, int(MAX_HELD_OUT * len(pool)))
+    if wanted and count < wanted:
+        logging.warning("meta_unlearn: %d of the %d identities validation_requests=%d asks for "
+                        "are held out (at most %d%% of the %d TRAIN identities outside the "
+                        "request)", count, wanted, cfg.validation_requests,
+                        round(100 * MAX_HELD_OUT), len(pool))
+    if count == 0:
+        return ()
+    rng = np.random.default_rng([data.seed, 0x5E1EC7])
+    chosen = set(rng.choice(np.asarray(pool), size=count, replace=False).tolist())
+    return tuple(i for i in data.train_identities if i in chosen)
+
+
+def _validation_batches(data, cfg, rows, identities):
+    """The held-out requests' batches, made once (deterministic in ``data.seed``)."""
+    size = min(cfg.num_identities_simulation, len(identities))
+    requests = data.simulated_requests(size, random.Random(data.seed + 7919),
+                                       identities=identities)
+    return [_request_data(data, r, cfg, rows, np.random.default_rng([data.seed, 7919, i]))
+            for i, r in enumerate(requests)]
+
+
+def diagnose(diag_fn, theta, phi, batches) -> dict[str, float]:
+    """``meta_diagnostics.summarize`` of the learned step (factor 1) on the held-out batches."""
+    raw = [jax.device_get(diag_fn(theta, phi, s, f, v, r, jnp.float32(1.0)))
+           for s, f, v, r in batches]
+    return meta_diagnostics.summarize(raw)
+
+
+def line_search(losses_fn, theta, phi, batches, scales) -> tuple[float, list[dict]]:
+    """The factor of ``scales`` with the lowest mean outer objective on the held-out batches."""
+    grid = jnp.asarray(scales, jnp.float32)
+    totals = np.zeros(len(scales))
+    for s, f, v, r in batches:
+        totals += np.asarray(losses_fn(theta, phi, s, f, v, r, grid), np.float64)
+    mean = totals / max(len(batches), 1)
+    best = float(scales[meta_diagnostics.choose_scale(scales, mean)])
+    return best, [{"scale": float(a), "outer_loss": float(m)}
+                  for a, m in zip(scales, mean, strict=True)]
 
 
 def _request_data(data: api.TrainData, request, cfg: mu.Config, rows,
@@ -72,27 +135,47 @@ def meta_train(model: api.Model, theta, data: api.TrainData, cfg: mu.Config,
         logging.info("meta_unlearn: resuming at epoch %d, request %d", state["epoch"],
                      state["request"])
     step = mu.meta_step(model.vit, ml_cfg, cfg)
-    retain_step = (mu.meta_step(model.vit, ml_cfg, cfg, mu.retain_batch_loss)
+    k = cfg.requests_per_update
+    grad_step, update = (mu.meta_grad(model.vit, ml_cfg, cfg), mu.meta_update(cfg))
+    retain_step = (mu.meta_step(model.vit, ml_cfg, mu.retain_config(cfg), mu.retain_batch_loss)
                    if cfg.use_retain else None)
+    held_out = validation_identities(data, cfg)
+    train_pool = ([i for i in data.train_identities if i not in set(held_out)]
+                  if held_out else None)  # None: every TRAIN identity, the reference's stream
+    validation = (_validation_batches(data, cfg, rows, held_out) if held_out else [])
+    diag_fn, losses_fn = meta_diagnostics.jitted(model.vit, ml_cfg, cfg)
+    if validation and "initial" not in state:
+        state["initial"] = diagnose(diag_fn, theta, arrays["phi"], validation)
     py_rng = random.Random(seed)
     start = time.perf_counter()
     for epoch in range(cfg.epochs):
         for _ in range(cfg.simulated_draws_per_epoch):  # replayed on resume: same stream
-            requests = data.simulated_requests(cfg.num_identities_simulation, py_rng)
+            requests = data.simulated_requests(cfg.num_identities_simulation, py_rng,
+                                               identities=train_pool)
         if epoch < state["epoch"]:
             continue
         lr = jnp.float32(cfg.lr_at(epoch))
         first = state["request"] if epoch == state["epoch"] else 0
         bar = tqdm(total=len(requests), initial=first, desc=f"meta_unlearn epoch {epoch}",
                    unit="request", disable=not progress, dynamic_ncols=True, leave=False)
-        losses = []
+        losses, pending = [], []
         for i in range(first, len(requests)):
             data_rng = np.random.default_rng([seed, epoch, i])
             support, forget, val, retain = _request_data(data, requests[i], cfg, rows, data_rng)
             step_rng = jax.random.fold_in(jax.random.fold_in(key, 1000 + epoch), i)
-            arrays["phi"], arrays["opt_state"], stats, theta_u = step(
-                theta, arrays["phi"], arrays["opt_state"], lr, support, forget, val, retain,
-                step_rng)
+            if k == 1:
+                arrays["phi"], arrays["opt_state"], stats, theta_u = step(
+                    theta, arrays["phi"], arrays["opt_state"], lr, support, forget, val, retain,
+                    step_rng)
+            else:  # average k meta-gradients, then one update (the last group may be smaller)
+                grad_phi, stats, theta_u = grad_step(theta, arrays["phi"], support, forget, val,
+                                                     retain, step_rng)
+                pending.append(grad_phi)
+                if len(pending) == k or i + 1 == len(requests):
+                    mean = jax.tree.map(lambda *g: sum(g) / len(g), *pending)
+                    arrays["phi"], arrays["opt_state"] = update(arrays["phi"],
+                                                                arrays["opt_state"], mean, lr)
+                    pending = []
             if retain_step is not None:
                 arrays["phi_retain"], arrays["opt_state_retain"], _, _ = retain_step(
                     theta_u, arrays["phi_retain"], arrays["opt_state_retain"], lr, support,
@@ -105,17 +188,40 @@ def meta_train(model: api.Model, theta, data: api.TrainData, cfg: mu.Config,
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}",
                             meta_loss=f"{float(stats['meta_loss']):.4f}")
+            if pending:  # mid-group: a resume restarts at the group's first request
+                continue
             state.update(epoch=epoch, request=i + 1)
             if checkpointer is not None and (i + 1) % checkpoint_every == 0:
                 checkpointer.save(epoch * 1_000_000 + i + 1, arrays, state)
         bar.close()
         record = {"epoch": epoch, "outer_loss": float(np.mean(losses)) if losses else None,
                   "lr": float(lr), "requests": len(requests)}
+        if validation:
+            record.update(diagnose(diag_fn, theta, arrays["phi"], validation))
         state["history"].append(record)
-        logging.info("meta_unlearn epoch %d: outer loss %s over %d requests", epoch,
-                     record["outer_loss"], len(requests))
+        logging.info("meta_unlearn epoch %d: outer loss %s over %d requests%s", epoch,
+                     record["outer_loss"], len(requests), _diagnostics_text(record))
         state.update(epoch=epoch + 1, request=0)
         if checkpointer is not None:
             checkpointer.save((epoch + 1) * 1_000_000, arrays, state)
+    scale, searched = 1.0, None
+    if cfg.step_control != "none":
+        scale, searched = line_search(losses_fn, theta, arrays["phi"], validation,
+                                      cfg.step_scales)
+        logging.info("meta_unlearn: line search on %d held-out requests picked the factor %g "
+                     "(%s)", len(validation), scale,
+                     ", ".join(f"{r['scale']:g}: {r['outer_loss']:.5f}" for r in searched))
+    held = ({"identities": len(held_out), "requests": len(validation),
+             "initial": state.get("initial")} if held_out else None)
     return MetaTrainResult(arrays["phi"], arrays.get("phi_retain"), state["history"],
-                           time.perf_counter() - start)
+                           time.perf_counter() - start, scale, searched, held)
+
+
+def _diagnostics_text(record: dict) -> str:
+    if "reduction_learned" not in record:
+        return ""
+    return (f"; held-out requests: the learned step removes "
+            f"{100 * record['reduction_learned']:.1f}% of the outer objective (ascent of the "
+            f"same length {100 * record['reduction_ascent']:.1f}%), relative step "
+            f"{record['relative_step']:.2e}, {100 * record['dead_share']:.0f}% of portraits "
+            f"give no step")

@@ -39,6 +39,8 @@ from oneshui_jax.unlearn import api
 Params = Any
 Batch = dict[str, jax.Array]  # image [B,H,W,3], label, row (meta-loss identity row), mask
 
+STEP_CONTROLS = ("none", "line_search", "normalize")
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -70,6 +72,22 @@ class Config:
     use_targets: bool = True
     compute_dtype: str = "bfloat16"  # outer passes; the inner step is float32
     simulated_draws_per_epoch: int = 2  # the reference draws twice and uses the second (Q23)
+    # Held-out simulated requests (of validation_requests x num_identities_simulation TRAIN
+    # identities outside the request, kept out of meta-training): the per-epoch diagnostics and
+    # the line search run on them. 0: meta-train on every TRAIN identity, the reference's
+    # request stream exactly, and no diagnostics (a named deviation otherwise; README).
+    validation_requests: int = 4
+    # Step-length control (README "MetaUnlearn: step length"). "none": the request-time step is
+    # the meta-training step, η = meta_lr (the reference). "line_search": its length is
+    # multiplied by the best of step_scales on the held-out requests. "normalize": every step
+    # (meta-training and request) has length relative_step * ||θ||, then the line search.
+    step_control: str = "none"
+    step_scales: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+    relative_step: float = 1e-3  # "normalize": ||Δθ|| / ||θ|| of the meta-training step
+    requests_per_update: int = 1  # meta-gradients averaged per update of φ (the reference: 1)
+    # λ: the inner loss is mean ℓ_φ − λ · task loss of the portraits (0: the reference). With
+    # λ > 0 the learned term corrects a gradient-ascent step instead of replacing it.
+    task_ascent: float = 0.0
 
     def __post_init__(self):
         checks = {
@@ -77,13 +95,14 @@ class Config:
             "forget_loss": (self.forget_loss, losses.DISTANCES),
             "task": (self.task, ("multilabel", "classification")),
             "compute_dtype": (self.compute_dtype, ("float32", "bfloat16", "float64")),
+            "step_control": (self.step_control, STEP_CONTROLS),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ConfigError(f"config.meta_unlearn.{name} must be one of {allowed}, "
                                   f"got {value!r}")
         for name in ("epochs", "batch_size", "num_identities_simulation", "forget_epochs",
-                     "simulated_draws_per_epoch", "hidden_size"):
+                     "simulated_draws_per_epoch", "hidden_size", "requests_per_update"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config.meta_unlearn.{name} must be >= 1, "
                                   f"got {getattr(self, name)}")
@@ -93,10 +112,20 @@ class Config:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"config.meta_unlearn.dropout must be in [0, 1), got "
                               f"{self.dropout}")
-        for name in ("lr", "meta_lr", "weight_decay"):
+        for name in ("lr", "meta_lr", "weight_decay", "relative_step", "task_ascent"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ConfigError(f"config.meta_unlearn.{name} must be a finite number >= 0, "
                                   f"got {getattr(self, name)}")
+        if self.validation_requests < 0:
+            raise ConfigError(f"config.meta_unlearn.validation_requests must be >= 0, got "
+                              f"{self.validation_requests}")
+        if not self.step_scales or any(not math.isfinite(a) or a < 0 for a in self.step_scales):
+            raise ConfigError(f"config.meta_unlearn.step_scales must be finite numbers >= 0, "
+                              f"got {self.step_scales!r}")
+        if self.step_control != "none" and self.validation_requests < 1:
+            raise ConfigError(f"config.meta_unlearn.step_control={self.step_control!r} chooses "
+                              "the step length on held-out simulated requests: set "
+                              "config.meta_unlearn.validation_requests >= 1")
 
     def lr_at(self, epoch: int) -> float:
         """Per-epoch cosine without warmup: ``lr (1 + cos(π e / E)) / 2``."""
@@ -133,20 +162,71 @@ def optimizer(cfg: Config) -> optax.GradientTransformation:
 # Inner step: one gradient step on the learned loss
 
 
-def support_loss(model_cfg: vit.ViTConfig, ml_cfg: meta_loss.MetaLossConfig, theta: Params,
-                 phi: Params, support: Batch, dropout_rng: jax.Array | None) -> jax.Array:
-    """Mean of ``ℓ_φ`` over the valid support images (the model in float32, as the reference)."""
+def support_objective(model_cfg: vit.ViTConfig, ml_cfg: meta_loss.MetaLossConfig,
+                      task_ascent: float, theta: Params, phi: Params, support: Batch,
+                      dropout_rng: jax.Array | None) -> jax.Array:
+    """The inner loss: mean ``ℓ_φ`` over the valid support images, minus ``λ`` (``task_ascent``)
+    times their task loss (model in float32, as the reference; ``λ = 0`` is the reference)."""
     logits, cls = vit.apply(model_cfg, theta, support["image"])
     x = meta_loss.meta_inputs(ml_cfg, logits, cls, support["label"])
     per = meta_loss.apply(ml_cfg, phi, x, support["row"], dropout_rng=dropout_rng)
-    return losses.masked_mean(per, support["mask"])
+    out = losses.masked_mean(per, support["mask"])
+    if task_ascent:
+        out = out - task_ascent * losses.task_loss(ml_cfg.task, logits, support["label"],
+                                                   support["mask"])
+    return out
+
+
+def support_loss(model_cfg: vit.ViTConfig, ml_cfg: meta_loss.MetaLossConfig, theta: Params,
+                 phi: Params, support: Batch, dropout_rng: jax.Array | None) -> jax.Array:
+    """Mean of ``ℓ_φ`` over the valid support images (the model in float32, as the reference)."""
+    return support_objective(model_cfg, ml_cfg, 0.0, theta, phi, support, dropout_rng)
 
 
 def inner_step(model_cfg, ml_cfg, meta_lr, theta, phi, support, dropout_rng) -> Params:
-    """``θ − η ∇_θ mean ℓ_φ(support)`` for every parameter (patch embed to head)."""
+    """``θ − η ∇_θ mean ℓ_φ(support)`` for every parameter (patch embed to head): the
+    reference's step (``learned_step`` with the default Config)."""
     grads = jax.grad(support_loss, argnums=2)(model_cfg, ml_cfg, theta, phi, support,
                                               dropout_rng)
     return jax.tree.map(lambda p, g: p - meta_lr * g, theta, grads)
+
+
+def learned_gradient(model_cfg, ml_cfg, cfg: Config, theta, phi, support,
+                     dropout_rng) -> Params:
+    """``g = ∇_θ (mean ℓ_φ − λ L_task)`` of the support images."""
+    return jax.grad(support_objective, argnums=3)(model_cfg, ml_cfg, cfg.task_ascent, theta,
+                                                  phi, support, dropout_rng)
+
+
+def safe_norm(tree) -> jax.Array:
+    """The global L2 norm, differentiable at 0."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                        for x in jax.tree.leaves(tree)) + 1e-30)
+
+
+def step_coefficient(cfg: Config, theta, grads):
+    """``c`` of the step ``θ − c g``: ``meta_lr`` (``step_control`` none / line_search), or
+    ``relative_step ‖θ‖ / ‖g‖`` (normalize: the step's length is ``relative_step ‖θ‖``)."""
+    if cfg.step_control == "normalize":
+        return cfg.relative_step * safe_norm(theta) / safe_norm(grads)
+    return cfg.meta_lr
+
+
+def learned_step(model_cfg, ml_cfg, cfg: Config, theta, phi, support, dropout_rng,
+                 scale=None) -> Params:
+    """One step on the learned loss, ``θ − s · c · g`` (``c``: ``step_coefficient``; ``s``:
+    ``scale``, the line search's factor, 1 if None). With the default Config this is
+    ``inner_step`` operation for operation."""
+    grads = learned_gradient(model_cfg, ml_cfg, cfg, theta, phi, support, dropout_rng)
+    c = step_coefficient(cfg, theta, grads)
+    if scale is not None:
+        c = scale * c
+    return jax.tree.map(lambda p, g: p - c * g, theta, grads)
+
+
+def retain_config(cfg: Config) -> Config:
+    """The retain meta-loss's step: no task-ascent term (it retains)."""
+    return dataclasses.replace(cfg, task_ascent=0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,8 +282,7 @@ def meta_gradient(model_cfg, ml_cfg, cfg: Config, theta, phi, support, forget,
     ``forget``/``val``/``retain`` are stacked batches [K, B, ...] (``retain`` may be None).
     """
     theta_u, pullback = jax.vjp(
-        lambda p: inner_step(model_cfg, ml_cfg, cfg.meta_lr, theta, p, support, dropout_rng),
-        phi)
+        lambda p: learned_step(model_cfg, ml_cfg, cfg, theta, p, support, dropout_rng), phi)
     weights = _weights(forget)
 
     def body(carry, k):
@@ -230,7 +309,7 @@ def meta_gradient_naive(model_cfg, ml_cfg, cfg: Config, theta, phi, support, for
     weights = _weights(forget)
 
     def total(p):
-        theta_u = inner_step(model_cfg, ml_cfg, cfg.meta_lr, theta, p, support, dropout_rng)
+        theta_u = learned_step(model_cfg, ml_cfg, cfg, theta, p, support, dropout_rng)
         out = 0.0
         for k in range(forget["mask"].shape[0]):
             batch_retain = None if retain is None else _stack_item(retain, k)
@@ -253,18 +332,31 @@ def make_meta_step(model_cfg, ml_cfg, cfg: Config, tx,
     Returns ``(phi, opt_state, {"loss", "meta_loss", "grad_norm"}, theta_u)``. ``theta_u`` is the
     one-step-unlearned model (the start of the optional retain step).
     """
+    grad_fn = _meta_grad_fn(model_cfg, ml_cfg, cfg, objective)
 
     def step(theta, phi, opt_state, lr, support, forget, val, retain, rng):
+        grad_phi, stats, theta_u = grad_fn(theta, phi, support, forget, val, retain, rng)
+        phi, opt_state = _apply_update(tx, phi, opt_state, grad_phi, lr)
+        return phi, opt_state, stats, theta_u
+
+    return jax.jit(step)
+
+
+def _meta_grad_fn(model_cfg, ml_cfg, cfg: Config, objective: Callable) -> Callable:
+    def grad_fn(theta, phi, support, forget, val, retain, rng):
         loss, grad_phi, theta_u = meta_gradient(model_cfg, ml_cfg, cfg, theta, phi, support,
                                                 forget, val, retain, rng, objective)
-        updates, opt_state = tx.update(grad_phi, opt_state, phi)
-        new_phi = jax.tree.map(lambda p, u: p - lr * u, phi, updates)
         stats = {"loss": loss, "meta_loss": support_loss(model_cfg, ml_cfg, theta, phi, support,
                                                          rng),
                  "grad_norm": optax.global_norm(grad_phi)}
-        return new_phi, opt_state, stats, jax.lax.stop_gradient(theta_u)
+        return grad_phi, stats, jax.lax.stop_gradient(theta_u)
 
-    return jax.jit(step)
+    return grad_fn
+
+
+def _apply_update(tx, phi, opt_state, grad_phi, lr):
+    updates, opt_state = tx.update(grad_phi, opt_state, phi)
+    return jax.tree.map(lambda p, u: p - lr * u, phi, updates), opt_state
 
 
 @functools.lru_cache(maxsize=8)
@@ -275,11 +367,29 @@ def meta_step(model_cfg, ml_cfg, cfg: Config,
     return make_meta_step(model_cfg, ml_cfg, cfg, optimizer(cfg), objective)
 
 
-def make_unlearn_step(model_cfg, ml_cfg, meta_lr: float) -> Callable:
-    """Request-time unlearning, one step: ``θ − η ∇_θ mean ℓ_φ(portraits)`` (dropout off)."""
+@functools.lru_cache(maxsize=8)
+def meta_grad(model_cfg, ml_cfg, cfg: Config,
+              objective: Callable = outer_batch_loss) -> Callable:
+    """The first half of ``meta_step`` alone, for ``requests_per_update`` > 1:
+    ``(theta, phi, support, forget, val, retain, rng) -> (∂L/∂φ, stats, theta_u)``."""
+    return jax.jit(_meta_grad_fn(model_cfg, ml_cfg, cfg, objective))
 
-    def step(theta, phi, support):
-        return inner_step(model_cfg, ml_cfg, meta_lr, theta, phi, support, None)
+
+@functools.lru_cache(maxsize=8)
+def meta_update(cfg: Config) -> Callable:
+    """The second half of ``meta_step``: ``(phi, opt_state, grad_phi, lr) -> (phi, opt_state)``
+    (the averaged meta-gradient of ``requests_per_update`` requests)."""
+    return jax.jit(functools.partial(_apply_update, optimizer(cfg)))
+
+
+def make_unlearn_step(model_cfg, ml_cfg, cfg: Config) -> Callable:
+    """Request-time unlearning, one step: ``θ − s c ∇_θ (mean ℓ_φ − λ L_task)(portraits)``
+    (dropout off; ``learned_step``). ``step(theta, phi, support, scale)``; ``scale`` (``s``, the
+    line search's factor) is ignored with ``step_control="none"``, the reference's step."""
+
+    def step(theta, phi, support, scale=1.0):
+        s = None if cfg.step_control == "none" else jnp.asarray(scale, jnp.float32)
+        return learned_step(model_cfg, ml_cfg, cfg, theta, phi, support, None, s)
 
     return jax.jit(step)
 
@@ -288,12 +398,13 @@ _cached_unlearn_step = functools.lru_cache(maxsize=32)(make_unlearn_step)
 
 
 def apply_steps(unlearn_step: Callable, theta, phi_forget, support, forget_epochs: int,
-                phi_retain=None):
-    """``forget_epochs`` steps with the forget meta-loss, then one with the retain one if any."""
+                phi_retain=None, scale=1.0, retain_step: Callable | None = None):
+    """``forget_epochs`` steps with the forget meta-loss, then one with the retain one if any
+    (``retain_step``, default ``unlearn_step``)."""
     for _ in range(forget_epochs):
-        theta = unlearn_step(theta, phi_forget, support)
+        theta = unlearn_step(theta, phi_forget, support, scale)
     if phi_retain is not None:
-        theta = unlearn_step(theta, phi_retain, support)
+        theta = (retain_step or unlearn_step)(theta, phi_retain, support, scale)
     return theta
 
 
@@ -324,10 +435,17 @@ def prepare(model: api.Model, params: Params, data: api.TrainData, cfg: Config,
     ml_cfg = meta_loss_config(model, cfg, len(data.train_identities))
     result = meta_train.meta_train(model, params, data, cfg, ml_cfg, rng)
     artifacts = {"phi": result.phi,
-                 "train_identities": np.asarray(data.train_identities, np.int32)}
+                 "train_identities": np.asarray(data.train_identities, np.int32),
+                 "step_scale": np.asarray(result.step_scale, np.float32)}
     if result.phi_retain is not None:
         artifacts["phi_retain"] = result.phi_retain
-    return artifacts, {"meta_history": result.history, "meta_train_seconds": result.seconds}
+    info = {"meta_history": result.history, "meta_train_seconds": result.seconds,
+            "step_scale": result.step_scale}
+    if result.line_search is not None:
+        info["line_search"] = result.line_search
+    if result.validation is not None:
+        info["validation"] = result.validation
+    return artifacts, info
 
 
 def request_rows(train_identities: Sequence[int], identities: Sequence[int | None],
@@ -357,7 +475,11 @@ def unlearn(model: api.Model, params: Params, artifacts: api.Artifacts, request:
     support = {"image": jnp.asarray(request.images), "label": jnp.asarray(request.labels),
                "row": jnp.asarray(request_rows(train_ids, request.identities, cfg.use_ids)),
                "mask": jnp.ones(request.size, bool)}
-    step = _cached_unlearn_step(model.vit, ml_cfg, cfg.meta_lr)
+    step = _cached_unlearn_step(model.vit, ml_cfg, cfg)
+    retain_step = (_cached_unlearn_step(model.vit, ml_cfg, retain_config(cfg))
+                   if "phi_retain" in artifacts else None)
+    scale = float(np.asarray(artifacts.get("step_scale", 1.0)))  # runs before the option: 1
     new = apply_steps(step, params, artifacts["phi"], support, cfg.forget_epochs,
-                      artifacts.get("phi_retain"))
-    return new, {"steps": cfg.forget_epochs + int("phi_retain" in artifacts)}
+                      artifacts.get("phi_retain"), scale, retain_step)
+    return new, {"steps": cfg.forget_epochs + int("phi_retain" in artifacts),
+                 "step_scale": scale}
