@@ -183,7 +183,7 @@ def method_stage(ctx: Context, name: str, base_params, base_dir: str) -> tuple[d
     ``prepare`` gets ``access.prepare_data`` (nothing for ``support`` methods), ``unlearn`` the
     study's request and, for ``full`` methods only, ``access.full_data``.
     """
-    module = registry.method(name)
+    method, module = registry.resolve(ctx.config, name)  # a method, or a variant of one
     cfg = ctx.method_config(name)
     model = ctx.model
     rng = jax.random.key(ctx.config.seed)
@@ -206,7 +206,9 @@ def method_stage(ctx: Context, name: str, base_params, base_dir: str) -> tuple[d
                            artifacts)
 
     extra = {"base_run_dir": os.path.abspath(base_dir), "base_params_hash": base_hash,
-             "method": name, "access": module.ACCESS}
+             "method": method, "access": module.ACCESS}
+    if method != name:
+        extra["variant"] = name
     return run_stage(ctx, name, settings_name=name, settings=api.config_record(cfg),
                      template=base_params, parent_hash=base_hash, body=body, training=False,
                      access=module.ACCESS, extra_metadata=extra)

@@ -26,18 +26,23 @@ def train_config(config, task: str) -> train_lib.TrainConfig:
 
 
 def method_config(config, name: str, task: str):
-    """Method ``name``'s ``Config`` from the block ``config.<name>`` (defaults if absent)."""
-    module = registry.method(name)
+    """Stage ``name``'s method ``Config`` from the block ``config.<name>`` (defaults if absent;
+    for a variant, its block without the ``method`` key: ``registry.resolve``)."""
+    base, module = registry.resolve(config, name)
     block = config.get(name)
+    if base != name:
+        block = {k: v for k, v in block.items() if k != registry.VARIANT_KEY}
     return api.make_config(name, module, block, task=task)
 
 
 def validate_config(config) -> None:
     """One ConfigError for the first thing that would fail later; nothing is read or written."""
-    unknown = [s for s in config.stages if s not in TRAINING_STAGES and s not in registry.METHODS]
+    unknown = [s for s in config.stages
+               if s not in TRAINING_STAGES and not registry.is_method(config, s)]
     if unknown:
         raise ConfigError(f"config.stages has unknown stages {unknown}; available: "
-                          f"{list(TRAINING_STAGES) + sorted(registry.METHODS)}")
+                          f"{list(TRAINING_STAGES) + sorted(registry.METHODS)}, or a variant "
+                          f"(a block config.<name> with {registry.VARIANT_KEY}=<method>)")
     if len(set(config.stages)) != len(config.stages):
         raise ConfigError(f"config.stages lists a stage twice: {tuple(config.stages)}")
     task = catalog.spec(config.dataset).task
@@ -91,5 +96,5 @@ def validate_config(config) -> None:
         raise ConfigError(f"config.model: {e}") from None
     train_config(config, task)  # validates optimizer, dtype and attention
     for name in config.stages:
-        if name in registry.METHODS:
+        if name not in TRAINING_STAGES:
             method_config(config, name, task)
