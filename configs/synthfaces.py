@@ -31,6 +31,20 @@ from oneshui_jax import config_lib, hparams
 from oneshui_jax.data import synthfaces
 from oneshui_jax.unlearn import api, registry
 
+# MetaUnlearn's candidates for python -m oneshui_jax.select: the reference's algorithm with a
+# few step sizes (the first three), then the named step-length options (unlearn/meta_unlearn.py).
+SELECTION_CANDIDATES = (
+    "",
+    "meta_lr=1e-3",
+    "lr=1e-4,meta_lr=0.1",
+    "step_control=line_search",
+    "step_control=normalize,relative_step=1e-3",
+    "step_control=normalize,relative_step=1e-2",
+    "step_control=normalize,relative_step=1e-3,task_ascent=1",
+    "step_control=normalize,relative_step=1e-3,task_ascent=100",
+    "step_control=normalize,relative_step=1e-3,requests_per_update=4",
+)
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = config_lib.parse_arg(arg, {"N": 10, "size": synthfaces.DEFAULT_CONFIG},
@@ -103,6 +117,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ml.meta_lr = 3e-4  # step size of the inner step and of the request-time step
     ml.num_identities_simulation = config.num_identities  # identities per simulated request
     ml.compute_dtype = "float32"  # outer passes (the reference: bfloat16 on GPUs)
+
+    # Hyper-parameter selection without the request (python -m oneshui_jax.select): each
+    # candidate overrides config.meta_unlearn and is scored on held-out simulated requests of
+    # TRAIN identities outside the request (README "MetaUnlearn: choosing its settings").
+    config.selection = ml_collections.ConfigDict()
+    config.selection.meta_unlearn = SELECTION_CANDIDATES
 
     # support_ascent: one ascent step on the portraits' task loss, its length chosen on
     # simulated requests of held-out training identities (unlearn/support_ascent.py).

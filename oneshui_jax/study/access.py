@@ -42,6 +42,26 @@ def train_data(ctx, checkpointer=None) -> api.TrainData:
         crop_scale=tuple(ctx.config.data.crop_scale))
 
 
+def selection_data(ctx) -> api.TrainData:
+    """``train_data`` without the request's people: TRAIN identities outside the request and
+    their images (support held out), and VAL. What hyper-parameter selection
+    (``oneshui_jax.select``) may read: nothing of the people being forgotten."""
+    ann, splits, images = ctx.dataset.annotations, ctx.splits, ctx.images
+    forget = set(splits.forget)
+    kept = [i for i in splits.train if i not in forget]
+    own = np.isin(ann.identities, kept)
+    allowed = np.concatenate([images["train"][own[images["train"]]], images["val"]])
+    return api.TrainData(
+        source=api.GuardedSource(ctx.dataset.source, allowed,
+                                 "TRAIN images of the identities outside the request, and VAL"),
+        identity_images=_image_table(ann, kept),
+        image_identities=np.where(own, ann.identities, -1), train_identities=tuple(kept),
+        holdout_identities=tuple(kept),
+        support_images=tuple(int(i) for i in splits.support), val_images=images["val"],
+        image_size=ctx.config.data.image_size, seed=ctx.config.seed,
+        progress=ctx.config.progress, crop_scale=tuple(ctx.config.data.crop_scale))
+
+
 def full_data(ctx) -> api.FullData:
     """The forget and retain sets (and VAL): what the reference's SCRUB / Bad Teacher read."""
     images = ctx.images

@@ -82,7 +82,8 @@ class Config:
     # multiplied by the best of step_scales on the held-out requests. "normalize": every step
     # (meta-training and request) has length relative_step * ||θ||, then the line search.
     step_control: str = "none"
-    step_scales: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+    step_scales: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0,
+                                      128.0)
     relative_step: float = 1e-3  # "normalize": ||Δθ|| / ||θ|| of the meta-training step
     requests_per_update: int = 1  # meta-gradients averaged per update of φ (the reference: 1)
     # λ: the inner loss is mean ℓ_φ − λ · task loss of the portraits (0: the reference). With

@@ -1,0 +1,233 @@
+r"""Hyper-parameters chosen without looking at the request: ``python -m oneshui_jax.select``.
+
+    python -m oneshui_jax.select --config=configs/synthfaces.py [--config.seed=0] [--out DIR]
+
+Picks MetaUnlearn's settings (and shows support_ascent's step length) from simulated deletion
+requests of TRAIN identities only, never from the people of the study's request or from any
+test metric:
+
+1. the pretrained model of the config (the study's ``pretrain`` stage: reused, or trained);
+2. the data selection may read (``study.access.selection_data``): the TRAIN identities outside
+   the request, their images, and VAL. The request's people are not readable at all (the
+   guarded source refuses their images), so they take part in no meta-training and no score;
+3. every candidate of ``config.selection.meta_unlearn`` (each a ``key=value,...`` string of
+   overrides on ``config.meta_unlearn``) meta-trains on these identities minus the held-out ones
+   (``meta_train.validation_identities``) and is scored on the held-out simulated requests: the
+   outer objective (SPEC.md 6.3, the one MetaUnlearn minimises) after its request-time step,
+   with the factor its line search chose (``step_control`` line_search / normalize) or as is
+   (none). Lower is better; the table also shows the objective with no step, the share removed,
+   the step's relative size and the share of portraits that give no step;
+4. support_ascent's ``prepare`` selects its step length on simulated requests of the same
+   identities, as it does in the study;
+5. the winners, overall and within the reference's family (``step_control`` none, no task
+   ascent, one request per update), are written as config overrides.
+
+Writes ``selection.json`` and ``selection.md`` to ``--out`` (default:
+``<config.workdir>/selection``) and prints the table. The candidates' scores come from the same
+held-out requests their line searches use, so a line-searched candidate's score is slightly
+optimistic against one without; the study's ToW on the real request, which no candidate saw,
+is the honest check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+from absl import app, flags, logging
+
+from oneshui_jax import main as main_lib
+from oneshui_jax.errors import CheckpointError, ConfigError, DataError
+from oneshui_jax.files import atomic_open, to_json
+from oneshui_jax.unlearn import api, registry
+
+_OUT = flags.DEFINE_string("out", None, "Output folder (default: <config.workdir>/selection).")
+
+REFERENCE_FAMILY = {"step_control": "none", "task_ascent": 0.0, "requests_per_update": 1}
+
+
+def parse_candidate(spec: str, where: str = "config.selection.meta_unlearn") -> dict[str, Any]:
+    """``"lr=1e-3,meta_lr=3e-4"`` -> ``{"lr": "1e-3", ...}`` (typed later by the Config);
+    ``""`` is the block as it is."""
+    out: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{where}: {spec!r} is not a list of key=value pairs separated "
+                              "by commas")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _typed(module, overrides: dict[str, str]) -> dict[str, Any]:
+    """Each value as its Config field's type (``"1e-3"`` -> 1e-3, ``"true"`` -> True)."""
+    fields = {f.name: f for f in api.settings(module.Config)}
+    out = {}
+    for key, value in overrides.items():
+        default = fields[key].default if key in fields else None
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false"):
+                raise ConfigError(f"config.selection.meta_unlearn: {key}={value!r}; expected "
+                                  "true or false")
+            out[key] = value.lower() == "true"
+        elif isinstance(default, int):
+            out[key] = int(value)
+        elif isinstance(default, float):
+            out[key] = float(value)
+        elif isinstance(default, tuple):
+            out[key] = tuple(float(v) for v in value.split("/"))
+        else:
+            out[key] = value
+    return out
+
+
+def candidate_configs(config, task: str) -> list[tuple[str, Any]]:
+    """``(spec, meta_unlearn.Config)`` of every candidate, validated before any work."""
+    method, module = registry.resolve(config, "meta_unlearn")
+    block = config.meta_unlearn.to_dict()
+    specs = tuple(config.get("selection", {}).get("meta_unlearn", ()) or ("",))
+    out = []
+    for spec in specs:
+        overrides = _typed(module, parse_candidate(spec))
+        out.append((spec, api.make_config(method, module, {**block, **overrides}, task=task)))
+    return out
+
+
+def family(cfg) -> str:
+    """``reference`` for the reference's algorithm (any lr / meta_lr), else ``variant``."""
+    same = all(getattr(cfg, k) == v for k, v in REFERENCE_FAMILY.items())
+    return "reference" if same else "variant"
+
+
+def score(info: dict[str, Any]) -> dict[str, Any]:
+    """The held-out numbers of one prepared candidate (``meta_unlearn.prepare``'s info)."""
+    last = info["meta_history"][-1]
+    if "outer_learned" not in last:
+        raise ConfigError("selection needs held-out requests: config.meta_unlearn."
+                          "validation_requests must be >= 1")
+    searched = info.get("line_search")
+    if searched:
+        chosen = next(r for r in searched if r["scale"] == info["step_scale"])
+        outer = chosen["outer_loss"]
+    else:
+        outer = last["outer_learned"]
+    none = last["outer_none"]
+    return {"outer": outer, "outer_none": none, "removed": 1.0 - outer / max(none, 1e-30),
+            "step_scale": info["step_scale"], "relative_step": last["relative_step"],
+            "dead_share": last["dead_share"], "reduction_ascent": last["reduction_ascent"]}
+
+
+def select(config) -> dict[str, Any]:
+    """Runs the procedure of the module docstring; returns what ``selection.json`` holds."""
+    from oneshui_jax import study
+    from oneshui_jax.study import access
+    from oneshui_jax.unlearn import meta_unlearn, support_ascent
+
+    ctx = study.prepare(config)
+    task = ctx.dataset.task
+    candidates = candidate_configs(config, task)
+    sa_cfg = ctx.method_config("support_ascent")
+    _, params = study.train_stage(ctx, "pretrain", study.initial_params(ctx))
+    data = access.selection_data(ctx)
+    rng = jax.random.key(config.seed)
+    rows = []
+    for i, (spec, cfg) in enumerate(candidates):
+        logging.info("select: candidate %d/%d: %s", i + 1, len(candidates), spec or "(as is)")
+        start = time.perf_counter()
+        _, info = meta_unlearn.prepare(ctx.model, params, data, cfg, rng)
+        rows.append({"candidate": spec or "(config.meta_unlearn as is)", "family": family(cfg),
+                     "settings": {k: getattr(cfg, k) for k in (
+                         "lr", "meta_lr", "epochs", "step_control", "relative_step",
+                         "task_ascent", "requests_per_update")},
+                     **score(info), "seconds": time.perf_counter() - start,
+                     "history": info["meta_history"], "line_search": info.get("line_search")})
+    start = time.perf_counter()
+    _, sa_info = support_ascent.prepare(ctx.model, params, data, sa_cfg, rng)
+    sa_info["seconds"] = time.perf_counter() - start
+    best = min(rows, key=lambda r: r["outer"])
+    reference = [r for r in rows if r["family"] == "reference"]
+    best_ref = min(reference, key=lambda r: r["outer"]) if reference else None
+    return {
+        "dataset": config.dataset, "num_identities": config.num_identities,
+        "seed": config.seed, "model": config.model.name,
+        "identities": {"read": len(data.train_identities),
+                       "request (never read)": len(ctx.splits.forget)},
+        "validation": {"requests": config.meta_unlearn.validation_requests,
+                       "identities_per_request": config.meta_unlearn.num_identities_simulation},
+        "meta_unlearn": rows, "best": best["candidate"],
+        "best_reference": best_ref["candidate"] if best_ref else None,
+        "overrides": _flags(best), "overrides_reference": _flags(best_ref) if best_ref else None,
+        "support_ascent": {"alpha": sa_info["alpha"], "selection": sa_info["selection"],
+                           "requests": sa_info["selection_requests"],
+                           "seconds": sa_info["seconds"]},
+    }
+
+
+def _flags(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return ""
+    return " ".join(f"--config.meta_unlearn.{k}={v}" for k, v in row["settings"].items())
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The selection table, best first, then the winners."""
+    head = (f"# MetaUnlearn selection: {result['dataset']} N={result['num_identities']} "
+            f"seed {result['seed']} ({result['model']})\n\n"
+            f"Held-out simulated requests of TRAIN identities outside the request "
+            f"({result['identities']['read']} identities readable; the "
+            f"{result['identities']['request (never read)']} of the request are not). Outer "
+            "objective after the request-time step (lower is better); removed: its share of "
+            "the objective with no step; ascent: a gradient-ascent step of the same length.\n\n"
+            "| candidate | family | outer | no step | removed | ascent removes | factor | "
+            "relative step | no-step portraits | seconds |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    lines = []
+    for r in sorted(result["meta_unlearn"], key=lambda r: r["outer"]):
+        lines.append(f"| {r['candidate']} | {r['family']} | {r['outer']:.5f} | "
+                     f"{r['outer_none']:.5f} | {100 * r['removed']:+.1f}% | "
+                     f"{100 * r['reduction_ascent']:+.1f}% | {r['step_scale']:g} | "
+                     f"{r['relative_step']:.2e} | {100 * r['dead_share']:.0f}% | "
+                     f"{r['seconds']:.0f} |")
+    sa = result["support_ascent"]
+    tail = (f"\n\nbest: `{result['best']}`: `{result['overrides']}`\n\n"
+            f"best of the reference's family: `{result['best_reference']}`: "
+            f"`{result['overrides_reference']}`\n\n"
+            f"support_ascent: α = {sa['alpha']:g} on {sa['requests']} simulated requests "
+            f"(outer objective per α: " + ", ".join(
+                f"{s['alpha']:g}: {s['outer_loss']:.5f}" for s in sa["selection"]) + ")\n")
+    return head + "\n".join(lines) + tail
+
+
+def write(result: dict[str, Any], out: str) -> dict[str, str]:
+    """``selection.json`` and ``selection.md`` in ``out``, atomically."""
+    os.makedirs(out, exist_ok=True)
+    paths = {name: os.path.join(out, name) for name in ("selection.json", "selection.md")}
+    with atomic_open(paths["selection.json"]) as f:
+        f.write(json.dumps(to_json(result), indent=1))
+    with atomic_open(paths["selection.md"]) as f:
+        f.write(markdown(result))
+    return paths
+
+
+def main(argv):
+    if len(argv) > 1:
+        main_lib.fail(f"unexpected arguments {argv[1:]}; {main_lib.EXPECTED_FLAGS}")
+    logging.get_absl_handler().addFilter(main_lib._OwnInfoOnly())
+    config = main_lib._CONFIG.value
+    out = _OUT.value or os.path.join(config.workdir, "selection")
+    try:
+        result = select(config)
+        paths = write(result, out)
+    except (ConfigError, DataError, CheckpointError) as e:
+        main_lib.fail(str(e))
+    print(markdown(result))
+    print(f"written: {paths['selection.md']}", file=sys.stdout)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=main_lib.parse_flags)
+
