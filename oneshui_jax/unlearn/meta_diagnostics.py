@@ -98,9 +98,14 @@ def request_diagnostics(model_cfg, ml_cfg, cfg: mu.Config, theta, phi, support, 
             "mask": support["mask"]}
 
 
-@functools.lru_cache(maxsize=8)
 def jitted(model_cfg, ml_cfg, cfg: mu.Config) -> tuple[Any, Any]:
-    """``(request_diagnostics, scale_losses)`` compiled for this model, meta-loss and config."""
+    """``(request_diagnostics, scale_losses)`` compiled for this model, meta-loss and config
+    (``meta_unlearn.compile_key``: once for configs that differ only in what is not compiled)."""
+    return _jitted(model_cfg, ml_cfg, mu.compile_key(cfg))
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted(model_cfg, ml_cfg, cfg: mu.Config) -> tuple[Any, Any]:
     return (jax.jit(functools.partial(request_diagnostics, model_cfg, ml_cfg, cfg)),
             jax.jit(functools.partial(scale_losses, model_cfg, ml_cfg, cfg)))
 

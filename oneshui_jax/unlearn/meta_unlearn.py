@@ -360,26 +360,50 @@ def _apply_update(tx, phi, opt_state, grad_phi, lr):
     return jax.tree.map(lambda p, u: p - lr * u, phi, updates), opt_state
 
 
-@functools.lru_cache(maxsize=8)
+_COMPILED_FIELDS = ("task", "weight_decay", "meta_lr", "forget_loss", "loss_type", "use_accs",
+                    "compute_dtype", "step_control", "relative_step", "task_ascent")
+
+
+def compile_key(cfg: Config) -> Config:
+    """``cfg`` with only the fields a compiled step reads (``_COMPILED_FIELDS``; the rest at
+    their defaults): configs that differ in epochs, lr, request sizes, ... share one compilation
+    (a selection over learning rates compiles once)."""
+    return Config(**{k: getattr(cfg, k) for k in _COMPILED_FIELDS})
+
+
 def meta_step(model_cfg, ml_cfg, cfg: Config,
               objective: Callable = outer_batch_loss) -> Callable:
     """``make_meta_step`` with the method's optimiser, compiled once per process for each
-    (model, meta-loss, config, objective): a resumed or repeated meta-training reuses it."""
-    return make_meta_step(model_cfg, ml_cfg, cfg, optimizer(cfg), objective)
+    (model, meta-loss, ``compile_key(cfg)``, objective): a resumed or repeated meta-training
+    reuses it."""
+    return _meta_step(model_cfg, ml_cfg, compile_key(cfg), objective)
 
 
 @functools.lru_cache(maxsize=8)
+def _meta_step(model_cfg, ml_cfg, cfg: Config, objective: Callable) -> Callable:
+    return make_meta_step(model_cfg, ml_cfg, cfg, optimizer(cfg), objective)
+
+
 def meta_grad(model_cfg, ml_cfg, cfg: Config,
               objective: Callable = outer_batch_loss) -> Callable:
     """The first half of ``meta_step`` alone, for ``requests_per_update`` > 1:
     ``(theta, phi, support, forget, val, retain, rng) -> (∂L/∂φ, stats, theta_u)``."""
-    return jax.jit(_meta_grad_fn(model_cfg, ml_cfg, cfg, objective))
+    return _meta_grad(model_cfg, ml_cfg, compile_key(cfg), objective)
 
 
 @functools.lru_cache(maxsize=8)
+def _meta_grad(model_cfg, ml_cfg, cfg: Config, objective: Callable) -> Callable:
+    return jax.jit(_meta_grad_fn(model_cfg, ml_cfg, cfg, objective))
+
+
 def meta_update(cfg: Config) -> Callable:
     """The second half of ``meta_step``: ``(phi, opt_state, grad_phi, lr) -> (phi, opt_state)``
     (the averaged meta-gradient of ``requests_per_update`` requests)."""
+    return _meta_update(compile_key(cfg))
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_update(cfg: Config) -> Callable:
     return jax.jit(functools.partial(_apply_update, optimizer(cfg)))
 
 
@@ -395,7 +419,11 @@ def make_unlearn_step(model_cfg, ml_cfg, cfg: Config) -> Callable:
     return jax.jit(step)
 
 
-_cached_unlearn_step = functools.lru_cache(maxsize=32)(make_unlearn_step)
+_unlearn_steps = functools.lru_cache(maxsize=32)(make_unlearn_step)
+
+
+def _cached_unlearn_step(model_cfg, ml_cfg, cfg: Config) -> Callable:
+    return _unlearn_steps(model_cfg, ml_cfg, compile_key(cfg))
 
 
 def apply_steps(unlearn_step: Callable, theta, phi_forget, support, forget_epochs: int,
