@@ -102,6 +102,18 @@ def mia_block(dataset: str) -> ml_collections.ConfigDict:
     return mia
 
 
+# MetaUnlearn's candidates for ``python -m oneshui_jax.select`` (each overrides
+# config.meta_unlearn): the reference's algorithm as configured and with a smaller step, then
+# the named step-length options of unlearn/meta_unlearn.py.
+SELECTION_CANDIDATES = (
+    "",
+    "meta_lr=1e-4",
+    "step_control=line_search",
+    "step_control=normalize,relative_step=1e-3",
+    "step_control=normalize,relative_step=1e-3,task_ascent=100",
+)
+
+
 def real_data_config(dataset: str, method: str, num_identities: int) -> ml_collections.ConfigDict:
     """The paper's setting for ``dataset`` (celeba | celebahq | mufac) and one method, or a
     group of :data:`METHOD_GROUPS` (``one_shot``: every method of :data:`ONE_SHOT`; ``all``:
@@ -197,6 +209,10 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
                                               num_identities)
 
     config.mia = mia_block(dataset)
+    # python -m oneshui_jax.select: candidates for config.meta_unlearn, scored on held-out
+    # simulated requests of TRAIN identities outside the request (README "MetaUnlearn").
+    config.selection = ml_collections.ConfigDict()
+    config.selection.meta_unlearn = SELECTION_CANDIDATES
 
     config.progress = True
     notes = []

@@ -23,14 +23,17 @@ test metric:
    ascent, one request per update), are written as config overrides.
 
 Writes ``selection.json`` and ``selection.md`` to ``--out`` (default:
-``<config.workdir>/selection``) and prints the table. The candidates' scores come from the same
-held-out requests their line searches use, so a line-searched candidate's score is slightly
-optimistic against one without; the study's ToW on the real request, which no candidate saw,
-is the honest check.
+``<config.workdir>/selection``) and prints the table; each finished candidate is kept in
+``--out/candidates/``, so an interrupted selection resumes with the next one.
+
+The candidates' scores come from the same held-out requests their line searches use, so a
+line-searched candidate's score is slightly optimistic against one without; the study's ToW on
+the real request, which no candidate saw, is the honest check.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -40,6 +43,7 @@ from typing import Any
 import jax
 from absl import app, flags, logging
 
+from oneshui_jax import checkpoints
 from oneshui_jax import main as main_lib
 from oneshui_jax.errors import CheckpointError, ConfigError, DataError
 from oneshui_jax.files import atomic_open, to_json
@@ -121,8 +125,19 @@ def score(info: dict[str, Any]) -> dict[str, Any]:
             "dead_share": last["dead_share"], "reduction_ascent": last["reduction_ascent"]}
 
 
-def select(config) -> dict[str, Any]:
-    """Runs the procedure of the module docstring; returns what ``selection.json`` holds."""
+def _key(config, cfg, base_hash: str) -> str:
+    """What a candidate's result depends on: data, split, seed, the model it starts from and
+    every MetaUnlearn setting."""
+    text = json.dumps([config.dataset, config.data.get("synthfaces_config"), config.seed,
+                       config.num_identities, base_hash, api.config_record(cfg)], sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def select(config, out: str) -> dict[str, Any]:
+    """Runs the procedure of the module docstring; returns what ``selection.json`` holds. Each
+    finished candidate is kept in ``out/candidates/`` and reused by a rerun (an interrupted
+    selection resumes at the first unfinished candidate)."""
     from oneshui_jax import study
     from oneshui_jax.study import access
     from oneshui_jax.unlearn import meta_unlearn, support_ascent
@@ -134,8 +149,16 @@ def select(config) -> dict[str, Any]:
     _, params = study.train_stage(ctx, "pretrain", study.initial_params(ctx))
     data = access.selection_data(ctx)
     rng = jax.random.key(config.seed)
+    base_hash = checkpoints.params_hash(params)
     rows = []
     for i, (spec, cfg) in enumerate(candidates):
+        done = os.path.join(out, "candidates", _key(config, cfg, base_hash) + ".json")
+        if os.path.exists(done):  # a finished candidate of an earlier, interrupted run
+            with open(done) as f:
+                rows.append(json.load(f))
+            logging.info("select: candidate %d/%d: %s (reused %s)", i + 1, len(candidates),
+                         spec or "(as is)", done)
+            continue
         logging.info("select: candidate %d/%d: %s", i + 1, len(candidates), spec or "(as is)")
         start = time.perf_counter()
         _, info = meta_unlearn.prepare(ctx.model, params, data, cfg, rng)
@@ -145,6 +168,9 @@ def select(config) -> dict[str, Any]:
                          "task_ascent", "requests_per_update")},
                      **score(info), "seconds": time.perf_counter() - start,
                      "history": info["meta_history"], "line_search": info.get("line_search")})
+        os.makedirs(os.path.dirname(done), exist_ok=True)
+        with atomic_open(done) as f:
+            f.write(json.dumps(to_json(rows[-1])))
     start = time.perf_counter()
     _, sa_info = support_ascent.prepare(ctx.model, params, data, sa_cfg, rng)
     sa_info["seconds"] = time.perf_counter() - start
@@ -220,7 +246,7 @@ def main(argv):
     config = main_lib._CONFIG.value
     out = _OUT.value or os.path.join(config.workdir, "selection")
     try:
-        result = select(config)
+        result = select(config, out)
         paths = write(result, out)
     except (ConfigError, DataError, CheckpointError) as e:
         main_lib.fail(str(e))

@@ -293,7 +293,7 @@ def test_selection_never_reads_a_request_identity_and_picks_the_lowest(ctx, monk
         return real_get(self, index)
 
     monkeypatch.setattr(api.GuardedSource, "__getitem__", spy)
-    result = select.select(config)
+    result = select.select(config, str(tmp_path / "selection"))
     assert read and not read & forget_images
     scores = {r["candidate"]: r["outer"] for r in result["meta_unlearn"]}
     assert result["best"] == min(scores, key=scores.get)
@@ -304,6 +304,13 @@ def test_selection_never_reads_a_request_identity_and_picks_the_lowest(ctx, monk
     paths = select.write(result, str(tmp_path))
     text = open(paths["selection.md"]).read()
     assert result["overrides"] in text and os.path.exists(paths["selection.json"])
+    # a rerun reuses every finished candidate: no meta-training, the same table
+    from oneshui_jax.unlearn import meta_unlearn
+
+    monkeypatch.setattr(meta_unlearn, "prepare", lambda *a, **k: pytest.fail("meta-trained"))
+    again = select.select(config, str(tmp_path / "selection"))
+    assert [r["outer"] for r in again["meta_unlearn"]] == [r["outer"] for r in
+                                                           result["meta_unlearn"]]
 
 
 def test_selection_candidates_are_checked_before_any_work(ctx):

@@ -48,6 +48,7 @@ class Mutation:
 
 T_OBJ = "tests/test_objectives.py"
 T_LOOP = "tests/test_training_loop.py"
+T_DIAG = "tests/test_meta_diagnostics.py"
 T_MU = "tests/test_meta_unlearn.py"
 
 MUTATIONS = (
@@ -91,10 +92,25 @@ MUTATIONS = (
              (T_OBJ, "-k", "batch_map"), "the in-graph mAP is NaN with a label without positives"),
     # -- one or more per method ------------------------------------------------------------------
     Mutation("meta_unlearn_meta_step_ascends", "oneshui_jax/unlearn/meta_unlearn.py",
-             "        new_phi = jax.tree.map(lambda p, u: p - lr * u, phi, updates)",
-             "        new_phi = jax.tree.map(lambda p, u: p + lr * u, phi, updates)",
+             "    return jax.tree.map(lambda p, u: p - lr * u, phi, updates), opt_state",
+             "    return jax.tree.map(lambda p, u: p + lr * u, phi, updates), opt_state",
              (f"{T_MU}::test_meta_training_learns_a_step_that_unlearns_a_planted_request",),
              "meta-training climbs the outer objective"),
+    Mutation("meta_unlearn_line_search_picks_the_worst", "oneshui_jax/unlearn/meta_train.py",
+             "    best = float(scales[meta_diagnostics.choose_scale(scales, mean)])",
+             "    best = float(scales[meta_diagnostics.choose_scale(scales, -mean)])",
+             (f"{T_DIAG}::test_line_search_picks_the_best_of_its_candidates_on_a_planted_objective",),
+             "the line search keeps the step length with the highest outer objective"),
+    Mutation("meta_unlearn_meta_trains_on_held_out_people", "oneshui_jax/unlearn/meta_train.py",
+             "                                               identities=train_pool)",
+             "                                               identities=None)",
+             (f"{T_DIAG}::test_held_out_requests_diagnose_and_search_and_averaged_updates_resume",),
+             "the held-out identities of the diagnostics take part in meta-training"),
+    Mutation("meta_unlearn_normalize_ignores_relative_step", "oneshui_jax/unlearn/meta_unlearn.py",
+             "        return cfg.relative_step * safe_norm(theta) / safe_norm(grads)",
+             "        return cfg.meta_lr * safe_norm(theta) / safe_norm(grads)",
+             (f"{T_DIAG}::test_normalize_gives_the_step_its_relative_size_times_the_factor",),
+             "step_control=normalize ignores relative_step"),
     Mutation("meta_unlearn_ignores_forget_epochs", "oneshui_jax/unlearn/meta_unlearn.py",
              "    for _ in range(forget_epochs):",
              "    for _ in range(1):",

@@ -14,6 +14,19 @@ through θ_u, so ``g = Σ_b w_b ∇_{θ_u} L_b`` is accumulated batch by batch (
 first-order), then pulled back through the inner step with one VJP: ``∂L/∂φ = vjp(θ_u)(g)``.
 ``meta_gradient_naive`` differentiates the whole thing at once; tests check both agree.
 
+Beyond the reference (named options of ``Config``; the defaults keep the reference's step):
+
+* ``step_control``: ``none`` (the reference: ``η = meta_lr``); ``line_search`` (after
+  meta-training, the request-time step is multiplied by the best of ``step_scales`` on held-out
+  simulated requests); ``normalize`` (every step has length ``relative_step ‖θ‖``, then the line
+  search);
+* ``task_ascent`` λ: the inner loss is ``mean ℓ_φ − λ L_task``, so the learned term corrects a
+  gradient-ascent step on the portraits instead of replacing it;
+* ``requests_per_update`` k: the meta-gradient is averaged over k requests per update of φ;
+* ``validation_requests``: held-out simulated requests (``meta_train``) on which every epoch's
+  step is diagnosed (``meta_diagnostics``) and the line search runs; 0 restores the reference's
+  request stream exactly.
+
 Functions here are pure and jit-compiled with every array passed as an argument.
 """
 
