@@ -197,6 +197,8 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
     config.meta_unlearn, _ = api.reference_block(meta_unlearn, "meta_unlearn", dataset,
                                                  num_identities)
     config.meta_unlearn.compute_dtype = "bfloat16"  # outer passes, the reference's autocast
+    # The variant meta_unlearn_reference: here the same values (a profile may select others).
+    meta_unlearn_blocks(config, {}, {})
     # support_ascent is not in the reference: its defaults, simulated requests of size N.
     config.support_ascent = api.default_block(support_ascent)
     config.support_ascent.num_identities_simulation = num_identities
@@ -260,8 +262,28 @@ CPU_PROFILE: dict[str, Any] = {
 }
 
 
+# MetaUnlearn's settings for the CPU profile, chosen by ``python -m oneshui_jax.select`` on seed
+# 0 (held-out simulated requests of training identities outside the request; README "MetaUnlearn"
+# and bench/results/selection_*): (dataset, N) -> (the best candidate's overrides, the best of the
+# reference's algorithm). Pairs not listed keep the reference's values for both.
+CPU_SELECTED_META_UNLEARN: dict[tuple[str, int], tuple[dict[str, Any], dict[str, Any]]] = {}
+
+
+def meta_unlearn_blocks(config: ml_collections.ConfigDict, best: dict[str, Any],
+                        reference: dict[str, Any]) -> None:
+    """``config.meta_unlearn`` with ``best`` applied, and the variant
+    ``config.meta_unlearn_reference`` (the reference's algorithm, ``reference`` applied): the
+    two MetaUnlearn rows a selection hands to a config (in place)."""
+    base = config.meta_unlearn.to_dict()
+    config.meta_unlearn_reference = ml_collections.ConfigDict(
+        {"method": "meta_unlearn", **base, **reference})
+    for key, value in best.items():
+        config.meta_unlearn[key] = value
+
+
 def cpu_profile(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Applies ``CPU_PROFILE`` to ``config`` (in place) and returns it.
+    """Applies ``CPU_PROFILE`` to ``config`` (in place) and returns it, with MetaUnlearn's
+    selected settings (``CPU_SELECTED_META_UNLEARN``) and the ``meta_unlearn_reference`` variant.
 
     Other values (e.g. MetaUnlearn's epochs and simulated request size) keep the reference's for
     the config's (dataset, N).
@@ -274,4 +296,7 @@ def cpu_profile(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if isinstance(value, str):
             value = value.format(dataset=config.dataset)
         block[leaf] = value
+    best, reference = CPU_SELECTED_META_UNLEARN.get((config.dataset, config.num_identities),
+                                                    ({}, {}))
+    meta_unlearn_blocks(config, best, reference)
     return config

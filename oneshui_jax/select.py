@@ -171,6 +171,7 @@ def select(config, out: str) -> dict[str, Any]:
         os.makedirs(os.path.dirname(done), exist_ok=True)
         with atomic_open(done) as f:
             f.write(json.dumps(to_json(rows[-1])))
+        meta_unlearn.clear_compiled()  # see its docstring: dozens of executables crash LLVM
     start = time.perf_counter()
     _, sa_info = support_ascent.prepare(ctx.model, params, data, sa_cfg, rng)
     sa_info["seconds"] = time.perf_counter() - start

@@ -88,10 +88,12 @@ def request_diagnostics(model_cfg, ml_cfg, cfg: mu.Config, theta, phi, support, 
     step_norm = c * mu.safe_norm(grads)
     ascent = support_ascent.support_gradient(model_cfg, cfg.task, theta, support)
     theta_a = support_ascent.ascend(theta, ascent, step_norm / mu.safe_norm(ascent))
-    outer = functools.partial(outer_loss, model_cfg, cfg, theta=theta, forget=forget, val=val,
-                              retain=retain)
-    return {"outer_none": outer(theta), "outer_learned": outer(theta_u),
-            "outer_ascent": outer(theta_a), "step_norm": step_norm,
+    # the three models' objectives in one loop (one compiled body, not three)
+    stacked = jax.tree.map(lambda *p: jnp.stack(p), theta, theta_u, theta_a)
+    outer = jax.lax.map(
+        lambda t: outer_loss(model_cfg, cfg, t, theta, forget, val, retain), stacked)
+    return {"outer_none": outer[0], "outer_learned": outer[1],
+            "outer_ascent": outer[2], "step_norm": step_norm,
             "theta_norm": mu.safe_norm(theta),
             "portrait_norms": portrait_gradient_norms(model_cfg, ml_cfg, cfg, theta, phi,
                                                       support),

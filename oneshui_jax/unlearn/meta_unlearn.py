@@ -420,6 +420,19 @@ def _meta_update(cfg: Config) -> Callable:
     return jax.jit(functools.partial(_apply_update, optimizer(cfg)))
 
 
+def clear_compiled() -> None:
+    """Drops every compiled MetaUnlearn step of this process (and JAX's caches). A process that
+    meta-trains many configurations in a row (``oneshui_jax.select``) calls it between them:
+    compiled CPU executables each hold memory mappings, and a few dozen of the meta-step's
+    exhaust the kernel's per-process limit (LLVM then fails with "Cannot allocate memory")."""
+    from oneshui_jax.unlearn import meta_diagnostics
+
+    for cached in (_meta_step, _meta_grad, _meta_update, _unlearn_steps,
+                   meta_diagnostics._jitted):
+        cached.cache_clear()
+    jax.clear_caches()
+
+
 def make_unlearn_step(model_cfg, ml_cfg, cfg: Config) -> Callable:
     """Request-time unlearning, one step: ``θ − s c ∇_θ (mean ℓ_φ − λ L_task)(portraits)``
     (dropout off; ``learned_step``). ``step(theta, phi, support, scale)``; ``scale`` (``s``, the
