@@ -122,6 +122,7 @@ def score(info: dict[str, Any]) -> dict[str, Any]:
     none = last["outer_none"]
     return {"outer": outer, "outer_none": none, "removed": 1.0 - outer / max(none, 1e-30),
             "step_scale": info["step_scale"], "relative_step": last["relative_step"],
+            "request_relative_step": last["relative_step"] * info["step_scale"],
             "dead_share": last["dead_share"], "reduction_ascent": last["reduction_ascent"]}
 
 
@@ -208,16 +209,19 @@ def markdown(result: dict[str, Any]) -> str:
             f"({result['identities']['read']} identities readable; the "
             f"{result['identities']['request (never read)']} of the request are not). Outer "
             "objective after the request-time step (lower is better); removed: its share of "
-            "the objective with no step; ascent: a gradient-ascent step of the same length.\n\n"
-            "| candidate | family | outer | no step | removed | ascent removes | factor | "
-            "relative step | no-step portraits | seconds |\n"
+            "the objective with no step; factor: the line search's; request step: ||Δθ|| / "
+            "||θ|| of the request-time step; at the meta-training step's length (factor 1), "
+            "the share a gradient-ascent step removes and the portraits that give no step.\n\n"
+            "| candidate | family | outer | no step | removed | factor | request step | "
+            "ascent removes (factor 1) | no-step portraits | seconds |\n"
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     lines = []
     for r in sorted(result["meta_unlearn"], key=lambda r: r["outer"]):
         lines.append(f"| {r['candidate']} | {r['family']} | {r['outer']:.5f} | "
                      f"{r['outer_none']:.5f} | {100 * r['removed']:+.1f}% | "
-                     f"{100 * r['reduction_ascent']:+.1f}% | {r['step_scale']:g} | "
-                     f"{r['relative_step']:.2e} | {100 * r['dead_share']:.0f}% | "
+                     f"{r['step_scale']:g} | "
+                     f"{r['relative_step'] * r['step_scale']:.2e} | "
+                     f"{100 * r['reduction_ascent']:+.1f}% | {100 * r['dead_share']:.0f}% | "
                      f"{r['seconds']:.0f} |")
     sa = result["support_ascent"]
     tail = (f"\n\nbest: `{result['best']}`: `{result['overrides']}`\n\n"

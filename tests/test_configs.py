@@ -302,7 +302,16 @@ def test_cpu_profile_changes_only_what_it_says():
     cpu = flat(cpu_config)
     assert set(paper) == set(cpu)
     changed = {k for k in paper if paper[k] != cpu[k]}
-    assert changed <= set(config_lib.CPU_PROFILE)
+    # the profile, the same for the reference variant, and MetaUnlearn's selected values
+    best, reference = config_lib.CPU_SELECTED_META_UNLEARN.get(("mufac", 5), ({}, {}))
+    allowed = set(config_lib.CPU_PROFILE) | {
+        k.replace("meta_unlearn.", "meta_unlearn_reference.") for k in config_lib.CPU_PROFILE}
+    allowed |= {f"meta_unlearn.{k}" for k in best}
+    allowed |= {f"meta_unlearn_reference.{k}" for k in reference}
+    assert changed <= allowed
+    assert cpu["meta_unlearn_reference.method"] == "meta_unlearn"
+    for key, value in best.items():
+        assert cpu[f"meta_unlearn.{key}"] == value
     assert {"model.name", "model.init", "train.optimizer", "workdir"} <= changed
     for key, value in config_lib.CPU_PROFILE.items():
         expected = value.format(dataset="mufac") if isinstance(value, str) else value
