@@ -12,7 +12,8 @@ support_ascent's step length and takes its step, runs the reference's one-shot b
 Lipschitz / JiT, PGU) and its full-data baselines (SCRUB, Bad Teacher), attacks every model
 (the reference's loss attack; RMIA with a reference model the study builds for each method; the
 attack on people), then reports retain / forget / test mAP, ToW, the attacks' AUC and TPR and
-each method's data access for each: 9 min 37 s on 2 CPU cores (README "Results").
+each method's data access for each: 9 min 37 s on 2 CPU cores before MetaUnlearn's held-out
+diagnostics, which lengthen its stage from 47 s to 118-173 s (README "MetaUnlearn: results").
 
 Run it (from the repository root)::
 

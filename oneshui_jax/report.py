@@ -444,7 +444,7 @@ def meta_diagnostics_figure(records: Sequence[Row]) -> Figure | None:
     runs = _meta_runs(records)
     if not runs:
         return None
-    fig = _new_figure(13, 4.0)
+    fig = _new_figure(14, 4.4)
     ax_red, ax_step, ax_port = fig.subplots(1, 3)
     for i, r in enumerate(runs):
         prepared = r["prepare"]
@@ -463,16 +463,17 @@ def meta_diagnostics_figure(records: Sequence[Row]) -> Figure | None:
         ax_port.plot(epochs, 100 * np.asarray(get("top_share")), ":", color=color)
     ax_red.axhline(0, color="grey", linewidth=1)
     ax_red.set(xlabel="meta-training epoch", ylabel="% of the outer objective removed",
-               title="held-out requests (solid: learned, dashed: ascent)")
+               title="objective removed\n(solid: learned, dashed: ascent)")
     ax_step.set(xlabel="meta-training epoch", ylabel="||Δθ|| / ||θ||", yscale="log",
                 title="relative step size")
-    ax_port.set(xlabel="meta-training epoch", ylabel="%",
-                title="portraits: no step (solid), largest share (dotted)")
+    ax_port.set(xlabel="meta-training epoch", ylabel="% of the portraits / of the step",
+                title="portraits giving no step (solid),\nlargest portrait's share (dotted)")
     for ax in (ax_red, ax_step, ax_port):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.legend(loc="outside right upper", fontsize=8)
-    fig.suptitle(f"{subject(runs)}: MetaUnlearn diagnostics", fontsize=10)
+    fig.suptitle(f"{subject(runs)}: MetaUnlearn on held-out simulated requests (epoch -1: "
+                 "before meta-training)", fontsize=10)
     return fig
 
 

@@ -5,8 +5,10 @@ study: what each reads (through a recording source), its record and checkpoint, 
 import os
 
 import doubles
+import jax
 import method_stages
 import numpy as np
+import optax
 import pytest
 
 from oneshui_jax import checkpoints, study
@@ -111,3 +113,49 @@ def test_full_data_baselines_run_as_stages_read_what_they_may_and_are_not_served
     stderr = capsys.readouterr().err
     assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
     assert "forget and retain" in stderr and not os.path.exists(out)
+
+
+def test_a_variant_runs_as_its_own_stage_and_serves_as_its_method(base, tmp_path, monkeypatch):
+    """A stage whose block names its method (``registry.resolve``): its own run folder, its own
+    row, its own settings; its run records the method and serves like it."""
+    import ml_collections
+
+    from oneshui_jax import serve
+    from oneshui_jax.errors import ConfigError
+
+    _no_evaluation(monkeypatch)
+    ctx = fresh_context(base, tmp_path)
+    ctx.config.lipschitz.n_samples = 2
+    ctx.config.lipschitz_gentle = ml_collections.ConfigDict(
+        {"method": "lipschitz", **ctx.config.lipschitz.to_dict(), "lr": 1e-4})
+    ctx.config.stages = ("pretrain", "lipschitz", "lipschitz_gentle")
+    study.validate_config(ctx.config)
+    assert ctx.method_config("lipschitz_gentle").lr == 1e-4
+    plain, plain_params = study.method_stage(ctx, "lipschitz", base.params, base.base_dir)
+    gentle, gentle_params = study.method_stage(ctx, "lipschitz_gentle", base.params,
+                                               base.base_dir)
+    assert (plain["method"], gentle["method"]) == ("lipschitz", "lipschitz_gentle")
+    rdir = ctx.run_dir("lipschitz_gentle")
+    assert rdir != ctx.run_dir("lipschitz") and os.path.basename(rdir).startswith(
+        "lipschitz_gentle_")
+    meta = checkpoints.read_metadata(rdir)
+    assert (meta["method"], meta["variant"]) == ("lipschitz", "lipschitz_gentle")
+    # a smaller learning rate moves the model less
+    moved = lambda p: float(optax.global_norm(jax.tree.map(  # noqa: E731
+        lambda a, b: a - b, p, base.params)))
+    assert 0 < moved(gentle_params) < moved(plain_params)
+    from PIL import Image
+
+    portrait = str(tmp_path / "portrait.png")
+    support = int(ctx.splits.support[0])
+    Image.fromarray(np.asarray(base.ctx.dataset.source[support]["image"])).save(portrait)
+    receipt = serve.serve_request(rdir, [portrait], str(tmp_path / "out"))
+    assert receipt.method == "lipschitz"
+    # a variant must name a registered method
+    ctx.config.lipschitz_gentle.method = "lipshitz"
+    with pytest.raises(ConfigError, match="config.lipschitz_gentle.method"):
+        study.validate_config(ctx.config)
+    with pytest.raises(ConfigError, match="unknown stages"):
+        ctx.config.stages = ("pretrain", "nobody")
+        study.validate_config(ctx.config)
+    assert registry.resolve(ctx.config, "ssd")[0] == "ssd"
