@@ -31,7 +31,9 @@ def ctx(tmp_path_factory, synthfaces_tfds):
     config.meta_unlearn.num_identities_simulation = 30  # 4 requests per epoch: fast
     config.meta_unlearn.batch_size = 256  # one outer batch per request: one compilation
     config.meta_unlearn.hidden_size = 32
-    config.meta_unlearn.validation_requests = 0  # the reference's request stream
+    config.meta_unlearn.validation_requests = 0  # the reference's request stream and step
+    config.meta_unlearn.step_control = "none"
+    config.meta_unlearn.task_ascent = 0.0
     ctx = study.prepare(config)
     # A tiny ViT: these tests are about the meta-training loop, not the model.
     tiny = vit.ViTConfig.preset("vit_tiny_test", num_classes=ctx.model_cfg.num_classes)

@@ -68,7 +68,7 @@ def test_study_runs_end_to_end(finished_study):
     assert meta["method"] == "meta_unlearn" and meta["access"] == "stats"
     assert meta["method_config"]["meta_lr"] == config.meta_unlearn.meta_lr
     artifacts = checkpoints.load_tree(mdir, "artifacts", expected_hash=meta["artifacts_hash"])
-    assert set(artifacts) == {"phi", "train_identities"}
+    assert set(artifacts) == {"phi", "train_identities", "step_scale"}
     assert not os.path.exists(os.path.join(mdir, checkpoints.TRAIN_STATE_DIR))
 
 
@@ -108,9 +108,11 @@ def test_stored_methods_are_their_step_on_the_study_request(finished_study):
         stored = checkpoints.load_params(ctx.run_dir(stage))
         assert checkpoints.params_hash(again) == checkpoints.params_hash(stored)
         assert checkpoints.params_hash(stored) != checkpoints.params_hash(pretrained)
-        if stage == "meta_unlearn":
-            still, _ = module.unlearn(ctx.model, pretrained, artifacts, request,
-                                      dataclasses.replace(cfg, meta_lr=0.0), jax.random.key(0))
+        if stage == "meta_unlearn":  # the reference's step (the config's is normalised)
+            reference = dataclasses.replace(cfg, meta_lr=0.0, step_control="none",
+                                            task_ascent=0.0)
+            still, _ = module.unlearn(ctx.model, pretrained, artifacts, request, reference,
+                                      jax.random.key(0))
             assert checkpoints.params_hash(still) == checkpoints.params_hash(pretrained)
 
 
@@ -449,7 +451,8 @@ def test_checkpoint_with_other_hyperparameters_is_refused(finished_study, tmp_pa
     other = config.copy_and_resolve_references()
     other.workdir = str(tmp_path)
     other.meta_unlearn.meta_lr = 0.5
-    with pytest.raises(CheckpointError, match=r"meta_unlearn.meta_lr: 0.0003 -> 0.5"):
+    with pytest.raises(CheckpointError,
+                       match=rf"meta_unlearn.meta_lr: {config.meta_unlearn.meta_lr} -> 0.5"):
         study.run(other)
     other = config.copy_and_resolve_references()
     other.workdir = str(tmp_path)
