@@ -122,7 +122,6 @@ def score(info: dict[str, Any]) -> dict[str, Any]:
     none = last["outer_none"]
     return {"outer": outer, "outer_none": none, "removed": 1.0 - outer / max(none, 1e-30),
             "step_scale": info["step_scale"], "relative_step": last["relative_step"],
-            "request_relative_step": last["relative_step"] * info["step_scale"],
             "dead_share": last["dead_share"], "reduction_ascent": last["reduction_ascent"]}
 
 

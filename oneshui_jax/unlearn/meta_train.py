@@ -136,11 +136,13 @@ def meta_train(model: api.Model, theta, data: api.TrainData, cfg: mu.Config,
                      state["request"])
     step = mu.meta_step(model.vit, ml_cfg, cfg)
     k = cfg.requests_per_update
-    grad_step, update = (mu.meta_grad(model.vit, ml_cfg, cfg), mu.meta_update(cfg))
+    if k > 1:  # the meta-gradient and the update apart, to average k requests per update
+        grad_step, update = mu.meta_grad(model.vit, ml_cfg, cfg), mu.meta_update(cfg)
     retain_step = (mu.meta_step(model.vit, ml_cfg, mu.retain_config(cfg), mu.retain_batch_loss)
                    if cfg.use_retain else None)
     held_out = validation_identities(data, cfg)
-    train_pool = ([i for i in data.train_identities if i not in set(held_out)]
+    held_set = set(held_out)
+    train_pool = ([i for i in data.train_identities if i not in held_set]
                   if held_out else None)  # None: every TRAIN identity, the reference's stream
     validation = (_validation_batches(data, cfg, rows, held_out) if held_out else [])
     diag_fn, losses_fn = meta_diagnostics.jitted(model.vit, ml_cfg, cfg)
