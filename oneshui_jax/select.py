@@ -46,7 +46,7 @@ from absl import app, flags, logging
 from oneshui_jax import checkpoints
 from oneshui_jax import main as main_lib
 from oneshui_jax.errors import CheckpointError, ConfigError, DataError
-from oneshui_jax.files import atomic_open, to_json
+from oneshui_jax.files import atomic_open, cannot_write_in, to_json
 from oneshui_jax.unlearn import api, registry
 
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: <config.workdir>/selection).")
@@ -249,6 +249,9 @@ def main(argv):
     logging.get_absl_handler().addFilter(main_lib._OwnInfoOnly())
     config = main_lib._CONFIG.value
     out = _OUT.value or os.path.join(config.workdir, "selection")
+    problem = cannot_write_in(os.path.join(out, "candidates"))
+    if problem:  # before any meta-training
+        main_lib.fail(f"--out {out}: {problem}")
     try:
         result = select(config, out)
         paths = write(result, out)

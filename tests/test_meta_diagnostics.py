@@ -325,3 +325,32 @@ def test_selection_candidates_are_checked_before_any_work(ctx):
     config.selection.meta_unlearn = ("bogus=1",)
     with pytest.raises(ConfigError, match="unknown settings"):
         select.candidate_configs(config, "multilabel")
+
+
+def test_select_refuses_an_unwritable_out_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    done = subprocess.run([sys.executable, "-m", "oneshui_jax.select",
+                           f"--out={blocker}/selection"], capture_output=True, text=True,
+                          timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"error: --out {blocker}/selection: {blocker} is a file, "
+                                   "not a folder")
+
+
+def test_report_plots_the_diagnostics_only_when_a_run_has_them(tmp_path):
+    from oneshui_jax import report
+
+    fields = dict.fromkeys(meta_diagnostics.SUMMARY_FIELDS, 0.1)
+    with_diag = {"method": "meta_unlearn", "dataset": "synthfaces", "num_identities": 10,
+                 "seed": 0, "prepare": {"meta_history": [{"epoch": 0, **fields},
+                                                         {"epoch": 1, **fields}],
+                                        "validation": {"initial": fields}}}
+    without = {**with_diag, "prepare": {"meta_history": [{"epoch": 0, "outer_loss": 0.1}]}}
+    assert report.meta_diagnostics_figure([without]) is None
+    fig = report.meta_diagnostics_figure([with_diag, without])
+    lines = fig.axes[0].get_lines()
+    assert [list(line.get_xdata()) for line in lines[:2]] == [[-1, 0, 1], [-1, 0, 1]]
