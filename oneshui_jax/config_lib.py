@@ -217,6 +217,10 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
     config.selection.meta_unlearn = SELECTION_CANDIDATES
 
     config.progress = True
+    # Per-step and per-epoch training curves as TensorBoard event files in
+    # <workdir>/tensorboard/<dataset>/<model>/<stage>_<N>_<seed>/ (needs tensorboardX:
+    # pip install -e .[tensorboard]); metrics.jsonl has them either way. Changes no result.
+    config.tensorboard = True
     notes = []
     for stage in config.stages:
         if stage not in hparams.METHODS:

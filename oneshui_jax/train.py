@@ -28,7 +28,7 @@ import optax
 from absl import logging
 from tqdm.auto import tqdm
 
-from oneshui_jax import files, optim
+from oneshui_jax import files, metric_writer, optim
 from oneshui_jax import metrics as metrics_lib
 from oneshui_jax.errors import ConfigError
 from oneshui_jax.losses import masked_mean, per_example_loss
@@ -186,7 +186,8 @@ def _drop_epochs_from(path: str | None, epoch: int) -> None:
 def fit(model_cfg: vit.ViTConfig, cfg: TrainConfig, params: Params,
         train_batches, steps_per_epoch: int,
         validate: Callable[[Params], dict[str, Any]], *, desc: str = "train",
-        progress: bool = True, checkpointer=None, metrics_log: str | None = None) -> FitResult:
+        progress: bool = True, checkpointer=None, metrics_log: str | None = None,
+        writer: metric_writer.NoOpWriter | None = None) -> FitResult:
     """Runs ``cfg.epochs`` epochs over ``train_batches`` and keeps the best-by-validation params.
 
     ``train_batches`` is a grain iterator over all epochs. With a ``checkpointer``
@@ -195,8 +196,11 @@ def fit(model_cfg: vit.ViTConfig, cfg: TrainConfig, params: Params,
     that finds a saved state resumes from it: the result equals an uninterrupted run. One JSON line
     per epoch goes to ``metrics_log`` (on a resume, the lines of the epochs that run again are
     dropped first, so it holds each epoch once). A non-finite loss raises ``TrainingDiverged``
-    before the epoch is saved, so the last good state stays on disk.
+    before the epoch is saved, so the last good state stays on disk. A ``writer``
+    (``metric_writer``) gets ``train/loss`` and ``train/lr`` every 10 steps and each epoch's
+    record as ``epoch/<key>``, at the global step.
     """
+    writer = writer if writer is not None else metric_writer.NoOpWriter()
     tx, step_fn = train_step(model_cfg, cfg)
     params = _copy(params)  # the step donates its inputs; keep the caller's
     arrays = {"params": params, "opt_state": tx.init(params), "best_params": _copy(params)}
@@ -228,8 +232,9 @@ def fit(model_cfg: vit.ViTConfig, cfg: TrainConfig, params: Params,
             bar.update(1)
             if step % 10 == 0 or step == total:
                 rate = seen / max(time.perf_counter() - epoch_start, 1e-9)
-                bar.set_postfix(epoch=epoch, loss=f"{float(out['loss']):.4f}",
-                                img_s=f"{rate:.0f}")
+                loss_now = float(out["loss"])  # the one sync per 10 steps: bar and writer
+                bar.set_postfix(epoch=epoch, loss=f"{loss_now:.4f}", img_s=f"{rate:.0f}")
+                writer.scalars(step, {"train/loss": loss_now, "train/lr": lr})
         train_loss = float(np.mean(jax.device_get(losses)))
         if not np.isfinite(train_loss):
             bar.close()
@@ -243,6 +248,8 @@ def fit(model_cfg: vit.ViTConfig, cfg: TrainConfig, params: Params,
                   "images_per_s": seen / max(time.perf_counter() - epoch_start, 1e-9)}
         meta["history"].append(record)
         _append_jsonl(metrics_log, record)
+        writer.scalars(step, metric_writer.prefixed("epoch", record, exclude=("epoch", "step")))
+        writer.flush()
         logging.info("%s epoch %d: train loss %.4f, val loss %.4f, val metric %.2f", desc,
                      epoch, train_loss, val["loss"], val["metric"])
         if val["metric"] > meta["best_metric"]:

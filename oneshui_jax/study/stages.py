@@ -13,7 +13,8 @@ identities only) and ``method_stage`` (a method of ``unlearn/registry.py``: ``pr
 
 A stage's run directory ``<checkpoint_dir>/<dataset>/<model>/<stage>_<N>_<seed>/`` holds
 ``params/``, ``metadata.json`` (config, splits, fingerprint, record, ...), ``metrics.jsonl``
-(training stages), ``artifacts/`` (a method's prepared artifacts, e.g. MetaUnlearn's meta-loss)
+(training stages; TensorBoard's view of it under ``<workdir>/tensorboard/``,
+``metric_writer``), ``artifacts/`` (a method's prepared artifacts, e.g. MetaUnlearn's meta-loss)
 and, while it runs, ``train_state/``; next to it, ``.<stage>_<N>_<seed>.lock`` and, while a
 process holds that lock, ``.<stage>_<N>_<seed>.holder`` (``locks.py``).
 """
@@ -30,7 +31,7 @@ from typing import Any
 import jax
 from absl import logging
 
-from oneshui_jax import checkpoints, locks
+from oneshui_jax import checkpoints, locks, metric_writer
 from oneshui_jax import train as train_lib
 from oneshui_jax.data import pipeline
 from oneshui_jax.errors import CheckpointError
@@ -160,9 +161,10 @@ def train_stage(ctx: Context, stage: str, init_params) -> tuple[dict, Any]:
         logging.info("%s: %d images of %d identities, %d steps/epoch -> %s", stage,
                      len(train_idx), len(getattr(ctx.splits, TRAINING_STAGES[stage])), steps,
                      rdir)
-        result = train_lib.fit(ctx.model_cfg, tcfg, init_params, batches, steps, validate_fn,
-                               desc=stage, progress=config.progress, checkpointer=checkpointer,
-                               metrics_log=os.path.join(rdir, "metrics.jsonl"))
+        with metric_writer.for_stage(config, rdir) as writer:
+            result = train_lib.fit(ctx.model_cfg, tcfg, init_params, batches, steps, validate_fn,
+                                   desc=stage, progress=config.progress, checkpointer=checkpointer,
+                                   metrics_log=os.path.join(rdir, "metrics.jsonl"), writer=writer)
         return StageOutput(result.params, {"access": TRAINING_ACCESS[stage],
                                            "best_epoch": result.best_epoch,
                                            "seconds": result.seconds,
@@ -194,7 +196,10 @@ def method_stage(ctx: Context, name: str, base_params, base_dir: str) -> tuple[d
         if hasattr(module, "prepare"):
             start = time.perf_counter()
             data = access.prepare_data(ctx, module.ACCESS, checkpointer)
-            artifacts, prepared = module.prepare(model, base_params, data, cfg, rng)
+            with metric_writer.for_stage(ctx.config, rdir) as writer:
+                if data is not None:  # meta-training's curves (TrainData.writer)
+                    data = dataclasses.replace(data, writer=writer)
+                artifacts, prepared = module.prepare(model, base_params, data, cfg, rng)
             prepared = {**prepared, "seconds": time.perf_counter() - start}
         # Servable methods run twice, so the one-shot cost is timed after compilation.
         params, info, first_call_s, seconds = api.timed_unlearn(

@@ -90,6 +90,10 @@ def validate_config(config) -> None:
     if not isinstance(config.get("wait_for_lock", True), bool):
         raise ConfigError("config.wait_for_lock must be True (wait for another process running "
                           f"a stage) or False (stop), got {config.wait_for_lock!r}")
+    if not isinstance(config.get("tensorboard", False), bool):
+        raise ConfigError("config.tensorboard must be True (training curves for "
+                          "TensorBoard in <workdir>/tensorboard) or False, got "
+                          f"{config.tensorboard!r}")
     try:
         vit.ViTConfig.preset(config.model.name, image_size=config.data.image_size)
     except ValueError as e:

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from oneshui_jax import metric_writer
 from oneshui_jax import splits as splits_lib
 from oneshui_jax.errors import ConfigError
 from oneshui_jax.models import vit
@@ -157,6 +158,8 @@ class TrainData:
     request stream and batch order; ``checkpointer`` (or None) lets a long ``prepare`` save and
     resume its state without knowing where it is stored. ``crop_scale`` is the RandomResizedCrop
     area range the model was trained with, for a method that reads train-augmented images (PGU).
+    ``writer`` (``metric_writer``; the study's writer of the stage, else one that writes nothing)
+    takes a training loop's curves for TensorBoard.
     """
 
     source: GuardedSource
@@ -171,6 +174,8 @@ class TrainData:
     progress: bool = False
     checkpointer: Any = None
     crop_scale: tuple[float, float] = (0.08, 1.0)  # the training augmentation's crop area range
+    writer: metric_writer.NoOpWriter = dataclasses.field(
+        default_factory=metric_writer.NoOpWriter, compare=False, repr=False)
 
     def _annotations(self) -> _TrainAnnotations:
         return _TrainAnnotations(self.identity_images, self.image_identities)

@@ -7,7 +7,9 @@ reference does) and takes one meta-step per request on the batches of
 images shuffled into batches of ``batch_size``, each paired with one validation batch from a
 shuffled pass over VAL (and, for ``use_retain`` or ``loss_type="scrub"``, one retain batch). The
 meta-loss, its optimiser state and the position (epoch, request) are checkpointed through
-``data.checkpointer``, so a killed run resumes where it stopped.
+``data.checkpointer``, so a killed run resumes where it stopped. ``data.writer``
+(``metric_writer``) gets ``meta_train/outer_loss`` and ``meta_train/meta_loss`` per request and
+each epoch's record as ``meta_epoch/<key>``, at the number of requests done.
 
 With ``validation_requests`` > 0, ``validation_identities`` first sets aside that many simulated
 requests' worth of TRAIN identities outside the real request (``TrainData.holdout_identities``);
@@ -30,6 +32,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
+from oneshui_jax import metric_writer
 from oneshui_jax.models import meta_loss
 from oneshui_jax.unlearn import api, meta_diagnostics, simulated
 from oneshui_jax.unlearn import meta_unlearn as mu
@@ -120,6 +123,7 @@ def meta_train(model: api.Model, theta, data: api.TrainData, cfg: mu.Config,
     ``rng`` draws the meta-loss initialisation and dropout; ``data.seed`` the request stream.
     """
     seed, checkpointer, progress = data.seed, data.checkpointer, data.progress
+    writer = getattr(data, "writer", None) or metric_writer.NoOpWriter()
     rows = mu.identity_rows(list(data.train_identities))
     tx = mu.optimizer(cfg)
     key = rng
@@ -183,13 +187,17 @@ def meta_train(model: api.Model, theta, data: api.TrainData, cfg: mu.Config,
                     theta_u, arrays["phi_retain"], arrays["opt_state_retain"], lr, support,
                     forget, val, retain, jax.random.fold_in(step_rng, 1))
             losses.append(float(stats["loss"]))
+            meta_loss_now = float(stats["meta_loss"])  # fetched for the bar anyway
+            writer.scalars(epoch * len(requests) + i + 1,
+                           {"meta_train/outer_loss": losses[-1],
+                            "meta_train/meta_loss": meta_loss_now})
             if not np.isfinite(losses[-1]):
                 raise FloatingPointError(
                     f"meta_unlearn: the outer loss became {losses[-1]} (epoch {epoch}, request "
                     f"{i}); lower config.meta_unlearn.lr or meta_lr.")
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}",
-                            meta_loss=f"{float(stats['meta_loss']):.4f}")
+                            meta_loss=f"{meta_loss_now:.4f}")
             if pending:  # mid-group: a resume restarts at the group's first request
                 continue
             state.update(epoch=epoch, request=i + 1)
@@ -201,6 +209,9 @@ def meta_train(model: api.Model, theta, data: api.TrainData, cfg: mu.Config,
         if validation:
             record.update(diagnose(diag_fn, theta, arrays["phi"], validation))
         state["history"].append(record)
+        writer.scalars((epoch + 1) * len(requests),
+                       metric_writer.prefixed("meta_epoch", record, exclude=("epoch",)))
+        writer.flush()
         logging.info("meta_unlearn epoch %d: outer loss %s over %d requests%s", epoch,
                      record["outer_loss"], len(requests), _diagnostics_text(record))
         state.update(epoch=epoch + 1, request=0)
