@@ -52,6 +52,9 @@ class TrainConfig:
     compute_dtype: str = "bfloat16"
     optimizer: str = "sgd"  # the reference's; "adamw" for from-scratch demos
     attention: str = "xla"  # "cudnn": fused attention on GPUs (vit.ATTENTION_IMPLEMENTATIONS)
+    # jax.checkpoint per transformer block in the train step: less memory, ~1/3 more compute,
+    # the same numbers (bench/remat_memory.py). Evaluation never needs it.
+    remat: bool = False
 
     def __post_init__(self):
         if self.task not in ("multilabel", "classification"):
@@ -62,6 +65,8 @@ class TrainConfig:
         if self.attention not in vit.ATTENTION_IMPLEMENTATIONS:
             raise ConfigError(f"config.train.attention must be one of "
                               f"{vit.ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
+        if not isinstance(self.remat, bool):
+            raise ConfigError(f"config.train.remat must be True or False, got {self.remat!r}")
         try:
             jnp.dtype(self.compute_dtype)
         except TypeError:
@@ -71,12 +76,13 @@ class TrainConfig:
 
 def make_train_step(model_cfg: vit.ViTConfig, cfg: TrainConfig,
                     tx: optax.GradientTransformation) -> Callable:
-    """``step(params, opt_state, batch, lr) -> (params, opt_state, {"loss"})``, jit-compiled."""
+    """``step(params, opt_state, batch, lr) -> (params, opt_state, {"loss"})``, jit-compiled
+    (with ``cfg.remat``, every transformer block is rematerialised in the backward pass)."""
     dtype = jnp.dtype(cfg.compute_dtype)
 
     def loss_fn(params, batch):
         logits, _ = vit.apply(model_cfg, params, batch["image"], dtype=dtype,
-                              attention=cfg.attention)
+                              attention=cfg.attention, remat=cfg.remat)
         return masked_mean(per_example_loss(cfg.task, logits, batch["label"]), batch["mask"])
 
     def step(params, opt_state, batch, lr):
@@ -96,7 +102,7 @@ def _cached_train_step(model_cfg: vit.ViTConfig, step_cfg: TrainConfig):
 
 def train_step(model_cfg: vit.ViTConfig, cfg: TrainConfig):
     """``(tx, step)`` for ``cfg``, compiled once per process for the settings the step depends on
-    (task, dtype, attention, optimiser): pretrain and retrain share one compilation."""
+    (task, dtype, attention, remat, optimiser): pretrain and retrain share one compilation."""
     step_cfg = dataclasses.replace(cfg, epochs=1, batch_size=1, lr=0.0, warmup_epochs=0)
     return _cached_train_step(model_cfg, step_cfg)
 

@@ -27,7 +27,14 @@ Functional API (pure, jit-able, nestable in ``jax.grad(jax.grad(...))``)::
 
     params = init_params(cfg, jax.random.key(0))
     logits, cls_features = apply(cfg, params, images, dtype=jnp.bfloat16)
+    logits, cls_features = apply(cfg, params, images, remat=True)  # less memory in grads
     logits, cls_features, inputs = apply(cfg, params, images, capture_inputs=True)
+
+``remat=True`` wraps each transformer block in ``jax.checkpoint``: the backward pass recomputes
+a block's activations from its input instead of keeping them, so a gradient holds one
+``[B, T, D]`` tensor per block plus one block's activations (bench/remat_memory.py). The forward
+computation is unchanged, the gradients equal to float tolerance, and it composes with nested
+``jax.grad`` (MetaUnlearn's meta-gradient).
 
 ``capture_inputs=True`` also returns the input of every dense layer (the patch projection, per
 block ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``, and the head: 50 layers for ViT-B/16),
@@ -279,6 +286,21 @@ class Block(nnx.Module):
         return x + self.mlp(self.norm2(x), _scoped(tap, "mlp"))
 
 
+def checkpointed_block(block: Block, x: jax.Array) -> jax.Array:
+    """``block(x)`` under ``jax.checkpoint``: only ``x`` (and the block's parameters) are kept for
+    the backward pass, which recomputes the block's activations (per-block rematerialisation).
+
+    The block is split into its structure and parameter pytree so that the parameters enter the
+    checkpointed function as arguments (differentiable, never captured as constants).
+    """
+    graphdef, state = nnx.split(block)
+
+    def run(state, x):
+        return nnx.merge(graphdef, state)(x)
+
+    return jax.checkpoint(run)(state, x)
+
+
 class PatchEmbed(nnx.Module):
     """Non-overlapping patch projection (timm's ``PatchEmbed``): NHWC images -> [B, P, D]."""
 
@@ -300,12 +322,14 @@ class VisionTransformer(nnx.Module):
     """ViT with a class-token head (timm ``VisionTransformer``, ``global_pool='token'``).
 
     ``dtype`` is the compute dtype (None: that of the parameters and inputs); parameters are
-    float32. ``__call__`` returns ``(logits, cls_features)`` in at least float32.
+    float32. ``__call__`` returns ``(logits, cls_features)`` in at least float32. ``remat``: each
+    block runs under ``jax.checkpoint`` (:func:`checkpointed_block`), except when capturing.
     """
 
     def __init__(self, cfg: ViTConfig, *, dtype: Any = None, attention: str = "xla",
-                 rngs: nnx.Rngs) -> None:
+                 remat: bool = False, rngs: nnx.Rngs) -> None:
         self.cfg = cfg
+        self.remat = bool(remat)
         self.patch_embed = PatchEmbed(cfg, dtype=dtype, rngs=rngs)
         self.cls_token = nnx.Param(
             1e-6 * jax.random.normal(rngs.params(), (1, 1, cfg.width), jnp.float32)
@@ -327,7 +351,10 @@ class VisionTransformer(nnx.Module):
         cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
         for i, block in enumerate(self.blocks):
-            x = block(x, _scoped(tap, "blocks", i))
+            if self.remat and tap is None:
+                x = checkpointed_block(block, x)
+            else:
+                x = block(x, _scoped(tap, "blocks", i))
         return self.norm(x)
 
     def __call__(self, images: jax.Array, tap: Tap = None) -> tuple[jax.Array, jax.Array]:
@@ -357,25 +384,33 @@ def init_params(cfg: ViTConfig, rng: jax.Array) -> Params:
 
 
 @functools.cache
-def _graphdef(cfg: ViTConfig, dtype: np.dtype | None, attention: str = "xla") -> nnx.GraphDef:
-    """The module structure for ``(cfg, compute dtype)``, built once, abstractly (no weights)."""
+def _graphdef(cfg: ViTConfig, dtype: np.dtype | None, attention: str = "xla",
+              remat: bool = False) -> nnx.GraphDef:
+    """The module structure for ``(cfg, compute dtype, attention, remat)``, built once,
+    abstractly (no weights)."""
     abstract = nnx.eval_shape(
-        lambda: VisionTransformer(cfg, dtype=dtype, attention=attention, rngs=nnx.Rngs(0)))
+        lambda: VisionTransformer(cfg, dtype=dtype, attention=attention, remat=remat,
+                                  rngs=nnx.Rngs(0)))
     return nnx.split(abstract)[0]
 
 
 def apply(
     cfg: ViTConfig, params: Params, images: jax.Array, *, dtype: Any = None,
-    attention: str = "xla", capture_inputs: bool = False,
+    attention: str = "xla", capture_inputs: bool = False, remat: bool = False,
 ) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, dict[Path, jax.Array]]:
     """Pure forward pass: NHWC images in [-1, 1] -> ``(logits, cls_features)``.
 
     ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``): parameters are cast to it for compute,
     LayerNorm statistics and the attention softmax use float32, and both outputs are returned in
     float32 (float64 if parameters and images are float64 and ``dtype`` is None). Jit it with
-    ``jax.jit(apply, static_argnums=0, static_argnames=("dtype", "attention"))``. With the
-    default ``attention="xla"`` it is safe under nested ``jax.grad``; ``"cudnn"`` (GPU) is faster
-    for first-order work (see ``ATTENTION_IMPLEMENTATIONS``).
+    ``jax.jit(apply, static_argnums=0, static_argnames=("dtype", "attention", "remat"))``. With
+    the default ``attention="xla"`` it is safe under nested ``jax.grad``; ``"cudnn"`` (GPU) is
+    faster for first-order work (see ``ATTENTION_IMPLEMENTATIONS``).
+
+    ``remat=True`` checkpoints every block (``jax.checkpoint``): the same forward computation,
+    gradients that keep one block's activations at a time instead of all of them, at the cost of
+    recomputing each block's forward in the backward pass. It changes nothing without a gradient
+    and cannot be combined with ``capture_inputs`` (a ConfigError).
 
     ``capture_inputs=True`` returns ``(logits, cls_features, inputs)``: ``inputs`` maps the kernel
     path of every dense layer (:func:`dense_kernel_paths`, e.g. ``("blocks", 0, "attn", "qkv",
@@ -384,7 +419,11 @@ def apply(
     the block layers (in the compute dtype) and the class features [B, D] for the head. The
     default (False) traces exactly the plain forward pass.
     """
-    graphdef = _graphdef(cfg, None if dtype is None else jnp.dtype(dtype), attention)
+    if remat and capture_inputs:
+        raise ConfigError("vit.apply: capture_inputs reads every block's inside, which remat "
+                          "hides behind jax.checkpoint; use one or the other")
+    graphdef = _graphdef(cfg, None if dtype is None else jnp.dtype(dtype), attention,
+                         bool(remat))
     model = nnx.merge(graphdef, params)
     if not capture_inputs:
         return model(images)

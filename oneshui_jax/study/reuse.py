@@ -13,6 +13,10 @@ A stage's fingerprint has these parts (``fingerprint``):
 * ``parent``: the hash of the parameters the stage starts from (the initial parameters for
   pretrain / retrain, the pretrained model for a method).
 
+Settings that change how a stage computes but not what (``NOT_FINGERPRINTED``: ``remat``, the
+per-block ``jax.checkpoint`` of ``config.train`` and ``config.meta_unlearn``) are left out, so a
+run with them reuses or resumes one without them and the other way round.
+
 ``check(ctx, run_dir, fingerprint)`` decides what happens to an existing run directory:
 
 * finished with an equal fingerprint: reused; with another: refused, listing the differences;
@@ -42,6 +46,14 @@ LEGACY_DATA_DEFAULTS = {"data.dedup": "none"}  # what an old checkpoint without 
 
 REUSE, RESUME, FRESH = "reuse", "resume", "fresh"
 
+NOT_FINGERPRINTED = ("remat",)
+"""Stage settings that change memory and speed, never results: not part of a fingerprint."""
+
+
+def _settings_part(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The stage's settings without ``NOT_FINGERPRINTED`` keys."""
+    return {k: v for k, v in settings.items() if k not in NOT_FINGERPRINTED}
+
 
 def fingerprint(ctx, stage: str, settings_name: str, settings: Mapping[str, Any],
                 parent_hash: str | None, augmented: bool) -> dict[str, Any]:
@@ -56,7 +68,7 @@ def fingerprint(ctx, stage: str, settings_name: str, settings: Mapping[str, Any]
         "model": dataclasses.asdict(ctx.model_cfg),
         "splits": checkpoints.splits_hash(ctx.splits.to_dict()),
         "seed": config.seed,
-        settings_name: dict(settings),
+        settings_name: _settings_part(settings),
         "parent": parent_hash,
     }
     if augmented:
@@ -105,7 +117,7 @@ def legacy_parts(metadata: Mapping[str, Any], settings_name: str,
     if isinstance(metadata.get("splits"), Mapping):
         parts["splits"] = checkpoints.splits_hash(metadata["splits"])
     if config.get(settings_name) is not None:
-        parts[settings_name] = config[settings_name]
+        parts[settings_name] = _settings_part(config[settings_name])
     parts["data.dedup"] = data.get("dedup", LEGACY_DATA_DEFAULTS["data.dedup"])
     if augmented and "crop_scale" in data:
         parts["data.crop_scale"] = list(data["crop_scale"])

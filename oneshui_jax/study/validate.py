@@ -22,7 +22,8 @@ def train_config(config, task: str) -> train_lib.TrainConfig:
     return train_lib.TrainConfig(task=task, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
                                  weight_decay=t.weight_decay, momentum=t.momentum,
                                  warmup_epochs=t.warmup_epochs, compute_dtype=t.compute_dtype,
-                                 optimizer=t.optimizer, attention=t.attention)
+                                 optimizer=t.optimizer, attention=t.attention,
+                                 remat=t.get("remat", False))
 
 
 def method_config(config, name: str, task: str):

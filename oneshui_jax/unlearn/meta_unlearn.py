@@ -25,7 +25,10 @@ Beyond the reference (named options of ``Config``; the defaults keep the referen
 * ``requests_per_update`` k: the meta-gradient is averaged over k requests per update of φ;
 * ``validation_requests``: held-out simulated requests (``meta_train``) on which every epoch's
   step is diagnosed (``meta_diagnostics``) and the line search runs; 0 restores the reference's
-  request stream exactly.
+  request stream exactly;
+* ``remat``: every transformer block of the meta-step's passes (the inner step's forward and
+  backward, the outer passes) runs under ``jax.checkpoint``: less memory, the same numbers
+  (bench/remat_memory.py). The request-time step never uses it (first order, N portraits).
 
 Functions here are pure and jit-compiled with every array passed as an argument.
 """
@@ -102,6 +105,9 @@ class Config:
     # λ: the inner loss is mean ℓ_φ − λ · task loss of the portraits (0: the reference). With
     # λ > 0 the learned term corrects a gradient-ascent step instead of replacing it.
     task_ascent: float = 0.0
+    # jax.checkpoint per transformer block in the meta-step (inner step and outer passes): less
+    # memory, more compute, the same numbers. Not in the stage fingerprint (study/reuse.py).
+    remat: bool = False
 
     def __post_init__(self):
         checks = {
@@ -130,6 +136,9 @@ class Config:
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 raise ConfigError(f"config.meta_unlearn.{name} must be a finite number >= 0, "
                                   f"got {getattr(self, name)}")
+        if not isinstance(self.remat, bool):
+            raise ConfigError(f"config.meta_unlearn.remat must be True or False, got "
+                              f"{self.remat!r}")
         if self.validation_requests < 0:
             raise ConfigError(f"config.meta_unlearn.validation_requests must be >= 0, got "
                               f"{self.validation_requests}")
@@ -178,10 +187,11 @@ def optimizer(cfg: Config) -> optax.GradientTransformation:
 
 def support_objective(model_cfg: vit.ViTConfig, ml_cfg: meta_loss.MetaLossConfig,
                       task_ascent: float, theta: Params, phi: Params, support: Batch,
-                      dropout_rng: jax.Array | None) -> jax.Array:
+                      dropout_rng: jax.Array | None, remat: bool = False) -> jax.Array:
     """The inner loss: mean ``ℓ_φ`` over the valid support images, minus ``λ`` (``task_ascent``)
-    times their task loss (model in float32, as the reference; ``λ = 0`` is the reference)."""
-    logits, cls = vit.apply(model_cfg, theta, support["image"])
+    times their task loss (model in float32, as the reference; ``λ = 0`` is the reference).
+    ``remat``: the model's blocks under ``jax.checkpoint`` (``vit.apply``)."""
+    logits, cls = vit.apply(model_cfg, theta, support["image"], remat=remat)
     x = meta_loss.meta_inputs(ml_cfg, logits, cls, support["label"])
     per = meta_loss.apply(ml_cfg, phi, x, support["row"], dropout_rng=dropout_rng)
     out = losses.masked_mean(per, support["mask"])
@@ -207,9 +217,9 @@ def inner_step(model_cfg, ml_cfg, meta_lr, theta, phi, support, dropout_rng) -> 
 
 def learned_gradient(model_cfg, ml_cfg, cfg: Config, theta, phi, support,
                      dropout_rng) -> Params:
-    """``g = ∇_θ (mean ℓ_φ − λ L_task)`` of the support images."""
+    """``g = ∇_θ (mean ℓ_φ − λ L_task)`` of the support images (``cfg.remat``: rematerialised)."""
     return jax.grad(support_objective, argnums=3)(model_cfg, ml_cfg, cfg.task_ascent, theta,
-                                                  phi, support, dropout_rng)
+                                                  phi, support, dropout_rng, cfg.remat)
 
 
 def safe_norm(tree) -> jax.Array:
@@ -249,11 +259,12 @@ def retain_config(cfg: Config) -> Config:
 
 def outer_batch_loss(model_cfg, cfg: Config, theta_u, theta, forget: Batch,
                      val: Batch, retain: Batch | None = None) -> jax.Array:
-    """``L_b`` of one forget batch (with its validation and, for scrub, retain batch)."""
+    """``L_b`` of one forget batch (with its validation and, for scrub, retain batch).
+    ``cfg.remat``: the passes through ``θ_u`` (differentiated) are rematerialised."""
     dtype = jnp.dtype(cfg.compute_dtype)
 
     def run(params, batch):
-        return vit.apply(model_cfg, params, batch["image"], dtype=dtype)[0]
+        return vit.apply(model_cfg, params, batch["image"], dtype=dtype, remat=cfg.remat)[0]
 
     u_f = run(theta_u, forget)
     u_v = run(theta_u, val)
@@ -275,7 +286,8 @@ def retain_batch_loss(model_cfg, cfg: Config, theta_u, theta, forget, val,
     The reference hard-codes BCE here, which breaks classification (Q18); the task loss is
     identical for multi-label tasks and correct for classification.
     """
-    logits = vit.apply(model_cfg, theta_u, retain["image"], dtype=jnp.dtype(cfg.compute_dtype))[0]
+    logits = vit.apply(model_cfg, theta_u, retain["image"], dtype=jnp.dtype(cfg.compute_dtype),
+                       remat=cfg.remat)[0]
     return losses.task_loss(cfg.task, logits, retain["label"], retain["mask"])
 
 
@@ -374,7 +386,7 @@ def _apply_update(tx, phi, opt_state, grad_phi, lr):
 
 
 _COMPILED_FIELDS = ("task", "weight_decay", "meta_lr", "forget_loss", "loss_type", "use_accs",
-                    "compute_dtype", "step_control", "relative_step", "task_ascent")
+                    "compute_dtype", "step_control", "relative_step", "task_ascent", "remat")
 
 
 def compile_key(cfg: Config) -> Config:
@@ -436,7 +448,9 @@ def clear_compiled() -> None:
 def make_unlearn_step(model_cfg, ml_cfg, cfg: Config) -> Callable:
     """Request-time unlearning, one step: ``θ − s c ∇_θ (mean ℓ_φ − λ L_task)(portraits)``
     (dropout off; ``learned_step``). ``step(theta, phi, support, scale)``; ``scale`` (``s``, the
-    line search's factor) is ignored with ``step_control="none"``, the reference's step."""
+    line search's factor) is ignored with ``step_control="none"``, the reference's step.
+    Never rematerialised (``cfg.remat`` is for meta-training): a first-order step on N images."""
+    cfg = dataclasses.replace(cfg, remat=False)
 
     def step(theta, phi, support, scale=1.0):
         s = None if cfg.step_control == "none" else jnp.asarray(scale, jnp.float32)
@@ -449,7 +463,7 @@ _unlearn_steps = functools.lru_cache(maxsize=32)(make_unlearn_step)
 
 
 def _cached_unlearn_step(model_cfg, ml_cfg, cfg: Config) -> Callable:
-    return _unlearn_steps(model_cfg, ml_cfg, compile_key(cfg))
+    return _unlearn_steps(model_cfg, ml_cfg, compile_key(dataclasses.replace(cfg, remat=False)))
 
 
 def apply_steps(unlearn_step: Callable, theta, phi_forget, support, forget_epochs: int,
