@@ -164,6 +164,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mia.rmia = True
     config.mia.batch_size = 256  # the reference: 32; the same losses, faster on CPU
 
+    # Data parallelism (oneshui_jax/sharding.py): the devices the batch is split over; -1 all
+    # of them, 1 one device. The global batch stays config.train.batch_size.
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1
+
     config.progress = True
     # Per-step and per-epoch training curves as TensorBoard event files in
     # <workdir>/tensorboard/<dataset>/<model>/<stage>_<N>_<seed>/ (needs tensorboardX:

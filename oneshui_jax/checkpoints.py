@@ -40,6 +40,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from oneshui_jax import sharding
 from oneshui_jax.errors import CheckpointError
 from oneshui_jax.files import save_json, to_json
 
@@ -118,7 +119,7 @@ def params_hash(params: Params) -> str:
     """sha256 over every leaf (name, dtype, shape, bytes) in name order; numpy or jax arrays."""
     digest = hashlib.sha256()
     for name, leaf in sorted(named_leaves(params), key=lambda item: item[0]):
-        array = np.ascontiguousarray(np.asarray(leaf))
+        array = np.ascontiguousarray(sharding.local_value(leaf))  # one replica, no gather
         digest.update(f"{name}|{array.dtype.name}|{array.shape}\n".encode())
         digest.update(array.tobytes())
     return digest.hexdigest()
@@ -206,17 +207,18 @@ def _orbax(fn: Callable[[], T], path: str, action: str, *, reading: bool = True)
 
 
 def _default_sharding() -> jax.sharding.Sharding:
-    """Arrays restore onto the default device (not the device they were saved from)."""
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    """Arrays restore replicated over the mesh (``sharding``), or onto the default device
+    without one (not the device they were saved from)."""
+    return sharding.replicated() or jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
 def _abstract(tree: Any) -> Any:
     """Target tree for an orbax restore: a ShapeDtypeStruct per leaf (arrays or structs)."""
-    sharding = _default_sharding()
+    default = _default_sharding()
 
     def leaf(x: Any) -> jax.ShapeDtypeStruct:
         x_sharding = getattr(x, "sharding", None)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x_sharding or sharding)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x_sharding or default)
 
     return jax.tree.map(leaf, tree)
 
@@ -378,7 +380,8 @@ def write_metadata(run_dir: str, metadata: Mapping[str, Any], *, status: str = "
     record.update(status=status, run_dir=os.path.abspath(run_dir),
                   splits_hash=splits_hash(record["splits"]), versions=library_versions(),
                   created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
-    save_json(record, os.path.join(run_dir, METADATA_FILE))
+    if sharding.is_primary():  # one writer on a multi-host run
+        save_json(record, os.path.join(run_dir, METADATA_FILE))
     return record
 
 
@@ -404,8 +407,9 @@ def save_params(run_dir: str, params: Params, metadata: Mapping[str, Any], *,
             checkpointer.save(path, params, force=True, custom_metadata={KEY_PATHS: key_paths})
             checkpointer.wait_until_finished()
 
-    _orbax(save, path, "save parameters to", reading=False)
+    _orbax(save, path, "save parameters to", reading=False)  # every process, collectively
     write_metadata(run_dir, {**metadata, "params_hash": digest}, status="done")
+    sharding.barrier(f"saved {path}")  # no process reads the run before it is marked done
     return digest
 
 
@@ -472,9 +476,9 @@ def _restore_tree(path: str, template: Params, what: str) -> Params:
     from the key paths recorded at save time (int keys stay ints)."""
     stored = _stored_leaves(path, required=template is None)
     if template is None:
-        sharding = _default_sharding()
+        default = _default_sharding()
         target = _nested([(key_path, jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype,
-                                                          sharding=sharding))
+                                                          sharding=default))
                           for key_path, meta in stored])
     else:
         if stored is not None:  # otherwise orbax itself checks the structure

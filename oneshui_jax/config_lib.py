@@ -217,6 +217,11 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
     config.selection = ml_collections.ConfigDict()
     config.selection.meta_unlearn = SELECTION_CANDIDATES
 
+    # Data parallelism (oneshui_jax/sharding.py): the devices the batch is split over; -1 all
+    # of them, 1 one device. The global batch stays config.train.batch_size.
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1
+
     config.progress = True
     # Per-step and per-epoch training curves as TensorBoard event files in
     # <workdir>/tensorboard/<dataset>/<model>/<stage>_<N>_<seed>/ (needs tensorboardX:

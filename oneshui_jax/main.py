@@ -4,7 +4,9 @@ r"""Command line of the study: ``python -m oneshui_jax.main --config=configs/<da
     python -m oneshui_jax.main --config=configs/synthfaces.py:N=50 --config.seed=1 \
         --config.train.epochs=5 --config.stages='("pretrain",)'
 
-``--config.x=y`` overrides any config field (tuples, not lists, for sequences). The stages in
+``--config.x=y`` overrides any config field (tuples, not lists, for sequences). ``--distributed``
+joins a multi-host run (``oneshui_jax/sharding.py``; ``launch/slurm.sh``,
+``launch/local_multiprocess.sh``). The stages in
 ``config.stages`` run in order (see ``oneshui_jax.study``); the results table is printed and
 written with plots to ``config.workdir``. Any bad input (flag, config file, override, data,
 checkpoint) prints one ``error: ...`` line on stderr and exits with status 2, as the other
@@ -26,7 +28,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from oneshui_jax import report, study
+from oneshui_jax import report, sharding, study
 from oneshui_jax.errors import CheckpointError, ConfigError, DataError
 
 DEFAULT_CONFIG = "configs/synthfaces.py"
@@ -38,6 +40,13 @@ _ARGV: list[str] = []
 _CONFIG = config_flags.DEFINE_config_file(
     "config", DEFAULT_CONFIG, "Study configuration (ml_collections file).",
     lock_config=True, sys_argv=_ARGV)
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Join a multi-host run (jax.distributed): the coordinator, process "
+    "count and id come from the three flags below, or from SLURM's variables under srun.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0 (with --distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 first.")
 
 
 def fail(message: str) -> NoReturn:
@@ -140,6 +149,10 @@ def main(argv):
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
     config = _CONFIG.value
     try:
+        if _DISTRIBUTED.value or _COORDINATOR.value:
+            sharding.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+            if not sharding.is_primary():  # one process speaks: the primary
+                logging.set_verbosity(logging.WARNING)
         records = study.run(config)
     except (ConfigError, DataError, CheckpointError) as e:
         fail(str(e))
@@ -154,6 +167,8 @@ def main(argv):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(INTERRUPTED_STATUS)
+    if not sharding.is_primary():
+        return
     print(f"\n{report.subject(records)} ({jax.devices()[0].platform.upper()}):")
     print(report.markdown_table(records, report.metric_name(config.dataset)))
     forget = {r["method"]: r["forget"]["metric"] for r in records}

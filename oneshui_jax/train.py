@@ -28,7 +28,7 @@ import optax
 from absl import logging
 from tqdm.auto import tqdm
 
-from oneshui_jax import files, metric_writer, optim
+from oneshui_jax import files, metric_writer, optim, sharding
 from oneshui_jax import metrics as metrics_lib
 from oneshui_jax.errors import ConfigError
 from oneshui_jax.losses import masked_mean, per_example_loss
@@ -120,21 +120,28 @@ def make_eval_step(model_cfg: vit.ViTConfig, task: str, compute_dtype: str,
 
 
 def evaluate(eval_step: Callable, params: Params, batches: Iterator[Batch],
-             task: str, *, desc: str | None = None, total: int | None = None) -> dict[str, Any]:
+             task: str, *, desc: str | None = None, total: int | None = None,
+             process_rows: bool = False) -> dict[str, Any]:
     """Loss and task metric of one split (SPEC.md 5.1 ``engine.evaluate``).
 
     ``loss`` is the unweighted mean of per-batch mean losses (the reference's semantics, Q28);
     ``metric`` is computed once over the whole split; ``losses`` are per-example losses. With
     ``desc``, a progress bar (``total`` batches) shows images/s and ETA.
+
+    Batches are split over the mesh (``sharding``); ``process_rows``: each process's batches hold
+    its own rows of the global batches, and only the per-example outputs are gathered.
     """
     logits, labels, losses, batch_means = [], [], [], []
     bar = tqdm(batches, desc=desc, total=total, unit="batch", leave=False, dynamic_ncols=True,
-               disable=desc is None)
+               disable=desc is None or not sharding.is_primary())
     for batch in bar:
-        out_logits, out_losses = jax.device_get(eval_step(params, batch["image"], batch["label"]))
-        mask = np.asarray(batch["mask"])
+        placed = sharding.shard_batch({"image": batch["image"], "label": batch["label"]},
+                                      process_rows=process_rows)
+        out_logits, out_losses = sharding.to_host(
+            eval_step(params, placed["image"], placed["label"]))
+        mask = sharding.gather_rows(batch["mask"], process_rows)
         logits.append(out_logits[mask])
-        labels.append(np.asarray(batch["label"])[mask])
+        labels.append(sharding.gather_rows(batch["label"], process_rows)[mask])
         losses.append(out_losses[mask])
         batch_means.append(float(out_losses[mask].mean()))
     logits_all, labels_all = np.concatenate(logits), np.concatenate(labels)
@@ -163,7 +170,7 @@ def _copy(tree):
 
 
 def _append_jsonl(path: str | None, record: dict) -> None:
-    if path:
+    if path and sharding.is_primary():
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -173,7 +180,7 @@ def _drop_epochs_from(path: str | None, epoch: int) -> None:
     atomically), so that a resumed (or restarted) run logs each epoch once. Lines that are not
     JSON records of an epoch (e.g. the half-written last line of a killed run) are dropped too.
     """
-    if not path or not os.path.exists(path):
+    if not path or not os.path.exists(path) or not sharding.is_primary():
         return
     kept = []
     with open(path, encoding="utf-8") as f:
@@ -193,7 +200,8 @@ def fit(model_cfg: vit.ViTConfig, cfg: TrainConfig, params: Params,
         train_batches, steps_per_epoch: int,
         validate: Callable[[Params], dict[str, Any]], *, desc: str = "train",
         progress: bool = True, checkpointer=None, metrics_log: str | None = None,
-        writer: metric_writer.NoOpWriter | None = None) -> FitResult:
+        writer: metric_writer.NoOpWriter | None = None,
+        process_rows: bool = False) -> FitResult:
     """Runs ``cfg.epochs`` epochs over ``train_batches`` and keeps the best-by-validation params.
 
     ``train_batches`` is a grain iterator over all epochs. With a ``checkpointer``
@@ -205,10 +213,15 @@ def fit(model_cfg: vit.ViTConfig, cfg: TrainConfig, params: Params,
     before the epoch is saved, so the last good state stays on disk. A ``writer``
     (``metric_writer``) gets ``train/loss`` and ``train/lr`` every 10 steps and each epoch's
     record as ``epoch/<key>``, at the global step.
+
+    Parameters and optimiser state are replicated over the mesh and every batch is split over it
+    (``sharding``); ``process_rows``: each process's iterator yields its own rows of the global
+    batches (``PipelineConfig.shard_by_process``).
     """
     writer = writer if writer is not None else metric_writer.NoOpWriter()
     tx, step_fn = train_step(model_cfg, cfg)
-    params = _copy(params)  # the step donates its inputs; keep the caller's
+    sharding.check_batch_size(cfg.batch_size, "config.train.batch_size")
+    params = _copy(sharding.replicate(params))  # the step donates its inputs; keep the caller's
     arrays = {"params": params, "opt_state": tx.init(params), "best_params": _copy(params)}
     meta = {"epoch": 0, "step": 0, "best_metric": 0.0, "best_epoch": -1, "history": []}
     restored = checkpointer.restore(arrays) if checkpointer is not None else None
@@ -223,17 +236,18 @@ def fit(model_cfg: vit.ViTConfig, cfg: TrainConfig, params: Params,
     start = time.perf_counter()
     total = cfg.epochs * steps_per_epoch
     bar = tqdm(total=total, initial=meta["step"], desc=desc, unit="step",
-               disable=not progress, dynamic_ncols=True)
+               disable=not progress or not sharding.is_primary(), dynamic_ncols=True)
     step = meta["step"]
     for epoch in range(meta["epoch"], cfg.epochs):
         losses, seen, epoch_start = [], 0, time.perf_counter()
         for _ in range(steps_per_epoch):
-            batch = next(train_batches)
+            host = next(train_batches)
+            batch = sharding.shard_batch(host, process_rows=process_rows)
             lr = optim.reference_lr(step, base_lr=cfg.lr, steps_per_epoch=steps_per_epoch,
                                     epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs)
             params, opt_state, out = step_fn(params, opt_state, batch, jnp.float32(lr))
             losses.append(out["loss"])
-            seen += int(np.sum(batch["mask"]))
+            seen += int(np.sum(host["mask"])) * (jax.process_count() if process_rows else 1)
             step += 1
             bar.update(1)
             if step % 10 == 0 or step == total:
@@ -241,7 +255,7 @@ def fit(model_cfg: vit.ViTConfig, cfg: TrainConfig, params: Params,
                 loss_now = float(out["loss"])  # the one sync per 10 steps: bar and writer
                 bar.set_postfix(epoch=epoch, loss=f"{loss_now:.4f}", img_s=f"{rate:.0f}")
                 writer.scalars(step, {"train/loss": loss_now, "train/lr": lr})
-        train_loss = float(np.mean(jax.device_get(losses)))
+        train_loss = float(np.mean(sharding.to_host(losses)))
         if not np.isfinite(train_loss):
             bar.close()
             raise TrainingDiverged(

@@ -33,7 +33,7 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COPIED = ("oneshui_jax", "tests", "configs", "pyproject.toml")
+COPIED = ("oneshui_jax", "tests", "configs", "launch", "pyproject.toml")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +205,22 @@ MUTATIONS = (
              "        if not 0 <= int(index) < len(self._source):",
              ("tests/test_method_api.py::test_guarded_source_refuses_what_was_not_granted",),
              "a method may read images its ACCESS does not grant"),
+    # -- scale-out (oneshui_jax/sharding.py) -------------------------------------------------
+    Mutation("process_rows_ignore_the_process", "oneshui_jax/data/pipeline.py",
+             "        return batch * cfg.batch_size + index * local + row",
+             "        return batch * cfg.batch_size + row",
+             ("tests/test_sharding.py::test_process_rows_put_together_the_global_batches",),
+             "every process of a multi-host run reads the first rows of each batch"),
+    Mutation("fit_does_not_split_the_batch", "oneshui_jax/train.py",
+             "            batch = sharding.shard_batch(host, process_rows=process_rows)",
+             "            batch = host",
+             ("tests/test_sharding.py::test_eight_devices_train_and_meta_train_like_one",),
+             "training on a mesh runs every batch replicated (no data parallelism)"),
+    Mutation("metadata_written_by_every_process", "oneshui_jax/checkpoints.py",
+             "    if sharding.is_primary():  # one writer on a multi-host run",
+             "    if True:",
+             ("tests/test_sharding.py::test_two_processes_train_like_one_and_write_each_file_once",),
+             "every process of a multi-host run writes metadata.json"),
 )
 
 

@@ -13,6 +13,11 @@ split is padded to the full batch size and masked, so jit-compiled steps see one
 example counts exactly once. Training order is a fresh permutation per epoch derived from
 ``(seed, epoch)``; augmentation randomness is derived per slot by grain, so a pipeline is a pure
 function of its seed, and an iterator's state (``get_state``/``set_state``) is enough to resume.
+
+On a multi-host run (``sharding``), ``PipelineConfig.shard_by_process`` makes each process read
+only its rows of every global batch: process ``p`` of ``P`` gets rows ``[p*B/P, (p+1)*B/P)``. The
+rows, their order and their augmentation are those of the one-process pipeline (augmentation is
+keyed by the global slot), so the global batches are the same.
 """
 
 from __future__ import annotations
@@ -41,6 +46,20 @@ class PipelineConfig:
     crop_scale: tuple[float, float] = transforms.SCALE  # RandomResizedCrop area range
     num_threads: int = 0  # grain read threads; 0 reads in the calling thread (tests)
     prefetch_buffer_size: int = 0
+    shard_by_process: bool = False  # each process reads its own rows of every batch (module doc)
+    # which process of how many (None: jax.process_index() / process_count())
+    process: tuple[int, int] | None = None
+
+    def process_slice(self) -> tuple[int, int]:
+        """``(index, count)`` of this process among those sharing each batch (``(0, 1)``
+        unless ``shard_by_process``)."""
+        if not self.shard_by_process:
+            return 0, 1
+        if self.process is not None:
+            return self.process
+        import jax
+
+        return jax.process_index(), jax.process_count()
 
 
 def _num_batches(n: int, batch_size: int) -> int:
@@ -98,23 +117,38 @@ def _resize(size: int):
     return apply
 
 
+def _batched(examples: grain.MapDataset, cfg: PipelineConfig) -> grain.MapDataset:
+    """Batches of ``cfg.batch_size`` examples, or this process's share of each (module doc)."""
+    index, count = cfg.process_slice()
+    if count == 1:
+        return examples.batch(cfg.batch_size)
+    if cfg.batch_size % count:
+        raise ValueError(f"a batch of {cfg.batch_size} does not split over {count} processes")
+    local = cfg.batch_size // count
+
+    def global_slot(i: int) -> int:
+        batch, row = divmod(int(i), local)
+        return batch * cfg.batch_size + index * local + row
+
+    rows = grain.MapDataset.range(len(examples) // cfg.batch_size * local)
+    return rows.map(lambda i: examples[global_slot(i)]).batch(local)
+
+
 def train_dataset(source: Source, indices: np.ndarray, cfg: PipelineConfig,
                   num_epochs: int) -> grain.MapDataset:
     """``num_epochs`` epochs of augmented, shuffled batches (``steps_per_epoch`` each)."""
     slots = _Slots(indices, cfg.batch_size, cfg.seed, shuffle=True)
-    return (grain.MapDataset.range(slots.per_epoch * num_epochs)
-            .map(_load(source, slots))
-            .random_map(_augment(cfg.image_size, cfg.crop_scale), seed=cfg.seed)
-            .batch(cfg.batch_size))
+    return _batched(grain.MapDataset.range(slots.per_epoch * num_epochs)
+                    .map(_load(source, slots))
+                    .random_map(_augment(cfg.image_size, cfg.crop_scale), seed=cfg.seed), cfg)
 
 
 def eval_dataset(source: Source, indices: np.ndarray, cfg: PipelineConfig) -> grain.MapDataset:
     """Every example of ``indices`` once, in order, eval transform, last batch padded + masked."""
     slots = _Slots(indices, cfg.batch_size, cfg.seed, shuffle=False)
-    return (grain.MapDataset.range(slots.per_epoch)
-            .map(_load(source, slots))
-            .map(_resize(cfg.image_size))
-            .batch(cfg.batch_size))
+    return _batched(grain.MapDataset.range(slots.per_epoch)
+                    .map(_load(source, slots))
+                    .map(_resize(cfg.image_size)), cfg)
 
 
 def augmented_pass(source: Source, indices: np.ndarray, cfg: PipelineConfig,

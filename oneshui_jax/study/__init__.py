@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 
-from oneshui_jax import metrics, report
+from oneshui_jax import metrics, report, sharding
 from oneshui_jax.study import privacy
 from oneshui_jax.study.context import Context, evaluate_splits, initial_params, prepare
 from oneshui_jax.study.stages import method_stage, run_stage, train_stage
@@ -60,6 +60,8 @@ def run(config) -> list[dict]:
     if privacy.wants_rmia(config):
         privacy.run(ctx, records, trained)
     add_tow(records)
+    if not sharding.is_primary():  # multi-host: the primary process writes the report
+        return records
     report.write_report(config.workdir, records, config=config.to_dict(), extra={
         "splits": {k: len(v) for k, v in ctx.splits.to_dict().items()},
         "data_audit": ctx.data_audit,

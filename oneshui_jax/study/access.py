@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from oneshui_jax import sharding
 from oneshui_jax.data import transforms
 from oneshui_jax.unlearn import api
 
@@ -38,7 +39,7 @@ def train_data(ctx, checkpointer=None) -> api.TrainData:
         holdout_identities=tuple(i for i in splits.train if i not in forget),
         support_images=tuple(int(i) for i in splits.support), val_images=images["val"],
         image_size=ctx.config.data.image_size, seed=ctx.config.seed,
-        progress=ctx.config.progress, checkpointer=checkpointer,
+        progress=ctx.config.progress and sharding.is_primary(), checkpointer=checkpointer,
         crop_scale=tuple(ctx.config.data.crop_scale))
 
 
@@ -59,7 +60,8 @@ def selection_data(ctx) -> api.TrainData:
         holdout_identities=tuple(kept),
         support_images=tuple(int(i) for i in splits.support), val_images=images["val"],
         image_size=ctx.config.data.image_size, seed=ctx.config.seed,
-        progress=ctx.config.progress, crop_scale=tuple(ctx.config.data.crop_scale))
+        progress=ctx.config.progress and sharding.is_primary(),
+        crop_scale=tuple(ctx.config.data.crop_scale))
 
 
 def full_data(ctx) -> api.FullData:
@@ -70,7 +72,8 @@ def full_data(ctx) -> api.FullData:
         source=api.GuardedSource(ctx.dataset.source, allowed, "forget, retain and VAL images"),
         forget_images=images["forget"], retain_images=images["retain"],
         val_images=images["val"], image_size=ctx.config.data.image_size, seed=ctx.config.seed,
-        progress=ctx.config.progress, crop_scale=tuple(ctx.config.data.crop_scale))
+        progress=ctx.config.progress and sharding.is_primary(),
+        crop_scale=tuple(ctx.config.data.crop_scale))
 
 
 def study_request(ctx) -> api.Request:

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 from absl import logging
 
-from oneshui_jax import checkpoints, files, metrics
+from oneshui_jax import checkpoints, files, metrics, sharding
 from oneshui_jax import splits as splits_lib
 from oneshui_jax import train as train_lib
 from oneshui_jax.data import audit as audit_lib
@@ -48,6 +48,11 @@ class Context:
                                        batch_size=batch_size, seed=self.config.seed,
                                        num_threads=self.config.data.num_threads, **kw)
 
+    def process_pipeline_config(self, batch_size: int, **kw) -> pipeline.PipelineConfig:
+        """``pipeline_config`` whose batches hold only this process's rows on a multi-host
+        run (``sharding``): for the loops that place them with ``process_rows``."""
+        return self.pipeline_config(batch_size, shard_by_process=jax.process_count() > 1, **kw)
+
     @property
     def model(self) -> api.Model:
         """The task model as methods see it (architecture, task, numerics)."""
@@ -71,6 +76,11 @@ def dataset_folder(config) -> str:
     return config.dataset
 
 
+def mesh_data(config) -> int:
+    """``config.mesh.data``: -1 (every device, also when the config has no ``mesh`` block)."""
+    return int((config.get("mesh") or {}).get("data", -1))
+
+
 def split_seed(config) -> int:
     """The seed of the identity split: ``config.split_seed``, or ``config.seed`` when it is
     unset (None). The rest of the run's randomness (initialisation, data order, a method's
@@ -91,7 +101,7 @@ def evaluate_splits(ctx: Context, params) -> dict[str, dict[str, Any]]:
     t = ctx.config.train
     eval_step = train_lib.make_eval_step(ctx.model_cfg, ctx.dataset.task, t.compute_dtype,
                                          t.attention)
-    cfg = ctx.pipeline_config(ctx.config.data.eval_batch_size)
+    cfg = ctx.process_pipeline_config(ctx.config.data.eval_batch_size)
     out: dict[str, Any] = {}
     losses = {}
     for split in metrics.EVAL_SPLITS:
@@ -99,7 +109,8 @@ def evaluate_splits(ctx: Context, params) -> dict[str, dict[str, Any]]:
         result = train_lib.evaluate(
             eval_step, params, batches, ctx.dataset.task,
             desc=f"eval {split}" if ctx.config.progress else None,
-            total=pipeline.steps_per_epoch(len(ctx.images[split]), cfg.batch_size))
+            total=pipeline.steps_per_epoch(len(ctx.images[split]), cfg.batch_size),
+            process_rows=cfg.shard_by_process)
         out[split] = {"metric": result["metric"], "loss": result["loss"]}
         losses[split] = result["losses"]
     if wants_loss_attack(ctx.config):
@@ -146,6 +157,10 @@ def prepare(config) -> Context:
     reference-exact split."""
     validate.validate_config(config)
     check_outputs(config)
+    sharding.setup(mesh_data(config))
+    sharding.check_batch_size(config.train.batch_size, "config.train.batch_size")
+    if jax.process_count() > 1:
+        sharding.check_batch_size(config.data.eval_batch_size, "config.data.eval_batch_size")
     ds = datasets_lib.load(config.dataset, config.data, progress=config.progress)
     if ds.merged_identities:
         logging.warning("config.data.dedup=merge: %d identities merged into others because they "
@@ -171,7 +186,7 @@ def initial_params(ctx: Context):
     does) or, when it is empty, a fresh initialisation from the seed (SynthFaces)."""
     key = jax.random.key(ctx.config.seed)
     if not ctx.config.model.get("init"):
-        return vit.init_params(ctx.model_cfg, key)
+        return sharding.replicate(vit.init_params(ctx.model_cfg, key))
     from oneshui_jax.models import pretrained
 
     report: list[str] = []
@@ -179,4 +194,4 @@ def initial_params(ctx: Context):
                                         ctx.model_cfg, rng=key, report=report)
     for line in report:
         logging.info("model.init: %s", line)
-    return params
+    return sharding.replicate(params)

@@ -21,6 +21,7 @@ process holds that lock, ``.<stage>_<N>_<seed>.holder`` (``locks.py``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -31,7 +32,7 @@ from typing import Any
 import jax
 from absl import logging
 
-from oneshui_jax import checkpoints, locks, metric_writer
+from oneshui_jax import checkpoints, locks, metric_writer, sharding
 from oneshui_jax import train as train_lib
 from oneshui_jax.data import pipeline
 from oneshui_jax.errors import CheckpointError
@@ -72,7 +73,10 @@ def run_stage(ctx: Context, stage: str, *, settings_name: str, settings: dict[st
     its result, or stops at once with ``LockBusy`` naming the holder.
     """
     rdir = ctx.run_dir(stage)
-    with locks.hold(rdir, wait=ctx.config.get("wait_for_lock", True), what=f"stage {stage}"):
+    lock = (locks.hold(rdir, wait=ctx.config.get("wait_for_lock", True), what=f"stage {stage}")
+            if sharding.is_primary() else contextlib.nullcontext())  # multi-host: the primary's
+    with lock:
+        sharding.barrier(f"{rdir}: locked")
         return _run_locked(ctx, stage, rdir, settings_name=settings_name, settings=settings,
                            template=template, parent_hash=parent_hash, body=body,
                            training=training, access=access, extra_metadata=extra_metadata)
@@ -97,6 +101,7 @@ def _run_locked(ctx: Context, stage: str, rdir: str, *, settings_name: str,
     augmented = training or access in (api.STATS, api.FULL)  # reads TRAIN images
     fp = reuse.fingerprint(ctx, stage, settings_name, settings, parent_hash, augmented)
     decision, stored = reuse.check(ctx, rdir, fp, settings_name, augmented)
+    sharding.barrier(f"{rdir}: decided")  # every process decided before anything is written
     if decision == reuse.REUSE:
         logging.info("%s: reusing the finished checkpoint %s", stage, rdir)
         record = dict(stored["record"], reused=True)
@@ -130,7 +135,8 @@ def _run_locked(ctx: Context, stage: str, rdir: str, *, settings_name: str,
                                                         out.artifacts)
     checkpoints.save_params(rdir, out.params, {**metadata, **extra, "record": record},
                             overwrite=True)
-    shutil.rmtree(os.path.join(rdir, checkpoints.TRAIN_STATE_DIR), ignore_errors=True)
+    if sharding.is_primary():
+        shutil.rmtree(os.path.join(rdir, checkpoints.TRAIN_STATE_DIR), ignore_errors=True)
     return record, out.params
 
 
@@ -146,17 +152,18 @@ def train_stage(ctx: Context, stage: str, init_params) -> tuple[dict, Any]:
 
     def body(rdir: str, checkpointer) -> StageOutput:
         steps = pipeline.steps_per_epoch(len(train_idx), tcfg.batch_size)
-        pcfg = ctx.pipeline_config(tcfg.batch_size, crop_scale=tuple(config.data.crop_scale))
+        pcfg = ctx.process_pipeline_config(tcfg.batch_size,
+                                           crop_scale=tuple(config.data.crop_scale))
         batches = pipeline.to_iterator(
             pipeline.train_dataset(ds.source, train_idx, pcfg, tcfg.epochs), pcfg)
         eval_step = train_lib.make_eval_step(ctx.model_cfg, ds.task, tcfg.compute_dtype,
                                              tcfg.attention)
-        val_cfg = ctx.pipeline_config(config.data.eval_batch_size)
+        val_cfg = ctx.process_pipeline_config(config.data.eval_batch_size)
 
         def validate_fn(params):
             return train_lib.evaluate(
                 eval_step, params, pipeline.eval_batches(ds.source, ctx.images["val"], val_cfg),
-                ds.task)
+                ds.task, process_rows=val_cfg.shard_by_process)
 
         logging.info("%s: %d images of %d identities, %d steps/epoch -> %s", stage,
                      len(train_idx), len(getattr(ctx.splits, TRAINING_STAGES[stage])), steps,
@@ -164,7 +171,8 @@ def train_stage(ctx: Context, stage: str, init_params) -> tuple[dict, Any]:
         with metric_writer.for_stage(config, rdir) as writer:
             result = train_lib.fit(ctx.model_cfg, tcfg, init_params, batches, steps, validate_fn,
                                    desc=stage, progress=config.progress, checkpointer=checkpointer,
-                                   metrics_log=os.path.join(rdir, "metrics.jsonl"), writer=writer)
+                                   metrics_log=os.path.join(rdir, "metrics.jsonl"), writer=writer,
+                                   process_rows=pcfg.shard_by_process)
         return StageOutput(result.params, {"access": TRAINING_ACCESS[stage],
                                            "best_epoch": result.best_epoch,
                                            "seconds": result.seconds,

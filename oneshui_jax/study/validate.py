@@ -51,6 +51,10 @@ def validate_config(config) -> None:
         raise ConfigError(f"config.num_identities must be >= 1, got {config.num_identities}")
     if config.train.epochs < 1 or config.train.batch_size < 1:
         raise ConfigError("config.train.epochs and config.train.batch_size must be >= 1")
+    data = (config.get("mesh") or {}).get("data", -1)
+    if isinstance(data, bool) or not isinstance(data, int) or not (data == -1 or data >= 1):
+        raise ConfigError(f"config.mesh.data must be -1 (every device) or a number of devices "
+                          f">= 1, got {data!r}")
     value = config.get("split_seed")
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                               or value < 0):

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from oneshui_jax import optim
+from oneshui_jax import optim, sharding
 from oneshui_jax.data import pipeline
 from oneshui_jax.models import vit
 from oneshui_jax.unlearn import api, scrub
@@ -170,7 +170,7 @@ def unlearn(model: api.Model, params: Params, artifacts: api.Artifacts, request:
             epoch_losses = []
             for batch in next(epochs, ()):
                 device = scrub.device_batch(batch)
-                device["forget"] = jnp.asarray(forget_flags(batch["index"], forget))
+                device["forget"] = sharding.shard_batch(forget_flags(batch["index"], forget))
                 student, opt_state, loss = step(student, opt_state, smart, dumb, device, lr)
                 epoch_losses.append(loss)
                 steps += 1

@@ -32,7 +32,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from oneshui_jax import metric_writer
+from oneshui_jax import metric_writer, sharding
 from oneshui_jax.models import meta_loss
 from oneshui_jax.unlearn import api, meta_diagnostics, simulated
 from oneshui_jax.unlearn import meta_unlearn as mu
@@ -106,11 +106,14 @@ def line_search(losses_fn, theta, phi, batches, scales) -> tuple[float, list[dic
 
 def _request_data(data: api.TrainData, request, cfg: mu.Config, rows,
                   rng: np.random.Generator):
-    """Support, forget, val (and retain) batches of one simulated request."""
-    return simulated.request_batches(
+    """Support, forget, val (and retain) batches of one simulated request, split over the mesh
+    (``sharding``): the outer batches [K, B, ...] along B, the support along its rows."""
+    support, forget, val, retain = simulated.request_batches(
         data, request, batch_size=cfg.batch_size, support_size=cfg.num_identities_simulation,
         rows=rows, rng=rng, retain=cfg.use_retain or cfg.loss_type == "scrub",
         retain_train_aug=cfg.use_train_aug)
+    outer = sharding.shard_batch((forget, val, retain), axis=1)
+    return (sharding.shard_batch(support), *outer)
 
 
 def meta_train(model: api.Model, theta, data: api.TrainData, cfg: mu.Config,
@@ -133,11 +136,13 @@ def meta_train(model: api.Model, theta, data: api.TrainData, cfg: mu.Config,
         phi_r = meta_loss.init_params(ml_cfg, jax.random.fold_in(key, 2))
         arrays.update(phi_retain=phi_r, opt_state_retain=tx.init(phi_r))
     state = {"epoch": 0, "request": 0, "history": []}
+    arrays = sharding.replicate(arrays)
     restored = checkpointer.restore(arrays) if checkpointer is not None else None
     if restored is not None:
         arrays, state = restored
         logging.info("meta_unlearn: resuming at epoch %d, request %d", state["epoch"],
                      state["request"])
+    theta = sharding.replicate(theta)
     step = mu.meta_step(model.vit, ml_cfg, cfg)
     k = cfg.requests_per_update
     if k > 1:  # the meta-gradient and the update apart, to average k requests per update

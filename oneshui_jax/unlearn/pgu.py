@@ -78,7 +78,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from oneshui_jax import losses, optim
+from oneshui_jax import losses, optim, sharding
 from oneshui_jax.data import pipeline
 from oneshui_jax.errors import ConfigError
 from oneshui_jax.models import vit
@@ -230,7 +230,7 @@ def accumulate_covariances(model_cfg: vit.ViTConfig, params: Params, batches, *,
            for name, path in layer_paths(model_cfg).items()}
     for batch in tqdm(batches, desc=desc, total=total, unit="batch", disable=not progress,
                       leave=False):
-        acc = step(params, acc, jnp.asarray(batch["image"]), jnp.asarray(batch["mask"]))
+        acc = step(params, acc, *sharding.shard_batch((batch["image"], batch["mask"])))
     return acc
 
 

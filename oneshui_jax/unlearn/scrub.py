@@ -71,7 +71,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from oneshui_jax import losses, optim
+from oneshui_jax import losses, optim, sharding
 from oneshui_jax.data import pipeline
 from oneshui_jax.errors import ConfigError
 from oneshui_jax.unlearn import api
@@ -319,8 +319,8 @@ def epoch_batches(data: api.FullData, indices: np.ndarray, batch_size: int, augm
 
 
 def device_batch(batch: Batch, keys=("image", "label", "mask")) -> dict[str, jax.Array]:
-    """The arrays a step reads, on the device."""
-    return {k: jnp.asarray(batch[k]) for k in keys}
+    """The arrays a step reads, on the device (split over the mesh: ``sharding``)."""
+    return sharding.shard_batch({k: np.asarray(batch[k]) for k in keys})
 
 
 def mean_or_none(values: list) -> float | None:

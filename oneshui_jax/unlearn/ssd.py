@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from oneshui_jax import losses
+from oneshui_jax import losses, sharding
 from oneshui_jax.data import pipeline
 from oneshui_jax.errors import ConfigError
 from oneshui_jax.unlearn import api
@@ -157,7 +157,7 @@ def importances(model: api.Model, params: Params, batches: Iterable[Batch], cfg:
     count = 0
     for batch in tqdm(batches, desc=desc, total=total, unit="batch", disable=not progress,
                       leave=False):
-        batch = {k: jnp.asarray(batch[k]) for k in ("image", "label", "mask")}
+        batch = sharding.shard_batch({k: np.asarray(batch[k]) for k in ("image", "label", "mask")})
         acc = step(params, acc, batch)
         count += 1
     if count == 0:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from oneshui_jax import losses
+from oneshui_jax import losses, sharding
 from oneshui_jax.errors import ConfigError
 from oneshui_jax.models import vit
 from oneshui_jax.unlearn import api
@@ -184,6 +184,7 @@ def prepare(model: api.Model, params: Params, data: api.TrainData, cfg: Config,
             data, request, batch_size=cfg.batch_size,
             support_size=cfg.num_identities_simulation, rows={}, rng=np.random.default_rng(
                 [data.seed, i]))
+        forget, val = sharding.shard_batch((forget, val), axis=1)  # [K, B, ...] along B
         totals += np.asarray(step(params, support, forget, val, alphas), np.float64)
         used.update(request.identities)
     mean = totals / max(len(requests), 1)
