@@ -104,7 +104,7 @@ def assert_params_close(a, b):
 
 def test_request_writes_model_and_receipt(run, first):
     r = first.receipt
-    assert r["receipt_version"] == serve.RECEIPT_VERSION == 2
+    assert r["receipt_version"] == serve.RECEIPT_VERSION == 3
     assert r["request_id"] == "req-1" and r["method"] == "meta_unlearn"
     assert r["access"] == "stats"
     assert [p["sha256"] for p in r["portraits"]] == [
@@ -113,6 +113,10 @@ def test_request_writes_model_and_receipt(run, first):
     written = checkpoints.load_params(first.out)  # verifies the recorded hash
     assert r["params_hash_before"] == before == run.metadata["base_params_hash"]
     assert r["params_hash_after"] == checkpoints.params_hash(written) != before
+    # the device checksum of the output, as the saved parameters give it after loading
+    assert r["params_digest_after"] == checkpoints.params_digest_hex(written)
+    assert r["params_digest_before"] == checkpoints.params_digest_hex(
+        checkpoints.load_params(run.pretrain)) != r["params_digest_after"]
     assert r["identities"] == [run.identity, run.identity]
     assert r["labels_predicted"] is True and np.shape(r["labels"]) == (2, 24)
     recorded = run.metadata["method_config"]
@@ -121,7 +125,8 @@ def test_request_writes_model_and_receipt(run, first):
     assert r["hyperparameters"]["forget_epochs"] == recorded["forget_epochs"] == 1
     assert r["hyperparameters"]["steps"] == 1  # what meta_unlearn.unlearn reported
     assert r["versions"] == checkpoints.library_versions()
-    assert set(r["timings"]) >= {"load_s", "compile_s", "compute_s", "save_s", "total_s"}
+    assert set(r["timings"]) >= {"load_s", "h2d_s", "compile_s", "compute_s", "digest_s",
+                                 "save_s", "total_s"}
     assert r["source_checkpoint"] == run.pretrain and r["artifacts_run_dir"] == run.meta
     assert r["artifacts_hash"] == run.metadata["artifacts_hash"]
     metadata = checkpoints.read_metadata(first.out)
@@ -191,6 +196,7 @@ def test_requests_chain_with_the_same_method_run(run, first, capsys):
     receipts = [read_receipt(out) for out in outs]
     for before, after in zip(receipts, receipts[1:], strict=False):
         assert after["params_hash_before"] == before["params_hash_after"]
+        assert after["params_digest_before"] == before["params_digest_after"]
         assert after["source_checkpoint"] == before["output"]
     assert all(r["artifacts_run_dir"] == run.meta for r in receipts)
     metadata = checkpoints.read_metadata(outs[-1])

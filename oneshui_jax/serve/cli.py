@@ -101,9 +101,10 @@ def _serve(checkpoint: str, portraits: Sequence[str], out: str, *,
 
     def make_receipt(hash_after: str) -> Receipt:
         timings = {"load_s": load_s + prepared.timings["prepare_s"],
+                   "h2d_s": prepared.timings["h2d_s"],
                    "predict_s": prepared.timings["predict_s"],
                    "compile_s": prepared.timings["compile_s"] + unlearned["compile_s"],
-                   "compute_s": unlearned["compute_s"],
+                   "compute_s": unlearned["compute_s"], "digest_s": unlearned["digest_s"],
                    "save_s": time.perf_counter() - save_start}
         timings["total_s"] = time.perf_counter() - start
         return Receipt(
@@ -112,7 +113,9 @@ def _serve(checkpoint: str, portraits: Sequence[str], out: str, *,
                         "height": int(image.shape[0])} for image, digest in read],
             identities=prepared.identities, labels=request_lib.json_labels(prepared.labels),
             labels_predicted=prepared.labels_predicted, params_hash_before=hash_before,
-            params_hash_after=hash_after, source_checkpoint=model_meta["run_dir"],
+            params_hash_after=hash_after, params_digest_before=engine.params_digest,
+            params_digest_after=unlearned["params_digest"],
+            source_checkpoint=model_meta["run_dir"],
             artifacts_run_dir=method_meta["run_dir"],
             artifacts_hash=method_meta.get("artifacts_hash"),
             base_params_hash=method_meta["base_params_hash"], output=os.path.abspath(out),
@@ -188,10 +191,11 @@ def summary(receipt: Receipt) -> str:
         f"model      {receipt.source_checkpoint}",
         f"method run {receipt.artifacts_run_dir}",
         f"params     sha256 {receipt.params_hash_before[:16]}... -> "
-        f"{receipt.params_hash_after[:16]}...",
+        f"{receipt.params_hash_after[:16]}... (device digest {receipt.params_digest_after})",
         f"labels     {labels}",
         f"time       load {t['load_s']:.2f} s, compile {t['compile_s']:.2f} s, labels "
-        f"{t['predict_s'] * 1e3:.1f} ms, unlearn {t['compute_s'] * 1e3:.1f} ms, save "
+        f"{t['predict_s'] * 1e3:.1f} ms, copy {t['h2d_s'] * 1e3:.1f} ms, unlearn "
+        f"{t['compute_s'] * 1e3:.1f} ms, digest {t['digest_s'] * 1e3:.1f} ms, save "
         f"{t['save_s']:.2f} s",
         f"wrote      {receipt.output} (params/, {checkpoints.METADATA_FILE}, {RECEIPT_FILE})",
     ])

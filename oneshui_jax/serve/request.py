@@ -26,7 +26,9 @@ from oneshui_jax import checkpoints, files
 from oneshui_jax.errors import ConfigError, DataError
 
 RECEIPT_FILE = "receipt.json"
-RECEIPT_VERSION = 2  # 2: any servable method (access, method_config, artifacts_*)
+# 2: any servable method (access, method_config, artifacts_*); 3: params_digest_before/after
+# and the h2d_s / digest_s timings
+RECEIPT_VERSION = 3
 REQUEST_STAGE = "request"  # the ``stage`` of a request's output run directory
 
 
@@ -93,10 +95,15 @@ class Receipt:
     ``unlearn`` reported (e.g. support_ascent's ``alpha``, meta_unlearn's ``steps``).
     ``artifacts_run_dir`` / ``artifacts_hash`` name the method run whose prepared artifacts were
     used; ``base_params_hash`` is the pretrained model the chain of requests started from.
+    ``params_hash_*`` are sha256 of the parameters on the host (the chain is checked with
+    them); ``params_digest_*`` are ``checkpoints.params_digest``, a 128-bit checksum computed on
+    the device (not cryptographic; equal for equal parameters wherever they live, so a
+    request's ``params_digest_after`` is the next one's ``params_digest_before``).
     ``seeds``: the study's, the method run's and the one the request's rng key was made from.
     ``timings`` in seconds: ``load_s`` (checkpoints, portraits, preprocessing), ``predict_s``
     (label prediction), ``compile_s`` (first call of this request size, prediction included),
-    ``compute_s`` (the unlearning, to completion), ``save_s``, ``total_s``.
+    ``h2d_s`` (the portraits' copy to the device, in ``load_s``), ``compute_s`` (the unlearning,
+    to completion), ``digest_s`` (``params_digest_after``), ``save_s``, ``total_s``.
     """
 
     request_id: str
@@ -109,6 +116,8 @@ class Receipt:
     labels_predicted: bool
     params_hash_before: str
     params_hash_after: str
+    params_digest_before: str
+    params_digest_after: str
     source_checkpoint: str
     artifacts_run_dir: str
     artifacts_hash: str | None

@@ -439,9 +439,10 @@ def clear_compiled() -> None:
     exhaust the kernel's per-process limit (LLVM then fails with "Cannot allocate memory")."""
     from oneshui_jax.unlearn import meta_diagnostics
 
-    for cached in (_meta_step, _meta_grad, _meta_update, _unlearn_steps,
+    for cached in (_meta_step, _meta_grad, _meta_update, _unlearn_steps, _request_steps,
                    meta_diagnostics._jitted):
         cached.cache_clear()
+    _request_constants_cache.clear()
     jax.clear_caches()
 
 
@@ -475,6 +476,79 @@ def apply_steps(unlearn_step: Callable, theta, phi_forget, support, forget_epoch
     if phi_retain is not None:
         theta = (retain_step or unlearn_step)(theta, phi_retain, support, scale)
     return theta
+
+
+def make_request_step(model_cfg, ml_cfg, cfg: Config, forget_epochs: int, retain: bool,
+                      donate: bool = False) -> Callable:
+    """A whole request in one compiled call: ``apply_steps`` fused, the update inside it.
+
+    ``request(theta, phi, phi_retain, images, labels, rows, scale) -> θ_u``: ``forget_epochs``
+    steps ``θ ← θ − s c g`` (``learned_step``, dropout off) with ``phi``, then one with
+    ``phi_retain`` if ``retain`` (else pass None), the mask of the N portraits built inside.
+    Each step's new parameters are computed inside the step's own program (no separate update
+    pass, no intermediate θ handed back to Python). ``donate``: the input ``theta`` is donated
+    (its buffers may hold the output; the caller must not use it again): only for a caller
+    that owns a copy. ``unlearn`` never donates (the caller keeps its parameters: an Engine
+    serves every request from the same model).
+    """
+    forget_cfg = dataclasses.replace(cfg, remat=False)
+    retain_cfg = retain_config(forget_cfg)
+
+    def request(theta, phi, phi_retain, images, labels, rows, scale):
+        support = {"image": images, "label": labels, "row": rows,
+                   "mask": jnp.ones(images.shape[:1], bool)}
+        s = None if cfg.step_control == "none" else jnp.asarray(scale, jnp.float32)
+
+        def forget_step(_, t):
+            return learned_step(model_cfg, ml_cfg, forget_cfg, t, phi, support, None, s)
+
+        if forget_epochs == 1:
+            theta = forget_step(0, theta)
+        else:  # one compiled step body, however many steps
+            theta = jax.lax.fori_loop(0, forget_epochs, forget_step, theta)
+        if retain:
+            theta = learned_step(model_cfg, ml_cfg, retain_cfg, theta, phi_retain, support,
+                                 None, s)
+        return theta
+
+    return jax.jit(request, donate_argnums=(0,) if donate else ())
+
+
+_request_steps = functools.lru_cache(maxsize=32)(make_request_step)
+
+
+def request_step(model_cfg, ml_cfg, cfg: Config, retain: bool, donate: bool = False
+                 ) -> Callable:
+    """``make_request_step`` compiled once per process for each (model, meta-loss,
+    ``compile_key(cfg)``, ``forget_epochs``, retain, donate) and request size: a served
+    request of a size seen before runs compiled code without tracing again."""
+    return _request_steps(model_cfg, ml_cfg, compile_key(dataclasses.replace(cfg, remat=False)),
+                          cfg.forget_epochs, retain, donate)
+
+
+_request_constants_cache: dict[tuple[int, int], tuple[Any, ...]] = {}
+
+
+def request_constants(artifacts: api.Artifacts
+                      ) -> tuple[dict[int, int], int, jax.Array, float]:
+    """``(identity -> embedding row, number of rows, step scale on the device, step scale as a
+    float)`` of a
+    method run's artifacts, computed at its first request and reused: later requests do no
+    host work and no device-to-host copy for them. Keyed by the identity of the
+    ``train_identities`` and ``step_scale`` arrays, which the cache keeps alive (so an id is not
+    reused while cached); artifacts are never modified in place."""
+    ids, scale = artifacts["train_identities"], artifacts.get("step_scale", 1.0)
+    key = (id(ids), id(scale))
+    hit = _request_constants_cache.get(key)
+    if hit is None or hit[0] is not ids or hit[1] is not scale:
+        value = float(np.asarray(scale))  # runs before the step_control option: 1
+        listed = np.asarray(ids).tolist()
+        hit = (ids, scale, identity_rows(listed), len(listed), jnp.asarray(value, jnp.float32),
+               value)
+        if len(_request_constants_cache) >= 8:
+            _request_constants_cache.pop(next(iter(_request_constants_cache)))
+        _request_constants_cache[key] = hit
+    return hit[2:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,10 +591,12 @@ def prepare(model: api.Model, params: Params, data: api.TrainData, cfg: Config,
     return artifacts, info
 
 
-def request_rows(train_identities: Sequence[int], identities: Sequence[int | None],
-                 use_ids: bool) -> np.ndarray:
-    """The meta-loss embedding row of each portrait; ConfigError for an unusable identity."""
-    rows = identity_rows([int(i) for i in train_identities])
+def request_rows(train_identities: Sequence[int] | dict[int, int],
+                 identities: Sequence[int | None], use_ids: bool) -> np.ndarray:
+    """The meta-loss embedding row of each portrait; ConfigError for an unusable identity.
+    ``train_identities``: the ids of the embedding rows in order, or ``identity_rows`` of them."""
+    rows = (train_identities if isinstance(train_identities, dict)
+            else identity_rows([int(i) for i in train_identities]))
     if any(i is None for i in identities):
         if use_ids:
             raise ConfigError("the meta-loss uses identity embeddings (use_ids): give each "
@@ -537,18 +613,18 @@ def request_rows(train_identities: Sequence[int], identities: Sequence[int | Non
 def unlearn(model: api.Model, params: Params, artifacts: api.Artifacts, request: api.Request,
             cfg: Config, rng: jax.Array, data=None) -> tuple[Params, dict[str, Any]]:
     """``forget_epochs`` steps ``θ − η ∇_θ mean ℓ_φ(portraits)``, then the retain step if any
-    (SPEC.md 6.5). Reads the portraits alone."""
+    (SPEC.md 6.5). Reads the portraits alone.
+
+    One compiled call (``request_step``, fused steps, ``params`` not donated), traced once per
+    request size; per request only the identities' rows are looked up on the host
+    (``request_constants``) and nothing is copied back from the device.
+    """
     del rng, data  # deterministic; reads nothing but the request
-    train_ids = np.asarray(artifacts["train_identities"]).tolist()
-    ml_cfg = meta_loss_config(model, cfg, len(train_ids))
-    support = {"image": jnp.asarray(request.images), "label": jnp.asarray(request.labels),
-               "row": jnp.asarray(request_rows(train_ids, request.identities, cfg.use_ids)),
-               "mask": jnp.ones(request.size, bool)}
-    step = _cached_unlearn_step(model.vit, ml_cfg, cfg)
-    retain_step = (_cached_unlearn_step(model.vit, ml_cfg, retain_config(cfg))
-                   if "phi_retain" in artifacts else None)
-    scale = float(np.asarray(artifacts.get("step_scale", 1.0)))  # runs before the option: 1
-    new = apply_steps(step, params, artifacts["phi"], support, cfg.forget_epochs,
-                      artifacts.get("phi_retain"), scale, retain_step)
-    return new, {"steps": cfg.forget_epochs + int("phi_retain" in artifacts),
-                 "step_scale": scale}
+    rows, num_rows, scale, scale_value = request_constants(artifacts)
+    ml_cfg = meta_loss_config(model, cfg, num_rows)
+    retain = "phi_retain" in artifacts
+    step = request_step(model.vit, ml_cfg, cfg, retain)
+    new = step(params, artifacts["phi"], artifacts.get("phi_retain"),
+               jnp.asarray(request.images), jnp.asarray(request.labels),
+               jnp.asarray(request_rows(rows, request.identities, cfg.use_ids)), scale)
+    return new, {"steps": cfg.forget_epochs + int(retain), "step_scale": scale_value}
