@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check of issue 18 in ONE device call (README "Benchmarks"). The device tool allows 10
 # minutes a command; the timeouts below (jax check 30 s, the sections of "all", the summary) sum
-# to 550 s (9.2 min), leaving the rest for nvidia-smi, the shell and the transfers.
+# to 560 s (9.3 min), leaving the rest for nvidia-smi, the shell and the transfers.
 #
-#   bash bench/gpu_check.sh                  # all: anchor train meta profile, then the summary
+#   bash bench/gpu_check.sh                  # all: anchor train meta request profile, summary
 #   bash bench/gpu_check.sh train meta       # a subset (the summary always runs last)
 #   GPU_CHECK_SMALL=1 bash bench/gpu_check.sh   # tiny model and shapes: a CPU dry run of the
 #                                               # flow (summary: $OUT/gpu_dry_run.json only)
@@ -13,17 +13,20 @@
 #                    MetaUnlearn meta-step (s, peak GiB)                         -> anchor.json
 #   train    (100 s) ours: ViT-B/16 train step, bf16, batch 128, xla and cudnn attention
 #                    (bench/attention_variants.py)                             -> attention_variants.json
-#   meta     (180 s) ours: the streamed meta-step at the anchor's shapes and a 20-portrait request
-#                    (bench/meta_step.py --variants streamed,request; the naive variant, ~140 s of
-#                    compilation on an H100, is left out: run it alone)        -> meta_step.json
-#   profile  (130 s) top XLA ops by self time of the train step (cudnn, batch 128) and of the
+#   meta     (150 s) ours: the streamed meta-step at the anchor's shapes (bench/meta_step.py
+#                    --variants streamed; the naive variant, ~140 s of compilation on an H100, is
+#                    left out: run it alone)                                   -> meta_step.json
+#   request  (70 s)  ours: a served 20-portrait MetaUnlearn request, p50/p95 after compilation,
+#                    the host-to-device copy and the device digest apart
+#                    (bench/request_latency.py)                                -> request_latency.json
+#   profile  (100 s) top XLA ops by self time of the train step (cudnn, batch 128) and of the
 #                    meta-step (bench/profile_ops.py; traces in /tmp)          -> profile.md, profile.json
 #   parity   (60 s)  timm fixture + parity, not in "all" (it checks numbers, not speed)
 #                                                                              -> timm_parity.json
 #   summary  (20 s)  bench/gpu_summary.py: ratios vs targets -> bench/results/gpu_<date>.json and
 #                    $OUT/gpu_<date>.json
 # The whole output also goes to $OUT/gpu_check.log. At most 8 files come back from $OUT: "all"
-# writes 7, with parity 8.
+# writes 8 (parity is then left out: run it in a call of its own).
 #
 # The anchor is found at $ANCHOR, else .device/torch_reference_style.py, else
 # ../shared/anchors/torch_reference_style.py. ../shared does not travel to the device machine: copy
@@ -38,12 +41,12 @@ export OUT
 mkdir -p "$OUT"
 SECTIONS=("$@")
 if [ ${#SECTIONS[@]} -eq 0 ] || [ "${SECTIONS[*]}" = "all" ]; then
-  SECTIONS=(anchor train meta profile)
+  SECTIONS=(anchor train meta request profile)
 fi
 for section in "${SECTIONS[@]}"; do
   case "$section" in
-    anchor|train|meta|profile|parity) ;;
-    *) echo "unknown section $section (expected anchor, train, meta, profile, parity or all)"
+    anchor|train|meta|request|profile|parity) ;;
+    *) echo "unknown section $section (expected anchor, train, meta, request, profile, parity or all)"
        exit 2 ;;
   esac
 done
@@ -59,11 +62,13 @@ if [ "${GPU_CHECK_SMALL:-0}" = 1 ]; then  # tiny shapes: the anchor's ANCHOR_SMA
   export ANCHOR_SMALL=1
   MODEL=vit_tiny_test DTYPE=float32 TRAIN_BATCH=8 TRAIN_STEPS=2
   META=(--support 4 --outer_batches 2 --batch 8 --steps 1 --requests 3)
+  REQUEST=(--portraits 4 --requests 20 --sha_requests 0)
   PROFILE=(--support 4 --outer_batches 2 --meta_batch 8 --batch 8)
   SUMMARY=(--out "$OUT/gpu_dry_run.json" --no_copy)  # not a GPU result: not in bench/results
 else
   MODEL=vit_base_patch16_224 DTYPE=bfloat16 TRAIN_BATCH=128 TRAIN_STEPS=20
   META=(--steps 3 --requests 50)
+  REQUEST=(--portraits 20 --requests 50)
   PROFILE=(--batch 128)
   SUMMARY=()
 fi
@@ -88,13 +93,18 @@ train() {
     --batches "$TRAIN_BATCH" --steps "$TRAIN_STEPS" --out "$OUT/attention_variants.json"
 }
 meta() {
-  echo "== ours: MetaUnlearn meta-step (streamed) and a 20-portrait request"
-  timeout 180 python3 bench/meta_step.py --model "$MODEL" --dtype "$DTYPE" \
-    --variants streamed,request --timeout 170 "${META[@]}" --out "$OUT/meta_step.json"
+  echo "== ours: MetaUnlearn meta-step (streamed)"
+  timeout 150 python3 bench/meta_step.py --model "$MODEL" --dtype "$DTYPE" \
+    --variants streamed --timeout 140 "${META[@]}" --out "$OUT/meta_step.json"
+}
+request() {
+  echo "== ours: a served MetaUnlearn request (p50/p95, copy, digest)"
+  timeout 70 python3 bench/request_latency.py --model "$MODEL" "${REQUEST[@]}" \
+    --out "$OUT/request_latency.json"
 }
 profile() {
   echo "== profile: top XLA ops of the train step (cudnn attention on GPUs) and the meta-step"
-  timeout 130 python3 bench/profile_ops.py --steps train,meta --model "$MODEL" \
+  timeout 100 python3 bench/profile_ops.py --steps train,meta --model "$MODEL" \
     --dtype "$DTYPE" --attention auto "${PROFILE[@]}" --iters 3 \
     --trace_dir "$(mktemp -d /tmp/oneshui_profile.XXXXXX)" --out "$OUT/profile"
 }

@@ -44,7 +44,8 @@ import tempfile
 from typing import Any
 
 SECTIONS = {"anchor": "anchor.json", "train": "attention_variants.json",
-            "meta": "meta_step.json", "profile": "profile.json", "parity": "timm_parity.json"}
+            "meta": "meta_step.json", "request": "request_latency.json",
+            "profile": "profile.json", "parity": "timm_parity.json"}
 # name -> (comparison, threshold)
 TARGETS = {"train_speedup": (">=", 2.0), "meta_step_speedup": (">=", 3.0),
            "meta_step_memory_ratio": ("<=", 0.5), "request_p50_ms": ("<=", 10.0),
@@ -147,6 +148,12 @@ def compute(sections: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
     request = results.get("request") or {}
     details["request"] = {k: request.get(k) for k in ("portraits", "requests", "p50_ms", "p95_ms",
                                                       "p50_with_copy_ms", "compile_s")}
+    latency = sections.get("request")  # bench/request_latency.py: the served request path
+    if latency and _number(latency.get("request_p50_ms")) is not None:
+        request = {"p50_ms": latency["request_p50_ms"]}
+        details["request"] = {k: v for k, v in latency.items() if k.startswith("request_")
+                              or k in ("compile_s", "traces_after_warmup",
+                                       "compiles_after_warmup")}
     for name in ("streamed", "request"):
         if "error" in (results.get(name) or {}):
             notes.append(f"meta: {name}: {results[name]['error']}")

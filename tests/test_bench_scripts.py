@@ -80,7 +80,7 @@ def test_summary_ratios_and_pass(tmp_path, monkeypatch):
                       "meta_step_compilations": "missing"}
     assert s["meta_step_compilations"] is None
     assert s["sections"]["anchor"]["meta_step_s"] == 0.6  # raw sections carried
-    assert set(s["sections_missing"]) == {"profile", "parity"}
+    assert set(s["sections_missing"]) == {"request", "profile", "parity"}
     assert {"jax", "jaxlib", "flax", "torch"} <= set(s["versions"])
 
 
@@ -105,7 +105,8 @@ def test_summary_missing_sections_give_nulls(tmp_path, monkeypatch):
                  "request_p50_ms", "meta_step_compilations"):
         assert s[name] is None
         assert s["targets"][name]["status"] == "missing"
-    assert set(s["sections_missing"]) == {"anchor", "train", "meta", "profile", "parity"}
+    assert set(s["sections_missing"]) == {"anchor", "train", "meta", "request", "profile",
+                                          "parity"}
     # Ours without the anchor: still no ratio, but the request needs no anchor.
     s = _summarise(tmp_path / "b", monkeypatch, {"attention_variants.json": TRAIN,
                                                  "meta_step.json": _meta()})
@@ -216,3 +217,15 @@ def test_gpu_check_script(tmp_path):
     bad = subprocess.run(["bash", script, "no_such_section"], capture_output=True, text=True,
                          env={**os.environ, "OUT": str(tmp_path)}, cwd=REPO, timeout=30)
     assert bad.returncode == 2 and "unknown section" in bad.stdout
+
+
+def test_summary_takes_the_request_from_the_served_path(tmp_path, monkeypatch):
+    """``request_latency.json`` (bench/request_latency.py, the served request) wins over the
+    meta-step benchmark's own request timing."""
+    latency = {"request_p50_ms": 6.5, "request_p95_ms": 9.0, "request_h2d_ms": 0.4,
+               "request_digest_ms": 0.2, "traces_after_warmup": 0, "compiles_after_warmup": 0}
+    s = _summarise(tmp_path, monkeypatch, {"meta_step.json": _meta(p50_ms=12.5),
+                                           "request_latency.json": latency})
+    assert s["request_p50_ms"] == pytest.approx(6.5)
+    assert s["targets"]["request_p50_ms"]["status"] == "PASS"
+    assert s["details"]["request"]["request_h2d_ms"] == 0.4

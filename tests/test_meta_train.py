@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from oneshui_jax import checkpoints, study
-from oneshui_jax.models import vit
+from oneshui_jax.models import meta_loss, vit
 from oneshui_jax.study import access
 from oneshui_jax.unlearn import meta_train
 from oneshui_jax.unlearn import meta_unlearn as mu
@@ -100,3 +100,45 @@ def test_meta_training_resumes_with_identical_result(ctx, tmp_path, monkeypatch)
         resumed = meta_train.meta_train(ctx.model, theta, access.train_data(ctx, ckpt), cfg,
                                         ml_cfg, key, checkpoint_every=2)
     assert checkpoints.params_hash(resumed.phi) == checkpoints.params_hash(straight.phi)
+
+
+def test_padded_outer_batches_change_nothing(ctx):
+    """A request padded with fully masked outer batches has the unpadded loss and meta-gradient
+    (the padding is skipped, not averaged in)."""
+    import random
+
+    cfg, ml_cfg = configs(ctx)
+    cfg = dataclasses.replace(cfg, batch_size=64)
+    data = access.train_data(ctx)
+    request = data.simulated_requests(30, random.Random(0))[0]
+    rows = mu.identity_rows(ctx.splits.train)
+    plain = meta_train._request_data(data, request, cfg, rows, np.random.default_rng(0))
+    k = plain[1]["mask"].shape[0]
+    padded = meta_train._request_data(data, request, cfg, rows, np.random.default_rng(0), k + 2)
+    assert padded[1]["mask"].shape[0] == k + 2 and not padded[1]["mask"][k:].any()
+    theta = vit.init_params(ctx.model_cfg, jax.random.key(0))
+    phi = meta_loss.init_params(ml_cfg, jax.random.key(1))
+    grad = mu.meta_grad(ctx.model_cfg, ml_cfg, cfg)
+    rng = jax.random.key(2)
+    g_plain, s_plain, _ = grad(theta, phi, *plain, rng)
+    g_padded, s_padded, _ = grad(theta, phi, *padded, rng)
+    assert float(s_plain["loss"]) == pytest.approx(float(s_padded["loss"]), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_padded), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-8)
+
+
+def test_meta_training_compiles_the_meta_step_once(ctx):
+    """Requests of different sizes are padded to the stage's largest K: one compilation of the
+    meta-step for the whole meta-training (issue: one compilation per stage)."""
+    from oneshui_jax.unlearn import simulated
+
+    cfg, ml_cfg = configs(ctx)
+    cfg = dataclasses.replace(cfg, batch_size=32, epochs=1)
+    data = access.train_data(ctx)
+    stream = meta_train.request_stream(data, cfg, None)
+    sizes = {simulated.outer_batches(len(r.forget), cfg.batch_size) for rs in stream for r in rs}
+    assert len(sizes) > 1  # without the padding the step would compile once per size
+    mu.clear_compiled()
+    theta = vit.init_params(ctx.model_cfg, jax.random.key(0))
+    meta_train.meta_train(ctx.model, theta, data, cfg, ml_cfg, jax.random.key(0))
+    assert mu.meta_step(ctx.model_cfg, ml_cfg, cfg)._cache_size() == 1

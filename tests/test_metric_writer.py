@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from absl import logging as absl_logging
 
 from oneshui_jax import checkpoints, config_lib, metric_writer, optim
 from oneshui_jax import train as train_lib
@@ -48,12 +49,13 @@ def tiny_params():
     return jax.tree.map(lambda s: (0.02 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
 
 
-def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
+def read_scalars(logdir: str, first_only: bool = False) -> dict[str, list[tuple[int, float]]]:
     """``{tag: [(step, value), ...]}`` of every scalar in the event files under ``logdir``, in
-    the order written (files by name, i.e. by creation time)."""
+    the order written (files by name, i.e. by creation time); ``first_only``: the first file's
+    only (the run that created the folder)."""
     out: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted(glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"),
-                                 recursive=True)):
+    paths = sorted(glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True))
+    for path in paths[:1] if first_only else paths:
         with open(path, "rb") as f:
             data = f.read()
         pos = 0
@@ -118,9 +120,14 @@ def test_disabled_or_missing_tensorboardx_is_a_no_op_with_one_hint(tmp_path, mon
     writer.scalars(1, {"x": 1.0})
     monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import fails: not installed
     monkeypatch.setattr(metric_writer, "_hint_logged", False)
-    with caplog.at_level(logging.INFO):
-        first = metric_writer.open_writer(logdir)
-        second = metric_writer.open_writer(logdir)
+    verbosity = absl_logging.get_verbosity()  # an earlier test may have lowered absl's level
+    absl_logging.set_verbosity(absl_logging.INFO)
+    try:
+        with caplog.at_level(logging.INFO):
+            first = metric_writer.open_writer(logdir)
+            second = metric_writer.open_writer(logdir)
+    finally:
+        absl_logging.set_verbosity(verbosity)
     assert type(first) is type(second) is metric_writer.NoOpWriter
     hints = [r.getMessage() for r in caplog.records if "tensorboardX" in r.getMessage()]
     assert len(hints) == 1 and "pip install -e .[tensorboard]" in hints[0], hints
@@ -265,7 +272,8 @@ def test_meta_training_writes_per_request_and_per_epoch_scalars(tmp_path, monkey
     data = types.SimpleNamespace(
         seed=0, checkpointer=None, progress=False, train_identities=tuple(range(6)),
         holdout_identities=tuple(range(6)),
-        simulated_requests=lambda n, rng, identities=None: ["r0", "r1", "r2"],
+        simulated_requests=lambda n, rng, identities=None: [
+            types.SimpleNamespace(name=f"r{i}", forget=[0, 1]) for i in range(3)],
         writer=metric_writer.MetricWriter(logdir))
     with data.writer:
         result = meta_train.meta_train(model, {}, data, cfg, ml_cfg, jax.random.key(0))
@@ -334,7 +342,9 @@ def test_the_flag_does_not_change_stage_fingerprints():
 def test_the_study_writes_one_run_per_training_stage(small_study):
     """The shared small study (tensorboard on, as in the SynthFaces config): pretrain, retrain and
     MetaUnlearn's meta-training each have their run, named after the stage's run directory,
-    holding the numbers of ``metrics.jsonl`` and of the record; support_ascent writes none."""
+    holding the numbers of ``metrics.jsonl`` and of the record; support_ascent writes none. Other
+    tests may write later runs of the same stages into the shared workdir, so only each run's
+    first event file (the shared study's own) is compared."""
     config, records = small_study.config, small_study.records
     assert config.tensorboard is True
     root = os.path.join(config.workdir, "tensorboard")
@@ -344,7 +354,7 @@ def test_the_study_writes_one_run_per_training_stage(small_study):
     assert runs == sorted(names.values())
     assert names["pretrain"] == f"{dataset_folder(config)}/{config.model.name}/pretrain_5_0"
     for stage in ("pretrain", "retrain"):
-        got = read_scalars(os.path.join(root, names[stage]))
+        got = read_scalars(os.path.join(root, names[stage]), first_only=True)
         with open(os.path.join(small_study.run_dir(stage), "metrics.jsonl")) as f:
             history = [json.loads(line) for line in f]
         assert [s for s, _ in got["epoch/val_metric"]] == [h["step"] for h in history], stage
@@ -354,7 +364,7 @@ def test_the_study_writes_one_run_per_training_stage(small_study):
                                    [h["train_loss"] for h in history], rtol=1e-6)
         assert got["train/loss"] and got["train/lr"]
     meta = next(r for r in records if r["method"] == "meta_unlearn")["prepare"]["meta_history"]
-    got = read_scalars(os.path.join(root, names["meta_unlearn"]))
+    got = read_scalars(os.path.join(root, names["meta_unlearn"]), first_only=True)
     np.testing.assert_allclose([v for _, v in got["meta_epoch/outer_loss"]],
                                [h["outer_loss"] for h in meta], rtol=1e-6)
     assert len(got["meta_train/outer_loss"]) == sum(h["requests"] for h in meta)

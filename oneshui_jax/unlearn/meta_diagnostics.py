@@ -39,14 +39,17 @@ SUMMARY_FIELDS = ("outer_none", "outer_learned", "outer_ascent", "reduction_lear
 
 def outer_loss(model_cfg, cfg: mu.Config, theta_u, theta, forget, val, retain) -> jax.Array:
     """The outer objective of ``theta_u`` over stacked batches, each weighing its valid forget
-    images (as ``meta_unlearn.meta_gradient``), without gradients."""
+    images (as ``meta_unlearn.meta_gradient``, padded batches skipped), without gradients."""
     weights = mu._weights(forget)
 
-    def body(total, k):
+    def add(total, k):
         batch_retain = None if retain is None else mu._stack_item(retain, k)
         value = mu.outer_batch_loss(model_cfg, cfg, theta_u, theta, mu._stack_item(forget, k),
                                     mu._stack_item(val, k), batch_retain)
-        return total + weights[k] * value.astype(jnp.float32), None
+        return total + weights[k] * value.astype(jnp.float32)
+
+    def body(total, k):
+        return jax.lax.cond(weights[k] > 0, add, lambda t, _: t, total, k), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
                             jnp.arange(forget["mask"].shape[0]))

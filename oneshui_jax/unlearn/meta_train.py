@@ -17,6 +17,11 @@ meta-training draws its requests from the others. After every epoch (and once be
 ``meta_diagnostics`` measures the learned step on these held-out requests; the history records
 it. ``step_control`` line_search / normalize then picks the request-time factor of the step on
 them. ``requests_per_update`` > 1 averages that many requests' meta-gradients per update of φ.
+
+Every request's outer batches are padded to the largest ``K`` of the stage (all epochs' requests
+and the held-out ones, known before the first step), so the meta-step, the diagnostics and the
+line search compile once per stage; padded batches are skipped (``meta_unlearn.meta_gradient``),
+so the result is the unpadded one.
 """
 
 from __future__ import annotations
@@ -76,13 +81,33 @@ def validation_identities(data: api.TrainData, cfg: mu.Config) -> tuple[int, ...
     return tuple(i for i in data.train_identities if i in chosen)
 
 
-def _validation_batches(data, cfg, rows, identities):
-    """The held-out requests' batches, made once (deterministic in ``data.seed``)."""
+def _validation_requests(data, cfg, identities):
+    """The held-out requests (deterministic in ``data.seed``)."""
     size = min(cfg.num_identities_simulation, len(identities))
-    requests = data.simulated_requests(size, random.Random(data.seed + 7919),
-                                       identities=identities)
-    return [_request_data(data, r, cfg, rows, np.random.default_rng([data.seed, 7919, i]))
-            for i, r in enumerate(requests)]
+    return data.simulated_requests(size, random.Random(data.seed + 7919), identities=identities)
+
+
+def _validation_batches(data, cfg, rows, requests, num_batches):
+    """The held-out requests' batches, made once."""
+    return [_request_data(data, r, cfg, rows, np.random.default_rng([data.seed, 7919, i]),
+                          num_batches) for i, r in enumerate(requests)]
+
+
+def request_stream(data: api.TrainData, cfg: mu.Config, identities) -> list[list]:
+    """Every epoch's simulated requests: ``simulated_draws_per_epoch`` draws from
+    ``random.Random(seed)`` per epoch, the last one used (the reference's stream)."""
+    py_rng, stream = random.Random(data.seed), []
+    for _ in range(cfg.epochs):
+        for _ in range(cfg.simulated_draws_per_epoch):
+            requests = data.simulated_requests(cfg.num_identities_simulation, py_rng,
+                                               identities=identities)
+        stream.append(requests)
+    return stream
+
+
+def outer_batches(requests, batch_size: int) -> int:
+    """The largest number of outer batches among ``requests`` (at least 1)."""
+    return max([simulated.outer_batches(len(r.forget), batch_size) for r in requests] + [1])
 
 
 def diagnose(diag_fn, theta, phi, batches) -> dict[str, float]:
@@ -105,13 +130,13 @@ def line_search(losses_fn, theta, phi, batches, scales) -> tuple[float, list[dic
 
 
 def _request_data(data: api.TrainData, request, cfg: mu.Config, rows,
-                  rng: np.random.Generator):
+                  rng: np.random.Generator, num_batches: int | None = None):
     """Support, forget, val (and retain) batches of one simulated request, split over the mesh
     (``sharding``): the outer batches [K, B, ...] along B, the support along its rows."""
     support, forget, val, retain = simulated.request_batches(
         data, request, batch_size=cfg.batch_size, support_size=cfg.num_identities_simulation,
         rows=rows, rng=rng, retain=cfg.use_retain or cfg.loss_type == "scrub",
-        retain_train_aug=cfg.use_train_aug)
+        retain_train_aug=cfg.use_train_aug, num_batches=num_batches)
     outer = sharding.shard_batch((forget, val, retain), axis=1)
     return (sharding.shard_batch(support), *outer)
 
@@ -153,16 +178,16 @@ def meta_train(model: api.Model, theta, data: api.TrainData, cfg: mu.Config,
     held_set = set(held_out)
     train_pool = ([i for i in data.train_identities if i not in held_set]
                   if held_out else None)  # None: every TRAIN identity, the reference's stream
-    validation = (_validation_batches(data, cfg, rows, held_out) if held_out else [])
+    stream = request_stream(data, cfg, train_pool)
+    held_requests = _validation_requests(data, cfg, held_out) if held_out else []
+    num_batches = outer_batches([r for rs in stream for r in rs] + held_requests,
+                                cfg.batch_size)  # one K for the stage: one compilation
+    validation = _validation_batches(data, cfg, rows, held_requests, num_batches)
     diag_fn, losses_fn = meta_diagnostics.jitted(model.vit, ml_cfg, cfg)
     if validation and "initial" not in state:
         state["initial"] = diagnose(diag_fn, theta, arrays["phi"], validation)
-    py_rng = random.Random(seed)
     start = time.perf_counter()
-    for epoch in range(cfg.epochs):
-        for _ in range(cfg.simulated_draws_per_epoch):  # replayed on resume: same stream
-            requests = data.simulated_requests(cfg.num_identities_simulation, py_rng,
-                                               identities=train_pool)
+    for epoch, requests in enumerate(stream):
         if epoch < state["epoch"]:
             continue
         lr = jnp.float32(cfg.lr_at(epoch))
@@ -172,7 +197,8 @@ def meta_train(model: api.Model, theta, data: api.TrainData, cfg: mu.Config,
         losses, pending = [], []
         for i in range(first, len(requests)):
             data_rng = np.random.default_rng([seed, epoch, i])
-            support, forget, val, retain = _request_data(data, requests[i], cfg, rows, data_rng)
+            support, forget, val, retain = _request_data(data, requests[i], cfg, rows, data_rng,
+                                                         num_batches)
             step_rng = jax.random.fold_in(jax.random.fold_in(key, 1000 + epoch), i)
             if k == 1:
                 arrays["phi"], arrays["opt_state"], stats, theta_u = step(

@@ -306,12 +306,14 @@ def meta_gradient(model_cfg, ml_cfg, cfg: Config, theta, phi, support, forget,
     """``(L, ∂L/∂φ, θ_u)`` streamed: outer gradient batch by batch, then one VJP.
 
     ``forget``/``val``/``retain`` are stacked batches [K, B, ...] (``retain`` may be None).
+    Fully masked batches (padding: ``simulated.pad_batches``) weigh 0 and are skipped, so
+    requests padded to one ``K`` share one compilation at the cost of their real batches only.
     """
     theta_u, pullback = jax.vjp(
         lambda p: learned_step(model_cfg, ml_cfg, cfg, theta, p, support, dropout_rng), phi)
     weights = _weights(forget)
 
-    def body(carry, k):
+    def accumulate(carry, k):
         g_acc, loss_acc = carry
         batch_retain = None if retain is None else _stack_item(retain, k)
         loss_b, g_b = jax.value_and_grad(objective, argnums=2)(
@@ -319,7 +321,10 @@ def meta_gradient(model_cfg, ml_cfg, cfg: Config, theta, phi, support, forget,
             batch_retain)
         w = weights[k]
         g_acc = jax.tree.map(lambda a, g: a + w * g, g_acc, g_b)
-        return (g_acc, loss_acc + w * loss_b), None
+        return g_acc, loss_acc + w * loss_b
+
+    def body(carry, k):
+        return jax.lax.cond(weights[k] > 0, accumulate, lambda c, _: c, carry, k), None
 
     zeros = jax.tree.map(jnp.zeros_like, theta_u)
     num_batches = forget["mask"].shape[0]

@@ -10,7 +10,10 @@ MetaUnlearn meta-trains on simulated requests (SPEC.md 6.4: ``splits.simulated_r
 * ``val``: as many batches from a shuffled pass over VAL (one per forget batch);
 * ``retain`` (optional): as many batches of the other TRAIN identities' images.
 
-Batches are stacked ``[K, B, ...]``, padded and masked, so every outer batch has one shape.
+Batches are stacked ``[K, B, ...]``, padded and masked, so every outer batch has one shape. With
+``num_batches`` the stacks are padded further, with fully masked batches, to that many outer
+batches: every request of a stage then has one shape, and the meta-step compiles once (the
+padded batches weigh 0 and are skipped: ``meta_unlearn.meta_gradient``).
 Everything is read through ``api.TrainData``'s guarded source.
 """
 
@@ -47,6 +50,24 @@ def load_batches(source, indices: np.ndarray, pcfg: pipeline.PipelineConfig,
     return jax.tree.map(jnp.asarray, out)
 
 
+def outer_batches(num_images: int, batch_size: int) -> int:
+    """``K``: the outer batches of a request whose forget set has ``num_images`` images."""
+    return -(-num_images // batch_size)
+
+
+def pad_batches(batches: Batch, num_batches: int) -> Batch:
+    """Stacked batches [K, B, ...] padded to ``num_batches`` with zero, fully masked batches."""
+    have = batches["mask"].shape[0]
+    if have > num_batches:
+        raise ValueError(f"a request with {have} outer batches does not fit num_batches="
+                         f"{num_batches}")
+    if have == num_batches:
+        return batches
+    return jax.tree.map(
+        lambda x: jnp.concatenate([x, jnp.zeros((num_batches - have, *x.shape[1:]), x.dtype)]),
+        batches)
+
+
 def support_batch(source, indices, image_size: int, rows: dict[int, int],
                   size: int | None = None) -> Batch:
     """The support images as one batch (eval transform), padded to ``size`` if given."""
@@ -57,9 +78,11 @@ def support_batch(source, indices, image_size: int, rows: dict[int, int],
 
 def request_batches(data: api.TrainData, request: SimulatedRequest, *, batch_size: int,
                     support_size: int, rows: dict[int, int], rng: np.random.Generator,
-                    retain: bool = False, retain_train_aug: bool = True
+                    retain: bool = False, retain_train_aug: bool = True,
+                    num_batches: int | None = None
                     ) -> tuple[Batch, Batch, Batch, Batch | None]:
-    """``(support, forget, val, retain or None)`` of one simulated request (module docstring)."""
+    """``(support, forget, val, retain or None)`` of one simulated request (module docstring);
+    ``num_batches``: the outer batches padded to that many."""
     source, size = data.source, data.image_size
     pcfg = pipeline.PipelineConfig(image_size=size, batch_size=batch_size,
                                    seed=int(rng.integers(2**31)))
@@ -72,4 +95,8 @@ def request_batches(data: api.TrainData, request: SimulatedRequest, *, batch_siz
         retain_idx = data.retain_images(request)
         retain_batches = load_batches(source, rng.permutation(retain_idx), pcfg,
                                       train=retain_train_aug, num_batches=num)
+    if num_batches is not None:
+        forget, val = pad_batches(forget, num_batches), pad_batches(val, num_batches)
+        if retain_batches is not None:
+            retain_batches = pad_batches(retain_batches, num_batches)
     return support, forget, val, retain_batches

@@ -106,7 +106,8 @@ def selection_losses(model_cfg: vit.ViTConfig, cfg: Config, params: Params,
     """The outer objective of one simulated request after a step of each ``alphas`` [A] -> [A].
 
     ``forget`` / ``val`` are stacked outer batches [K, B, ...]; batch ``k`` weighs its number of
-    valid forget images, as in MetaUnlearn's meta-gradient.
+    valid forget images, as in MetaUnlearn's meta-gradient; fully masked (padding) batches are
+    skipped.
     """
     dtype = jnp.dtype(cfg.compute_dtype)
     grads = support_gradient(model_cfg, cfg.task, params, support)
@@ -122,13 +123,16 @@ def selection_losses(model_cfg: vit.ViTConfig, cfg: Config, params: Params,
     def one(alpha):
         theta_u = ascend(params, grads, alpha)
 
-        def body(total, k):
+        def add(total, k):
             value = losses.forget_objective(
                 cfg.task, cfg.loss_type, cfg.forget_loss, cfg.use_accs,
                 u_f=logits(theta_u, forget["image"][k]), y_f=forget["label"][k],
                 m_f=forget["mask"][k], u_v=logits(theta_u, val["image"][k]), o_v=o_v[k],
                 y_v=val["label"][k], m_v=val["mask"][k])
-            return total + weights[k] * value.astype(jnp.float32), None
+            return total + weights[k] * value.astype(jnp.float32)
+
+        def body(total, k):
+            return jax.lax.cond(weights[k] > 0, add, lambda t, _: t, total, k), None
 
         total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(num_batches))
         return total
@@ -174,6 +178,9 @@ def prepare(model: api.Model, params: Params, data: api.TrainData, cfg: Config,
         requests = data.simulated_requests(cfg.num_identities_simulation, py_rng,
                                            identities=data.holdout_identities)
     requests = requests[:cfg.num_requests]
+    # every request padded to the largest K: the selection step compiles once
+    num_batches = max([simulated.outer_batches(len(r.forget), cfg.batch_size)
+                       for r in requests] + [1])
     step = _selection_step(model.vit, cfg)
     alphas = jnp.asarray(cfg.alphas, jnp.float32)
     totals = np.zeros(len(cfg.alphas))
@@ -183,7 +190,7 @@ def prepare(model: api.Model, params: Params, data: api.TrainData, cfg: Config,
         support, forget, val, _ = simulated.request_batches(
             data, request, batch_size=cfg.batch_size,
             support_size=cfg.num_identities_simulation, rows={}, rng=np.random.default_rng(
-                [data.seed, i]))
+                [data.seed, i]), num_batches=num_batches)
         forget, val = sharding.shard_batch((forget, val), axis=1)  # [K, B, ...] along B
         totals += np.asarray(step(params, support, forget, val, alphas), np.float64)
         used.update(request.identities)
