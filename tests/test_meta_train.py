@@ -104,16 +104,18 @@ def test_meta_training_resumes_with_identical_result(ctx, tmp_path, monkeypatch)
 
 def test_padded_outer_batches_change_nothing(ctx):
     """A request padded with fully masked outer batches has the unpadded loss and meta-gradient
-    (the padding is skipped, not averaged in)."""
+    (the padding is skipped, not averaged in), also when VAL has fewer batches than the forget
+    set (the last VAL batch serves the rest, padded or not)."""
     import random
 
     cfg, ml_cfg = configs(ctx)
-    cfg = dataclasses.replace(cfg, batch_size=64)
+    cfg = dataclasses.replace(cfg, batch_size=32)
     data = access.train_data(ctx)
-    request = data.simulated_requests(30, random.Random(0))[0]
+    request = data.simulated_requests(50, random.Random(0))[0]
     rows = mu.identity_rows(ctx.splits.train)
     plain = meta_train._request_data(data, request, cfg, rows, np.random.default_rng(0))
     k = plain[1]["mask"].shape[0]
+    assert plain[2]["mask"].shape[0] < k  # VAL runs out before the forget set
     padded = meta_train._request_data(data, request, cfg, rows, np.random.default_rng(0), k + 2)
     assert padded[1]["mask"].shape[0] == k + 2 and not padded[1]["mask"][k:].any()
     theta = vit.init_params(ctx.model_cfg, jax.random.key(0))

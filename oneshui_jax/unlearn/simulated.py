@@ -55,17 +55,28 @@ def outer_batches(num_images: int, batch_size: int) -> int:
     return -(-num_images // batch_size)
 
 
-def pad_batches(batches: Batch, num_batches: int) -> Batch:
-    """Stacked batches [K, B, ...] padded to ``num_batches`` with zero, fully masked batches."""
+def pad_batches(batches: Batch, num_batches: int, repeat_last: bool = False) -> Batch:
+    """Stacked batches [K, B, ...] padded to ``num_batches``: with zero, fully masked batches,
+    or (``repeat_last``) with copies of the last batch.
+
+    The forget stack takes masked batches (they weigh 0 and are skipped). The val and retain
+    stacks take copies of their last batch: a request whose forget set has more batches than
+    VAL (or the retain set) gives, batch ``k``, the stack's batch ``min(k, K - 1)``, which is
+    what indexing the unpadded stack inside the compiled step gives (JAX clamps the index).
+    """
     have = batches["mask"].shape[0]
     if have > num_batches:
         raise ValueError(f"a request with {have} outer batches does not fit num_batches="
                          f"{num_batches}")
     if have == num_batches:
         return batches
-    return jax.tree.map(
-        lambda x: jnp.concatenate([x, jnp.zeros((num_batches - have, *x.shape[1:]), x.dtype)]),
-        batches)
+
+    def pad(x):
+        extra = (jnp.repeat(x[-1:], num_batches - have, axis=0) if repeat_last
+                 else jnp.zeros((num_batches - have, *x.shape[1:]), x.dtype))
+        return jnp.concatenate([x, extra])
+
+    return jax.tree.map(pad, batches)
 
 
 def support_batch(source, indices, image_size: int, rows: dict[int, int],
@@ -96,7 +107,8 @@ def request_batches(data: api.TrainData, request: SimulatedRequest, *, batch_siz
         retain_batches = load_batches(source, rng.permutation(retain_idx), pcfg,
                                       train=retain_train_aug, num_batches=num)
     if num_batches is not None:
-        forget, val = pad_batches(forget, num_batches), pad_batches(val, num_batches)
+        forget = pad_batches(forget, num_batches)
+        val = pad_batches(val, num_batches, repeat_last=True)
         if retain_batches is not None:
-            retain_batches = pad_batches(retain_batches, num_batches)
+            retain_batches = pad_batches(retain_batches, num_batches, repeat_last=True)
     return support, forget, val, retain_batches
