@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
 import gzip
 import json
@@ -188,18 +189,22 @@ def markdown(name: str, s: dict[str, Any]) -> str:
 # The steps
 
 
+@functools.lru_cache(maxsize=1)
+def _meta_step_script():
+    """bench/meta_step.py, the script beside this one, as a module."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "meta_step.py")
+    spec = importlib.util.spec_from_file_location("_bench_meta_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _batch(model_cfg, rng, shape: tuple[int, ...], with_rows: bool) -> dict[str, Any]:
     """Random images in [-1, 1], multi-hot labels, mask (and identity rows): bench/meta_step.py's
     synthetic batch."""
-    import jax.numpy as jnp
-
-    size, c = model_cfg.image_size, model_cfg.num_classes
-    batch = {"image": jnp.asarray(rng.uniform(-1, 1, (*shape, size, size, 3)), jnp.float32),
-             "label": jnp.asarray(rng.integers(0, 2, (*shape, c)), jnp.uint8),
-             "mask": jnp.ones(shape, bool)}
-    if with_rows:
-        batch["row"] = jnp.asarray(rng.integers(0, NUM_IDENTITIES, shape), jnp.int32)
-    return batch
+    return _meta_step_script()._synthetic(model_cfg, rng, shape, with_rows)
 
 
 def build_step(name: str, args: argparse.Namespace) -> tuple[Callable[[], Any], str]:
