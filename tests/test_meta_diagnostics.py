@@ -215,9 +215,9 @@ def test_held_out_requests_diagnose_and_search_and_averaged_updates_resume(ctx, 
     seen, updates = [], []
     real_data, real_update = meta_train._request_data, mu.meta_update
 
-    def spy(data, request, cfg, rows, rng):
+    def spy(data, request, cfg, rows, rng, num_batches=None):
         seen.append(list(request.identities))
-        return real_data(data, request, cfg, rows, rng)
+        return real_data(data, request, cfg, rows, rng, num_batches)
 
     def counting(c):
         fn = real_update(c)
