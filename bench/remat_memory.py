@@ -190,6 +190,14 @@ def _gb(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 1e9:.2f}"
 
 
+def case(kind: str, model_cfg, train_batch: int, support: int, outer_batches: int,
+         meta_batch: int, dtype: str, remat: bool, concrete: bool):
+    """``train_case`` or ``meta_case`` by ``kind`` ("train_step" | "meta_step")."""
+    if kind == "train_step":
+        return train_case(model_cfg, train_batch, dtype, remat, concrete)
+    return meta_case(model_cfg, support, outer_batches, meta_batch, dtype, remat, concrete)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="vit_base_patch16_224")
@@ -215,8 +223,8 @@ def main() -> None:
         "machine": machine, "device": str(jax.devices()[0].device_kind),
         "cpu_count": os.cpu_count(), "jax": jax.__version__, "card_gb": CARD_GB,
         "note": ("XLA memory_analysis estimates of the compiled step, not the GPU's: XLA:CPU "
-                 "compiles the recomputation but does not schedule it next to its backward, so "
-                 "its temp does not show remat's saving; residual_bytes (what JAX keeps for the "
+                 "compiles the recomputation, yet its temp does not show remat's saving (why was "
+                 "not established); residual_bytes (what JAX keeps for the "
                  "backward pass) is backend-independent"),
         "large": {}, "small": {}}
 
@@ -233,13 +241,9 @@ def main() -> None:
             "num_classes": args.num_classes}
         for kind in ("train_step", "meta_step"):
             for remat in (False, True):
-                if kind == "train_step":
-                    step, step_args, res = train_case(model_cfg, args.train_batch, args.dtype,
-                                                      remat, concrete=False)
-                else:
-                    step, step_args, res = meta_case(model_cfg, args.support,
-                                                     args.outer_batches, args.batch, args.dtype,
-                                                     remat, concrete=False)
+                step, step_args, res = case(kind, model_cfg, args.train_batch, args.support,
+                                            args.outer_batches, args.batch, args.dtype, remat,
+                                            concrete=False)
                 result = {**compiled_memory(step, step_args), "residual_bytes": res}
                 summary["large"][f"{kind}/remat={remat}"] = result
                 print(f"{kind} remat={remat}: {json.dumps(result)}", flush=True)
@@ -253,13 +257,9 @@ def main() -> None:
         "batch": args.small_batch, "steps": args.steps}
     for kind in ("train_step", "meta_step"):
         for remat in (False, True):
-            if kind == "train_step":
-                step, step_args, _ = train_case(small_cfg, args.small_batch, args.small_dtype,
-                                                remat, concrete=True)
-            else:
-                step, step_args, _ = meta_case(small_cfg, args.small_support,
-                                               args.small_outer_batches, args.small_batch,
-                                               args.small_dtype, remat, concrete=True)
+            step, step_args, _ = case(kind, small_cfg, args.small_batch, args.small_support,
+                                      args.small_outer_batches, args.small_batch,
+                                      args.small_dtype, remat, concrete=True)
             t = timed(step, step_args, args.steps, donates=kind == "train_step")
             summary["small"][f"{kind}/remat={remat}"] = t
             print(f"{kind} remat={remat} ({args.small_model}): {t['step_s'] * 1e3:.1f} ms, "

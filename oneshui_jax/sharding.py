@@ -70,11 +70,6 @@ def setup(data: int = -1) -> Mesh | None:
     return _MESH
 
 
-def current() -> Mesh | None:
-    """The current mesh (None: one device)."""
-    return _MESH
-
-
 def size() -> int:
     """Devices along the data axis (1 without a mesh)."""
     return 1 if _MESH is None else _MESH.devices.size
@@ -183,10 +178,6 @@ def local_value(x: Any) -> np.ndarray:
 # Several processes
 
 
-def process_index() -> int:
-    return jax.process_index()
-
-
 def is_primary() -> bool:
     """True in the process that writes metadata, reports, plots and progress bars."""
     return jax.process_index() == 0
@@ -197,14 +188,6 @@ def barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
-
-
-def agree(value: Any, name: str) -> Any:
-    """The primary process's ``value`` (a small JSON-able pytree of numbers) in every process."""
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
-    return multihost_utils.broadcast_one_to_all(value, is_source=is_primary())
 
 
 SLURM_VARIABLES = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID")
