@@ -6,11 +6,20 @@
   precision-recall curve (the same as scikit-learn's ``average_precision_score``); a label
   without any positive gives NaN and is left out of the mean.
 * Classification (MUFAC): top-1 accuracy.
-Both in percent. ToW compares a model with the retrained one on retain / forget / test.
+Both in percent.
+
+**Scores of the mAP (SPEC Q4).** The reference takes ``torch.sigmoid`` of its bf16 autocast
+logits, so its scores are rounded to bfloat16 (8 significant bits: above 0.5 they step by 2^-9
+to 2^-8, and every score above 0.998 becomes 1.0), which ties many images and lowers AP.
+``score_dtype="bfloat16"`` reproduces that; ``None`` scores in float64 (no rounding beyond the
+logits'). Which one a study uses is ``config.train.ap_scores`` (``train.ap_score_dtype``).
+
+ToW compares a model with the retrained one on retain / forget / test.
 """
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
 EVAL_SPLITS = ("retain", "forget", "test", "val")  # the identity splits every model is scored on
@@ -34,10 +43,21 @@ def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-def mean_average_precision(logits: np.ndarray, targets: np.ndarray) -> float:
-    """Macro mAP x 100 over labels on ``sigmoid(logits)``; labels without positives are skipped."""
-    logits = np.asarray(logits, np.float64)
-    scores = 1.0 / (1.0 + np.exp(-logits))
+def sigmoid_scores(logits: np.ndarray, score_dtype: str | None = None) -> np.ndarray:
+    """``sigmoid(logits)`` in float64, rounded to ``score_dtype`` (e.g. "bfloat16", as
+    ``torch.sigmoid`` of bf16 logits returns them) when given."""
+    scores = 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
+    if score_dtype is not None:
+        dtype = ml_dtypes.bfloat16 if score_dtype == "bfloat16" else np.dtype(score_dtype)
+        scores = scores.astype(dtype).astype(np.float64)
+    return scores
+
+
+def mean_average_precision(logits: np.ndarray, targets: np.ndarray,
+                           score_dtype: str | None = None) -> float:
+    """Macro mAP x 100 over labels on ``sigmoid(logits)`` (rounded to ``score_dtype`` if given:
+    :func:`sigmoid_scores`); labels without positives are skipped."""
+    scores = sigmoid_scores(logits, score_dtype)
     aps = np.array([average_precision(scores[:, c], targets[:, c])
                     for c in range(scores.shape[1])])
     if np.all(np.isnan(aps)):
@@ -50,10 +70,12 @@ def accuracy(logits: np.ndarray, targets: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits, axis=-1) == np.asarray(targets)) * 100.0)
 
 
-def task_metric(task: str, logits: np.ndarray, targets: np.ndarray) -> float:
-    """The paper's metric for ``task`` ("multilabel" -> mAP, "classification" -> accuracy)."""
+def task_metric(task: str, logits: np.ndarray, targets: np.ndarray,
+                score_dtype: str | None = None) -> float:
+    """The paper's metric for ``task`` ("multilabel" -> mAP on scores rounded to
+    ``score_dtype`` if given, "classification" -> accuracy)."""
     if task == "multilabel":
-        return mean_average_precision(logits, targets)
+        return mean_average_precision(logits, targets, score_dtype)
     if task == "classification":
         return accuracy(logits, targets)
     raise ValueError(f"unknown task {task!r}; expected 'multilabel' or 'classification'")

@@ -38,6 +38,23 @@ Batch = dict[str, Any]
 Params = Any
 
 
+AP_SCORES = ("reference", "float32")
+"""``config.train.ap_scores``: the scores of the mAP (:func:`ap_score_dtype`)."""
+
+
+def ap_score_dtype(compute_dtype: str, ap_scores: str = "reference") -> str | None:
+    """The dtype the mAP's sigmoid scores are rounded to: the compute dtype when it is narrower
+    than float32 and ``ap_scores == "reference"`` (the reference's ``torch.sigmoid`` of bf16
+    logits, SPEC Q4), else None (float64 scores; with float32 compute the two agree)."""
+    if ap_scores not in AP_SCORES:
+        raise ConfigError(f"config.train.ap_scores must be one of {AP_SCORES}, got "
+                          f"{ap_scores!r}")
+    dtype = jnp.dtype(compute_dtype)
+    if ap_scores == "reference" and dtype.itemsize < 4:
+        return dtype.name
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Pretrain / retrain hyper-parameters (SPEC.md 4.2 table)."""
@@ -55,6 +72,9 @@ class TrainConfig:
     # jax.checkpoint per transformer block in the train step: less memory, ~1/3 more compute,
     # the same numbers (bench/remat_memory.py). Evaluation never needs it.
     remat: bool = False
+    # The validation mAP's scores (ap_score_dtype): "reference" rounds sigmoid to the compute
+    # dtype as the reference's autocast does (bf16 ties, SPEC Q4); "float32" does not.
+    ap_scores: str = "reference"
 
     def __post_init__(self):
         if self.task not in ("multilabel", "classification"):
@@ -67,6 +87,9 @@ class TrainConfig:
                               f"{vit.ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
         if not isinstance(self.remat, bool):
             raise ConfigError(f"config.train.remat must be True or False, got {self.remat!r}")
+        if self.ap_scores not in AP_SCORES:
+            raise ConfigError(f"config.train.ap_scores must be one of {AP_SCORES}, got "
+                              f"{self.ap_scores!r}")
         try:
             jnp.dtype(self.compute_dtype)
         except TypeError:
@@ -121,11 +144,13 @@ def make_eval_step(model_cfg: vit.ViTConfig, task: str, compute_dtype: str,
 
 def evaluate(eval_step: Callable, params: Params, batches: Iterator[Batch],
              task: str, *, desc: str | None = None, total: int | None = None,
-             process_rows: bool = False) -> dict[str, Any]:
+             process_rows: bool = False, score_dtype: str | None = None) -> dict[str, Any]:
     """Loss and task metric of one split (SPEC.md 5.1 ``engine.evaluate``).
 
-    ``loss`` is the unweighted mean of per-batch mean losses (the reference's semantics, Q28);
-    ``metric`` is computed once over the whole split; ``losses`` are per-example losses. With
+    ``loss`` is the unweighted mean of per-batch mean losses (the reference's semantics, Q28), so
+    it depends on the batch size (the reference evaluates at 32); ``metric`` is computed once
+    over the whole split (a multi-label mAP on scores rounded to ``score_dtype``:
+    :func:`ap_score_dtype`); ``losses`` are per-example losses. With
     ``desc``, a progress bar (``total`` batches) shows images/s and ETA.
 
     Batches are split over the mesh (``sharding``); ``process_rows``: each process's batches hold
@@ -147,7 +172,7 @@ def evaluate(eval_step: Callable, params: Params, batches: Iterator[Batch],
     logits_all, labels_all = np.concatenate(logits), np.concatenate(labels)
     return {
         "loss": float(np.mean(batch_means)),
-        "metric": metrics_lib.task_metric(task, logits_all, labels_all),
+        "metric": metrics_lib.task_metric(task, logits_all, labels_all, score_dtype),
         "losses": np.concatenate(losses),
     }
 

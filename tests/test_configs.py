@@ -253,6 +253,10 @@ def test_real_config_values():
     assert (t.optimizer, t.epochs, t.batch_size, t.lr, t.weight_decay, t.momentum,
             t.warmup_epochs, t.compute_dtype) == ("sgd", 30, 32, 1e-3, 1e-3, 0.9, 2, "bfloat16")
     assert config.meta_unlearn.compute_dtype == "bfloat16"
+    assert t.ap_scores == "reference"  # bf16-rounded sigmoid scores, as the reference (Q4)
+    # The reference evaluates at batch 32 (its split losses are means of batch means).
+    for name, arg in (("celeba", ""), ("celebahq", ""), ("mufac", ""), ("mufac", "profile=cpu")):
+        assert load_config_file(name).get_config(arg).data.eval_batch_size == 32, (name, arg)
     assert (config.scrub.lr, config.scrub.forgetting_epochs, config.scrub.alpha,
             config.scrub.temperature, config.scrub.batch_size_retain) == (1e-2, 5, 0.001, 4.0, 32)
     assert (config.scrub.gamma, config.scrub.epochs, config.scrub.momentum,

@@ -31,6 +31,46 @@ def test_map_skips_labels_without_positives():
     assert math.isnan(metrics.mean_average_precision(logits, np.zeros_like(targets)))
 
 
+def _round_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 -> float64 by bit arithmetic: keep the top 16 bits of the float32,
+    rounding to nearest, ties to even (what torch does when it stores a bf16 result)."""
+    bits = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return rounded.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def test_map_on_bf16_rounded_scores_is_the_reference_q4():
+    """The reference scores torch.sigmoid of bf16 logits, i.e. sigmoid rounded to bf16 (SPEC Q4):
+    ``score_dtype="bfloat16"`` gives sklearn's AP on independently rounded scores; it ties
+    confident images, so it differs from the float scores here."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(3.0, 2.5, size=(400, 3)).astype(np.float32)
+    targets = rng.integers(0, 2, (400, 3))
+    scores = _round_to_bf16(1.0 / (1.0 + np.exp(-logits.astype(np.float64))))
+    np.testing.assert_array_equal(metrics.sigmoid_scores(logits, "bfloat16"), scores)
+    assert len(np.unique(scores)) < 0.5 * scores.size  # many ties
+    expected = np.mean([average_precision_score(targets[:, c], scores[:, c])
+                        for c in range(3)]) * 100
+    rounded = metrics.task_metric("multilabel", logits, targets, "bfloat16")
+    assert rounded == pytest.approx(expected, abs=1e-9)
+    assert rounded != pytest.approx(metrics.task_metric("multilabel", logits, targets), abs=1e-3)
+
+
+def test_ap_score_dtype_follows_config_train_ap_scores():
+    """``config.train.ap_scores``: "reference" rounds the scores to a half-precision compute
+    dtype (the reference's bf16 autocast) and to nothing under float32; "float32" never."""
+    from oneshui_jax import train
+    from oneshui_jax.errors import ConfigError
+
+    assert train.ap_score_dtype("bfloat16") == "bfloat16"
+    assert train.ap_score_dtype("bfloat16", "float32") is None
+    assert train.ap_score_dtype("float32", "reference") is None
+    with pytest.raises(ConfigError, match="ap_scores"):
+        train.ap_score_dtype("bfloat16", "bf16")
+    with pytest.raises(ConfigError, match="config.train.ap_scores"):
+        train.TrainConfig(task="multilabel", ap_scores="sometimes")
+
+
 def test_accuracy_and_task_dispatch():
     logits = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
     assert metrics.accuracy(logits, np.array([1, 0, 0])) == pytest.approx(200 / 3)

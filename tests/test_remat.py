@@ -291,3 +291,26 @@ def test_remat_is_not_part_of_a_stage_fingerprint():
     off = reuse.fingerprint(ctx, "meta_unlearn", "meta_unlearn",
                             api.config_record(mu.Config()), "p", True)
     assert method["hash"] == off["hash"]
+
+
+def test_bf16_stages_carry_the_autocast_numerics_and_their_ap_scores():
+    """A bf16 stage's fingerprint holds ``bf16`` (runs made before the float32 residual stream
+    are not reused) and ``train.ap_scores`` (it changes best-by-validation there); a float32
+    stage's is what it was before either existed, whatever ``ap_scores`` says."""
+    ctx = _fake_context()
+
+    def fp(**settings):
+        return reuse.fingerprint(ctx, "pretrain", "train", {"lr": 0.1, **settings}, "p", True)
+
+    before = fp(compute_dtype="float32")
+    for scores in ("reference", "float32"):
+        same = fp(compute_dtype="float32", ap_scores=scores)
+        assert same["hash"] == before["hash"] and "bf16" not in same["parts"]
+    old_bf16 = fp(compute_dtype="bfloat16")["parts"]
+    old_bf16.pop("bf16")
+    ref, plain = fp(compute_dtype="bfloat16", ap_scores="reference"), fp(
+        compute_dtype="bfloat16", ap_scores="float32")
+    assert ref["parts"]["bf16"] == reuse.BF16_NUMERICS and ref["hash"] != plain["hash"]
+    assert reuse.differences(old_bf16, ref["parts"]) == [
+        f"bf16: '(absent)' -> {reuse.BF16_NUMERICS!r}",
+        "train.ap_scores: '(absent)' -> 'reference'"]

@@ -189,6 +189,32 @@ def test_train_loss_is_the_mean_over_valid_rows_only():
     assert float(out["loss"]) != pytest.approx(per_example.mean(), rel=1e-3)
 
 
+@pytest.mark.parametrize("batch_size", [32, 256])
+def test_split_loss_at_the_evaluation_batch_is_the_reference_batch_mean(batch_size):
+    """A planted forget set of 70 images through the evaluation pipeline at batch 32 (the
+    reference's, 3 batches: 32 + 32 + 6) and 256 (one batch): the split loss is the mean of the
+    per-batch means for that batch size, which differ from each other here."""
+    from oneshui_jax.data import pipeline
+
+    n = 70
+    planted = (np.arange(n) * 7 % 13).astype(np.float32) + np.where(np.arange(n) >= 64, 20, 0)
+    source = [{"image": np.zeros((8, 8, 3), np.uint8), "label": i, "identity": 0}
+              for i in range(n)]
+    cfg = pipeline.PipelineConfig(image_size=8, batch_size=batch_size)
+
+    def eval_step(params, images, labels):  # the planted loss of each image, by its index
+        labels = np.asarray(labels)
+        return np.eye(3, dtype=np.float32)[labels % 3], planted[np.minimum(labels, n - 1)]
+
+    out = train_lib.evaluate(eval_step, None, pipeline.eval_batches(source, np.arange(n), cfg),
+                             "classification")
+    means = [planted[i:i + batch_size].mean() for i in range(0, n, batch_size)]
+    assert out["loss"] == pytest.approx(float(np.mean(means)), rel=1e-6)
+    np.testing.assert_array_equal(out["losses"], planted)
+    at_32 = np.mean([planted[i:i + 32].mean() for i in range(0, n, 32)])
+    assert at_32 != pytest.approx(planted.mean(), rel=1e-3)  # the batch size matters here
+
+
 def test_evaluate_ignores_padded_rows_and_averages_batch_means():
     """``evaluate``: per-example losses and the metric over valid rows only (padding holds
     garbage that would change both), and the loss as the unweighted mean of per-batch means

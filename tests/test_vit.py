@@ -177,18 +177,101 @@ def test_unknown_preset():
 
 
 def test_init_follows_timm():
+    """timm's distributions: trunc_normal_(std=.02) truncated at +-2 in absolute units (so
+    about 4.6% of the values lie beyond 2 std, which a truncation at 2 std would forbid); the
+    patch conv keeps torch's U(+-1/sqrt(fan_in)) for kernel and bias; cls_token std 1e-6."""
     cfg = ViTConfig.preset("vit_small_demo")
     params = vit.init_params(cfg, jax.random.key(0))
     blk = params["blocks"][0]
     assert float(jnp.abs(params["cls_token"]).max()) < 1e-5
     for std_leaf in (params["pos_embed"], blk["attn"]["qkv"]["kernel"], blk["mlp"]["fc1"]["kernel"],
                      params["head"]["kernel"]):
-        assert 0.015 < float(std_leaf.std()) < 0.021
-        assert float(jnp.abs(std_leaf).max()) <= 0.04 + 1e-6
+        assert 0.018 < float(std_leaf.std()) < 0.022
+    big = np.concatenate([np.ravel(b[layer]["fc1" if layer == "mlp" else "qkv"]["kernel"])
+                          for b in params["blocks"].values() for layer in ("mlp", "attn")])
+    assert 0.040 < np.mean(np.abs(big) > 0.04) < 0.051  # normal: 4.55% beyond 2 std
+    conv = params["patch_embed"]["proj"]
+    bound = 1.0 / math.sqrt(cfg.in_chans * cfg.patch_size**2)
+    for leaf in (conv["kernel"], conv["bias"]):
+        assert float(jnp.abs(leaf).max()) <= bound and float(jnp.abs(leaf).max()) > 0.9 * bound
+    assert abs(float(conv["kernel"].std()) - bound / math.sqrt(3)) < 0.05 * bound
     for zero in (params["head"]["bias"], blk["attn"]["qkv"]["bias"], blk["norm1"]["bias"]):
         assert not jnp.any(zero)
     assert jnp.all(blk["norm2"]["scale"] == 1) and jnp.all(params["norm"]["scale"] == 1)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr, those of nested jaxprs (jit, custom_jvp, ...) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
+def test_bfloat16_follows_autocast():
+    """bf16 compute as torch.autocast runs timm's ViT: the convolution and every matmul return
+    bf16; every addition on the [B, T, D] stream (position embedding, residuals) is float32;
+    the LayerNorm outputs (the inputs of qkv, fc1 and the head) are float32 while the attention
+    and GELU outputs (inputs of proj and fc2) are bf16; the logits are the head's bf16 output."""
+    params = _perturbed_params(TINY, seed=21)
+    images = _images(TINY, 2, seed=22)
+    jaxpr = jax.make_jaxpr(lambda p, x: vit.apply(TINY, p, x, dtype=jnp.bfloat16))(params, images)
+    eqns = list(_equations(jaxpr.jaxpr))
+    stream_shape = (2, 1 + TINY.num_patches, TINY.width)
+    for eqn in eqns:
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+            assert eqn.outvars[0].aval.dtype == jnp.bfloat16, eqn
+    adds = [e.outvars[0].aval.dtype for e in eqns if e.primitive.name == "add"
+            and e.outvars[0].aval.shape == stream_shape]
+    # bf16: only the biases of attn.proj and mlp.fc2 (part of their matmul, as in torch);
+    # float32: the position embedding, 2 residuals per block and the LayerNorms' shifts.
+    assert adds.count(jnp.bfloat16) == 2 * TINY.depth
+    assert adds.count(jnp.float32) >= 1 + 2 * TINY.depth
+    assert len(adds) == adds.count(jnp.bfloat16) + adds.count(jnp.float32)
+
+    logits, cls, inputs = vit.apply(TINY, params, images, dtype=jnp.bfloat16, capture_inputs=True)
+    for path, x in inputs.items():
+        layer = path[-2]
+        if layer in ("qkv", "fc1", "head"):
+            assert x.dtype == jnp.float32, path
+        elif layer in ("proj", "fc2") and path[0] == "blocks":
+            assert x.dtype == jnp.bfloat16, path
+    assert cls.dtype == jnp.float32
+    head = params["head"]
+    want = (cls.astype(jnp.bfloat16) @ head["kernel"].astype(jnp.bfloat16)
+            + head["bias"].astype(jnp.bfloat16))
+    assert want.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(logits, want.astype(jnp.float32))
+
+
+def test_float32_forward_is_unchanged_bit_for_bit():
+    """The autocast stream casts nothing in float32: the timm fixture model's float32 outputs
+    equal, bit for bit, those the code gave before it (tests/golden/vit_tiny_fp32.npz), and no
+    dtype conversion is traced."""
+    import json
+    import os
+
+    here = os.path.dirname(__file__)
+    data = np.load(os.path.join(here, "fixtures", "timm_tiny_vit.npz"))
+    meta = json.loads(str(data["meta"]))["config"]
+    cfg = ViTConfig(image_size=meta["img_size"], patch_size=meta["patch_size"],
+                    width=meta["embed_dim"], depth=meta["depth"], num_heads=meta["num_heads"],
+                    mlp_ratio=meta["mlp_ratio"], num_classes=meta["num_classes"])
+    params = vit.from_timm_state_dict(
+        cfg, {k[3:]: data[k] for k in data.files if k.startswith("sd/")})
+    images = jnp.asarray(data["images_nhwc"])
+    golden = np.load(os.path.join(here, "golden", "vit_tiny_fp32.npz"))
+    for dtype in (None, jnp.float32):
+        fn = jax.jit(lambda p, x, dtype=dtype: vit.apply(cfg, p, x, dtype=dtype))
+        logits, cls = fn(params, images)
+        np.testing.assert_array_equal(logits, golden["logits"])
+        np.testing.assert_array_equal(cls, golden["cls_features"])
+        eqns = _equations(jax.make_jaxpr(fn)(params, images).jaxpr)
+        assert not [e for e in eqns if e.primitive.name == "convert_element_type"]
 
 
 def test_tiny_shapes_features_and_head():

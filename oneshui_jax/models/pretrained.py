@@ -37,7 +37,7 @@ from oneshui_jax import checkpoints
 from oneshui_jax.errors import CheckpointError
 from oneshui_jax.models import vit
 from oneshui_jax.models.tree import set_path
-from oneshui_jax.models.vit import Params, ViTConfig, init_params
+from oneshui_jax.models.vit import Params, ViTConfig, init_params, timm_trunc_normal
 
 log = logging.getLogger(__name__)
 
@@ -290,11 +290,11 @@ def _adapt(weights: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
     if (all(k in weights for k in head)
             and any(weights[k].shape != expected[k] for k in head)):
         source = weights["head.kernel"].shape
-        weights["head.kernel"] = np.asarray(jax.nn.initializers.truncated_normal(0.02)(
+        weights["head.kernel"] = np.asarray(timm_trunc_normal(0.02)(
             rng, expected["head.kernel"], jnp.float32))
         weights["head.bias"] = np.zeros(expected["head.bias"], np.float32)
         report.append(f"head re-initialised: the source head {source} does not fit "
-                      f"{cfg.num_classes} classes (truncated normal std 0.02, zero bias)")
+                      f"{cfg.num_classes} classes (timm's trunc_normal_(std=.02), zero bias)")
     missing = [name for name in expected if name not in weights]
     unexpected = [name for name in weights if name not in expected]
     mis_shaped = [f"{name} {tuple(weights[name].shape)} (expected {expected[name]})"
@@ -312,8 +312,8 @@ def load_pretrained(path: str, cfg: ViTConfig, *, rng: jax.Array,
     * ``pos_embed`` of another patch grid is resized (:func:`resize_pos_embed`: bilinear on the
       [g, g, D] grid, class token kept);
     * a head whose shape does not fit ``cfg.num_classes`` is dropped and a new one initialised
-      as timm does and as :func:`~oneshui_jax.models.vit.init_params` does (truncated normal
-      kernel from ``rng``, std 0.02 before truncation at +-2 std, zero bias); a fitting head is
+      as timm does and as :func:`~oneshui_jax.models.vit.init_params` does (timm's
+      ``trunc_normal_(std=.02)`` kernel from ``rng``, zero bias); a fitting head is
       kept.
 
     Each adaptation is logged and appended to ``report`` (if given). Any other missing,

@@ -15,13 +15,23 @@ down to tiny presets for tests and CPU demos:
 
 There is no dropout and no drop-path.
 
-Initialisation follows timm's default (``init_weights_vit_timm``) where it matters: every
-Linear (head included) has a truncated-normal std 0.02 kernel and zero bias; ``pos_embed`` is
-truncated-normal std 0.02; ``cls_token`` is normal std 1e-6; LayerNorms have scale 1, bias 0.
-Truncation is at +-2 std (timm passes a=-2, b=2 in absolute units, i.e. effectively untruncated;
-the difference is immaterial). The patch-embedding conv uses LeCun-normal (truncated normal,
-variance 1 / fan_in) with zero bias, as timm's ``jax`` init mode does; timm's default mode keeps
-PyTorch's uniform Conv2d init instead.
+Initialisation draws from timm's default distributions (``init_weights_vit_timm``, what
+``timm.create_model(pretrained=False)`` gives, e.g. Bad Teacher's random teacher, SPEC 3): every
+Linear (head included) has a ``trunc_normal_(std=.02)`` kernel and zero bias, ``pos_embed`` is
+``trunc_normal_(std=.02)``; timm truncates at a=-2, b=2 in absolute units, 100 std out, so these
+are normals of std 0.02 in effect (:func:`timm_trunc_normal`); ``cls_token`` is normal std 1e-6;
+LayerNorms have scale 1, bias 0; the patch-embedding conv keeps PyTorch's default Conv2d init,
+U(+-1/sqrt(fan_in)) for kernel and bias (:func:`torch_default_uniform`). The same distributions,
+not the same numbers: the draws come from JAX's random streams, not torch's.
+
+**Mixed precision as ``torch.autocast(bfloat16)`` runs timm's ViT.** With ``dtype=jnp.bfloat16``
+the parameters stay float32 and only the convolution and matmuls compute (and return) bf16: the
+class token and ``pos_embed`` are float32, so the residual stream ``cat([cls, patches]) +
+pos_embed`` is float32 (autocast's ``cat`` promotes to its widest input) and each block adds its
+bf16 branch output into it (``x + attn(norm1(x))`` stays float32); LayerNorms compute and return
+float32; the attention softmax runs in float32; GELU runs on the bf16 ``fc1`` output; the logits
+are the head's bf16 output (returned as float32 values). With float32 (or no) ``dtype`` nothing is
+cast.
 
 Functional API (pure, jit-able, nestable in ``jax.grad(jax.grad(...))``)::
 
@@ -170,18 +180,44 @@ class ViTConfig:
 # NNX modules
 # --------------------------------------------------------------------------------------------
 
-_trunc_normal_02 = nnx.initializers.truncated_normal(stddev=0.02)
+def timm_trunc_normal(std: float = 0.02, a: float = -2.0, b: float = 2.0):
+    """timm's ``trunc_normal_(tensor, std=std, a=a, b=b)`` as an initializer: a normal of std
+    ``std`` truncated to ``[a, b]`` in **absolute** units (timm's bounds are not multiples of
+    the std). At std 0.02 the bounds lie 100 std out, so it is a plain normal of std 0.02 in
+    effect (about 4.6% of the values lie beyond 2 std)."""
+
+    def init(key: jax.Array, shape, dtype: Any = jnp.float32) -> jax.Array:
+        unit = jax.random.truncated_normal(key, a / std, b / std, shape, jnp.float32)
+        return (std * unit).astype(dtype)
+
+    return init
+
+
+def torch_default_uniform(fan_in: int):
+    """PyTorch's default ``Conv2d`` / ``Linear`` initialisation of weight and bias alike,
+    ``kaiming_uniform_(a=sqrt(5))`` for the weight: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: jax.Array, shape, dtype: Any = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+_trunc_normal_02 = timm_trunc_normal(0.02)
 
 
 def _linear(d_in: int, d_out: int, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
-    """timm-initialised Linear: truncated-normal std 0.02 kernel, zero bias."""
+    """timm-initialised Linear: ``trunc_normal_(std=.02)`` kernel, zero bias."""
     return nnx.Linear(d_in, d_out, dtype=dtype, kernel_init=_trunc_normal_02,
                       bias_init=nnx.initializers.zeros_init(), rngs=rngs)
 
 
-def _layer_norm(width: int, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    """LayerNorm with eps 1e-6, two-pass float32 (or wider) statistics, scale 1 and bias 0."""
-    return nnx.LayerNorm(width, epsilon=LN_EPS, dtype=dtype, use_fast_variance=False, rngs=rngs)
+def _layer_norm(width: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """LayerNorm with eps 1e-6, two-pass statistics, scale 1 and bias 0. It computes and returns
+    the dtype of its input and parameters (the residual stream: float32 under bf16 compute, as
+    autocast runs ``layer_norm`` in float32), never the half-precision compute dtype."""
+    return nnx.LayerNorm(width, epsilon=LN_EPS, dtype=None, use_fast_variance=False, rngs=rngs)
 
 
 Tap = Callable[[Path, jax.Array], None] | None
@@ -275,9 +311,9 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ViTConfig, *, dtype: Any = None, attention: str = "xla",
                  rngs: nnx.Rngs) -> None:
-        self.norm1 = _layer_norm(cfg.width, dtype, rngs)
+        self.norm1 = _layer_norm(cfg.width, rngs)
         self.attn = Attention(cfg, dtype=dtype, attention=attention, rngs=rngs)
-        self.norm2 = _layer_norm(cfg.width, dtype, rngs)
+        self.norm2 = _layer_norm(cfg.width, rngs)
         self.mlp = Mlp(cfg, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, tap: Tap = None) -> jax.Array:
@@ -306,9 +342,10 @@ class PatchEmbed(nnx.Module):
 
     def __init__(self, cfg: ViTConfig, *, dtype: Any = None, rngs: nnx.Rngs) -> None:
         p = cfg.patch_size
+        torch_init = torch_default_uniform(cfg.in_chans * p * p)  # timm keeps torch's init
         self.proj = nnx.Conv(cfg.in_chans, cfg.width, (p, p), strides=(p, p), padding="VALID",
-                             dtype=dtype, kernel_init=nnx.initializers.lecun_normal(),
-                             bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+                             dtype=dtype, kernel_init=torch_init, bias_init=torch_init,
+                             rngs=rngs)
 
     def __call__(self, images: jax.Array, tap: Tap = None) -> jax.Array:
         """``images`` [B, H, W, C] -> tokens [B, (H/p)*(W/p), D] in row-major patch order."""
@@ -339,7 +376,7 @@ class VisionTransformer(nnx.Module):
         )
         self.blocks = nnx.List([Block(cfg, dtype=dtype, attention=attention, rngs=rngs)
                                  for _ in range(cfg.depth)])
-        self.norm = _layer_norm(cfg.width, dtype, rngs)
+        self.norm = _layer_norm(cfg.width, rngs)
         self.head = _linear(cfg.width, cfg.num_classes, dtype, rngs)
 
     def forward_features(self, images: jax.Array, tap: Tap = None) -> jax.Array:
@@ -347,9 +384,13 @@ class VisionTransformer(nnx.Module):
 
         ``tap`` (optional) receives the input of every dense layer, keyed by its kernel path.
         """
-        x = self.patch_embed(images, _scoped(tap, "patch_embed"))
-        cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
-        x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
+        x = self.patch_embed(images, _scoped(tap, "patch_embed"))  # the compute dtype
+        # The residual stream: autocast's ``cat`` promotes to its widest input, the float32 class
+        # token, and ``+ pos_embed`` stays float32; every block adds its (compute dtype) branch
+        # outputs into it. Without a half-precision compute dtype nothing is cast.
+        stream = jnp.promote_types(x.dtype, self.cls_token[...].dtype)
+        cls = jnp.broadcast_to(self.cls_token[...].astype(stream), (x.shape[0], 1, x.shape[-1]))
+        x = jnp.concatenate([cls, x.astype(stream)], axis=1) + self.pos_embed[...].astype(stream)
         for i, block in enumerate(self.blocks):
             if self.remat and tap is None:
                 x = checkpointed_block(block, x)
@@ -400,9 +441,10 @@ def apply(
 ) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, dict[Path, jax.Array]]:
     """Pure forward pass: NHWC images in [-1, 1] -> ``(logits, cls_features)``.
 
-    ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``): parameters are cast to it for compute,
-    LayerNorm statistics and the attention softmax use float32, and both outputs are returned in
-    float32 (float64 if parameters and images are float64 and ``dtype`` is None). Jit it with
+    ``dtype`` is the compute dtype of the convolution and the matmuls (e.g. ``jnp.bfloat16``,
+    as ``torch.autocast`` runs them; module docstring): the residual stream, the LayerNorms and
+    the attention softmax stay float32, and both outputs are returned in float32 (float64 if
+    parameters and images are float64 and ``dtype`` is None). Jit it with
     ``jax.jit(apply, static_argnums=0, static_argnames=("dtype", "attention", "remat"))``. With
     the default ``attention="xla"`` it is safe under nested ``jax.grad``; ``"cudnn"`` (GPU) is
     faster for first-order work (see ``ATTENTION_IMPLEMENTATIONS``).
@@ -416,7 +458,9 @@ def apply(
     path of every dense layer (:func:`dense_kernel_paths`, e.g. ``("blocks", 0, "attn", "qkv",
     "kernel")``) to the input that layer received in this pass: the images [B, H, W, C] for the
     patch projection (a conv: unfolding them is the caller's business), tokens [B, T, D_in] for
-    the block layers (in the compute dtype) and the class features [B, D] for the head. The
+    the block layers and the class features [B, D] for the head, each in the dtype the layer
+    receives before its own cast (float32 LayerNorm outputs for ``qkv``, ``fc1`` and the head;
+    the compute dtype for ``proj`` and ``fc2``). The
     default (False) traces exactly the plain forward pass.
     """
     if remat and capture_inputs:

@@ -102,6 +102,7 @@ def evaluate_splits(ctx: Context, params) -> dict[str, dict[str, Any]]:
     eval_step = train_lib.make_eval_step(ctx.model_cfg, ctx.dataset.task, t.compute_dtype,
                                          t.attention)
     cfg = ctx.process_pipeline_config(ctx.config.data.eval_batch_size)
+    score_dtype = train_lib.ap_score_dtype(t.compute_dtype, t.get("ap_scores", "reference"))
     out: dict[str, Any] = {}
     losses = {}
     for split in metrics.EVAL_SPLITS:
@@ -110,7 +111,8 @@ def evaluate_splits(ctx: Context, params) -> dict[str, dict[str, Any]]:
             eval_step, params, batches, ctx.dataset.task,
             desc=f"eval {split}" if ctx.config.progress else None,
             total=pipeline.steps_per_epoch(len(ctx.images[split]), cfg.batch_size),
-            process_rows=cfg.shard_by_process)
+            process_rows=cfg.shard_by_process,
+            score_dtype=score_dtype)
         out[split] = {"metric": result["metric"], "loss": result["loss"]}
         losses[split] = result["losses"]
     if wants_loss_attack(ctx.config):

@@ -15,7 +15,12 @@ A stage's fingerprint has these parts (``fingerprint``):
 
 Settings that change how a stage computes but not what (``NOT_FINGERPRINTED``: ``remat``, the
 per-block ``jax.checkpoint`` of ``config.train`` and ``config.meta_unlearn``) are left out, so a
-run with them reuses or resumes one without them and the other way round.
+run with them reuses or resumes one without them and the other way round; so is
+``train.ap_scores`` where the compute dtype is float32 (both choices score alike there).
+
+A stage that computes in bfloat16 also carries ``bf16`` (:data:`BF16_NUMERICS`): the mixed
+precision follows autocast since it was added (float32 residual stream and LayerNorms), so a
+bf16 run made before, with the whole stream in bf16, is not reused for one made now.
 
 ``check(ctx, run_dir, fingerprint)`` decides what happens to an existing run directory:
 
@@ -49,10 +54,19 @@ REUSE, RESUME, FRESH = "reuse", "resume", "fresh"
 NOT_FINGERPRINTED = ("remat",)
 """Stage settings that change memory and speed, never results: not part of a fingerprint."""
 
+BF16_NUMERICS = "autocast: float32 residual stream and LayerNorms"
+"""The ``bf16`` part of a stage computing in bfloat16 (module docstring)."""
+
+_HALF = ("bfloat16", "float16")
+
 
 def _settings_part(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The stage's settings without ``NOT_FINGERPRINTED`` keys."""
-    return {k: v for k, v in settings.items() if k not in NOT_FINGERPRINTED}
+    """The stage's settings without ``NOT_FINGERPRINTED`` keys, and without ``ap_scores`` where
+    the compute dtype is not half precision (it changes nothing there)."""
+    out = {k: v for k, v in settings.items() if k not in NOT_FINGERPRINTED}
+    if settings.get("compute_dtype") not in _HALF:
+        out.pop("ap_scores", None)
+    return out
 
 
 def fingerprint(ctx, stage: str, settings_name: str, settings: Mapping[str, Any],
@@ -73,6 +87,8 @@ def fingerprint(ctx, stage: str, settings_name: str, settings: Mapping[str, Any]
     }
     if augmented:
         parts["data.crop_scale"] = list(config.data.crop_scale)
+    if settings.get("compute_dtype") in _HALF:
+        parts["bf16"] = BF16_NUMERICS
     if config.get("split_seed") is not None and config.split_seed != config.seed:
         parts["split_seed"] = config.split_seed  # only when it differs: old hashes stay valid
     parts = files.to_json(parts)

@@ -163,7 +163,8 @@ def train_stage(ctx: Context, stage: str, init_params) -> tuple[dict, Any]:
         def validate_fn(params):
             return train_lib.evaluate(
                 eval_step, params, pipeline.eval_batches(ds.source, ctx.images["val"], val_cfg),
-                ds.task, process_rows=val_cfg.shard_by_process)
+                ds.task, process_rows=val_cfg.shard_by_process,
+                score_dtype=train_lib.ap_score_dtype(tcfg.compute_dtype, tcfg.ap_scores))
 
         logging.info("%s: %d images of %d identities, %d steps/epoch -> %s", stage,
                      len(train_idx), len(getattr(ctx.splits, TRAINING_STAGES[stage])), steps,

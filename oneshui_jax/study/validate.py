@@ -23,7 +23,8 @@ def train_config(config, task: str) -> train_lib.TrainConfig:
                                  weight_decay=t.weight_decay, momentum=t.momentum,
                                  warmup_epochs=t.warmup_epochs, compute_dtype=t.compute_dtype,
                                  optimizer=t.optimizer, attention=t.attention,
-                                 remat=t.get("remat", False))
+                                 remat=t.get("remat", False),
+                                 ap_scores=t.get("ap_scores", "reference"))
 
 
 def method_config(config, name: str, task: str):
