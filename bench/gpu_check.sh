@@ -21,8 +21,11 @@
 #                    (bench/request_latency.py)                                -> request_latency.json
 #   profile  (100 s) top XLA ops by self time of the train step (cudnn, batch 128) and of the
 #                    meta-step (bench/profile_ops.py; traces in /tmp)          -> profile.md, profile.json
-#   parity   (60 s)  timm fixture + parity, not in "all" (it checks numbers, not speed)
-#                                                                              -> timm_parity.json
+#   parity   (90 s)  timm fixture + parity, not in "all" (it checks numbers, not speed): float32
+#                    parity, timm's init statistics beside ours, and timm under bf16 autocast
+#                    (its dtypes, our bf16 forward's differences)              -> timm_parity.json
+#   ties     (60 s)  torch.mode's rule for a tied boolean vote (RMIA) on CPU and CUDA, not in
+#                    "all" (tools/check_torch_mode_ties.py)                    -> torch_mode_ties.json
 #   summary  (20 s)  bench/gpu_summary.py: ratios vs targets -> bench/results/gpu_<date>.json and
 #                    $OUT/gpu_<date>.json
 # The whole output also goes to $OUT/gpu_check.log. At most 8 files come back from $OUT: "all"
@@ -45,8 +48,9 @@ if [ ${#SECTIONS[@]} -eq 0 ] || [ "${SECTIONS[*]}" = "all" ]; then
 fi
 for section in "${SECTIONS[@]}"; do
   case "$section" in
-    anchor|train|meta|request|profile|parity) ;;
-    *) echo "unknown section $section (expected anchor, train, meta, request, profile, parity or all)"
+    anchor|train|meta|request|profile|parity|ties) ;;
+    *) echo "unknown section $section (expected anchor, train, meta, request, profile, parity," \
+            "ties or all)"
        exit 2 ;;
   esac
 done
@@ -112,10 +116,18 @@ parity() {
   echo "== timm fixture and parity"
   local fixtures
   fixtures="$(mktemp -d /tmp/oneshui_timm.XXXXXX)"
-  timeout 60 bash -c "python3 tools/make_timm_fixture.py --out '$fixtures' && \
-    python3 tools/check_timm_parity.py --fixture_dir '$fixtures' > '$OUT/timm_parity.json'"
+  timeout 90 bash -c "python3 tools/make_timm_fixture.py --out '$fixtures' && \
+    python3 tools/check_timm_parity.py --fixture_dir '$fixtures' --init --autocast \
+      > '$OUT/timm_parity.json'"
   local rc=$?
   cat "$OUT/timm_parity.json" 2>/dev/null
+  return $rc
+}
+ties() {
+  echo "== torch.mode on a tied boolean vote (CPU and CUDA)"
+  timeout 60 python3 tools/check_torch_mode_ties.py > "$OUT/torch_mode_ties.json"
+  local rc=$?
+  cat "$OUT/torch_mode_ties.json"
   return $rc
 }
 for section in "${SECTIONS[@]}"; do

@@ -12,7 +12,8 @@ its values are ``null``, never a crash):
   ``batch``, ``images_per_s`` (or ``error``);
 * ``meta_step.json`` (``bench/meta_step.py``): ``results.streamed`` (``step_s``, ``peak_gib``,
   ``peak_source``), ``results.request`` (``p50_ms``, ...), ``shape``;
-* ``profile.json`` (``bench/profile_ops.py``) and ``timm_parity.json``: carried as raw results.
+* ``profile.json`` (``bench/profile_ops.py``), ``timm_parity.json`` and
+  ``torch_mode_ties.json`` (``tools/check_torch_mode_ties.py``): carried as raw results.
 
 and computes, all measured side by side in one call:
 
@@ -45,7 +46,8 @@ from typing import Any
 
 SECTIONS = {"anchor": "anchor.json", "train": "attention_variants.json",
             "meta": "meta_step.json", "request": "request_latency.json",
-            "profile": "profile.json", "parity": "timm_parity.json"}
+            "profile": "profile.json", "parity": "timm_parity.json",
+            "ties": "torch_mode_ties.json"}
 # name -> (comparison, threshold)
 TARGETS = {"train_speedup": (">=", 2.0), "meta_step_speedup": (">=", 3.0),
            "meta_step_memory_ratio": ("<=", 0.5), "request_p50_ms": ("<=", 10.0),

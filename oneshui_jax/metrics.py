@@ -9,8 +9,8 @@
 Both in percent.
 
 **Scores of the mAP (SPEC Q4).** The reference takes ``torch.sigmoid`` of its bf16 autocast
-logits, so its scores are rounded to bfloat16 (8 significant bits: above 0.5 they step by 2^-9
-to 2^-8, and every score above 0.998 becomes 1.0), which ties many images and lowers AP.
+logits, so its scores are rounded to bfloat16 (8 significant bits: from 0.5 to 1 they step by
+2^-8, and every score above 1 - 2^-9 = 0.998 becomes 1.0), which ties many images.
 ``score_dtype="bfloat16"`` reproduces that; ``None`` scores in float64 (no rounding beyond the
 logits'). Which one a study uses is ``config.train.ap_scores`` (``train.ap_score_dtype``).
 

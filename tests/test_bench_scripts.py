@@ -80,7 +80,7 @@ def test_summary_ratios_and_pass(tmp_path, monkeypatch):
                       "meta_step_compilations": "missing"}
     assert s["meta_step_compilations"] is None
     assert s["sections"]["anchor"]["meta_step_s"] == 0.6  # raw sections carried
-    assert set(s["sections_missing"]) == {"request", "profile", "parity"}
+    assert set(s["sections_missing"]) == {"request", "profile", "parity", "ties"}
     assert {"jax", "jaxlib", "flax", "torch"} <= set(s["versions"])
 
 
@@ -106,7 +106,7 @@ def test_summary_missing_sections_give_nulls(tmp_path, monkeypatch):
         assert s[name] is None
         assert s["targets"][name]["status"] == "missing"
     assert set(s["sections_missing"]) == {"anchor", "train", "meta", "request", "profile",
-                                          "parity"}
+                                          "parity", "ties"}
     # Ours without the anchor: still no ratio, but the request needs no anchor.
     s = _summarise(tmp_path / "b", monkeypatch, {"attention_variants.json": TRAIN,
                                                  "meta_step.json": _meta()})

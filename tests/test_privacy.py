@@ -127,8 +127,8 @@ def test_canonical_variant_scores_true_label_probabilities(small_study):
     grid = rmia.score_grid_canonical(
         p["in"]["z"], p["ref"]["z"], p["in"]["forget"], p["ref"]["forget"], p["in"]["val"],
         p["ref"]["val"])
-    chosen = rmia.best(grid) or grid[0]
-    assert got["auc"] == pytest.approx(100 * chosen["auc"])
+    chosen = rmia.best(grid)
+    assert got["auc"] == pytest.approx(100 * chosen["auc"]) and got["selected"]
     assert privacy.probabilities(np.array([0.5]), "classification", 8) == pytest.approx(
         np.exp(-0.5))
     ref = privacy.attack(ctx, target, reference)["rmia"]
@@ -247,3 +247,27 @@ def test_signals_are_the_losses_of_each_image_and_cached(small_study, tmp_path):
         (run_dir / checkpoints.METADATA_FILE).write_text(json.dumps(meta))
         with pytest.raises(AssertionError, match="computed again"):
             privacy.signals(ctx, params, privacy.Passes(ctx, rows, 64), str(run_dir))
+
+
+def test_rmia_without_any_point_above_zero_tpr_reports_the_reference_zeros():
+    """When no (γ, a) has TPR > 0 at 1e-4 FPR the reference reports AUC 0 and TPR 0 (its
+    starting values): so does the study, with no curve, no TPR@1% and no attack on people,
+    though the grid's points have AUCs well above 0. Planted: one val image scores as the most
+    member-like of all, every forget image beats every other val image."""
+    n_forget, n_val, n_z, passes = 20, 50, 300, 3
+    ones = lambda n: np.ones((passes, n))
+    forget_in = np.full((passes, n_forget), 0.5)
+    val_in = np.full((passes, n_val), 2.0)
+    val_in[:, 0] = 1e-3  # the one most member-like image is a non-member
+    z = np.broadcast_to(np.linspace(0.01, 3.0, n_z), (passes, n_z))  # some z below 0.5 / 8
+    target = {"z": z, "forget": forget_in, "val": val_in}
+    reference = {"z": ones(n_z), "forget": ones(n_forget), "val": ones(n_val)}
+    rows = {"forget": np.zeros((passes, n_forget), int), "val": np.zeros((passes, n_val), int)}
+    out = privacy.attack(None, target, reference, rows=rows)
+    got = out["rmia"]
+    assert rmia.best(rmia.score_grid(target["z"], reference["z"], forget_in,
+                                     reference["forget"], val_in, reference["val"])) is None
+    assert (got["auc"], got["tpr_at_1e-4"], got["selected"]) == (0.0, 0.0, False)
+    assert got["roc"] is None and got["tpr_at_1pct"] is None and got["gamma"] is None
+    assert max(g["auc"] for g in got["grid"]) > 90.0
+    assert "selects none" in out["per_person"]["skipped"]

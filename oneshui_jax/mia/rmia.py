@@ -191,8 +191,9 @@ def score_grid_canonical(z_in, z_ref, forget_in, forget_ref, val_in, val_ref, *,
 def best(grid: list[dict]) -> dict | None:
     """The reference's choice of (γ, a) (SPEC.md 5.5): the entry with the highest
     ``tpr_at_1e-4``, searching from a best TPR of 0 with strict ``>``. So the first of equal TPRs
-    wins, and **``None`` is returned when no entry has a TPR above 0** (SPEC does not say what the
-    reference then reports; the caller must decide, e.g. report no RMIA result)."""
+    wins, and **``None`` is returned when no entry has a TPR above 0**: the reference then
+    keeps its starting values and reports AUC 0 and TPR 0 (``study.privacy.attack`` does the
+    same)."""
     chosen, best_tpr = None, 0.0
     for entry in grid:
         if entry[TPR_KEY] > best_tpr:

@@ -218,16 +218,25 @@ def attack(ctx: Context, target: dict[str, np.ndarray], reference: dict[str, np.
     score = rmia.score_grid_canonical if variant == "canonical" else rmia.score_grid
     grid = score(target["z"], reference["z"], target["forget"], reference["forget"],
                  target["val"], reference["val"])
-    best = rmia.best(grid) or grid[0]  # no TPR above 0: the first point (the reference's start)
-    entry = {"variant": variant,
-             "auc": 100.0 * best["auc"], "tpr_at_1e-4": 100.0 * best[rmia.TPR_KEY],
-             # 1e-4 is below the ROC's resolution unless there are > 10,000 val images
-             "tpr_at_1pct": 100.0 * float(np.interp(0.01, best["fpr"], best["tpr"])),
-             "gamma": best["gamma"], "a": best["a"], "selected": rmia.best(grid) is not None,
+    best = rmia.best(grid)
+    entry = {"variant": variant, "selected": best is not None,
              "members": int(rows["forget"].shape[1]), "nonmembers": int(rows["val"].shape[1]),
              "grid": [{"gamma": g["gamma"], "a": g["a"], "auc": 100.0 * g["auc"],
-                       "tpr_at_1e-4": 100.0 * g[rmia.TPR_KEY]} for g in grid],
-             "roc": roc.compact(best["fpr"], best["tpr"])}
+                       "tpr_at_1e-4": 100.0 * g[rmia.TPR_KEY]} for g in grid]}
+    if best is None:
+        # No (γ, a) has TPR > 0 at 1e-4 FPR: the reference keeps its starting values and
+        # reports AUC 0 and TPR 0 with no curve; every column that needs a selected point is
+        # left empty (the grid above still holds each point's AUC).
+        entry.update({"auc": 0.0, "tpr_at_1e-4": 0.0, "tpr_at_1pct": None, "gamma": None,
+                      "a": None, "roc": None})
+        return {"rmia": entry, "per_person": {
+            "skipped": "no (gamma, a) of the grid has a TPR above 0 at 1e-4 FPR, so the "
+                       "reference selects none (it reports AUC 0 and TPR 0): no scores"}}
+    entry.update({"auc": 100.0 * best["auc"], "tpr_at_1e-4": 100.0 * best[rmia.TPR_KEY],
+                  # 1e-4 is below the ROC's resolution unless there are > 10,000 val images
+                  "tpr_at_1pct": 100.0 * float(np.interp(0.01, best["fpr"], best["tpr"])),
+                  "gamma": best["gamma"], "a": best["a"],
+                  "roc": roc.compact(best["fpr"], best["tpr"])})
     aligned = all((v == v[0]).all() for v in (rows["forget"], rows["val"]))
     if not aligned:
         return {"rmia": entry, "per_person": {
