@@ -190,6 +190,10 @@ def test_init_follows_timm():
     big = np.concatenate([np.ravel(b[layer]["fc1" if layer == "mlp" else "qkv"]["kernel"])
                           for b in params["blocks"].values() for layer in ("mlp", "attn")])
     assert 0.040 < np.mean(np.abs(big) > 0.04) < 0.051  # normal: 4.55% beyond 2 std
+    # ViT-B/16's 85M linear weights: nothing sits on the far bounds (+-2 = 100 std), where an
+    # inverse-CDF truncated normal puts about 5 (as many as 5 in these 20M with this key).
+    draw = np.asarray(vit.timm_trunc_normal(0.02)(jax.random.key(1), (20_000_000,)))
+    assert float(np.abs(draw).max()) < 0.15 and abs(float(draw.std()) - 0.02) < 1e-4
     conv = params["patch_embed"]["proj"]
     bound = 1.0 / math.sqrt(cfg.in_chans * cfg.patch_size**2)
     for leaf in (conv["kernel"], conv["bias"]):

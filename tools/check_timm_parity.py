@@ -51,12 +51,16 @@ def autocast_check(model, x):
     seen = {}
 
     def out(name):
-        return lambda module, args, output: seen.setdefault(name, output.dtype)
+        def hook(module, args, output):  # returns None: the output is left as it is
+            seen.setdefault(name, output.dtype)
+        return hook
+
+    def stream(module, args):
+        seen.setdefault("stream", args[0].dtype)
 
     block = model.blocks[0]
     hooks = [model.patch_embed.register_forward_hook(out("patch_embed")),
-             block.register_forward_pre_hook(
-                 lambda module, args: seen.setdefault("stream", args[0].dtype)),
+             block.register_forward_pre_hook(stream),
              block.norm1.register_forward_hook(out("norm1")),
              block.attn.register_forward_hook(out("attn")),
              block.mlp.act.register_forward_hook(out("gelu")),

@@ -21,13 +21,14 @@ picks (γ, a) by that TPR on the evaluation labels themselves (oracle tuning, Q5
 ascending order and walks the runs of equal values, replacing the current mode only when a run is
 *strictly* longer (``if (temp_freq > max_freq)``). Of equally frequent values the smallest wins: a
 4-4 tie of False/True gives **False**. So the vote is True iff more than half of the passes vote
-True. Established by reading that kernel's source (the ``search`` / ``find_string`` tools on
-public copies of PyTorch), not by running PyTorch (it is not installed here). The reference
-probably ran on GPU. The CUDA kernel (``computeMode`` in
-``aten/src/ATen/native/cuda/TensorModeKernel.cuh``) also sorts ascending and takes the longest run
-with a max-reduction ``b.val > a.val ? b : a`` that keeps ``a`` on ties; traced by hand for an
-8-element slice this also gives False, but the block reduction's order was not verified and the
-GPU result was not run: an open point.
+True. **Verified on CUDA** (``tools/check_torch_mode_ties.py``, the reference's own call
+``torch.mode(torch.stack(votes), 0).values * 1.0`` under bf16 autocast, torch 2.11.0+cu130 on an
+NVIDIA H200, 2026-12-04, ``bench/results/h200_2026-12-04_fidelity/torch_mode_ties.json``): with
+8 passes, the paper's, all 70 arrangements of a 4-4 tie give False on CUDA as on CPU, in small
+blocks and in [8, 256, 30000] blocks of the CelebA attack's size; so do ties of 2, 4 and 16
+passes. With **6** passes CUDA gives **True** for every 3-3 tie (CPU: False): CUDA's rule depends
+on the slice length, so ``config.mia.passes`` other than 8 (and 2, 4, 16) follows the CPU rule,
+which the reference on a GPU would not.
 
 **Q6 (CelebA).** The reference draws, in every pass, its own 30,000-sample subset of z and
 7,000-sample subset of val, and votes per row index, so val rows are misaligned across passes.
