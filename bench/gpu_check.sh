@@ -21,7 +21,7 @@
 #                    (bench/request_latency.py)                                -> request_latency.json
 #   profile  (100 s) top XLA ops by self time of the train step (cudnn, batch 128) and of the
 #                    meta-step (bench/profile_ops.py; traces in /tmp)          -> profile.md, profile.json
-#   parity   (90 s)  timm fixture + parity, not in "all" (it checks numbers, not speed): float32
+#   parity   (150 s) timm fixture + parity, not in "all" (it checks numbers, not speed): float32
 #                    parity, timm's init statistics beside ours, and timm under bf16 autocast
 #                    (its dtypes, our bf16 forward's differences)              -> timm_parity.json
 #   ties     (60 s)  torch.mode's rule for a tied boolean vote (RMIA) on CPU and CUDA, not in
@@ -116,7 +116,7 @@ parity() {
   echo "== timm fixture and parity"
   local fixtures
   fixtures="$(mktemp -d /tmp/oneshui_timm.XXXXXX)"
-  timeout 90 bash -c "python3 tools/make_timm_fixture.py --out '$fixtures' && \
+  timeout 150 bash -c "python3 tools/make_timm_fixture.py --out '$fixtures' && \
     python3 tools/check_timm_parity.py --fixture_dir '$fixtures' --init --autocast \
       > '$OUT/timm_parity.json'"
   local rc=$?
