@@ -93,6 +93,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Initial weights: a timm .safetensors, a Google ViT .npz or a converted run directory
     # (oneshui_jax.models.pretrained). Empty: train from scratch, as SynthFaces does.
     config.model.init = ""
+    # Fresh weights (vit.INIT_SCHEMES): "lecun" (normals truncated at 2 std, a LeCun-normal
+    # patch convolution), as every SynthFaces result was measured; "timm" draws timm's.
+    config.model.init_scheme = "lecun"
 
     # Pretrain / retrain: the reference's schedule (linear warmup, then per-epoch cosine). The
     # reference fine-tunes ImageNet ViT-B/16 weights with SGD; a tiny ViT trained from scratch

@@ -178,6 +178,8 @@ def real_data_config(dataset: str, method: str, num_identities: int) -> ml_colle
     # "Pretrained weights".
     config.model.init = ("checkpoints/imagenet/"
                          "vit_base_patch16_224.augreg2_in21k_ft_in1k.safetensors")
+    # Fresh weights when config.model.init is empty (vit.INIT_SCHEMES): timm's distributions.
+    config.model.init_scheme = "timm"
 
     # Pretrain / retrain (SPEC.md 4.2): SGD, linear warmup then per-epoch cosine (t_max = epochs),
     # no gradient clipping (clip_grad 0), bf16 autocast.
@@ -252,6 +254,7 @@ CPU_PROFILE: dict[str, Any] = {
     "workdir": "workdir/{dataset}_cpu",
     "model.name": "vit_small_demo",  # 0.47M parameters, 17 tokens
     "model.init": "",  # from scratch
+    "model.init_scheme": "lecun",  # as its results were measured (vit.INIT_SCHEMES)
     "data.image_size": 32,
     # RandomResizedCrop area (1, 1): no crop, only the resize and the flip. With crops a model
     # trained from scratch on 7,800 faces underfits (train accuracy = test accuracy: nothing to

@@ -189,7 +189,8 @@ def test_meta_training_learns_a_step_that_unlearns_a_planted_request():
                                               hidden_size=32, dropout=0.0)
     cfg = mu.Config(task="classification", meta_lr=0.5, loss_type="original", use_accs=False,
                     forget_loss="l1", compute_dtype="float32", dropout=0.0)
-    theta = vit.init_params(model_cfg, jax.random.key(0))
+    # the plant was set up with the demos' initialisation (vit.INIT_SCHEMES)
+    theta = vit.init_params(model_cfg, jax.random.key(0), "lecun")
     theta["head"] = jax.tree.map(lambda x: 100.0 * x, theta["head"])  # confident predictions
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.uniform(-1, 1, (16, 16, 16, 3)), jnp.float32)

@@ -127,8 +127,10 @@ def test_canonical_variant_scores_true_label_probabilities(small_study):
     grid = rmia.score_grid_canonical(
         p["in"]["z"], p["ref"]["z"], p["in"]["forget"], p["ref"]["forget"], p["in"]["val"],
         p["ref"]["val"])
-    chosen = rmia.best(grid)
-    assert got["auc"] == pytest.approx(100 * chosen["auc"]) and got["selected"]
+    np.testing.assert_allclose([g["auc"] for g in got["grid"]], [100 * g["auc"] for g in grid])
+    chosen = rmia.best(grid)  # random signals: possibly no point with a TPR above 0
+    assert got["selected"] == (chosen is not None)
+    assert got["auc"] == pytest.approx(100 * chosen["auc"] if chosen else 0.0)
     assert privacy.probabilities(np.array([0.5]), "classification", 8) == pytest.approx(
         np.exp(-0.5))
     ref = privacy.attack(ctx, target, reference)["rmia"]

@@ -423,3 +423,22 @@ def test_unknown_attention_implementation_is_rejected():
     params = vit.init_params(cfg, jax.random.key(0))
     with pytest.raises(ValueError, match="attention"):
         vit.apply(cfg, params, jnp.zeros((1, 32, 32, 3)), attention="flash")
+
+
+def test_lecun_scheme_truncates_at_two_std_and_draws_a_lecun_patch_conv():
+    """``init_params(..., "lecun")`` (the from-scratch demos, vit.INIT_SCHEMES): normals
+    truncated at 2 std and a LeCun-normal patch convolution with zero bias; the class token and
+    everything else as timm's scheme; an unknown scheme is refused by name."""
+    cfg = ViTConfig.preset("vit_small_demo")
+    params = vit.init_params(cfg, jax.random.key(0), "lecun")
+    kernels = np.concatenate([np.ravel(b["mlp"]["fc1"]["kernel"])
+                              for b in params["blocks"].values()])
+    assert float(np.abs(kernels).max()) <= 0.04 + 1e-6 and 0.015 < kernels.std() < 0.019
+    conv = params["patch_embed"]["proj"]
+    fan_in = cfg.in_chans * cfg.patch_size**2
+    assert not np.any(conv["bias"]) and abs(float(conv["kernel"].std()) * math.sqrt(fan_in)
+                                            - 1.0) < 0.1
+    timm = vit.init_params(cfg, jax.random.key(0))
+    np.testing.assert_array_equal(params["cls_token"], timm["cls_token"])
+    with pytest.raises(ValueError, match="init_scheme"):
+        vit.init_params(cfg, jax.random.key(0), "xavier")

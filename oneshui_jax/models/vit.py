@@ -22,7 +22,8 @@ Linear (head included) has a ``trunc_normal_(std=.02)`` kernel and zero bias, ``
 are normals of std 0.02 in effect (:func:`timm_trunc_normal`); ``cls_token`` is normal std 1e-6;
 LayerNorms have scale 1, bias 0; the patch-embedding conv keeps PyTorch's default Conv2d init,
 U(+-1/sqrt(fan_in)) for kernel and bias (:func:`torch_default_uniform`). The same distributions,
-not the same numbers: the draws come from JAX's random streams, not torch's.
+not the same numbers: the draws come from JAX's random streams, not torch's. ``init_params(...,
+scheme="lecun")`` is the other scheme (:data:`INIT_SCHEMES`), which the from-scratch demos keep.
 
 **Mixed precision as ``torch.autocast(bfloat16)`` runs timm's ViT.** With ``dtype=jnp.bfloat16``
 the parameters stay float32 and only the convolution and matmuls compute (and return) bf16: the
@@ -210,12 +211,35 @@ def torch_default_uniform(fan_in: int):
     return init
 
 
-_trunc_normal_02 = timm_trunc_normal(0.02)
+INIT_SCHEMES = ("timm", "lecun")
+"""How fresh weights are drawn (``init_params``; ``config.model.init_scheme``):
+
+* ``"timm"``: timm's distributions (module docstring), what the reference's fresh weights
+  follow (its new head, Bad Teacher's random teacher);
+* ``"lecun"``: std-0.02 normals truncated at 2 std (not at timm's +-2 absolute) and a
+  LeCun-normal patch convolution with zero bias, as timm's ``jax`` mode draws that conv. The
+  from-scratch demos (``configs/synthfaces.py``, the MUFAC CPU profile) keep it: their results
+  were measured with it, and their tiny models memorise their training faces more with it.
+"""
 
 
-def _linear(d_in: int, d_out: int, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
-    """timm-initialised Linear: ``trunc_normal_(std=.02)`` kernel, zero bias."""
-    return nnx.Linear(d_in, d_out, dtype=dtype, kernel_init=_trunc_normal_02,
+def _std_normal(scheme: str):
+    """The std-0.02 initializer of Linear kernels and ``pos_embed`` for ``scheme``."""
+    if scheme == "timm":
+        return timm_trunc_normal(0.02)
+    return nnx.initializers.truncated_normal(stddev=0.02)  # truncated at +-2 std
+
+
+def _check_scheme(scheme: str) -> None:
+    if scheme not in INIT_SCHEMES:
+        raise ConfigError(f"init scheme must be one of {INIT_SCHEMES}, got {scheme!r} "
+                          "(config.model.init_scheme)")
+
+
+def _linear(d_in: int, d_out: int, dtype: Any, rngs: nnx.Rngs, init: str = "timm") -> nnx.Linear:
+    """timm-initialised Linear: ``trunc_normal_(std=.02)`` kernel (``init``: the scheme of
+    :data:`INIT_SCHEMES`), zero bias."""
+    return nnx.Linear(d_in, d_out, dtype=dtype, kernel_init=_std_normal(init),
                       bias_init=nnx.initializers.zeros_init(), rngs=rngs)
 
 
@@ -267,14 +291,14 @@ class Attention(nnx.Module):
     """Multi-head self-attention with a fused qkv projection, as timm's ``Attention``."""
 
     def __init__(self, cfg: ViTConfig, *, dtype: Any = None, attention: str = "xla",
-                 rngs: nnx.Rngs) -> None:
+                 rngs: nnx.Rngs, init: str = "timm") -> None:
         if attention not in ATTENTION_IMPLEMENTATIONS:
             raise ConfigError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, "
                               f"got {attention!r}")
         self.implementation = attention
         self.num_heads = cfg.num_heads
-        self.qkv = _linear(cfg.width, 3 * cfg.width, dtype, rngs)
-        self.proj = _linear(cfg.width, cfg.width, dtype, rngs)
+        self.qkv = _linear(cfg.width, 3 * cfg.width, dtype, rngs, init)
+        self.proj = _linear(cfg.width, cfg.width, dtype, rngs, init)
 
     def __call__(self, x: jax.Array, tap: Tap = None) -> jax.Array:
         """``x`` [B, T, D] -> [B, T, D]; softmax(q k^T / sqrt(head_dim)) v, softmax in >= f32."""
@@ -298,9 +322,10 @@ class Attention(nnx.Module):
 class Mlp(nnx.Module):
     """fc1 -> exact (erf) GELU -> fc2, as timm's ``Mlp``."""
 
-    def __init__(self, cfg: ViTConfig, *, dtype: Any = None, rngs: nnx.Rngs) -> None:
-        self.fc1 = _linear(cfg.width, cfg.mlp_hidden, dtype, rngs)
-        self.fc2 = _linear(cfg.mlp_hidden, cfg.width, dtype, rngs)
+    def __init__(self, cfg: ViTConfig, *, dtype: Any = None, rngs: nnx.Rngs,
+                 init: str = "timm") -> None:
+        self.fc1 = _linear(cfg.width, cfg.mlp_hidden, dtype, rngs, init)
+        self.fc2 = _linear(cfg.mlp_hidden, cfg.width, dtype, rngs, init)
 
     def __call__(self, x: jax.Array, tap: Tap = None) -> jax.Array:
         """``x`` [..., D] -> [..., D]."""
@@ -316,11 +341,11 @@ class Block(nnx.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``."""
 
     def __init__(self, cfg: ViTConfig, *, dtype: Any = None, attention: str = "xla",
-                 rngs: nnx.Rngs) -> None:
+                 rngs: nnx.Rngs, init: str = "timm") -> None:
         self.norm1 = _layer_norm(cfg.width, rngs)
-        self.attn = Attention(cfg, dtype=dtype, attention=attention, rngs=rngs)
+        self.attn = Attention(cfg, dtype=dtype, attention=attention, rngs=rngs, init=init)
         self.norm2 = _layer_norm(cfg.width, rngs)
-        self.mlp = Mlp(cfg, dtype=dtype, rngs=rngs)
+        self.mlp = Mlp(cfg, dtype=dtype, rngs=rngs, init=init)
 
     def __call__(self, x: jax.Array, tap: Tap = None) -> jax.Array:
         """``x`` [B, T, D] -> [B, T, D]."""
@@ -346,11 +371,15 @@ def checkpointed_block(block: Block, x: jax.Array) -> jax.Array:
 class PatchEmbed(nnx.Module):
     """Non-overlapping patch projection (timm's ``PatchEmbed``): NHWC images -> [B, P, D]."""
 
-    def __init__(self, cfg: ViTConfig, *, dtype: Any = None, rngs: nnx.Rngs) -> None:
+    def __init__(self, cfg: ViTConfig, *, dtype: Any = None, rngs: nnx.Rngs,
+                 init: str = "timm") -> None:
         p = cfg.patch_size
-        torch_init = torch_default_uniform(cfg.in_chans * p * p)  # timm keeps torch's init
+        if init == "timm":  # timm keeps torch's default Conv2d init
+            kernel_init = bias_init = torch_default_uniform(cfg.in_chans * p * p)
+        else:
+            kernel_init, bias_init = nnx.initializers.lecun_normal(), nnx.initializers.zeros_init()
         self.proj = nnx.Conv(cfg.in_chans, cfg.width, (p, p), strides=(p, p), padding="VALID",
-                             dtype=dtype, kernel_init=torch_init, bias_init=torch_init,
+                             dtype=dtype, kernel_init=kernel_init, bias_init=bias_init,
                              rngs=rngs)
 
     def __call__(self, images: jax.Array, tap: Tap = None) -> jax.Array:
@@ -370,20 +399,21 @@ class VisionTransformer(nnx.Module):
     """
 
     def __init__(self, cfg: ViTConfig, *, dtype: Any = None, attention: str = "xla",
-                 remat: bool = False, rngs: nnx.Rngs) -> None:
+                 remat: bool = False, rngs: nnx.Rngs, init: str = "timm") -> None:
+        _check_scheme(init)
         self.cfg = cfg
         self.remat = bool(remat)
-        self.patch_embed = PatchEmbed(cfg, dtype=dtype, rngs=rngs)
+        self.patch_embed = PatchEmbed(cfg, dtype=dtype, rngs=rngs, init=init)
         self.cls_token = nnx.Param(
             1e-6 * jax.random.normal(rngs.params(), (1, 1, cfg.width), jnp.float32)
         )
         self.pos_embed = nnx.Param(
-            _trunc_normal_02(rngs.params(), (1, 1 + cfg.num_patches, cfg.width), jnp.float32)
+            _std_normal(init)(rngs.params(), (1, 1 + cfg.num_patches, cfg.width), jnp.float32)
         )
-        self.blocks = nnx.List([Block(cfg, dtype=dtype, attention=attention, rngs=rngs)
-                                 for _ in range(cfg.depth)])
+        self.blocks = nnx.List([Block(cfg, dtype=dtype, attention=attention, rngs=rngs,
+                                      init=init) for _ in range(cfg.depth)])
         self.norm = _layer_norm(cfg.width, rngs)
-        self.head = _linear(cfg.width, cfg.num_classes, dtype, rngs)
+        self.head = _linear(cfg.width, cfg.num_classes, dtype, rngs, init)
 
     def forward_features(self, images: jax.Array, tap: Tap = None) -> jax.Array:
         """NHWC images in [-1, 1] -> tokens [B, 1 + P, D] after the final norm (compute dtype).
@@ -421,12 +451,13 @@ class VisionTransformer(nnx.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def init_params(cfg: ViTConfig, rng: jax.Array) -> Params:
-    """Freshly initialised float32 parameters as a plain nested dict (layout: module docstring).
+def init_params(cfg: ViTConfig, rng: jax.Array, scheme: str = "timm") -> Params:
+    """Freshly initialised float32 parameters as a plain nested dict (layout: module docstring),
+    drawn by ``scheme`` (:data:`INIT_SCHEMES`; timm's distributions by default).
 
     Works under ``jax.eval_shape(functools.partial(init_params, cfg), rng)`` to get shapes only.
     """
-    model = VisionTransformer(cfg, rngs=nnx.Rngs(params=rng))
+    model = VisionTransformer(cfg, rngs=nnx.Rngs(params=rng), init=scheme)
     return nnx.state(model, nnx.Param).to_pure_dict()
 
 

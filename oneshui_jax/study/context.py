@@ -185,10 +185,12 @@ def prepare(config) -> Context:
 
 def initial_params(ctx: Context):
     """Where pretrain and retrain start: ``config.model.init`` (ImageNet weights, as the reference
-    does) or, when it is empty, a fresh initialisation from the seed (SynthFaces)."""
+    does) or, when it is empty, a fresh initialisation from the seed drawn by
+    ``config.model.init_scheme`` (SynthFaces; ``vit.INIT_SCHEMES``)."""
     key = jax.random.key(ctx.config.seed)
     if not ctx.config.model.get("init"):
-        return sharding.replicate(vit.init_params(ctx.model_cfg, key))
+        scheme = ctx.config.model.get("init_scheme", "timm")
+        return sharding.replicate(vit.init_params(ctx.model_cfg, key, scheme))
     from oneshui_jax.models import pretrained
 
     report: list[str] = []
