@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from oneshui_jax import checkpoints, files, metrics, sharding, study
+from oneshui_jax import checkpoints, files, metrics, study
 from oneshui_jax import train as train_lib
 from oneshui_jax.data import pipeline
 
@@ -30,19 +30,17 @@ _OUT = flags.DEFINE_string("out", "bench_out/ap_scores.json", "where the JSON go
 
 
 def split_logits(ctx, params) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{split: (logits, labels)}`` of every evaluation split."""
+    """``{split: (logits, labels)}`` of every evaluation split (``train.evaluate``)."""
     t = ctx.config.train
     step = train_lib.make_eval_step(ctx.model_cfg, ctx.dataset.task, t.compute_dtype,
                                     t.attention)
     cfg = ctx.pipeline_config(ctx.config.data.eval_batch_size)
     out = {}
     for split in metrics.EVAL_SPLITS:
-        logits, labels = [], []
-        for batch in pipeline.eval_batches(ctx.dataset.source, ctx.images[split], cfg):
-            got, _ = step(params, batch["image"], batch["label"])
-            logits.append(sharding.to_host(got)[batch["mask"]])
-            labels.append(batch["label"][batch["mask"]])
-        out[split] = (np.concatenate(logits), np.concatenate(labels))
+        result = train_lib.evaluate(
+            step, params, pipeline.eval_batches(ctx.dataset.source, ctx.images[split], cfg),
+            ctx.dataset.task)
+        out[split] = (result["logits"], result["labels"])
     return out
 
 

@@ -41,17 +41,23 @@ Params = Any
 AP_SCORES = ("reference", "float32")
 """``config.train.ap_scores``: the scores of the mAP (:func:`ap_score_dtype`)."""
 
+HALF_DTYPES = ("bfloat16", "float16")
+"""Compute dtypes narrower than float32: autocast's numerics and the reference's score rule."""
+
+
+def _check_ap_scores(ap_scores: str) -> None:
+    if ap_scores not in AP_SCORES:
+        raise ConfigError(f"config.train.ap_scores must be one of {AP_SCORES}, got "
+                          f"{ap_scores!r}")
+
 
 def ap_score_dtype(compute_dtype: str, ap_scores: str = "reference") -> str | None:
     """The dtype the mAP's sigmoid scores are rounded to: the compute dtype when it is narrower
     than float32 and ``ap_scores == "reference"`` (the reference's ``torch.sigmoid`` of bf16
     logits, SPEC Q4), else None (float64 scores; with float32 compute the two agree)."""
-    if ap_scores not in AP_SCORES:
-        raise ConfigError(f"config.train.ap_scores must be one of {AP_SCORES}, got "
-                          f"{ap_scores!r}")
-    dtype = jnp.dtype(compute_dtype)
-    if ap_scores == "reference" and dtype.itemsize < 4:
-        return dtype.name
+    _check_ap_scores(ap_scores)
+    if ap_scores == "reference" and compute_dtype in HALF_DTYPES:
+        return compute_dtype
     return None
 
 
@@ -76,6 +82,11 @@ class TrainConfig:
     # dtype as the reference's autocast does (bf16 ties, SPEC Q4); "float32" does not.
     ap_scores: str = "reference"
 
+    @property
+    def score_dtype(self) -> str | None:
+        """What the validation mAP's scores are rounded to (:func:`ap_score_dtype`)."""
+        return ap_score_dtype(self.compute_dtype, self.ap_scores)
+
     def __post_init__(self):
         if self.task not in ("multilabel", "classification"):
             raise ConfigError(f"task must be 'multilabel' or 'classification', got {self.task!r}")
@@ -87,9 +98,7 @@ class TrainConfig:
                               f"{vit.ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
         if not isinstance(self.remat, bool):
             raise ConfigError(f"config.train.remat must be True or False, got {self.remat!r}")
-        if self.ap_scores not in AP_SCORES:
-            raise ConfigError(f"config.train.ap_scores must be one of {AP_SCORES}, got "
-                              f"{self.ap_scores!r}")
+        _check_ap_scores(self.ap_scores)
         try:
             jnp.dtype(self.compute_dtype)
         except TypeError:
@@ -150,7 +159,8 @@ def evaluate(eval_step: Callable, params: Params, batches: Iterator[Batch],
     ``loss`` is the unweighted mean of per-batch mean losses (the reference's semantics, Q28), so
     it depends on the batch size (the reference evaluates at 32); ``metric`` is computed once
     over the whole split (a multi-label mAP on scores rounded to ``score_dtype``:
-    :func:`ap_score_dtype`); ``losses`` are per-example losses. With
+    :func:`ap_score_dtype`); ``losses`` are per-example losses, ``logits`` and ``labels`` those
+    of the split's images in order. With
     ``desc``, a progress bar (``total`` batches) shows images/s and ETA.
 
     Batches are split over the mesh (``sharding``); ``process_rows``: each process's batches hold
@@ -174,6 +184,8 @@ def evaluate(eval_step: Callable, params: Params, batches: Iterator[Batch],
         "loss": float(np.mean(batch_means)),
         "metric": metrics_lib.task_metric(task, logits_all, labels_all, score_dtype),
         "losses": np.concatenate(losses),
+        "logits": logits_all,
+        "labels": labels_all,
     }
 
 

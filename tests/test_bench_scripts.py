@@ -1,6 +1,7 @@
 """The GPU check's own scripts, on CPU: bench/gpu_summary.py (ratios and targets from the
 sections' JSON), bench/profile_ops.py (a jax.profiler trace summarised op by op) and
-bench/gpu_check.sh (its syntax, its section argument). Nothing is timed."""
+bench/gpu_check.sh (its syntax, its section argument), and bench/ap_scores.py on the shared small
+study. Nothing is timed."""
 
 import gzip
 import importlib.util
@@ -229,3 +230,30 @@ def test_summary_takes_the_request_from_the_served_path(tmp_path, monkeypatch):
     assert s["request_p50_ms"] == pytest.approx(6.5)
     assert s["targets"]["request_p50_ms"]["status"] == "PASS"
     assert s["details"]["request"]["request_h2d_ms"] == 0.4
+
+
+def test_ap_scores_scores_every_stage_of_a_study_both_ways(small_study, tmp_path):
+    """bench/ap_scores.py on the finished small study: one row per stage and split, whose float
+    mAP is the study's own (float32 compute scores in float) and whose difference is the bf16
+    mAP minus that, non-zero somewhere."""
+    import sys
+
+    config = small_study.config
+    out = tmp_path / "ap.json"
+    args = [sys.executable, os.path.join(REPO, "bench", "ap_scores.py"),
+            "--config=" + os.path.join(REPO, "configs", "synthfaces.py") + ":N=5,size=small",
+            f"--config.data.tfds_dir={config.data.tfds_dir}",
+            f"--config.checkpoint_dir={config.checkpoint_dir}",
+            f"--config.workdir={tmp_path / 'work'}", f"--config.stages={tuple(config.stages)}",
+            "--config.progress=False", f"--out={out}"]
+    run = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["stage"], r["split"]) for r in rows} == {
+        (s, split) for s in config.stages for split in ("retain", "forget", "test", "val")}
+    for record in small_study.records:
+        for split in ("retain", "forget", "test", "val"):
+            row = next(r for r in rows if (r["stage"], r["split"]) == (record["method"], split))
+            assert row["map_float"] == pytest.approx(record[split]["metric"], abs=1e-6)
+            assert row["difference"] == pytest.approx(row["map_bf16_scores"] - row["map_float"])
+    assert any(abs(r["difference"]) > 1e-6 for r in rows)  # the rounding shows somewhere

@@ -230,10 +230,12 @@ def _std_normal(scheme: str):
     return nnx.initializers.truncated_normal(stddev=0.02)  # truncated at +-2 std
 
 
-def _check_scheme(scheme: str) -> None:
+def check_init_scheme(scheme: str) -> None:
+    """A ConfigError naming ``config.model.init_scheme`` unless ``scheme`` is one of
+    :data:`INIT_SCHEMES`."""
     if scheme not in INIT_SCHEMES:
-        raise ConfigError(f"init scheme must be one of {INIT_SCHEMES}, got {scheme!r} "
-                          "(config.model.init_scheme)")
+        raise ConfigError(f"config.model.init_scheme must be one of {INIT_SCHEMES}, got "
+                          f"{scheme!r}")
 
 
 def _linear(d_in: int, d_out: int, dtype: Any, rngs: nnx.Rngs, init: str = "timm") -> nnx.Linear:
@@ -400,7 +402,7 @@ class VisionTransformer(nnx.Module):
 
     def __init__(self, cfg: ViTConfig, *, dtype: Any = None, attention: str = "xla",
                  remat: bool = False, rngs: nnx.Rngs, init: str = "timm") -> None:
-        _check_scheme(init)
+        check_init_scheme(init)
         self.cfg = cfg
         self.remat = bool(remat)
         self.patch_embed = PatchEmbed(cfg, dtype=dtype, rngs=rngs, init=init)

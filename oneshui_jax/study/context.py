@@ -102,7 +102,7 @@ def evaluate_splits(ctx: Context, params) -> dict[str, dict[str, Any]]:
     eval_step = train_lib.make_eval_step(ctx.model_cfg, ctx.dataset.task, t.compute_dtype,
                                          t.attention)
     cfg = ctx.process_pipeline_config(ctx.config.data.eval_batch_size)
-    score_dtype = train_lib.ap_score_dtype(t.compute_dtype, t.get("ap_scores", "reference"))
+    score_dtype = validate.train_config(ctx.config, ctx.dataset.task).score_dtype
     out: dict[str, Any] = {}
     losses = {}
     for split in metrics.EVAL_SPLITS:

@@ -45,6 +45,7 @@ from typing import Any
 
 from oneshui_jax import checkpoints, files
 from oneshui_jax.errors import CheckpointError
+from oneshui_jax.train import HALF_DTYPES
 
 FINGERPRINT_VERSION = 1
 LEGACY_DATA_DEFAULTS = {"data.dedup": "none"}  # what an old checkpoint without the key meant
@@ -57,14 +58,12 @@ NOT_FINGERPRINTED = ("remat",)
 BF16_NUMERICS = "autocast: float32 residual stream and LayerNorms"
 """The ``bf16`` part of a stage computing in bfloat16 (module docstring)."""
 
-_HALF = ("bfloat16", "float16")
-
 
 def _settings_part(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The stage's settings without ``NOT_FINGERPRINTED`` keys, and without ``ap_scores`` where
     the compute dtype is not half precision (it changes nothing there)."""
     out = {k: v for k, v in settings.items() if k not in NOT_FINGERPRINTED}
-    if settings.get("compute_dtype") not in _HALF:
+    if settings.get("compute_dtype") not in HALF_DTYPES:
         out.pop("ap_scores", None)
     return out
 
@@ -87,7 +86,7 @@ def fingerprint(ctx, stage: str, settings_name: str, settings: Mapping[str, Any]
     }
     if augmented:
         parts["data.crop_scale"] = list(config.data.crop_scale)
-    if settings.get("compute_dtype") in _HALF:
+    if settings.get("compute_dtype") in HALF_DTYPES:
         parts["bf16"] = BF16_NUMERICS
     if config.get("split_seed") is not None and config.split_seed != config.seed:
         parts["split_seed"] = config.split_seed  # only when it differs: old hashes stay valid

@@ -164,7 +164,7 @@ def train_stage(ctx: Context, stage: str, init_params) -> tuple[dict, Any]:
             return train_lib.evaluate(
                 eval_step, params, pipeline.eval_batches(ds.source, ctx.images["val"], val_cfg),
                 ds.task, process_rows=val_cfg.shard_by_process,
-                score_dtype=train_lib.ap_score_dtype(tcfg.compute_dtype, tcfg.ap_scores))
+                score_dtype=tcfg.score_dtype)
 
         logging.info("%s: %d images of %d identities, %d steps/epoch -> %s", stage,
                      len(train_idx), len(getattr(ctx.splits, TRAINING_STAGES[stage])), steps,

@@ -104,10 +104,7 @@ def validate_config(config) -> None:
         vit.ViTConfig.preset(config.model.name, image_size=config.data.image_size)
     except ValueError as e:
         raise ConfigError(f"config.model: {e}") from None
-    scheme = config.model.get("init_scheme", "timm")
-    if scheme not in vit.INIT_SCHEMES:
-        raise ConfigError(f"config.model.init_scheme must be one of {vit.INIT_SCHEMES}, got "
-                          f"{scheme!r}")
+    vit.check_init_scheme(config.model.get("init_scheme", "timm"))
     train_config(config, task)  # validates optimizer, dtype and attention
     for name in config.stages:
         if name not in TRAINING_STAGES:
