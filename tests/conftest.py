@@ -7,10 +7,28 @@ import os
 import types
 
 import pytest
+import suite_settings
 from absl import flags
 
+# Before JAX starts: the compiler flags and compilation cache of the suite (suite_settings.py).
+suite_settings.apply()
 # grain reads absl flags; tests never parse a command line.
 flags.FLAGS.mark_as_parsed()
+
+
+
+
+def pytest_unconfigure(config):
+    suite_settings.cleanup()
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that needs the shared small study (about a minute to build) is ``slow``: the quick
+    tier (``-m "not slow"``) never builds it."""
+    for item in items:
+        if "small_study" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.environ.get("ONESHUI_SHARED_DATA", os.path.join(REPO, "..", "shared", "data"))
@@ -113,3 +131,35 @@ def small_study(synthfaces_tfds, tmp_path_factory):
 
     return types.SimpleNamespace(config=config, records=records, run_dir=run_dir,
                                  first_hashes=first_hashes)
+
+
+# --------------------------------------------------------------------------------------------
+# Where the suite's time goes (opt-in): ONESHUI_TEST_COMPILE_LOG=FILE appends one JSON line per
+# test with the seconds JAX spent tracing and compiling in this process (subprocesses are not
+# seen). ``python tools/test_times.py`` puts it beside the junit times.
+
+_COMPILE_LOG = os.environ.get("ONESHUI_TEST_COMPILE_LOG")
+_jax_seconds = {"trace": 0.0, "compile": 0.0, "cache_load": 0.0}
+_JAX_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace",
+               "/jax/core/compile/backend_compile_duration": "compile",
+               "/jax/compilation_cache/cache_retrieval_time_sec": "cache_load"}
+
+
+def _count_jax_seconds(event: str, seconds: float, **_) -> None:
+    key = _JAX_EVENTS.get(event)
+    if key:
+        _jax_seconds[key] += seconds
+
+
+if _COMPILE_LOG:
+    import jax.monitoring
+
+    jax.monitoring.register_event_duration_secs_listener(_count_jax_seconds)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        before = dict(_jax_seconds)
+        yield
+        line = {"test": item.nodeid, **{k: _jax_seconds[k] - before[k] for k in before}}
+        with open(_COMPILE_LOG, "a") as f:
+            f.write(json.dumps(line) + "\n")

@@ -38,6 +38,7 @@ def describe(x) -> dict:
 def run(tfds_dir: str, root: str, mesh: int) -> dict:
     config = small_study.config(tfds_dir, os.path.join(root, f"mesh{mesh}"), epochs=1)
     config.mesh.data = mesh
+    config.model.name = "vit_tiny_test"  # what is checked is the sharding, not the model
     config.train.batch_size = 32
     config.train.compute_dtype = "float32"  # a tolerance that float32 reassociation meets
     config.data.eval_batch_size = 64

@@ -25,6 +25,7 @@ def base(small_study):
 
 
 @pytest.mark.parametrize("name", ["ssd", "lipschitz", "pgu"])
+@pytest.mark.slow
 def test_one_shot_baselines_run_as_stages_read_what_they_may_and_serve(base, tmp_path,
                                                                         monkeypatch, name):
     """SSD and PGU (stats) and Lipschitz (support) as study stages: Lipschitz reads the
@@ -69,6 +70,7 @@ FULL_DATA_SETTINGS = {  # one epoch, a few steps: the study's code path, not the
 
 
 @pytest.mark.parametrize("name", ["scrub", "bad_teacher"])
+@pytest.mark.slow
 def test_full_data_baselines_run_as_stages_read_what_they_may_and_are_not_served(
         base, tmp_path, monkeypatch, capsys, name):
     """SCRUB and Bad Teacher (ACCESS full) as study stages: they read the forget and retain
@@ -115,6 +117,7 @@ def test_full_data_baselines_run_as_stages_read_what_they_may_and_are_not_served
     assert "forget and retain" in stderr and not os.path.exists(out)
 
 
+@pytest.mark.slow
 def test_a_variant_runs_as_its_own_stage_and_serves_as_its_method(base, tmp_path, monkeypatch):
     """A stage whose block names its method (``registry.resolve``): its own run folder, its own
     row, its own settings; its run records the method and serves like it."""

@@ -232,6 +232,7 @@ def test_summary_takes_the_request_from_the_served_path(tmp_path, monkeypatch):
     assert s["details"]["request"]["request_h2d_ms"] == 0.4
 
 
+@pytest.mark.slow
 def test_ap_scores_scores_every_stage_of_a_study_both_ways(small_study, tmp_path):
     """bench/ap_scores.py on the finished small study: one row per stage and split, whose float
     mAP is the study's own (float32 compute scores in float) and whose difference is the bf16

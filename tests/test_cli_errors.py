@@ -1072,6 +1072,7 @@ def test_main_override_of_the_wrong_type(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_main_flag_errors_are_one_line(tmp_path):
     """Each of absl's and ml_collections' flag errors (the processes run side by side)."""
     cases = {  # arguments, what the error must name
@@ -1112,6 +1113,7 @@ def test_main_flag_errors_are_one_line(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_main_ctrl_c_prints_one_line_and_exits_130(tmp_path, synthfaces_tfds):
     """SIGINT during a training stage: no traceback, one last line naming the stage, what is
     kept and the command that resumes (the same one), exit status 130; the stage stays

@@ -178,6 +178,7 @@ def test_gradients_accumulate_across_batches_unless_zeroed():
     assert np.any(flat(one_a) != flat(theta))
 
 
+@pytest.mark.slow
 def test_padded_rows_change_nothing():
     """N = 3 in batches of 2 runs as torch's unpadded [2, 1]; padding is in no min, max or sum."""
     theta, x, rng = random_params(8), images(9, 3), jax.random.key(5)

@@ -51,6 +51,7 @@ def _diff(a, b):
 # The step
 
 
+@pytest.mark.slow
 def test_the_default_learned_step_is_the_reference_inner_step():
     cfg, ml_cfg, theta, phi, support, _, _ = _setup()
     ours = mu.learned_step(MODEL, ml_cfg, cfg, theta, phi, support, None)
@@ -104,6 +105,7 @@ def test_options_are_validated():
 # Diagnostics and the line search
 
 
+@pytest.mark.slow
 def test_diagnostics_measure_the_step_on_the_request():
     cfg, ml_cfg, theta, phi, support, forget, val = _setup()
     out = meta_diagnostics.request_diagnostics(MODEL, ml_cfg, cfg, theta, phi, support, forget,
@@ -196,6 +198,7 @@ def ctx(tmp_path_factory, synthfaces_tfds):
     return study.prepare(config)
 
 
+@pytest.mark.slow
 def test_held_out_requests_diagnose_and_search_and_averaged_updates_resume(ctx, tmp_path,
                                                                            monkeypatch):
     """Held-out identities stay out of meta-training and the request; every epoch records the
@@ -277,12 +280,15 @@ def test_held_out_requests_diagnose_and_search_and_averaged_updates_resume(ctx, 
 # Selection
 
 
+@pytest.mark.slow
 def test_selection_never_reads_a_request_identity_and_picks_the_lowest(ctx, monkeypatch,
                                                                        tmp_path):
     config = ctx.config.copy_and_resolve_references()
     config.meta_unlearn.epochs = 1
     reference = "step_control=none,task_ascent=0"  # the config's base is a variant
-    config.selection.meta_unlearn = (reference, f"meta_lr=0.03,{reference}",
+    # The second reference candidate differs in the meta-loss's learning rate, which the
+    # compiled steps do not read (meta_unlearn.compile_key): it reuses the first's compilation.
+    config.selection.meta_unlearn = (reference, f"lr=0.01,{reference}",
                                      "step_control=line_search")
     forget_images = set(np.asarray(ctx.images["forget"]).tolist())
     forget_images |= set(np.asarray(ctx.images["support"]).tolist())

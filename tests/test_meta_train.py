@@ -68,6 +68,7 @@ def test_request_batches_follow_the_reference_layout(ctx):
     assert val["image"].shape[:2] == (k, cfg.batch_size) and retain is None
 
 
+@pytest.mark.slow
 def test_meta_training_resumes_with_identical_result(ctx, tmp_path, monkeypatch):
     cfg, ml_cfg = configs(ctx)
     theta = vit.init_params(ctx.model_cfg, jax.random.key(0))
@@ -102,6 +103,7 @@ def test_meta_training_resumes_with_identical_result(ctx, tmp_path, monkeypatch)
     assert checkpoints.params_hash(resumed.phi) == checkpoints.params_hash(straight.phi)
 
 
+@pytest.mark.slow
 def test_padded_outer_batches_change_nothing(ctx):
     """A request padded with fully masked outer batches has the unpadded loss and meta-gradient
     (the padding is skipped, not averaged in), also when VAL has fewer batches than the forget
@@ -129,6 +131,7 @@ def test_padded_outer_batches_change_nothing(ctx):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_meta_training_compiles_the_meta_step_once(ctx):
     """Requests of different sizes are padded to the stage's largest K: one compilation of the
     meta-step for the whole meta-training (issue: one compilation per stage)."""

@@ -49,6 +49,7 @@ def _setup(task="multilabel", loss_type="full", dtype=jnp.float32, use_accs=True
 
 
 @pytest.mark.parametrize("loss_type", ["full", "rev", "scrub"])
+@pytest.mark.slow
 def test_streamed_meta_gradient_equals_differentiating_everything(loss_type):
     model_cfg, ml_cfg, cfg, theta, phi, support, forget, val, retain = _setup(loss_type=loss_type)
     rng = jax.random.key(7)  # dropout on, the same masks in both
@@ -64,6 +65,7 @@ def test_streamed_meta_gradient_equals_differentiating_everything(loss_type):
         np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_meta_gradient_matches_finite_differences_in_float64():
     # "original" compares with the original model only: no detached target moves with phi
     # (with "full", the detached unlearned-val term makes the meta-gradient differ from the
@@ -92,6 +94,7 @@ def test_meta_gradient_matches_finite_differences_in_float64():
     assert not jax.config.read("jax_enable_x64")
 
 
+@pytest.mark.slow
 def test_inner_step_is_one_gradient_step_on_the_learned_loss():
     model_cfg, ml_cfg, cfg, theta, phi, support, *_ = _setup()
     step = mu.make_unlearn_step(model_cfg, ml_cfg, cfg)
@@ -113,6 +116,7 @@ def test_inner_step_is_one_gradient_step_on_the_learned_loss():
     assert not np.allclose(jax.tree.leaves(twice)[0], jax.tree.leaves(theta_u)[0])
 
 
+@pytest.mark.slow
 def test_meta_step_updates_phi_and_compiles_once():
     model_cfg, ml_cfg, cfg, theta, phi, support, forget, val, retain = _setup()
     tx = mu.optimizer(cfg)
@@ -129,6 +133,7 @@ def test_meta_step_updates_phi_and_compiles_once():
     assert jax.tree.structure(theta_u) == jax.tree.structure(theta)
 
 
+@pytest.mark.slow
 def test_retain_step_works_for_classification():
     """The optional retain step's objective (the task loss, Q18) through the streamed
     meta-gradient on a classification task. Values of every outer objective are checked against
@@ -177,6 +182,7 @@ def test_reference_hyperparameter_table():
         h("synthfaces", 10)
 
 
+@pytest.mark.slow
 def test_meta_training_learns_a_step_that_unlearns_a_planted_request():
     """The method's claim on a planted case. The model is confident and right on the forget
     person's images and wrong on the validation images (forget loss far below val loss).

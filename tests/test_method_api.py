@@ -127,6 +127,7 @@ def test_each_call_receives_what_its_access_grants(base, tmp_path, monkeypatch, 
             study.method_stage(ctx, "spy", base.params, base.base_dir)
 
 
+@pytest.mark.slow
 def test_support_ascent_never_reads_forget_or_test_images(base, tmp_path, monkeypatch):
     """Selection uses held-out identities only; the request-time step reads the portraits."""
     _no_evaluation(monkeypatch)
@@ -164,14 +165,12 @@ def test_unlearned_model_ignores_the_forget_images(base, tmp_path, monkeypatch):
     assert hashes[0] == hashes[1]
 
 
+@pytest.mark.slow
 def test_meta_unlearn_prepare_never_reads_test_or_support_images(base, tmp_path, monkeypatch):
     _no_evaluation(monkeypatch)
     recording = doubles.Recording(base.ctx.dataset.source)
+    # The shared study's own MetaUnlearn settings: its compiled steps are reused, not rebuilt.
     ctx = fresh_context(base, tmp_path, recording)
-    ctx.config.meta_unlearn.epochs = 1
-    ctx.config.meta_unlearn.num_identities_simulation = 40
-    ctx.config.meta_unlearn.hidden_size = 16
-    ctx.config.meta_unlearn.batch_size = 512
     record, params = study.method_stage(ctx, "meta_unlearn", base.params, base.base_dir)
     read = set(recording.read)
     assert not read & set(ctx.images["test"].tolist())
@@ -226,6 +225,7 @@ def test_support_ascent_is_one_ascent_step_on_the_portraits():
     assert checkpoints.params_hash(same) == checkpoints.params_hash(params)
 
 
+@pytest.mark.slow
 def test_selection_losses_are_the_outer_objective_after_each_step():
     model, params, request = _tiny_model()
     cfg = support_ascent.Config(compute_dtype="float32")

@@ -111,6 +111,7 @@ def np_projection(c, c_f, gamma):
 # The capture and the covariances
 
 
+@pytest.mark.slow
 def test_captured_layer_inputs_equal_a_numpy_forward():
     params, x = perturbed_params(), images(3, 0)
     apply = jax.jit(vit.apply, static_argnums=0, static_argnames="capture_inputs")
@@ -281,6 +282,7 @@ def runs():
     return out
 
 
+@pytest.mark.slow
 def test_projection_ranks_match_numpy(runs):
     for _, _, info, _, _, projections in runs.values():
         assert info["ranks"] == {name: k for name, (_, k) in projections.items()}

@@ -86,6 +86,7 @@ def _to_google(params, cfg: vit.ViTConfig, big_vision: bool) -> dict[str, np.nda
 
 
 @pytest.mark.parametrize("big_vision", [False, True], ids=["vision_transformer", "big_vision"])
+@pytest.mark.slow
 def test_google_npz_round_trip(tmp_path, big_vision):
     params = vit.init_params(TINY, jax.random.key(1))
     path = str(tmp_path / "vit.npz")
@@ -166,6 +167,7 @@ def _convert(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_convert_cli_writes_a_run_directory(tmp_path):
     out = str(tmp_path / "imagenet")
     result = _convert(SAFETENSORS, out, *ARCH)
@@ -186,6 +188,7 @@ def test_convert_cli_writes_a_run_directory(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["imagenet"]
 
 
+@pytest.mark.slow
 def test_study_starts_from_config_model_init(tmp_path):
     """``config.model.init`` feeds the study's initial parameters; a missing file is one clear
     error before any training."""

@@ -36,6 +36,7 @@ def _augmented_losses(ctx, params, passes, batch_size):
     return {k: losses[:, np.searchsorted(images, v)] for k, v in at.items()}
 
 
+@pytest.mark.slow
 def test_rmia_builds_its_reference_models_and_attacks_models_and_people(small_study, tmp_path):
     config = small_study.config.copy_and_resolve_references()
     root = tmp_path / "ckpt"
@@ -193,6 +194,7 @@ def test_plan_subsamples_z_and_val_per_pass_or_once(small_study):
     assert rows["z"].shape[1] == len(z)
 
 
+@pytest.mark.slow
 def test_signals_are_the_losses_of_each_image_and_cached(small_study, tmp_path):
     ctx = _plan_ctx(small_study, "per_pass", passes=2)
     rows = privacy.plan(ctx)

@@ -131,6 +131,7 @@ def kill(proc: subprocess.Popen) -> None:
 # Locks
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_stage_train_it_once(tmp_path):
     """A second process on a stage the first is running waits for it, then reuses its result:
     the stage's body runs once and both report the first one's record."""
@@ -160,6 +161,7 @@ def test_two_processes_on_one_stage_train_it_once(tmp_path):
     assert locks.read_holder(rdir) is None  # released
 
 
+@pytest.mark.slow
 def test_busy_stage_without_waiting_is_one_line_exit_2(tmp_path):
     """wait_for_lock=False: one ``error:`` line naming the holder's pid and host, status 2,
     nothing run; once the holder is gone the stage runs."""
@@ -181,6 +183,7 @@ def test_busy_stage_without_waiting_is_one_line_exit_2(tmp_path):
     assert not record.get("reused") and open(calls).read().split() == [str(os.getpid())]
 
 
+@pytest.mark.slow
 def test_main_refuses_a_busy_stage_with_wait_for_lock_false(synthfaces_tfds, tmp_path):
     """The study's command line: exit 2 and one line naming the holder, nothing trained."""
     ckpt = str(tmp_path / "ckpt")
@@ -428,6 +431,7 @@ def _listing(root: str) -> dict[str, tuple]:
     return found
 
 
+@pytest.mark.slow
 def test_two_requests_on_one_new_out_never_replace_each_other(chain, tmp_path):
     """Two ``python -m oneshui_jax.unlearn`` with the same new --out: one writes it, the other
     is refused naming --overwrite; the output is the writer's, nothing else is left."""

@@ -77,6 +77,7 @@ def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
 
 
 @pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+@pytest.mark.slow
 def test_forward_is_the_same_with_remat(dtype):
     params, images = _params(), _images(4)
     plain = APPLY(MODEL, params, images, dtype=dtype)
@@ -108,6 +109,7 @@ def test_remat_keeps_only_block_inputs_for_the_backward_pass():
     assert residual_bytes(True) < 0.5 * residual_bytes(False)
 
 
+@pytest.mark.slow
 def test_gradients_are_the_same_with_remat():
     params, images = _params(), _images(4)
 
@@ -139,6 +141,7 @@ def _train_batch(n=6):
     return {"image": _images(n), "label": labels, "mask": jnp.arange(n) < n - 1}
 
 
+@pytest.mark.slow
 def test_train_step_is_the_same_with_remat():
     batch, lr = _train_batch(), jnp.float32(0.5)  # a large step: gradient differences show
     results = {}
@@ -214,6 +217,7 @@ def _meta_setup(**kw):
 
 
 @pytest.mark.parametrize("loss_type", ["full", "scrub"])
+@pytest.mark.slow
 def test_meta_gradient_is_the_same_with_remat(loss_type):
     ml_cfg, cfg, theta, phi, support, forget, val, retain = _meta_setup(loss_type=loss_type)
     rng = jax.random.key(7)  # dropout on, the same masks in both

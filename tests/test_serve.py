@@ -102,6 +102,7 @@ def assert_params_close(a, b):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), a, b)
 
 
+@pytest.mark.slow
 def test_request_writes_model_and_receipt(run, first):
     r = first.receipt
     assert r["receipt_version"] == serve.RECEIPT_VERSION == 3
@@ -140,6 +141,7 @@ def test_request_writes_model_and_receipt(run, first):
     assert "meta_unlearn (access stats" in first.stdout
 
 
+@pytest.mark.slow
 def test_written_params_equal_direct_unlearn(run, first):
     """The CLI's model is ``meta_unlearn.unlearn`` on the portraits, computed here in process."""
     theta = checkpoints.load_params(run.pretrain)
@@ -152,6 +154,7 @@ def test_written_params_equal_direct_unlearn(run, first):
     assert_params_close(checkpoints.load_params(first.out), expected)
 
 
+@pytest.mark.slow
 def test_support_ascent_serves_through_the_cli(run, capsys):
     """support_ascent's run serves with its own method; identities are optional for it."""
     out = os.path.join(run.root, "ascent_1")
@@ -185,6 +188,7 @@ def test_support_ascent_serves_through_the_cli(run, capsys):
     assert checkpoints.read_metadata(again)["requests"] == [r["request_id"], r2["request_id"]]
 
 
+@pytest.mark.slow
 def test_requests_chain_with_the_same_method_run(run, first, capsys):
     outs = [first.out]
     for k in (2, 3):

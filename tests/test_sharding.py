@@ -22,6 +22,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+import suite_settings
 
 from oneshui_jax import checkpoints, sharding
 from oneshui_jax.data import pipeline
@@ -29,8 +30,9 @@ from oneshui_jax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_STUDY = ["--config=configs/synthfaces.py:N=5,size=small", "--config.stages=('pretrain',)",
-              "--config.train.epochs=2", "--config.train.compute_dtype=float32",
-              "--config.mia.loss_rf=False", "--config.mia.rmia=False",
+              "--config.model.name=vit_tiny_test", "--config.train.epochs=2",
+              "--config.train.compute_dtype=float32", "--config.mia.loss_rf=False",
+              "--config.mia.rmia=False",
               "--config.progress=False", "--config.data.num_threads=0"]
 
 
@@ -124,14 +126,12 @@ def test_process_rows_need_a_batch_that_splits():
 # 8 CPU devices
 
 
-def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return dict(env, JAX_PLATFORMS="cpu", **extra)
+_env = suite_settings.subprocess_env
 
 
 @pytest.mark.slow
 def test_eight_devices_train_and_meta_train_like_one(synthfaces_tfds, tmp_path):
-    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = _env(("--xla_force_host_platform_device_count=8",))
     out = subprocess.run([sys.executable, os.path.join(REPO, "tests", "multidevice_check.py"),
                           synthfaces_tfds, str(tmp_path)], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=900)
@@ -187,7 +187,7 @@ JOURNAL = textwrap.dedent("""\
 
 
 def _run_dir(root):
-    return os.path.join(root, "ckpt", "synthfaces_small", "vit_small_demo", "pretrain_5_0")
+    return os.path.join(root, "ckpt", "synthfaces_small", "vit_tiny_test", "pretrain_5_0")
 
 
 def _study(root):

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import real_fixtures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,6 +21,7 @@ def main(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_finished_checkpoint_is_refused_after_the_labels_changed(shared_data, tmp_path):
     data = tmp_path / "data"
     real_fixtures.write_mufac_subset(str(data), shared_data, {"train": 80, "val": 30, "test": 30})

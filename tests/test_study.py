@@ -36,6 +36,7 @@ def finished_study(small_study):
     return small_study.config, small_study.records
 
 
+@pytest.mark.slow
 def test_study_runs_end_to_end(finished_study):
     config, records = finished_study
     assert [r["method"] for r in records] == ["pretrain", "retrain", "meta_unlearn",
@@ -93,6 +94,7 @@ def _request_and_artifacts(config, stage):
     return ctx, meta, artifacts, access.study_request(ctx)
 
 
+@pytest.mark.slow
 def test_stored_methods_are_their_step_on_the_study_request(finished_study):
     """Each method's saved parameters are exactly its ``unlearn`` applied to the pretrained
     parameters and the study's request (recomputed here), and MetaUnlearn with ``meta_lr = 0``
@@ -132,6 +134,7 @@ def test_support_ascent_raises_the_forget_loss(finished_study):
     assert forget_losses[0] < forget_losses[1] < forget_losses[2]
 
 
+@pytest.mark.slow
 def test_finished_stages_are_reused(small_study):
     """Run again, every stage is reused: nothing trains, the parameters reloaded from disk hash
     to those the first run computed in memory, and evaluating them again gives the first run's
@@ -358,6 +361,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(arrays["params"]))
 
 
+@pytest.mark.slow
 def test_killed_cli_run_resumes_only_with_the_same_settings(tfds_dir, tmp_path):
     """SIGKILL a training run after its first checkpoint. Restarted with other settings it is
     refused with the differences (never resumed, nothing reported); with the same settings it

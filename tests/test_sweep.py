@@ -184,6 +184,7 @@ def test_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path, argv, flag, 
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow
 def test_plan_agrees_with_the_fingerprints_runs_stored(small_study):
     """Every stage of the shared small study would be reused (the plan computes the
     fingerprints the stages stored); another method setting refuses that method only."""

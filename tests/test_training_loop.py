@@ -85,6 +85,7 @@ def recorded_steps():
 
 
 @pytest.mark.parametrize("warmup", [0, 1, 3])
+@pytest.mark.slow
 def test_fit_applies_the_reference_schedule_at_every_step(recorded_steps, warmup):
     epochs, steps = 5, 2
     cfg = train_lib.TrainConfig(task="classification", compute_dtype="float32", epochs=epochs,

@@ -1,0 +1,107 @@
+"""Where the test suite's time goes: per-file and per-test tables from a pytest run.
+
+    ONESHUI_TEST_COMPILE_LOG=/tmp/compile.jsonl ./launch/test.sh --junitxml=/tmp/suite.xml
+    python tools/test_times.py /tmp/suite.xml --compile-log /tmp/compile.jsonl
+
+The junit file gives each test's seconds (setup, call and teardown: a session fixture's build is
+charged to the first test that asks for it); the optional compile log (written by
+``tests/conftest.py`` when ``ONESHUI_TEST_COMPILE_LOG`` is set) adds the seconds JAX spent
+tracing and compiling in the test's own process, and loading from the persistent compilation
+cache. Subprocesses a test starts are counted in its seconds but not in its compile columns.
+Prints Markdown tables (files by total, then the slowest tests) and, with ``--json``, writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import xml.etree.ElementTree as ET
+
+
+def read_junit(path: str) -> dict[str, float]:
+    """Seconds per test node id (``tests/test_x.py::test_y[param]``)."""
+    times = {}
+    for case in ET.parse(path).iter("testcase"):
+        module = case.get("classname", "")
+        parts = module.split(".")
+        # classname is "tests.test_x" or "tests.test_x.TestClass"
+        file_parts = [p for p in parts if p]
+        node_file = "/".join(file_parts[:2]) + ".py"
+        rest = file_parts[2:]
+        node = "::".join([node_file, *rest, case.get("name", "")])
+        times[node] = times.get(node, 0.0) + float(case.get("time", 0.0))
+    return times
+
+
+def read_compile_log(path: str) -> dict[str, dict[str, float]]:
+    """JAX seconds per test node id: ``{"trace", "compile", "cache_load"}``."""
+    seconds: dict[str, dict[str, float]] = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                seconds[row.pop("test")] = row
+    return seconds
+
+
+def tables(times: dict[str, float], jax_seconds: dict[str, dict[str, float]],
+           top: int = 25) -> dict:
+    files: dict[str, dict[str, float]] = collections.defaultdict(
+        lambda: {"tests": 0, "seconds": 0.0, "compile": 0.0, "trace": 0.0})
+    for node, seconds in times.items():
+        row = files[node.split("::")[0]]
+        row["tests"] += 1
+        row["seconds"] += seconds
+        extra = jax_seconds.get(node, {})
+        row["compile"] += extra.get("compile", 0.0)
+        row["trace"] += extra.get("trace", 0.0)
+    slowest = sorted(times.items(), key=lambda kv: -kv[1])[:top]
+    return {
+        "total_seconds": sum(times.values()),
+        "compile_seconds": sum(r.get("compile", 0.0) for r in jax_seconds.values()),
+        "trace_seconds": sum(r.get("trace", 0.0) for r in jax_seconds.values()),
+        "files": dict(sorted(files.items(), key=lambda kv: -kv[1]["seconds"])),
+        "slowest": [{"test": node, "seconds": s,
+                     "compile": jax_seconds.get(node, {}).get("compile", 0.0)}
+                    for node, s in slowest],
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Sum of test seconds: {result['total_seconds']:.0f} (in-process JAX: compile "
+             f"{result['compile_seconds']:.0f}, trace {result['trace_seconds']:.0f})", "",
+             "| file | tests | seconds | compile | trace |", "|---|---:|---:|---:|---:|"]
+    for name, row in result["files"].items():
+        lines.append(f"| {name} | {row['tests']} | {row['seconds']:.1f} | {row['compile']:.1f} "
+                     f"| {row['trace']:.1f} |")
+    lines += ["", "| slowest tests | seconds | compile |", "|---|---:|---:|"]
+    for row in result["slowest"]:
+        lines.append(f"| {row['test']} | {row['seconds']:.1f} | {row['compile']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("junit", help="pytest --junitxml output")
+    parser.add_argument("--compile-log", help="ONESHUI_TEST_COMPILE_LOG output")
+    parser.add_argument("--top", type=int, default=25, help="slowest tests to list")
+    parser.add_argument("--json", help="also write the tables as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        times = read_junit(args.junit)
+        jax_seconds = read_compile_log(args.compile_log) if args.compile_log else {}
+    except (OSError, ET.ParseError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = tables(times, jax_seconds, args.top)
+    print(markdown(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
