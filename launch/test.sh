@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The test suite (CPU, offline): lint, then pytest on two workers (pytest-xdist, one test file per
-# worker at a time; the shared small study is built once, see tests/conftest.py). Extra arguments
-# go to pytest (`-n 0` runs everything in one process; `-m "not slow"` is the quick tier). The
-# compiler flags and the per-run compilation cache of tests/suite_settings.py apply. The 15
-# slowest tests are listed at the end.
+# worker at a time, in the order of tests/schedule.py; the shared small study is built once, see
+# tests/conftest.py). Extra arguments go to pytest (`-n 0` runs everything in one process;
+# `-m "not slow"` is the quick tier). The compiler flags and the per-run compilation cache of
+# tests/suite_settings.py apply. The 15 slowest tests are listed at the end.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 ruff check .
-exec python -m pytest -q -n 2 --dist loadfile --durations=15 "$@"
+exec python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 "$@"

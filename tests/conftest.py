@@ -4,9 +4,11 @@ import contextlib
 import fcntl
 import json
 import os
+import time
 import types
 
 import pytest
+import schedule
 import suite_settings
 from absl import flags
 
@@ -24,10 +26,12 @@ def pytest_unconfigure(config):
 
 def pytest_collection_modifyitems(config, items):
     """A test that needs the shared small study (about a minute to build) is ``slow``: the quick
-    tier (``-m "not slow"``) never builds it."""
+    tier (``-m "not slow"``) never builds it. The files are put in the order the workers should
+    take them (``tests/schedule.py``)."""
     for item in items:
         if "small_study" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    items[:] = schedule.order_items(items)
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,7 +140,8 @@ def small_study(synthfaces_tfds, tmp_path_factory):
 # --------------------------------------------------------------------------------------------
 # Where the suite's time goes (opt-in): ONESHUI_TEST_COMPILE_LOG=FILE appends one JSON line per
 # test with the seconds JAX spent tracing and compiling in this process (subprocesses are not
-# seen). ``python tools/test_times.py`` puts it beside the junit times.
+# seen), the worker that ran it and when it started and ended. ``python tools/test_times.py``
+# puts it beside the junit times.
 
 _COMPILE_LOG = os.environ.get("ONESHUI_TEST_COMPILE_LOG")
 _jax_seconds = {"trace": 0.0, "compile": 0.0, "cache_load": 0.0}
@@ -158,8 +163,10 @@ if _COMPILE_LOG:
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_protocol(item, nextitem):
-        before = dict(_jax_seconds)
+        before, start = dict(_jax_seconds), time.time()
         yield
-        line = {"test": item.nodeid, **{k: _jax_seconds[k] - before[k] for k in before}}
+        line = {"test": item.nodeid, **{k: _jax_seconds[k] - before[k] for k in before},
+                "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"), "start": start,
+                "end": time.time()}
         with open(_COMPILE_LOG, "a") as f:
             f.write(json.dumps(line) + "\n")
