@@ -253,9 +253,16 @@ def test_bfloat16_follows_autocast():
     np.testing.assert_array_equal(logits, want.astype(jnp.float32))
 
 
-def check_float32_forward_against_golden():
-    """The check of :func:`test_float32_forward_is_unchanged_bit_for_bit` (run in a process that
-    compiles with XLA's default flags)."""
+# float32 code paths may differ in the last bits between CPUs (this golden file matched one
+# machine bit for bit and another to 2.4e-7) and between XLA's compile settings; one rounding to
+# bfloat16 anywhere moves a logit by ~1e-3 of its size, 100 times this tolerance.
+GOLDEN_RTOL, GOLDEN_ATOL = 1e-5, 1e-6
+
+
+def test_float32_forward_is_unchanged():
+    """The autocast stream casts nothing in float32: no dtype conversion is traced, and the timm
+    fixture model's float32 outputs equal those the code gave before it
+    (tests/golden/vit_tiny_fp32.npz) to float32 rounding (``GOLDEN_RTOL``, ``GOLDEN_ATOL``)."""
     import json
     import os
 
@@ -271,30 +278,13 @@ def check_float32_forward_against_golden():
     golden = np.load(os.path.join(here, "golden", "vit_tiny_fp32.npz"))
     for dtype in (None, jnp.float32):
         fn = jax.jit(lambda p, x, dtype=dtype: vit.apply(cfg, p, x, dtype=dtype))
-        logits, cls = fn(params, images)
-        np.testing.assert_array_equal(logits, golden["logits"])
-        np.testing.assert_array_equal(cls, golden["cls_features"])
         eqns = _equations(jax.make_jaxpr(fn)(params, images).jaxpr)
         assert not [e for e in eqns if e.primitive.name == "convert_element_type"]
-
-
-def test_float32_forward_is_unchanged_bit_for_bit():
-    """The autocast stream casts nothing in float32: the timm fixture model's float32 outputs
-    equal, bit for bit, those the code gave before it (tests/golden/vit_tiny_fp32.npz), and no
-    dtype conversion is traced. Bit equality holds for XLA's default compilation, which the
-    suite's fast-compile flags change (tests/suite_settings.py): the check runs in a subprocess
-    with the defaults."""
-    import os
-    import subprocess
-    import sys
-
-    import suite_settings
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = "import test_vit; test_vit.check_float32_forward_against_golden()"
-    done = subprocess.run([sys.executable, "-c", code], cwd=here, env=suite_settings.default_env(),
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        logits, cls = fn(params, images)
+        assert logits.dtype == cls.dtype == jnp.float32
+        np.testing.assert_allclose(logits, golden["logits"], rtol=GOLDEN_RTOL, atol=GOLDEN_ATOL)
+        np.testing.assert_allclose(cls, golden["cls_features"], rtol=GOLDEN_RTOL,
+                                   atol=GOLDEN_ATOL)
 
 
 def test_tiny_shapes_features_and_head():
