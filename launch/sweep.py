@@ -431,16 +431,19 @@ def collect(commands: Sequence[Command], root: str) -> dict[str, Any] | None:
     """Reads every results.json of the grid and writes sweep_results.{md,json} into ``root``
     (atomically); None when no study has finished. ValueError naming a bad results.json."""
     from oneshui_jax import report
-    from oneshui_jax.files import atomic_open, save_json, to_json
+    from oneshui_jax.files import atomic_set, to_json
 
     found = [(c, os.path.join(c.workdir, "results.json")) for c in commands]
     missing = [c.label for c, path in found if not os.path.isfile(path)]
     found = [(c, path) for c, path in found if os.path.isfile(path)]
     if not found:
         return None
-    by_dataset: dict[str, list[dict]] = {}
+    paths_of: dict[str, list[str]] = {}
     for command, path in found:
-        by_dataset.setdefault(command.dataset, []).extend(report.load_records([path]))
+        paths_of.setdefault(command.dataset, []).append(path)
+    # one load per dataset: its studies' configs are compared (seeds and N may differ, nothing
+    # else), so a stray study of other settings is refused, not averaged in
+    by_dataset = {dataset: report.load_records(paths) for dataset, paths in paths_of.items()}
     parts = [f"# Sweep: {root}", "",
              f"{len(found)} of {len(commands)} studies of the grid "
              f"({', '.join(c.label for c, _ in found)}).", ""]
@@ -458,9 +461,11 @@ def collect(commands: Sequence[Command], root: str) -> dict[str, Any] | None:
                "commands": [{"label": c.label, "command": c.shell(),
                              "results": path} for c, path in found],
                "datasets": datasets}
-    with atomic_open(os.path.join(root, RESULTS_MD)) as f:
-        f.write(markdown)
-    save_json(to_json(payload), os.path.join(root, RESULTS_JSON), indent=1)
+    with atomic_set(root) as fileset:  # both or neither
+        with fileset.open(RESULTS_MD) as f:
+            f.write(markdown)
+        with fileset.open(RESULTS_JSON) as f:
+            json.dump(to_json(payload), f, indent=1)
     return {"markdown": markdown, "missing": missing, "found": [c.label for c, _ in found]}
 
 

@@ -7,7 +7,9 @@ Corresponds to the reference's ``.pth`` checkpoints ``{"args", "splits", "state_
         params/          the finished model's parameters (orbax StandardCheckpointer, committed
                          atomically: written to a temporary folder, then renamed)
         metadata.json    config, splits, metrics, library versions, params_hash, created,
-                         status ("training" | "done"); written atomically (temp file + rename)
+                         status ("training" | "done"), data_files (a finished run's orbax
+                         files and sizes), metadata_hash (sha256 of its own content, run_dir
+                         aside); written atomically (temp file + rename)
         train_state/     while training runs: the latest resumable state (TrainCheckpointer,
                          orbax CheckpointManager; one folder per step, the newest 1-2 kept)
         artifacts/       an unlearning method's prepared artifacts (e.g. MetaUnlearn's meta-loss;
@@ -20,20 +22,23 @@ their types (JSON keeps ints apart from strings) in the checkpoint's custom meta
 
 Every failure a user can cause (missing, foreign or corrupt directory, a mismatching run) raises
 one ``CheckpointError`` naming the path and what was expected; orbax's own exception is kept as
-``__cause__``.
+``__cause__``. A missing or resized orbax data file of a run that records ``data_files`` is named
+before orbax reads the folder (orbax itself only says that an array cannot be read).
 """
 
 from __future__ import annotations
 
 import datetime
+import glob
 import hashlib
 import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import jax
@@ -42,8 +47,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from oneshui_jax import sharding
-from oneshui_jax.errors import CheckpointError
-from oneshui_jax.files import save_json, to_json
+from oneshui_jax.errors import CheckpointError, ConfigError
+from oneshui_jax.files import os_reason, save_json, to_json
 
 PARAMS_DIR = "params"
 TRAIN_STATE_DIR = "train_state"
@@ -56,7 +61,17 @@ KEY_PATHS = "oneshui_jax/key_paths"
 _VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 _REQUIRED_CONFIG = ("dataset", "model", "num_identities", "seed")
 _LISTED = 8  # how many names an error message lists before "..."
-_OBJECT_FIELDS = ("config", "splits", "versions", "model_config", "method_config", "data_audit")
+METADATA_HASH = "metadata_hash"
+"""Field of ``metadata.json``: sha256 of its own content (``metadata_hash``), so that a hand edit
+is found by ``inspect --verify``. Runs written before it existed have none."""
+DATA_FILES = "data_files"
+"""Field of a finished run's ``metadata.json``: every file of its orbax folders (``params/``,
+``artifacts/``) as saved, ``{"params/manifest.ocdbt": bytes, ...}``; a missing or resized one
+is named before orbax reads the folder."""
+_ORBAX_FOLDERS = (PARAMS_DIR, ARTIFACTS_DIR)
+_UNHASHED = (METADATA_HASH, "run_dir")  # run_dir: where the run lives, rewritten when moved
+_OBJECT_FIELDS = ("config", "splits", "versions", "model_config", "method_config", "data_audit",
+                  DATA_FILES)
 """Fields of ``metadata.json`` that are JSON objects (or null) when present."""
 
 Params = Any
@@ -226,6 +241,15 @@ def _as_json(obj: Any, what: str) -> Any:
         raise CheckpointError(f"{what} cannot be written as JSON: {e}") from e
 
 
+def metadata_hash(metadata: Mapping[str, Any]) -> str:
+    """sha256 of a run's metadata as JSON (keys sorted), without ``metadata_hash`` itself and
+    ``run_dir`` (where the run lives; a moved or served run rewrites it)."""
+    content = {k: v for k, v in metadata.items() if k not in _UNHASHED}
+    text = json.dumps(_as_json(content, "checkpoint metadata"), sort_keys=True,
+                      separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def splits_hash(splits: Mapping[str, Any]) -> str:
     """sha256 of a splits dict (keys sorted, list order kept): equal splits, equal hash."""
     text = json.dumps(_as_json(dict(splits), "the splits"), sort_keys=True, separators=(",", ":"))
@@ -294,6 +318,10 @@ def _orbax(fn: Callable[[], T], path: str, action: str, *, reading: bool = True)
         raise
     except Exception as e:  # orbax / tensorstore raise many types; the message is what matters
         detail = (str(e).strip().splitlines() or [""])[0][:300]
+        reason = os_reason(e)
+        if reason and not reading:  # a full disk, a read-only folder: the OS's reason first
+            raise CheckpointError(f"{reason}: {path} (could not {action} it; nothing of this "
+                                  f"save was kept)") from e
         why = ": it is corrupt or not an orbax checkpoint" if reading else ""
         raise CheckpointError(
             f"could not {action} {path}{why} ({type(e).__name__}: {detail})") from e
@@ -420,7 +448,7 @@ def read_metadata(run_dir: str) -> dict:
     _check_run_dir(run_dir)
     path = os.path.join(run_dir, METADATA_FILE)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark of an editor is read
             metadata = json.load(f)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not readable JSON: {e}") from e
@@ -434,6 +462,65 @@ def read_metadata(run_dir: str) -> dict:
                               f"JSON object, got {_json_type(metadata[wrong[0]])}")
     metadata["run_dir"] = os.path.abspath(run_dir)
     return metadata
+
+
+def check_metadata_hash(metadata: Mapping[str, Any]) -> bool:
+    """Whether ``metadata`` (as ``read_metadata`` returns it) still has the content hash it was
+    written with: True when it has; False when it records none (written before metadata hashes
+    were recorded: not checkable); CheckpointError naming the file when it differs (edited after
+    it was written)."""
+    recorded = metadata.get(METADATA_HASH)
+    if recorded is None:
+        return False
+    actual = metadata_hash(metadata)
+    if actual != recorded:
+        path = os.path.join(str(metadata.get("run_dir", "")), METADATA_FILE)
+        raise CheckpointError(f"{path} is corrupt: its content hash {actual[:16]}... differs "
+                              f"from the {METADATA_HASH} {str(recorded)[:16]}... it records, so "
+                              "it was changed after it was written (edited by hand?); the run's "
+                              "record (config, splits, hashes, metrics) cannot be trusted")
+    return True
+
+
+def _data_files(run_dir: str) -> dict[str, int]:
+    """``{relative path: bytes}`` of every file in the run's orbax folders (``_ORBAX_FOLDERS``)."""
+    found = {}
+    for folder in _ORBAX_FOLDERS:
+        top = os.path.join(run_dir, folder)
+        for root, _, names in os.walk(top):
+            for name in names:
+                full = os.path.join(root, name)
+                found[os.path.relpath(full, run_dir).replace(os.sep, "/")] = \
+                    os.path.getsize(full)
+    return dict(sorted(found.items()))
+
+
+def _check_data_files(run_dir: str, metadata: Mapping[str, Any], folder: str) -> None:
+    """CheckpointError naming the first file of ``run_dir/folder`` that ``metadata``'s
+    ``data_files`` records and that is missing or has another size (orbax would only say that
+    an array cannot be read). A folder holding none of the recorded files is left to orbax's
+    own check (empty, or another checkpoint); runs written before ``data_files`` are not
+    checked here."""
+    recorded = {rel: size for rel, size in (metadata.get(DATA_FILES) or {}).items()
+                if rel.startswith(folder + "/")}
+    if not recorded:
+        return
+    where = os.path.join(os.path.abspath(run_dir), folder)
+    present = {rel: os.path.join(os.path.abspath(run_dir), *rel.split("/")) for rel in recorded}
+    if not any(os.path.isfile(full) for full in present.values()):
+        return
+    for rel, size in recorded.items():
+        full = present[rel]
+        if not os.path.isfile(full):
+            raise CheckpointError(
+                f"{where} is corrupt: its orbax data file {full} is missing ({METADATA_FILE} "
+                f"records the {len(recorded)} files of {folder}/ as saved; deleted, or the run "
+                "was copied incompletely)")
+        actual = os.path.getsize(full)
+        if actual != size:
+            raise CheckpointError(
+                f"{where} is corrupt: its orbax data file {full} has {actual} bytes but {size} "
+                f"were saved (recorded in {METADATA_FILE}): truncated or replaced")
 
 
 def is_finished(run_dir: str) -> bool:
@@ -470,12 +557,32 @@ def write_metadata(run_dir: str, metadata: Mapping[str, Any], *, status: str = "
         raise ValueError(f"status must be one of {STATUSES}, not {status!r}")
     record = _as_json(dict(metadata), "checkpoint metadata")
     _check_fields(record)
+    record.pop(METADATA_HASH, None)  # recomputed below, like the data files of a finished run
+    record.pop(DATA_FILES, None)
     record.update(status=status, run_dir=os.path.abspath(run_dir),
                   splits_hash=splits_hash(record["splits"]), versions=library_versions(),
                   created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
+    if status == "done":
+        record[DATA_FILES] = _data_files(run_dir)
+    record[METADATA_HASH] = metadata_hash(record)
     if sharding.is_primary():  # one writer on a multi-host run
         save_json(record, os.path.join(run_dir, METADATA_FILE))
     return record
+
+
+ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax writes <path><suffix>-<time>, then renames
+
+
+def remove_uncommitted(path: str) -> list[str]:
+    """Removes orbax's temporary folders of an unfinished save to ``path`` (primary process
+    only); returns what was removed. Orbax commits by renaming a complete temporary folder, so
+    these hold nothing a reader may use."""
+    if not sharding.is_primary():
+        return []
+    stale = glob.glob(glob.escape(path.rstrip(os.sep)) + ORBAX_TMP_SUFFIX + "*")
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
 
 
 def save_params(run_dir: str, params: Params, metadata: Mapping[str, Any], *,
@@ -500,7 +607,11 @@ def save_params(run_dir: str, params: Params, metadata: Mapping[str, Any], *,
             checkpointer.save(path, params, force=True, custom_metadata={KEY_PATHS: key_paths})
             checkpointer.wait_until_finished()
 
-    _orbax(save, path, "save parameters to", reading=False)  # every process, collectively
+    try:
+        _orbax(save, path, "save parameters to", reading=False)  # every process, collectively
+    except BaseException:  # an interrupt or a full disk: orbax's uncommitted folder goes too
+        remove_uncommitted(path)
+        raise
     write_metadata(run_dir, {**metadata, "params_hash": digest}, status="done")
     sharding.barrier(f"saved {path}")  # no process reads the run before it is marked done
     return digest
@@ -523,7 +634,42 @@ def _finished(run_dir: str) -> tuple[str, dict]:
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is missing: {METADATA_FILE} says the run is done, so the "
                               "parameters were deleted or moved")
+    _check_data_files(run_dir, metadata, PARAMS_DIR)
     return path, metadata
+
+
+def overlap(out: str, source: str) -> str | None:
+    """How an output path and an input folder overlap, symbolic links resolved: ``"is"`` (the
+    same folder), ``"is inside"`` (``out`` within ``source``), ``"contains"`` (``source``
+    within ``out``), or None (apart)."""
+    a, b = os.path.realpath(out), os.path.realpath(source)
+    if a == b:
+        return "is"
+    if a.startswith(b.rstrip(os.sep) + os.sep):
+        return "is inside"
+    if b.startswith(a.rstrip(os.sep) + os.sep):
+        return "contains"
+    return None
+
+
+def check_apart(out: str, inputs: Sequence[tuple[str, str | None]], *, flag: str = "--out",
+                strict: bool = False) -> None:
+    """ConfigError naming both paths when the output ``out`` (given as ``flag``) is, lies inside
+    or contains one of ``inputs`` (``(what it is, path)``; None paths are skipped): writing
+    inside an input run changes what was read, and replacing a folder that holds it destroys
+    it. ``strict``: only inside / contains (equality is the caller's own check)."""
+    for what, source in inputs:
+        if not source:
+            continue
+        how = overlap(out, source)
+        if how is None or (strict and how == "is"):
+            continue
+        if how == "contains":
+            raise ConfigError(f"{flag} {out} contains {what} {source}: writing or replacing it "
+                              "could destroy the input; choose a folder that does not hold it")
+        where = "is" if how == "is" else "is inside"
+        raise ConfigError(f"{flag} {out} {where} {what} {source}: writing there would change "
+                          "the run being read; choose a folder outside it")
 
 
 def structure_differences(a: Mapping[str, tuple[int, ...]], b: Mapping[str, tuple[int, ...]],
@@ -615,6 +761,8 @@ def load_tree(run_dir: str, name: str, template: Params = None,
     path = os.path.join(os.path.abspath(run_dir), name)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} does not exist: the run at {run_dir} has no {name!r}")
+    if os.path.isfile(os.path.join(run_dir, METADATA_FILE)):
+        _check_data_files(run_dir, read_metadata(run_dir), name)
     tree = _restore_tree(path, template, name)
     if expected_hash is not None and params_hash(tree) != expected_hash:
         raise CheckpointError(f"{path} is corrupt: its content hash differs from the one "
@@ -738,7 +886,11 @@ class TrainCheckpointer:
             self._manager.save(step, args=args, force=True)
             self._manager.wait_until_finished()
 
-        _orbax(save, self.directory, f"save step {step} to", reading=False)
+        try:
+            _orbax(save, self.directory, f"save step {step} to", reading=False)
+        except BaseException:  # an interrupt or a full disk: the earlier steps stay usable
+            remove_uncommitted(os.path.join(self.directory, str(step)))
+            raise
         self._last_save = time.monotonic()
         return True
 

@@ -11,6 +11,8 @@ what they share lives here:
 
 from __future__ import annotations
 
+import os
+import traceback
 from typing import Any
 
 import ml_collections
@@ -324,3 +326,18 @@ def cpu_profile(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                                                     ({}, {}))
     meta_unlearn_blocks(config, best, reference)
     return config
+
+
+def raised_in_file(error: BaseException, path: str) -> str | None:
+    """``--config PATH: get_config() raised TypeError: ... (line N)`` when ``error`` was raised
+    by the config file's own code (at load or in get_config()), else None: the one line every
+    command line that reads a config file prints for it."""
+    inside = [frame for frame, _ in traceback.walk_tb(error.__traceback__)
+              if os.path.abspath(frame.f_code.co_filename) == os.path.abspath(path)]
+    if not inside:
+        return None
+    frame = inside[-1]
+    where = "get_config()" if frame.f_code.co_name == "get_config" else "loading it"
+    message = " ".join(str(error).split()) or "(no message)"
+    return (f"--config {path}: {where} raised {type(error).__name__}: {message} (line "
+            f"{frame.f_lineno})")

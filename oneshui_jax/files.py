@@ -36,16 +36,72 @@ def atomic_open(path: str, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
     if "b" not in mode:
         kwargs.setdefault("encoding", "utf-8")
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.splitext(path)[1])
+    with naming(path):
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.splitext(path)[1])
+        try:
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
+            with os.fdopen(fd, mode, **kwargs) as f:
+                yield f
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+
+class FileSet:
+    """The files of one :func:`atomic_set`: ``open(name, mode)`` writes one of them to a
+    temporary name in the folder."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.pending: list[tuple[str, str]] = []  # (temporary path, final path)
+
+    @contextlib.contextmanager
+    def open(self, name: str, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+        if "b" not in mode:
+            kwargs.setdefault("encoding", "utf-8")
+        path = os.path.join(self.folder, name)
+        with naming(path):
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp_",
+                                       suffix=os.path.splitext(name)[1])
+            self.pending.append((tmp, path))
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            with os.fdopen(fd, mode, **kwargs) as f:
+                yield f
+
+
+@contextlib.contextmanager
+def atomic_set(folder: str) -> Iterator[FileSet]:
+    """Writes several files of ``folder`` as one: each ``files.open(name)`` of the block writes
+    to a temporary name, and only when the whole block succeeds are they renamed onto their
+    names (a rename takes no space). A full disk or any error on the way removes the temporary
+    files and leaves every file of the folder as it was: never half a set (results.json of one
+    run beside results.md of another)."""
+    with naming(folder):
+        os.makedirs(folder, exist_ok=True)
+    fileset = FileSet(folder)
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, mode, **kwargs) as f:
-            yield f
-        os.replace(tmp, path)
+        yield fileset
+        for tmp, path in fileset.pending:
+            os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp, _ in fileset.pending:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def naming(path: str) -> Iterator[None]:
+    """Gives ``path`` to an OSError raised inside that names no file (a write that fails with
+    "No space left on device" names none), so the one-line error can say where."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno:
+            raise OSError(e.errno, e.strerror, path) from e
         raise
 
 
@@ -70,6 +126,36 @@ def cannot_write_in(folder: str) -> str | None:
     can: ``cannot_create`` of a file inside it (the folder itself, if it exists, must then be a
     writable folder)."""
     return cannot_create(os.path.join(folder, "_"))
+
+
+# What the OS says when a write cannot go on, as libraries that wrap the error (orbax,
+# tensorstore) embed it in their messages.
+OS_REASONS = ("No space left on device", "Disk quota exceeded", "Read-only file system",
+              "Permission denied", "File too large", "Input/output error")
+
+
+def os_reason(error: BaseException) -> str | None:
+    """The OS's reason for ``error`` or one of its causes ("No space left on device", ...),
+    or None when none of them is an OS failure to read or write."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.strerror:
+            return error.strerror
+        text = str(error)
+        for reason in OS_REASONS:
+            if reason in text:
+                return reason
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def os_error_line(error: OSError, fallback_path: str = "") -> str:
+    """``"<the OS's reason>: <path>"`` for an OSError (e.g. "No space left on device:
+    /ckpt/run/params"): the reason first, as the shell's tools say it."""
+    reason = error.strerror or str(error)
+    path = error.filename or fallback_path
+    return f"{reason}: {path}" if path else reason
 
 
 def save_json(obj: Any, path: str, **kwargs: Any) -> None:

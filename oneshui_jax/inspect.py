@@ -6,14 +6,20 @@ Usage::
     python -m oneshui_jax.inspect RUN_DIR/train_state     # latest resumable training state
     python -m oneshui_jax.inspect --diff RUN_A RUN_B      # ||a - b|| / ||a|| per tensor
     python -m oneshui_jax.inspect RUN_DIR --json          # the same, machine-readable
-    python -m oneshui_jax.inspect --verify RUN_DIR        # re-read params/, check their sha256
+    python -m oneshui_jax.inspect --verify RUN_DIR        # re-read params/, artifacts/ and
+                                                          # metadata.json, check their sha256
 
 ``RUN_DIR`` is a folder written by ``oneshui_jax.checkpoints`` (``params/``, ``metadata.json``,
 see that module). The tree is read from orbax metadata (names, shapes, dtypes), without loading
 any array; ``--diff`` loads both parameter sets (verifying their hashes). ``--verify`` reads
-every parameter and checks their sha256 against ``params_hash`` in ``metadata.json``. A path
-that is not a checkpoint, or one whose parameters are unreadable or do not match their hash,
-prints one ``error: ...`` line and exits with status 2.
+every parameter and checks their sha256 against ``params_hash`` in ``metadata.json`` (and every
+file of ``params/`` against the names and sizes recorded when it was saved), the method's
+artifacts against ``artifacts_hash`` where the run has them, and ``metadata.json`` against the
+hash of its own content it records (``metadata_hash``): a hand-edited metadata.json is refused.
+A run written before metadata hashes were recorded is verified for its parameters, and the
+output says its metadata.json could not be checked. A path that is not a checkpoint, or one
+whose parameters, artifacts or metadata are unreadable or do not match their hash, prints one
+``error: ...`` line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -87,8 +93,10 @@ def run_summary(path: str) -> dict[str, Any]:
 
 
 def verify_summary(path: str) -> dict[str, Any]:
-    """Reads every parameter of the finished run ``path`` and checks them against the sha256
-    recorded in its ``metadata.json``; CheckpointError when they are unreadable or differ."""
+    """Checks the finished run ``path``: its ``metadata.json`` against the hash of its own
+    content it records, then every parameter (and artifact) against the sha256 it records;
+    CheckpointError when anything is unreadable or differs. ``metadata_verified`` is False for a
+    run written before metadata hashes were recorded (its metadata.json is not checkable)."""
     if os.path.basename(os.path.normpath(path)) == checkpoints.TRAIN_STATE_DIR:
         raise CheckpointError(f"--verify checks a finished run's parameters; {path} is a "
                               "training state (give its run directory)")
@@ -96,11 +104,22 @@ def verify_summary(path: str) -> dict[str, Any]:
     if not metadata.get("params_hash"):
         raise CheckpointError(f"{path} records no params_hash in {checkpoints.METADATA_FILE}: "
                               "there is nothing to verify against")
+    metadata_verified = checkpoints.check_metadata_hash(metadata)  # first: what it records
     params = checkpoints.load_params(path, verify=True)
     leaves = checkpoints.named_leaves(params)
+    # a method run's prepared artifacts, recorded by their hash (a request's output records the
+    # hash of its method run's, which live there: method_run_dir)
+    artifacts_hash = metadata.get("artifacts_hash")
+    held = os.path.isdir(os.path.join(path, checkpoints.ARTIFACTS_DIR))
+    if artifacts_hash and (held or not metadata.get("method_run_dir")):
+        checkpoints.load_tree(path, checkpoints.ARTIFACTS_DIR, expected_hash=artifacts_hash)
+    else:
+        artifacts_hash = None
     return {"path": metadata["run_dir"], "kind": "verify", "verified": True,
             "params_hash": metadata["params_hash"], "tensors": len(leaves),
-            "parameters": int(sum(np.size(leaf) for _, leaf in leaves))}
+            "parameters": int(sum(np.size(leaf) for _, leaf in leaves)),
+            "artifacts_hash": artifacts_hash,
+            "metadata_verified": metadata_verified}
 
 
 def _relative(diff_norm: float, ref_norm: float) -> float:
@@ -234,8 +253,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--diff", nargs=2, metavar=("PATH_A", "PATH_B"),
                         help="per-tensor relative change ||a - b|| / ||a|| of two runs")
     parser.add_argument("--verify", action="store_true",
-                        help="read PATH's parameters and check them against the sha256 in its "
-                             "metadata.json (exit status 2 when they differ or are unreadable)")
+                        help="read PATH's parameters (and artifacts) and check them against the "
+                             "sha256 in its metadata.json, and metadata.json against its own "
+                             "recorded hash (exit status 2 when anything differs or is "
+                             "unreadable)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead")
     args = parser.parse_args(argv)
     if (args.path is None) == (args.diff is None):
@@ -246,10 +267,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def format_verify(summary: dict[str, Any]) -> str:
-    """Human-readable line of ``verify_summary``."""
-    return (f"verified {summary['path']}: {summary['tensors']} tensors, "
-            f"{summary['parameters']:,} parameters match sha256 {summary['params_hash']} "
-            f"recorded in {checkpoints.METADATA_FILE}")
+    """Human-readable lines of ``verify_summary``."""
+    lines = [f"verified {summary['path']}: {summary['tensors']} tensors, "
+             f"{summary['parameters']:,} parameters match sha256 {summary['params_hash']} "
+             f"recorded in {checkpoints.METADATA_FILE}"]
+    if summary.get("artifacts_hash"):
+        lines.append(f"artifacts match sha256 {summary['artifacts_hash']}")
+    if summary["metadata_verified"]:
+        lines.append(f"{checkpoints.METADATA_FILE} matches the hash of its content it records")
+    else:
+        lines.append(f"{checkpoints.METADATA_FILE} not checkable: it records no "
+                     f"{checkpoints.METADATA_HASH} (written by an older version); only the "
+                     "parameters were verified")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,29 +10,32 @@ joins a multi-host run (``oneshui_jax/sharding.py``; ``launch/slurm.sh``,
 ``config.stages`` run in order (see ``oneshui_jax.study``); the results table is printed and
 written with plots to ``config.workdir``. Any bad input (flag, config file, override, data,
 checkpoint) prints one ``error: ...`` line on stderr and exits with status 2, as the other
-command lines do. Ctrl-C prints one line (the stage it stopped in, that finished stages and the
-last save are kept, the command that resumes: the same one) and exits with status 130.
+command lines do. Ctrl-C or SIGTERM, at any moment, prints one line (the stage it stopped in,
+that finished stages and the last save are kept, the command that resumes: the same one) and
+exits with status 130 (Ctrl-C) or 143 (SIGTERM): ``oneshui_jax.interrupts``.
 """
 
 from __future__ import annotations
 
+import linecache
 import logging as std_logging
 import os
 import re
-import shlex
 import sys
 import traceback
 from typing import NoReturn
 
 import jax
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from oneshui_jax import report, sharding, study
+from oneshui_jax import config_lib, files, interrupts, report, sharding, study
 from oneshui_jax.errors import CheckpointError, ConfigError, DataError
 
 DEFAULT_CONFIG = "configs/synthfaces.py"
 INTERRUPTED_STATUS = 130  # 128 + SIGINT, as a shell reports a program ended by Ctrl-C
+TERMINATED_STATUS = 143  # 128 + SIGTERM
 EXPECTED_FLAGS = "expected --config=FILE[:ARG] and --config.FIELD=VALUE overrides (see --help)"
 # The command line the config flag reads its overrides from: filled by parse_flags, so that
 # defining the flag (at import) reads no sys.argv and cannot fail.
@@ -47,6 +50,10 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0 (with --distributed).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 first.")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", sharding.HEARTBEAT_TIMEOUT_S, "With --distributed: seconds without "
+    "a sign of life from a process after which the others stop (JAX's default is 100).",
+    lower_bound=1)
 
 
 def fail(message: str) -> NoReturn:
@@ -82,16 +89,79 @@ def _config_file(argv: list[str]) -> str:
     return DEFAULT_CONFIG
 
 
+# ml_collections loads the config file as this module; a module of that name left from an earlier
+# load (the default config, read when the flag is defined) would lend its get_config() to a file
+# that defines none.
+_CONFIG_MODULE = f"{_CONFIG.name}_config"
+
+
+class _NoneConfigWarning(std_logging.Filter):
+    """Drops ml_collections' warning that get_config() returned None, and remembers it
+    (``seen``): parse_flags reports it as its one error line."""
+
+    seen = False
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if "get_config() returned None" in record.getMessage():
+            self.seen = True
+            return False
+        return True
+
+
+def _config_file_failure(error: BaseException | None, argv: list[str],
+                         returned_none: bool) -> str | None:
+    """The error line when the config file itself failed: its own code raised ``error`` (at
+    load or in get_config()), it defines no get_config(), or get_config() returned something
+    other than a ConfigDict (``returned_none``: ml_collections saw None; ``error`` None: parsing
+    went through); None when the failure is elsewhere (a flag, an override, a file that cannot
+    be read)."""
+    path = _config_file(argv)
+    line = config_lib.raised_in_file(error, path) if error is not None else None
+    if line:
+        return line
+    module = sys.modules.get(_CONFIG_MODULE)
+    if (isinstance(error, AttributeError) and module is not None
+            and not callable(getattr(module, "get_config", None))):
+        return (f"--config {path} defines no get_config(); expected a Python file defining "
+                f"get_config() that returns an ml_collections.ConfigDict, such as "
+                f"{DEFAULT_CONFIG}")
+    value = None if returned_none else flags.FLAGS[_CONFIG.name].value
+    if returned_none or (error is None and not isinstance(value, ml_collections.ConfigDict)):
+        what = "None" if value is None else f"a {type(value).__name__}"
+        return (f"--config {path}: get_config() returned {what}; expected an "
+                f"ml_collections.ConfigDict")
+    return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing; every error (unknown flag or config field, an override of the wrong
-    type, a config file that does not load or rejects its argument) is one line, exit 2."""
+    type, a config file that does not load, rejects its argument, raises, defines no
+    get_config() or returns no ConfigDict) is one line, exit 2. Callable more than once in a
+    process (the overrides of an earlier call are forgotten)."""
     argv = list(argv)
     if not any(re.match(r"^--?config(=|$)", arg) for arg in argv[1:]):
         argv.insert(1, f"--config={DEFAULT_CONFIG}")  # the default, parsed with the overrides
     _ARGV[:] = argv
+    for name in [n for n in flags.FLAGS if n.startswith(f"{_CONFIG.name}.")]:
+        delattr(flags.FLAGS, name)  # an earlier call's overrides, defined again by this one
+    sys.modules.pop(_CONFIG_MODULE, None)
+    quiet = _NoneConfigWarning()
+    absl_logger = logging.get_absl_logger()
+    level = absl_logger.level
+    absl_logger.setLevel(min(level or std_logging.WARNING, std_logging.WARNING))  # let it reach
+    absl_logger.addFilter(quiet)
     try:
-        rest = flags.FLAGS(argv)
-        getattr(_CONFIG.value, "dataset", None)  # a config file that failed to load raises here
+        try:
+            rest = flags.FLAGS(argv)
+            getattr(_CONFIG.value, "dataset", None)  # a config file that failed to load raises
+        except Exception as e:
+            line = _config_file_failure(e, argv, quiet.seen)
+            if line:
+                fail(line)
+            raise
+        line = _config_file_failure(None, argv, quiet.seen)  # returned None or another object
+        if line:
+            fail(line)
     except (AttributeError, KeyError) as e:
         words = str(e).replace("\\n", " ").replace("\\", "").replace("'", "").split()
         field, hint = (words[0].strip('"'), " ".join(words[1:])) if words else ("?", "")
@@ -104,31 +174,62 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(f"{_one_line(e)}; {EXPECTED_FLAGS}")
     except (flags.Error, TypeError, ValueError) as e:
         fail(_one_line(e))
+    finally:
+        absl_logger.removeFilter(quiet)
+        absl_logger.setLevel(level)
     return rest
 
 
 def resume_command() -> str:
     """The command line that started this process, as a shell would take it back."""
-    return shlex.join(["python", "-m", "oneshui_jax.main", *sys.argv[1:]])
+    return interrupts.same_command("oneshui_jax.main")
+
+
+# Where ``study.run`` was, by the call its frame was making (a piece of its line).
+_STUDY_CALLS = (("prepare(", "while reading the data and making the split, before the first "
+                             "stage"),
+                ("initial_params(", "while loading the initial model, before the first stage"),
+                ("privacy.run(", "in the privacy attacks, after the stages"),
+                ("write_report(", "while writing the report, after the stages"))
 
 
 def _interrupted_in(tb) -> str:
-    """Where the study was when Ctrl-C came: the innermost stage run in the traceback ``tb``
-    (``study.stages`` keeps the stage's name in a local ``stage``), else before or after the
-    stages."""
-    study_dir = f"{os.sep}oneshui_jax{os.sep}study{os.sep}"
-    stage, prepared = None, False
-    for frame, _ in traceback.walk_tb(tb):
-        if study_dir not in frame.f_code.co_filename:
-            continue
-        if isinstance(frame.f_locals.get("stage"), str):
-            stage = frame.f_locals["stage"]
-        prepared = prepared or "ctx" in frame.f_locals
-    if stage:
-        return f"in stage {stage}"
-    if prepared:
-        return "after the stages (the privacy attacks or the report)"
-    return "before the first stage (reading the data and making the split)"
+    """Where the study was when the traceback ``tb`` was raised: by the call ``study.run`` was
+    making (reading the data, loading the initial model, the privacy attacks, the report), else
+    the stage (``study.stages`` keeps its name in a local ``stage``; the innermost wins: a
+    method's implicit pretrain)."""
+    frames = list(traceback.walk_tb(tb))
+    run = next(((f, line) for f, line in frames if f.f_code.co_name == "run"
+                and f.f_code.co_filename.endswith(os.path.join("study", "__init__.py"))), None)
+    if run is None:
+        return _STUDY_CALLS[0][1]
+    call = linecache.getline(run[0].f_code.co_filename, run[1])
+    for piece, where in _STUDY_CALLS:
+        if piece in call:
+            return where
+    stages = [f.f_locals["stage"] for f, _ in frames if isinstance(f.f_locals.get("stage"), str)]
+    return f"in stage {stages[-1]}" if stages else "between the stages"
+
+
+def _lost_process_line(error: BaseException) -> str:
+    """What a process of a multi-process run says when a computation failed in XLA: most often
+    a collective whose peer is gone (killed, crashed, out of memory)."""
+    detail = " ".join(_last_line(str(error)).split())
+    detail = re.sub(r"(Error dispatching computation: )+", "", detail)
+    if len(detail) > 160:
+        detail = detail[:157] + "..."
+    return (f"process {jax.process_index()} of {jax.process_count()}: a computation failed, "
+            f"most likely because another process of this run stopped (see its log): {detail}")
+
+
+def _exit_now(status: int) -> NoReturn:
+    """Leaves with ``status`` at once (logs and streams flushed), without the interpreter's
+    teardown, which would wait for, or print the tracebacks of, background threads (orbax's
+    writers) failing on the same disk."""
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 class _OwnInfoOnly(std_logging.Filter):
@@ -148,25 +249,35 @@ def main(argv):
         fail(f"unexpected arguments {argv[1:]}; {EXPECTED_FLAGS}")
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
     config = _CONFIG.value
-    try:
-        if _DISTRIBUTED.value or _COORDINATOR.value:
-            sharding.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-            if not sharding.is_primary():  # one process speaks: the primary
-                logging.set_verbosity(logging.WARNING)
-        records = study.run(config)
-    except (ConfigError, DataError, CheckpointError) as e:
-        fail(str(e))
-    except KeyboardInterrupt as e:
-        print(f"interrupted (Ctrl-C) {_interrupted_in(e.__traceback__)}; the finished stages and "
-              f"the last save of an unfinished one are kept under {config.checkpoint_dir}; to "
-              f"resume, run the same command: {resume_command()}", file=sys.stderr)
-        # The stage's context managers (lock, checkpointer) have already unwound. Leave without
-        # the interpreter's teardown: with the interrupted step's runtime threads still about,
-        # it can crash after the line above (a segfault, seen in one run of the test suite).
-        logging.flush()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(INTERRUPTED_STATUS)
+    with interrupts.handle():
+        try:
+            if _DISTRIBUTED.value or _COORDINATOR.value:
+                sharding.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                    heartbeat_timeout_s=_HEARTBEAT.value)
+                if not sharding.is_primary():  # one process speaks: the primary
+                    logging.set_verbosity(logging.WARNING)
+            records = study.run(config)
+        except (ConfigError, DataError, CheckpointError) as e:
+            fail(str(e))
+        except OSError as e:  # a full disk, a folder made read-only meanwhile, ...
+            print(f"error: {files.os_error_line(e)} ({_interrupted_in(e.__traceback__)}); the "
+                  f"finished stages and the last save of an unfinished one are kept under "
+                  f"{config.checkpoint_dir}; once it is fixed, run the same command: "
+                  f"{resume_command()}", file=sys.stderr)
+            _exit_now(2)  # without waiting for background writers that hit the same disk
+        except jax.errors.JaxRuntimeError as e:
+            if jax.process_count() == 1:
+                raise
+            print(f"error: {_lost_process_line(e)} ({_interrupted_in(e.__traceback__)}); the "
+                  f"finished stages and the last save of an unfinished one are kept under "
+                  f"{config.checkpoint_dir}; once every process can run, start them all again "
+                  f"with the same commands: {resume_command()}", file=sys.stderr)
+            _exit_now(2)  # before JAX's shutdown barrier, which would wait, then abort
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (interrupts.Interrupted)
+            interrupts.leave(e, f"{_interrupted_in(e.__traceback__)}; the finished stages and "
+                             f"the last save of an unfinished one are kept under "
+                             f"{config.checkpoint_dir}; to resume, run the same command: "
+                             f"{resume_command()}")
     if not sharding.is_primary():
         return
     print(f"\n{report.subject(records)} ({jax.devices()[0].platform.upper()}):")

@@ -40,6 +40,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from oneshui_jax import files
+
 TENSORBOARD_DIR = "tensorboard"  # under config.workdir
 INSTALL_HINT = "pip install -e .[tensorboard]"
 FLUSH_SECS = 10  # the longest a written value waits before it is on disk
@@ -125,17 +127,20 @@ class MetricWriter(NoOpWriter):
                         if v is not None}
         if not numbers_only or self._open() is None:
             return
-        for tag, value in numbers_only.items():
-            self._writer.add_scalar(tag, value, global_step=int(step))
+        with files.naming(self.logdir):
+            for tag, value in numbers_only.items():
+                self._writer.add_scalar(tag, value, global_step=int(step))
 
     def flush(self) -> None:
         if self._writer is not None:
-            self._writer.flush()
+            with files.naming(self.logdir):
+                self._writer.flush()
 
     def close(self) -> None:
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            writer, self._writer = self._writer, None
+            with files.naming(self.logdir):
+                writer.close()
         self._closed = True
 
 

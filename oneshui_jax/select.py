@@ -24,7 +24,9 @@ test metric:
 
 Writes ``selection.json`` and ``selection.md`` to ``--out`` (default:
 ``<config.workdir>/selection``) and prints the table; each finished candidate is kept in
-``--out/candidates/``, so an interrupted selection resumes with the next one.
+``--out/candidates/``, so an interrupted selection resumes with the next one. Refused before
+any work, with one ``error:`` line: an ``--out`` inside the pretrained model's run directory,
+and a ``config.selection.meta_unlearn`` with no candidate (or one that cannot be scored).
 
 The candidates' scores come from the same held-out requests their line searches use, so a
 line-searched candidate's score is slightly optimistic against one without; the study's ToW on
@@ -43,10 +45,10 @@ from typing import Any
 import jax
 from absl import app, flags, logging
 
-from oneshui_jax import checkpoints
+from oneshui_jax import checkpoints, interrupts
 from oneshui_jax import main as main_lib
 from oneshui_jax.errors import CheckpointError, ConfigError, DataError
-from oneshui_jax.files import atomic_open, cannot_write_in, to_json
+from oneshui_jax.files import atomic_open, atomic_set, cannot_write_in, os_error_line, to_json
 from oneshui_jax.unlearn import api, registry
 
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: <config.workdir>/selection).")
@@ -89,16 +91,47 @@ def _typed(module, overrides: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+CANDIDATES = "config.selection.meta_unlearn"
+_CANDIDATES_EXPECTED = ("expected a list of override strings of config.meta_unlearn, such as "
+                        "('', 'meta_lr=1e-3') ('' is the block as it is)")
+
+
 def candidate_configs(config, task: str) -> list[tuple[str, Any]]:
-    """``(spec, meta_unlearn.Config)`` of every candidate, validated before any work."""
+    """``(spec, meta_unlearn.Config)`` of every candidate, validated before any work: a
+    selection with no candidate, a candidate that is not a string, or one that cannot be scored
+    (no held-out requests) is one ConfigError naming ``config.selection.meta_unlearn``."""
     method, module = registry.resolve(config, "meta_unlearn")
     block = config.meta_unlearn.to_dict()
-    specs = tuple(config.get("selection", {}).get("meta_unlearn", ()) or ("",))
+    specs = (config.get("selection") or {}).get("meta_unlearn")
+    if isinstance(specs, str):
+        raise ConfigError(f"{CANDIDATES} is the string {specs!r}; {_CANDIDATES_EXPECTED}")
+    if not specs:
+        raise ConfigError(f"{CANDIDATES} lists no candidates, so there is nothing to select "
+                          f"from; {_CANDIDATES_EXPECTED}")
     out = []
     for spec in specs:
+        if not isinstance(spec, str):
+            raise ConfigError(f"{CANDIDATES}: candidate {spec!r} is not a string; "
+                              f"{_CANDIDATES_EXPECTED}")
         overrides = _typed(module, parse_candidate(spec))
-        out.append((spec, api.make_config(method, module, {**block, **overrides}, task=task)))
+        cfg = api.make_config(method, module, {**block, **overrides}, task=task)
+        if cfg.validation_requests < 1:  # score() would fail after the meta-training
+            raise ConfigError(f"{CANDIDATES}: candidate {spec or '(as is)'!r} has "
+                              f"validation_requests={cfg.validation_requests}; every candidate "
+                              "is scored on held-out simulated requests: set "
+                              "config.meta_unlearn.validation_requests >= 1")
+        out.append((spec, cfg))
     return out
+
+
+def pretrain_dir(config) -> str:
+    """The run directory of the pretrained model the selection starts from (the study's
+    ``pretrain`` stage of ``config``)."""
+    from oneshui_jax.study import context
+
+    return checkpoints.run_dir(os.path.expanduser(config.checkpoint_dir),
+                               context.dataset_folder(config), config.model.name, "pretrain",
+                               config.num_identities, config.seed, context.split_seed(config))
 
 
 def family(cfg) -> str:
@@ -139,12 +172,14 @@ def select(config, out: str) -> dict[str, Any]:
     finished candidate is kept in ``out/candidates/`` and reused by a rerun (an interrupted
     selection resumes at the first unfinished candidate)."""
     from oneshui_jax import study
+    from oneshui_jax.data import catalog
     from oneshui_jax.study import access
     from oneshui_jax.unlearn import meta_unlearn, support_ascent
 
+    # the candidates first: a selection with nothing to select is refused before any data is
+    # read or any model trained (the task is the dataset's, from the catalog)
+    candidates = candidate_configs(config, catalog.spec(config.dataset).task)
     ctx = study.prepare(config)
-    task = ctx.dataset.task
-    candidates = candidate_configs(config, task)
     sa_cfg = ctx.method_config("support_ascent")
     _, params = study.train_stage(ctx, "pretrain", study.initial_params(ctx))
     data = access.selection_data(ctx)
@@ -152,9 +187,10 @@ def select(config, out: str) -> dict[str, Any]:
     base_hash = checkpoints.params_hash(params)
     rows = []
     for i, (spec, cfg) in enumerate(candidates):
+        interrupts.check()
         done = os.path.join(out, "candidates", _key(config, cfg, base_hash) + ".json")
         if os.path.exists(done):  # a finished candidate of an earlier, interrupted run
-            with open(done) as f:
+            with open(done, encoding="utf-8-sig") as f:
                 rows.append(json.load(f))
             logging.info("select: candidate %d/%d: %s (reused %s)", i + 1, len(candidates),
                          spec or "(as is)", done)
@@ -233,13 +269,13 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def write(result: dict[str, Any], out: str) -> dict[str, str]:
-    """``selection.json`` and ``selection.md`` in ``out``, atomically."""
-    os.makedirs(out, exist_ok=True)
+    """``selection.json`` and ``selection.md`` in ``out``, as one set (both or neither)."""
     paths = {name: os.path.join(out, name) for name in ("selection.json", "selection.md")}
-    with atomic_open(paths["selection.json"]) as f:
-        f.write(json.dumps(to_json(result), indent=1))
-    with atomic_open(paths["selection.md"]) as f:
-        f.write(markdown(result))
+    with atomic_set(out) as fileset:
+        with fileset.open("selection.json") as f:
+            f.write(json.dumps(to_json(result), indent=1))
+        with fileset.open("selection.md") as f:
+            f.write(markdown(result))
     return paths
 
 
@@ -252,11 +288,23 @@ def main(argv):
     problem = cannot_write_in(os.path.join(out, "candidates"))
     if problem:  # before any meta-training
         main_lib.fail(f"--out {out}: {problem}")
-    try:
-        result = select(config, out)
-        paths = write(result, out)
-    except (ConfigError, DataError, CheckpointError) as e:
+    try:  # the pretrained model's run directory is read, never written into
+        checkpoints.check_apart(out, (("the pretrained run it reads", pretrain_dir(config)),))
+    except ConfigError as e:
         main_lib.fail(str(e))
+    with interrupts.handle():
+        try:
+            result = select(config, out)
+            paths = write(result, out)
+        except (ConfigError, DataError, CheckpointError) as e:
+            main_lib.fail(str(e))
+        except OSError as e:  # a full disk, a folder made read-only meanwhile
+            main_lib.fail(f"{os_error_line(e)} (during the selection; the finished candidates "
+                          f"are kept in {os.path.join(out, 'candidates')} and reused)")
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM
+            interrupts.leave(e, f"during the selection; the finished candidates are kept in "
+                             f"{os.path.join(out, 'candidates')} and reused; to resume, run the "
+                             f"same command: {interrupts.same_command('oneshui_jax.select')}")
     print(markdown(result))
     print(f"written: {paths['selection.md']}", file=sys.stdout)
 

@@ -222,12 +222,27 @@ def distributed_settings(coordinator_address: str | None, num_processes: int | N
                       "--num_processes and --process_id, or run under SLURM (srun)")
 
 
+HEARTBEAT_TIMEOUT_S = 10  # a process silent this long is taken for dead and the others stop
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+               process_id: int | None = None, *,
+               heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S) -> None:
     """Joins the processes of a multi-host run (``jax.distributed.initialize``). On CPU the
-    collectives go through gloo (``launch/local_multiprocess.sh`` runs P processes here)."""
+    collectives go through gloo (``launch/local_multiprocess.sh`` runs P processes here).
+
+    A process that dies (a crash, a kill, a lost host) stops sending heartbeats; after
+    ``heartbeat_timeout_s`` the coordination service tells the others, which stop instead of
+    waiting in a collective (JAX's default of 100 s made a crash look like a hang). A
+    collective whose peer is gone fails at once (``main`` prints one line for it); a process
+    that only hears it from the coordination service (the coordinator itself died) is ended by
+    JAX with its fatal log (JAX 0.10 passes no callback for it to ``initialize``'s client).
+
+    JAX's preemption service is off: it caught SIGTERM in C++ and the run went on to its end;
+    SIGTERM is handled as Ctrl-C is (``interrupts``)."""
     kwargs = distributed_settings(coordinator_address, num_processes, process_id)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU client only
-    jax.distributed.initialize(**kwargs)
+    jax.config.update("jax_enable_preemption_service", False)
+    jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=heartbeat_timeout_s)
     logging.info("process %d of %d, %d local devices of %d", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())

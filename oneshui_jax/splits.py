@@ -139,6 +139,9 @@ def make_splits(ann: IdentityAnnotations, num_identities: int, seed: int) -> Spl
     """
     if num_identities < 1:
         raise ConfigError(f"num_identities must be >= 1, got {num_identities}.")
+    from oneshui_jax.unlearn import api  # imports this module
+
+    api.SEED.check("seed", seed)  # random.Random(-1) would quietly replay seed 1's split
     rng = random.Random(seed)
     id2imgs = ann.identity_to_images()
     counts = _image_counts(ann)
@@ -291,7 +294,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="merge: identities sharing byte-identical images become one before "
                              "splitting (audits the images; a deviation from the reference)")
     args = parser.parse_args(argv)
+    from oneshui_jax.unlearn import api
+
     try:
+        api.SEED.check("--seed", args.seed)
         problem = ("it is a directory" if os.path.isdir(args.out)
                    else cannot_create(args.out))  # refused before any work
         if problem:

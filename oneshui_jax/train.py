@@ -28,11 +28,12 @@ import optax
 from absl import logging
 from tqdm.auto import tqdm
 
-from oneshui_jax import files, metric_writer, optim, sharding
+from oneshui_jax import files, interrupts, metric_writer, optim, sharding
 from oneshui_jax import metrics as metrics_lib
-from oneshui_jax.errors import ConfigError
+from oneshui_jax.errors import ConfigError, TrainingDiverged
 from oneshui_jax.losses import masked_mean, per_example_loss
 from oneshui_jax.models import vit
+from oneshui_jax.unlearn import api
 
 Batch = dict[str, Any]
 Params = Any
@@ -82,6 +83,12 @@ class TrainConfig:
     # dtype as the reference's autocast does (bf16 ties, SPEC Q4); "float32" does not.
     ap_scores: str = "reference"
 
+    RANGES = {  # config.train's numeric settings (api.check_ranges); lr 0 would learn nothing
+        "epochs": api.COUNT, "batch_size": api.COUNT, "lr": api.LEARNING_RATE,
+        "weight_decay": api.NON_NEGATIVE, "momentum": api.MOMENTUM,
+        "warmup_epochs": api.COUNT_OR_ZERO,
+    }
+
     @property
     def score_dtype(self) -> str | None:
         """What the validation mAP's scores are rounded to (:func:`ap_score_dtype`)."""
@@ -98,6 +105,7 @@ class TrainConfig:
                               f"{vit.ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
         if not isinstance(self.remat, bool):
             raise ConfigError(f"config.train.remat must be True or False, got {self.remat!r}")
+        api.check_ranges(self, "config.train")
         _check_ap_scores(self.ap_scores)
         try:
             jnp.dtype(self.compute_dtype)
@@ -135,7 +143,7 @@ def _cached_train_step(model_cfg: vit.ViTConfig, step_cfg: TrainConfig):
 def train_step(model_cfg: vit.ViTConfig, cfg: TrainConfig):
     """``(tx, step)`` for ``cfg``, compiled once per process for the settings the step depends on
     (task, dtype, attention, remat, optimiser): pretrain and retrain share one compilation."""
-    step_cfg = dataclasses.replace(cfg, epochs=1, batch_size=1, lr=0.0, warmup_epochs=0)
+    step_cfg = dataclasses.replace(cfg, epochs=1, batch_size=1, lr=1.0, warmup_epochs=0)
     return _cached_train_step(model_cfg, step_cfg)
 
 
@@ -170,6 +178,7 @@ def evaluate(eval_step: Callable, params: Params, batches: Iterator[Batch],
     bar = tqdm(batches, desc=desc, total=total, unit="batch", leave=False, dynamic_ncols=True,
                disable=desc is None or not sharding.is_primary())
     for batch in bar:
+        interrupts.check()
         placed = sharding.shard_batch({"image": batch["image"], "label": batch["label"]},
                                       process_rows=process_rows)
         out_logits, out_losses = sharding.to_host(
@@ -198,8 +207,20 @@ class FitResult:
     resumed_from_epoch: int = 0
 
 
-class TrainingDiverged(FloatingPointError):
-    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+def _diverged(desc: str, loss: float, epoch: int, cfg: TrainConfig, saved_epoch: int | None,
+              checkpointer) -> TrainingDiverged:
+    """The error for a non-finite mean training loss in ``epoch``: the last save (the epoch it
+    holds, where it is) when one exists, else that nothing was saved."""
+    if saved_epoch is None:
+        kept = "nothing was saved"
+    else:
+        where = getattr(checkpointer, "directory", None)
+        kept = (f"the last good checkpoint was kept: the last save at epoch {saved_epoch}"
+                f"{f' in {where}' if where else ''}")
+    return TrainingDiverged(
+        f"{desc}: the training loss became {loss} in epoch {epoch} (epochs 0-{cfg.epochs - 1}); "
+        f"training stopped and {kept}. Lower the learning rate (config.train.lr={cfg.lr:g}) or "
+        "check the data")
 
 
 def _copy(tree):
@@ -208,7 +229,7 @@ def _copy(tree):
 
 def _append_jsonl(path: str | None, record: dict) -> None:
     if path and sharding.is_primary():
-        with open(path, "a") as f:
+        with files.naming(path), open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
@@ -246,8 +267,9 @@ def fit(model_cfg: vit.ViTConfig, cfg: TrainConfig, params: Params,
     parameters, epoch, history and the iterator position) is saved after every epoch, and a run
     that finds a saved state resumes from it: the result equals an uninterrupted run. One JSON line
     per epoch goes to ``metrics_log`` (on a resume, the lines of the epochs that run again are
-    dropped first, so it holds each epoch once). A non-finite loss raises ``TrainingDiverged``
-    before the epoch is saved, so the last good state stays on disk. A ``writer``
+    dropped first, so it holds each epoch once). A non-finite mean loss of an epoch raises
+    ``TrainingDiverged`` (naming the epoch and the last save, if any) before the epoch is saved,
+    so the last good state stays on disk. A ``writer``
     (``metric_writer``) gets ``train/loss`` and ``train/lr`` every 10 steps and each epoch's
     record as ``epoch/<key>``, at the global step.
 
@@ -268,6 +290,7 @@ def fit(model_cfg: vit.ViTConfig, cfg: TrainConfig, params: Params,
         logging.info("%s: resuming after epoch %d (step %d)", desc, meta["epoch"] - 1,
                      meta["step"])
     resumed_from = meta["epoch"]
+    saved_epoch = resumed_from - 1 if restored is not None else None  # the save on disk
     _drop_epochs_from(metrics_log, resumed_from)  # epochs after the last save run again
     params, opt_state = arrays["params"], arrays["opt_state"]
     start = time.perf_counter()
@@ -278,6 +301,7 @@ def fit(model_cfg: vit.ViTConfig, cfg: TrainConfig, params: Params,
     for epoch in range(meta["epoch"], cfg.epochs):
         losses, seen, epoch_start = [], 0, time.perf_counter()
         for _ in range(steps_per_epoch):
+            interrupts.check()
             host = next(train_batches)
             batch = sharding.shard_batch(host, process_rows=process_rows)
             lr = optim.reference_lr(step, base_lr=cfg.lr, steps_per_epoch=steps_per_epoch,
@@ -293,12 +317,9 @@ def fit(model_cfg: vit.ViTConfig, cfg: TrainConfig, params: Params,
                 bar.set_postfix(epoch=epoch, loss=f"{loss_now:.4f}", img_s=f"{rate:.0f}")
                 writer.scalars(step, {"train/loss": loss_now, "train/lr": lr})
         train_loss = float(np.mean(sharding.to_host(losses)))
-        if not np.isfinite(train_loss):
+        if not np.isfinite(train_loss):  # before the epoch is saved: the last save stays good
             bar.close()
-            raise TrainingDiverged(
-                f"{desc}: the training loss became {train_loss} in epoch {epoch}; training "
-                "stopped and the last good checkpoint was kept. Lower the learning rate "
-                "(config.train.lr) or check the data.")
+            raise _diverged(desc, train_loss, epoch, cfg, saved_epoch, checkpointer)
         val = validate(params)
         record = {"epoch": epoch, "step": step, "train_loss": train_loss,
                   "val_loss": val["loss"], "val_metric": val["metric"], "lr": lr,
@@ -314,8 +335,9 @@ def fit(model_cfg: vit.ViTConfig, cfg: TrainConfig, params: Params,
             arrays["best_params"] = _copy(params)
         arrays["params"], arrays["opt_state"] = params, opt_state
         meta.update(epoch=epoch + 1, step=step)
-        if checkpointer is not None:
-            checkpointer.save(step, arrays, {**meta, "iterator": train_batches.get_state()})
+        if checkpointer is not None and checkpointer.save(
+                step, arrays, {**meta, "iterator": train_batches.get_state()}):
+            saved_epoch = epoch
     bar.close()
     best_params, best_epoch = arrays["best_params"], meta["best_epoch"]
     if best_epoch < 0:  # the reference would crash (Q17); keep the last parameters instead

@@ -14,7 +14,7 @@ import pytest
 import test_scrub
 from test_scrub import CFG, MODEL, REQUEST, leaves
 
-from oneshui_jax.errors import ConfigError
+from oneshui_jax.errors import ConfigError, TrainingDiverged
 from oneshui_jax.models import vit
 from oneshui_jax.unlearn import api, bad_teacher, scrub
 
@@ -146,3 +146,14 @@ def test_config_reference_values_validation_and_interface():
         api.make_config("bad_teacher", bad_teacher, {"kl": "bernoulli"}, task="classification")
     assert scrub.step_config(bad_teacher.Config(lr=1.0, batch_size=3)) == scrub.step_config(
         bad_teacher.Config())
+
+
+def test_a_loss_that_becomes_nan_stops_at_the_end_of_its_epoch():
+    params = doubles.random_params(vit.init_params, CFG, 0)
+    data, _ = test_scrub.full_data()
+    cfg = bad_teacher.Config(epochs=2, batch_size=4, lr=1e30, compute_dtype="float32")
+    with pytest.raises(TrainingDiverged, match=(
+            r"^bad_teacher: the loss became (nan|inf) in epoch [01] \(epochs 0-1\); training "
+            r"stopped and nothing of the method's run was kept .* Lower config\.bad_teacher\.lr "
+            r"\(1e\+30\)")):
+        bad_teacher.unlearn(MODEL, params, {}, REQUEST, cfg, jax.random.key(0), data=data)

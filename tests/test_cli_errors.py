@@ -435,6 +435,8 @@ def test_serve_out_that_cannot_be_created(chain, capsys, monkeypatch):
     outcome = serve_error(capsys, chain, "--checkpoint", chain.method, out=out)
     assert_error(outcome, SERVE_STATUS, f"--out {out} cannot be written",
                  "No space left on device")
+    assert outcome.err.strip().splitlines()[-1].startswith(
+        f"error: No space left on device: {out}")  # the OS's reason first
     assert not os.path.exists(out)
 
 
@@ -918,14 +920,24 @@ def test_report_out_that_cannot_be_written(capsys, tmp_path, monkeypatch):
                    unchanged=(str(tmp_path),))
     assert_error(outcome, REPORT_STATUS, f"--out {tmp_path} would replace the input {path}")
 
-    def full_disk(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.md").write_text("an earlier report")
+    real_savefig = report.Figure.savefig
 
-    monkeypatch.setattr(report, "save_figure", full_disk)
-    out = str(tmp_path / "out")
-    outcome = call(capsys, report.main, [path, "--out", out])
-    assert_error(outcome, REPORT_STATUS, f"--out {out}: cannot write the report",
-                 "No space left on device")
+    def full_disk_at_the_first_plot(fig, f, *args, **kwargs):
+        real_savefig(fig, f, *args, **kwargs)
+        raise OSError(28, "No space left on device")  # a write of the file: no filename
+
+    monkeypatch.setattr(report.Figure, "savefig", full_disk_at_the_first_plot)
+    outcome = call(capsys, report.main, [path, "--out", str(out)])
+    assert_error(outcome, REPORT_STATUS)
+    assert outcome.err.startswith(f"error: No space left on device: {out / 'methods.png'} "
+                                  f"(--out {out}: the report could not be written; none of its "
+                                  "files was replaced)"), outcome.err
+    # never half a set: results.json, .csv are not written beside the earlier results.md
+    assert sorted(os.listdir(out)) == ["results.md"]
+    assert (out / "results.md").read_text() == "an earlier report"
 
 
 # --------------------------------------------------------------------------------------------
@@ -1113,44 +1125,80 @@ def test_main_flag_errors_are_one_line(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.slow
-def test_main_ctrl_c_prints_one_line_and_exits_130(tmp_path, synthfaces_tfds):
-    """SIGINT during a training stage: no traceback, one last line naming the stage, what is
-    kept and the command that resumes (the same one), exit status 130; the stage stays
-    resumable (metadata "training")."""
+def _start_study(folder, tfds_dir):
+    """A pretraining run that lasts (500 epochs), started as a terminal would start it (SIGINT
+    handled by default even if pytest ignores it): ``(args, process)``."""
     args = ["--config=configs/synthfaces.py:size=small,N=5", "--config.stages=('pretrain',)",
             "--config.train.epochs=500", "--config.mia.loss_rf=False", "--config.mia.rmia=False",
             "--config.progress=False", "--config.data.num_threads=0",
-            f"--config.workdir={tmp_path / 'work'}", f"--config.checkpoint_dir={tmp_path / 'ckpt'}",
-            f"--config.data.tfds_dir={synthfaces_tfds}"]
-    process = subprocess.Popen(  # SIGINT as a terminal sends it, even if pytest ignores it
+            f"--config.workdir={folder / 'work'}", f"--config.checkpoint_dir={folder / 'ckpt'}",
+            f"--config.data.tfds_dir={tfds_dir}"]
+    return args, subprocess.Popen(
         [sys.executable, "-m", "oneshui_jax.main", *args], cwd=REPO, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _training_metadata(folder) -> str | None:
+    """The metadata.json of a stage under ``folder/ckpt`` that has started training."""
+    for path in glob.glob(str(folder / "ckpt" / "**" / "metadata.json"), recursive=True):
+        with contextlib.suppress(OSError, ValueError), open(path) as f:
+            if json.load(f).get("status") == "training":
+                return path
+    return None
+
+
+@pytest.mark.slow
+def test_main_ctrl_c_and_sigterm_print_one_line_and_exit_130_and_143(tmp_path, synthfaces_tfds):
+    """SIGINT inside the training loop, SIGTERM in the first moment of the stage and SIGTERM
+    while the data is being built (the three runs at once): no traceback, one last line naming
+    the signal, where the run was, what is kept and the command that resumes (the same one),
+    exit status 130 / 143; a stage stays resumable (metadata "training")."""
+    in_stage = "in stage pretrain"
+    loading = "while reading the data and making the split, before the first stage"
+    cases = {  # signal, its name, status, where, seconds after the trigger, the trigger
+        "sigint": (signal.SIGINT, "Ctrl-C", main_cli.INTERRUPTED_STATUS, in_stage, 3.0,
+                   lambda folder: _training_metadata(folder)),
+        "sigterm": (signal.SIGTERM, "SIGTERM", main_cli.TERMINATED_STATUS, in_stage, 0.0,
+                    lambda folder: _training_metadata(folder)),
+        "sigterm_loading": (signal.SIGTERM, "SIGTERM", main_cli.TERMINATED_STATUS, loading, 0.0,
+                            lambda folder: os.path.isdir(folder / "tfds" / "synth_faces")),
+    }
+    runs = {name: _start_study(tmp_path / name, tmp_path / name / "tfds"
+                               if name == "sigterm_loading" else synthfaces_tfds)
+            for name in cases}
+    triggered, sent = {}, {}
     try:
-        metadata, deadline = None, time.monotonic() + 300
-        while metadata is None and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-            for path in glob.glob(str(tmp_path / "ckpt" / "**" / "metadata.json"),
-                                  recursive=True):
-                with contextlib.suppress(OSError, ValueError), open(path) as f:
-                    if json.load(f).get("status") == "training":
-                        metadata = path
-        assert metadata, "the stage never started training"
-        time.sleep(3)  # inside the training loop
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=120)
+        deadline = time.monotonic() + 300
+        while len(sent) < len(runs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            for name, (_, process) in runs.items():
+                if name in sent or process.poll() is not None:
+                    continue
+                if name not in triggered and cases[name][5](tmp_path / name):
+                    triggered[name] = time.monotonic()
+                if name in triggered and time.monotonic() - triggered[name] >= cases[name][4]:
+                    process.send_signal(cases[name][0])
+                    sent[name] = True
+        outputs = {name: process.communicate(timeout=120) for name, (_, process) in runs.items()}
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == main_cli.INTERRUPTED_STATUS == 130, err
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
-    resume = "python -m oneshui_jax.main " + shlex.join(args)
-    assert err.splitlines()[-1] == (
-        f"interrupted (Ctrl-C) in stage pretrain; the finished stages and the last save of an "
-        f"unfinished one are kept under {tmp_path / 'ckpt'}; to resume, run the same command: "
-        f"{resume}"), err
-    with open(metadata) as f:
-        assert json.load(f)["status"] == "training"  # resumable, not marked done
-    assert not os.path.exists(tmp_path / "work")
+        for _, process in runs.values():
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    assert sent.keys() == runs.keys(), f"a run never reached its moment: {outputs}"
+    assert (main_cli.INTERRUPTED_STATUS, main_cli.TERMINATED_STATUS) == (130, 143)
+    for name, (args, process) in runs.items():
+        _, name_in_line, status, where, _, _ = cases[name]
+        err = outputs[name][1]
+        assert process.returncode == status, (name, err)
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+        resume = "python -m oneshui_jax.main " + shlex.join(args)
+        assert err.splitlines()[-1] == (
+            f"interrupted ({name_in_line}) {where}; the finished stages and the last "
+            f"save of an unfinished one are kept under {tmp_path / name / 'ckpt'}; to resume, "
+            f"run the same command: {resume}"), err
+        if where == in_stage:
+            with open(_training_metadata(tmp_path / name)) as f:
+                assert json.load(f)["status"] == "training"  # resumable, not marked done
+        assert not os.path.exists(tmp_path / name / "work")

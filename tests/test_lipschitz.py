@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oneshui_jax.errors import ConfigError
+from oneshui_jax.errors import ConfigError, TrainingDiverged
 from oneshui_jax.models import vit
 from oneshui_jax.unlearn import api, lipschitz
 
@@ -223,3 +223,17 @@ def test_config_reference_values_validation_and_interface():
         api.make_config("lipschitz", lipschitz, {"zero_grad_between_batches": "yes"})
     with pytest.raises(ConfigError, match="unknown settings 'sigma'"):
         api.make_config("lipschitz", lipschitz, {"sigma": 1.0})
+
+
+def test_a_loss_that_becomes_nan_stops_the_request():
+    """A portrait of NaN pixels in the second batch: its loss is NaN and the request stops with
+    one TrainingDiverged naming the batch (a huge step does not do it here: the ratio of a
+    saturated model goes to 0)."""
+    theta, x = random_params(0), images(3, 4)
+    x[2:] = np.nan
+    with pytest.raises(TrainingDiverged, match=(
+            r"^lipschitz: the loss became nan in batch 1 of the request; training stopped and "
+            r"nothing of the method's run was kept .* Lower config\.lipschitz\.lr \(0\.1\) or "
+            r"check the portraits")):
+        lipschitz.unlearn(MODEL, theta, {}, request(x), cfg(batch_size=2, lr=0.1),
+                          jax.random.key(7))

@@ -14,7 +14,7 @@ import pytest
 
 from oneshui_jax import hparams
 from oneshui_jax.data import pipeline
-from oneshui_jax.errors import ConfigError
+from oneshui_jax.errors import ConfigError, TrainingDiverged
 from oneshui_jax.models import vit
 from oneshui_jax.models.tree import get_path
 from oneshui_jax.unlearn import api, pgu
@@ -371,3 +371,13 @@ def test_method_interface_reference_values_and_validation():
                        ("batch_size", 0), ("lr", float("nan"))):
         with pytest.raises(ConfigError, match=f"config.pgu.{key}"):
             api.make_config("pgu", pgu, {**block.to_dict(), key: value}, task="multilabel")
+
+
+def test_a_loss_that_becomes_nan_stops_at_the_end_of_its_epoch():
+    params = perturbed_params()
+    artifacts = {"covariance": train_covariances(params, 1)}
+    with pytest.raises(TrainingDiverged, match=(
+            r"^pgu: the loss became (nan|inf) in epoch [0-2] \(epochs 0-2\); training stopped "
+            r"and nothing of the method's run was kept .* Lower config\.pgu\.lr \(1e\+30\)")):
+        pgu.unlearn(api.Model(CFG, "multilabel"), params, artifacts, make_request("multilabel"),
+                    pgu.Config(epochs=3, lr=1e30, compute_dtype="float32"), jax.random.key(0))

@@ -1,7 +1,9 @@
 """The results report: table, aggregation over seeds, CSV, JSON, plots, atomic files."""
 
 import csv
+import importlib.util
 import json
+import math
 import os
 
 import numpy as np
@@ -352,8 +354,14 @@ def test_combine_averages_studies_over_seeds(tmp_path, capsys):
                  "retain": {"metric": 50.0, "loss": 1.0}, "forget": {"metric": forget, "loss": 1.0},
                  "test": {"metric": 40.0, "loss": 1.0}, "val": {"metric": 40.0, "loss": 1.0},
                  "tow": 90.0 + seed, "seconds": 1.0}]
-        report.write_report(str(tmp_path / f"s{seed}"), recs)
+        config = {"dataset": "mufac", "num_identities": 5, "seed": seed,
+                  "workdir": str(tmp_path / f"s{seed}"), "train": {"lr": 0.1}}
+        report.write_report(str(tmp_path / f"s{seed}"), recs, config=config)
         paths.append(str(tmp_path / f"s{seed}" / "results.json"))
+    with open(paths[1], "rb") as f:  # saved again by an editor that writes a byte-order mark
+        text = f.read()
+    with open(paths[1], "wb") as f:
+        f.write(b"\xef\xbb\xbf" + text)
     assert report.main(paths + ["--out", str(tmp_path / "all")]) == 0
     md = (tmp_path / "all" / "results.md").read_text()
     assert "62.00 ± 2.83" in md and "90.50 ± 0.71" in md
@@ -421,3 +429,258 @@ def test_roc_curves_average_seeds_and_write_roc_png(tmp_path):
 def test_attack_fields_are_checked(mia, field):
     record = make_record("ssd", mia=mia)
     assert field in report.record_problem(record)
+
+
+# ---------------------------------------------------------------------------------------------
+# Combining studies: only the seeds (and N) of one study, unless grouped by config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CONFIG_MODULES: dict = {}
+
+
+def study_config(name: str = "synthfaces", arg: str | None = None, **changes) -> dict:
+    """``configs/<name>.py``'s ``get_config(arg)`` as its study writes it into results.json,
+    with ``changes`` (``train__lr=0.01`` sets ``train.lr``)."""
+    if name not in _CONFIG_MODULES:
+        spec = importlib.util.spec_from_file_location(
+            f"report_test_{name}", os.path.join(REPO, "configs", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _CONFIG_MODULES[name] = module
+    config = files.to_json(_CONFIG_MODULES[name].get_config(arg).to_dict())
+    for dotted, value in changes.items():
+        *blocks, key = dotted.split("__")
+        node = config
+        for block in blocks:
+            node = node[block]
+        node[key] = value
+    return config
+
+
+def plant_study(folder, config: dict | None, seed: int = 0, *, forget: float = 68.2,
+                dataset: str = "synthfaces", **extra) -> str:
+    """A study's results.json (pretrain, retrain, ssd records of ``config``'s N) in ``folder``,
+    written as a study writes it (NaN and infinities as JSON's NaN / Infinity literals)."""
+    n = (config or {}).get("num_identities", 10)
+    records = [make_record(m, seed, forget=forget + (i == 2), tow=100.0 if m == "retrain" else
+                           80.0 + seed) for i, m in enumerate(("pretrain", "retrain", "ssd"))]
+    for r in records:
+        r.update(dataset=dataset, num_identities=n, splits_hash=f"split{seed}")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(str(folder), "results.json")
+    with open(path, "w") as f:
+        json.dump({"config": config, "results": records, **extra}, f)
+    return path
+
+
+def run_report(capsys, argv: list[str]) -> tuple[int, str]:
+    """``report.main(argv)`` in-process: (exit status, stderr)."""
+    try:
+        status = report.main(argv)
+    except SystemExit as e:
+        status = e.code
+    return status, capsys.readouterr().err
+
+
+def assert_refused(capsys, argv: list[str], out, *words: str) -> str:
+    """``argv`` exits 2 with one ``error:`` line naming ``words``; ``out`` is not created."""
+    status, err = run_report(capsys, [*argv, "--out", str(out)])
+    assert status == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for word in words:
+        assert word in err, (word, err)
+    assert not os.path.exists(out)
+    return err
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("train.lr", 0.01), ("data.synthfaces_config", "small"), ("ssd.dampening_constant", 0.5),
+    ("data.eval_batch_size", 32), ("model.init_scheme", "timm"), ("mia.batch_size", 32),
+    ("data.crop_scale", [0.08, 1.0]),
+], ids=["train_lr", "synthfaces_variant", "method_setting", "eval_batch", "init_scheme",
+        "mia_batch", "crop"])
+def test_report_refuses_studies_of_other_settings(capsys, tmp_path, setting, value):
+    """Two seeds whose configs differ in a setting that changes results: one error line naming
+    both files and the difference, exit status 2, nothing written."""
+    base = study_config(seed=0)
+    block, key = setting.split(".")
+    listed = f"{setting} {base[block][key]!r} vs {value!r}"
+    first = plant_study(tmp_path / "s0", base)
+    second = plant_study(tmp_path / "s1", study_config(
+        seed=1, workdir="w1", **{setting.replace(".", "__"): value}), seed=1)
+    err = assert_refused(capsys, [first, second], tmp_path / "out",
+                         f"error: config differs between {first} and {second}: {listed}",
+                         "pass --group_by_config")
+    assert "seed" not in err.split(": ", 2)[2].split(";")[0]  # seed, workdir: not listed
+
+
+def test_report_lists_every_difference_and_compares_every_pair(capsys, tmp_path):
+    """The listing names every differing setting (sorted, as the reuse check lists them); a
+    third study is checked against each of the others, not only the first."""
+    a = plant_study(tmp_path / "a", study_config(seed=0))
+    b = plant_study(tmp_path / "b", study_config(seed=1), seed=1)
+    c = plant_study(tmp_path / "c", study_config(seed=2, train__lr=0.01, train__epochs=3,
+                                                 dataset="celeba"), seed=2)
+    assert_refused(capsys, [a, b, c], tmp_path / "out",
+                   f"between {a} and {c}: dataset 'synthfaces' vs 'celeba'; train.epochs 20 vs "
+                   "3; train.lr 0.001 vs 0.01;")
+    synth_n5 = plant_study(tmp_path / "n5", study_config(arg="N=5", seed=1, train__lr=0.01),
+                           seed=1)
+    assert_refused(capsys, [a, synth_n5], tmp_path / "out", "train.lr 0.001 vs 0.01")
+
+
+def test_report_combines_seeds_that_differ_only_in_seeds_paths_and_logging(capsys, tmp_path):
+    """Seeds of one study: seed, split_seed, workdir, checkpoint_dir, data paths, logging,
+    remat and the devices may differ; the records are averaged as today, with no groups."""
+    first = plant_study(tmp_path / "s0", study_config(seed=0), forget=60.0)
+    second = plant_study(tmp_path / "s1", study_config(
+        seed=1, split_seed=0, workdir="elsewhere", checkpoint_dir="/scratch/ckpt",
+        checkpoint_every_s=0.0, wait_for_lock=False, progress=False, tensorboard=False,
+        stages=["pretrain", "retrain"], data__data_dir="/data", data__tfds_dir="/tfds",
+        data__num_threads=8, data__in_memory=False, mia__cache_mb=0, mesh__data=1,
+        train__remat=True, meta_unlearn__remat=True, train__ap_scores="float32"),
+        seed=1, forget=64.0)
+    status, err = run_report(capsys, [first, second, "--out", str(tmp_path / "out")])
+    assert status == 0, err
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| pretrain | none | 65.10 ± 0.00" in md and "62.00 ± 2.83" in md
+    assert "config" not in md.split("Per run:")[0]  # no config column
+    saved = json.load(open(tmp_path / "out" / "results.json"))
+    assert all("group" not in r for r in saved["results"])
+
+
+def test_report_combines_the_papers_n_grid(capsys, tmp_path):
+    """Studies of different N may differ in the methods' blocks (the reference tunes them per
+    N: MUFAC's MetaUnlearn lr, PGU, SCRUB, SSD), not in the blocks every stage reads."""
+    n5 = plant_study(tmp_path / "n5", study_config("mufac", "method=all,N=5"), dataset="mufac")
+    n10 = plant_study(tmp_path / "n10", study_config("mufac", "method=all,N=10", seed=1),
+                      seed=1, dataset="mufac")
+    assert report.load_records([n5, n10])  # the real configs differ per N: combined
+    status, err = run_report(capsys, [n5, n10, "--out", str(tmp_path / "out")])
+    assert status == 0, err
+    header = table_rows((tmp_path / "out" / "results.md").read_text().split("\n\n")[1])[0]
+    assert header[:3] == ["method", "access", "N"]
+    lr = plant_study(tmp_path / "lr", study_config("mufac", "method=all,N=10", seed=1,
+                                                   train__lr=0.5), seed=1, dataset="mufac")
+    assert_refused(capsys, [n5, lr], tmp_path / "refused", "train.lr 0.001 vs 0.5")
+
+
+def test_group_by_config_reports_each_config_as_its_own_rows(capsys, tmp_path):
+    """--group_by_config: two lr, two seeds each: four studies, two groups of rows labelled by
+    the setting that differs (results.md, csv, json, plots); seeds averaged within a group."""
+    paths = [plant_study(tmp_path / f"lr{lr}_s{seed}", study_config(seed=seed, train__lr=lr),
+                         seed, forget=forget)
+             for lr, forget in ((0.001, 60.0), (0.01, 70.0)) for seed in (0, 1)]
+    out = tmp_path / "out"
+    status, err = run_report(capsys, [*paths, "--group_by_config", "--out", str(out)])
+    assert status == 0, err
+    md = (out / "results.md").read_text()
+    rows = table_rows(md.split("\n\n")[2])
+    assert rows[0][:3] == ["method", "config", "access"]
+    assert [r[:2] for r in rows[1:]] == [[m, f"train.lr={lr}"] for lr in (0.001, 0.01)
+                                         for m in ("pretrain", "retrain", "ssd")]
+    assert rows[1][4] == "60.00 ± 0.00 [60.00, 60.00]"  # forget: within the group only
+    assert rows[4][4] == "70.00 ± 0.00 [70.00, 70.00]"
+    paired_rows = table_rows(md.split("\n\n")[4])
+    assert [r[:2] for r in paired_rows[1:]] == [["retrain", "train.lr=0.001"],
+                                                ["ssd", "train.lr=0.001"],
+                                                ["retrain", "train.lr=0.01"],
+                                                ["ssd", "train.lr=0.01"]]
+    saved = json.load(open(out / "results.json"))
+    assert [r["group"] for r in saved["results"]] == ["train.lr=0.001"] * 6 + [
+        "train.lr=0.01"] * 6
+    with open(out / "results.csv", newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert {r["group"] for r in csv_rows} == {"train.lr=0.001", "train.lr=0.01"}
+    ax = report.method_bars_figure(saved["results"], "mAP").axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()][:2] == ["pretrain\ntrain.lr=0.001",
+                                                                "retrain\ntrain.lr=0.001"]
+    labels = [t.get_text() for t in
+              report.differences_figure(saved["results"], "mAP").axes[0].get_yticklabels()]
+    assert "ssd (train.lr=0.01)" in labels
+    # The combined report alone (it has no config) keeps its groups; grouped with another
+    # study, its groups stay apart under its path.
+    again = tmp_path / "again"
+    assert run_report(capsys, [str(out / "results.json"), "--out", str(again)])[0] == 0
+    assert table_rows((again / "results.md").read_text().split("\n\n")[2])[0][1] == "config"
+    combined = str(out / "results.json")
+    status, err = run_report(capsys, [combined, paths[0], "--group_by_config", "--out",
+                                      str(tmp_path / "more")])
+    assert status == 0, err
+    saved = json.load(open(tmp_path / "more" / "results.json"))
+    assert [r["group"] for r in saved["results"]][::3] == [
+        f"{combined} | train.lr=0.001", f"{combined} | train.lr=0.001",
+        f"{combined} | train.lr=0.01", f"{combined} | train.lr=0.01",
+        "(studies with a config)"]
+    saved["results"][0]["group"] = 1  # a group label that is not one: refused
+    bad = plant_study(tmp_path / "bad", None)
+    with open(bad, "w") as f:
+        json.dump(saved, f)
+    with pytest.raises(ValueError, match="record 0 has group 1; expected a string"):
+        report.load_records([bad])
+
+
+def test_a_file_without_config_is_refused_among_several(capsys, tmp_path):
+    """Its settings cannot be checked: refused naming it; with --group_by_config it is a group
+    of its own, labelled by its path; alone it is reported as before."""
+    study = plant_study(tmp_path / "s0", study_config(seed=0))
+    bare = plant_study(tmp_path / "bare", None, seed=1)
+    assert_refused(capsys, [study, bare], tmp_path / "out", f"error: {bare} has no config",
+                   f"checked against those of {study}", "--group_by_config")
+    status, err = run_report(capsys, [study, bare, "--group_by_config", "--out",
+                                      str(tmp_path / "grouped")])
+    assert status == 0, err
+    saved = json.load(open(tmp_path / "grouped" / "results.json"))
+    assert {r["group"] for r in saved["results"]} == {"(studies with a config)", bare}
+    assert run_report(capsys, [bare, "--out", str(tmp_path / "alone")])[0] == 0
+    mufac = plant_study(tmp_path / "mufac", None, seed=1, dataset="mufac")
+    assert_refused(capsys, [bare, mufac], tmp_path / "out",  # the task first, then the config
+                   "error: records mix metrics ['acc', 'mAP']; report one task at a time")
+
+
+def test_report_compares_data_fingerprints_where_both_have_one(capsys, tmp_path):
+    """Data paths may differ, the data may not: a results.json that records the data's
+    fingerprint is refused next to one with another; without one on either side, accepted."""
+    a = plant_study(tmp_path / "a", study_config(seed=0), data_fingerprint="abc")
+    b = plant_study(tmp_path / "b", study_config(seed=1, data__data_dir="/other"), seed=1,
+                    data_fingerprint="def")
+    old = plant_study(tmp_path / "old", study_config(seed=2), seed=2)
+    assert_refused(capsys, [a, b], tmp_path / "out", "data_fingerprint 'abc' vs 'def'")
+    assert len(report.load_records([a, old])) == 6
+
+
+@pytest.mark.parametrize("field, value", [
+    ("forget.metric", math.nan), ("tow", math.inf), ("mia.rmia.auc", -math.inf),
+    ("history[1].val_loss", math.nan), ("mia.loss_rf.roc.tpr[1]", math.nan),
+    ("seconds", math.inf), ("prepare.meta_history[0].relative_step", math.nan),
+])
+def test_report_refuses_nan_and_infinite_numbers(capsys, tmp_path, field, value):
+    """A NaN or infinite number (json.load reads NaN / Infinity literals, as a study whose model
+    diverged writes them) is refused naming the file, the record and the field."""
+    path = plant_study(tmp_path / "s0", study_config(seed=0))
+    data = json.load(open(path))
+    record = data["results"][1]
+    record.setdefault("mia", {})["rmia"] = {"auc": 55.0}
+    record["mia"]["loss_rf"] = {"auc": 50.0, "roc": {"fpr": [0.0, 0.5, 1.0],
+                                                     "tpr": [0.0, 0.5, 1.0]}}
+    record["prepare"] = {"meta_history": [dict(zip(("epoch", *report.META_FIELDS),
+                                                    (0, 0.1, 0.1, 1e-3, 0.0, 0.2),
+                                                    strict=True))]}
+    assert report.record_problem(record) is None
+    node, keys = record, field.replace("[", ".").replace("]", "").split(".")
+    for key in keys[:-1]:
+        node = node[int(key)] if key.isdigit() else node[key]
+    node[int(keys[-1]) if keys[-1].isdigit() else keys[-1]] = value
+    with open(path, "w") as f:
+        json.dump(data, f)  # NaN, Infinity, -Infinity literals
+    other = plant_study(tmp_path / "s1", study_config(seed=1), seed=1)
+    assert_refused(capsys, [other, path], tmp_path / "out",
+                   f"error: {path}: record 1 has {field} {value!r}; expected a finite number")
+
+
+def test_null_numbers_stay_allowed(tmp_path):
+    """None is a missing number (ToW without a retrained model, an attack that did not run),
+    not a bad one."""
+    record = make_record("ssd", tow=None, mia={"rmia": {"auc": None, "tpr_at_1e-4": None}})
+    record["history"][0]["val_metric"] = None
+    assert report.record_problem(record) is None

@@ -7,6 +7,7 @@ steps' updates recovered from the parameters before and after.
 
 import functools
 import itertools
+import re
 
 import doubles
 import jax
@@ -16,7 +17,7 @@ import pytest
 
 from oneshui_jax import hparams
 from oneshui_jax.data import pipeline
-from oneshui_jax.errors import ConfigError
+from oneshui_jax.errors import ConfigError, TrainingDiverged
 from oneshui_jax.models import vit
 from oneshui_jax.unlearn import api, scrub
 
@@ -252,3 +253,20 @@ def test_config_reference_values_validation_and_interface():
         api.make_config("scrub", scrub, {"kl": "bernoulli"}, task="classification")
     # the compiled steps do not depend on the loop's settings
     assert scrub.step_config(scrub.Config(lr=0.3, epochs=2)) == scrub.step_config(scrub.Config())
+
+
+def test_a_loss_that_becomes_nan_stops_at_the_end_of_its_epoch():
+    """A planted huge learning rate: one TrainingDiverged (a ConfigError: one line, status 2)
+    naming the method, the epoch and that nothing of the run was kept."""
+    teacher, _ = teacher_student()
+    data, _ = full_data()
+    cfg = scrub.Config(epochs=3, forgetting_epochs=1, batch_size=3, batch_size_retain=4,
+                       compute_dtype="float32", lr=1e30)
+    with pytest.raises(TrainingDiverged) as caught:
+        scrub.unlearn(MODEL, teacher, {}, REQUEST, cfg, jax.random.key(0), data=data)
+    assert re.fullmatch(
+        r"scrub: the (forget_kl|grad_norm|retain_loss) became (nan|inf|-inf) in epoch [0-2] "
+        r"\(epochs 0-2\); training stopped and nothing of the method's run was kept \(the model "
+        r"it started from is unchanged\)\. Lower config\.scrub\.lr \(1e\+30\) or check the data",
+        str(caught.value)), caught.value
+    assert isinstance(caught.value, ConfigError)

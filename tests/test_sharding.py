@@ -15,9 +15,13 @@
 import dataclasses
 import json
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import numpy as np
@@ -237,3 +241,51 @@ def test_two_processes_train_like_one_and_write_each_file_once(synthfaces_tfds, 
     assert any(p.endswith("results.json") for p in own)
     twice = {p: sorted(w) for p, w in own.items() if len(w) > 1}
     assert not twice, twice
+
+
+@pytest.mark.slow
+def test_a_process_stopped_mid_training_brings_the_other_down_in_one_line(synthfaces_tfds,
+                                                                         tmp_path):
+    """SIGTERM to process 1 of 2 while they train: it prints its interrupt line and exits 143
+    (JAX's preemption service, which caught SIGTERM and let the run go on, is off); process 0's
+    next collective fails and it prints one error line and exits 2 within seconds, instead of
+    waiting for the heartbeat timeout and aborting."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = tmp_path / "run"
+    args = [a for a in _study(root) if not a.startswith("--config.train.epochs")]
+    args += ["--config.train.epochs=500", f"--config.data.tfds_dir={synthfaces_tfds}"]
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "oneshui_jax.main", "--distributed",
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",
+         *args], env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for i in range(2)]
+    try:
+        deadline = time.monotonic() + 240
+        metrics = os.path.join(_run_dir(root), "metrics.jsonl")
+        while not os.path.exists(metrics) and time.monotonic() < deadline:  # an epoch done
+            assert all(p.poll() is None for p in processes), [p.communicate() for p in processes]
+            time.sleep(0.1)
+        processes[1].send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        out0, err0 = processes[0].communicate(timeout=60)
+        stopped_after = time.monotonic() - sent
+        out1, err1 = processes[1].communicate(timeout=60)
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    assert processes[1].returncode == 143, err1[-2000:]
+    assert err1.splitlines()[-1].startswith("interrupted (SIGTERM) in stage pretrain; "), err1
+    assert processes[0].returncode == 2, err0[-2000:]
+    assert "Traceback" not in err0 and "Fatal" not in err0, err0[-2000:]
+    last = err0.splitlines()[-1]
+    assert re.match(r"error: process 0 of 2: a computation failed, most likely because another "
+                    r"process of this run stopped \(see its log\): .+ \(in stage pretrain\); "
+                    r"the finished stages and the last save of an unfinished one are kept "
+                    rf"under {re.escape(str(root / 'ckpt'))}; once every process can run, start "
+                    r"them all again with the same commands: python -m oneshui_jax.main ",
+                    last), last
+    assert stopped_after < sharding.HEARTBEAT_TIMEOUT_S, stopped_after  # not the heartbeat's

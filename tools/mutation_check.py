@@ -250,8 +250,52 @@ MUTATIONS = (
              "    if True:",
              ("tests/test_sharding.py::test_two_processes_train_like_one_and_write_each_file_once",),
              "every process of a multi-host run writes metadata.json"),
+    Mutation("interrupt_check_does_nothing", "oneshui_jax/interrupts.py",
+             "    if _pending is not None:\n        raise Interrupted(_pending)",
+             "    if False:\n        raise Interrupted(_pending)",
+             ("tests/test_interrupts.py",),
+             "a Ctrl-C swallowed by a finaliser is lost: the stage trains to its end"),
+    Mutation("os_error_keeps_no_path", "oneshui_jax/files.py",
+             "        if e.filename is None and e.errno:",
+             "        if e.filename is not None and e.errno:",
+             ("tests/test_disk_errors.py",),
+             "a full disk is reported without the path it could not write"),
+    Mutation("report_written_file_by_file", "oneshui_jax/files.py",
+             "    except BaseException:\n        for tmp, _ in fileset.pending:",
+             "    except BaseException:\n        for tmp, _ in []:",
+             ("tests/test_disk_errors.py",),
+             "a report cut short by a full disk leaves its temporary files behind"),
+    Mutation("nan_loss_of_a_method_ignored", "oneshui_jax/errors.py",
+             "        if value is not None and not math.isfinite(value):",
+             "        if value is not None and math.isinf(value):",
+             ("tests/test_lipschitz.py", "-k", "nan"),
+             "a method whose loss is NaN hands back NaN parameters"),
+    Mutation("sixteen_bit_clipped_not_scaled", "oneshui_jax/data/images.py",
+             "        return _grey((values.astype(np.int64) + 128) // 257)",
+             "        return _grey(np.minimum(values, 255))",
+             ("tests/test_images.py",),
+             "a 16-bit portrait is served as an all-white square"),
+    Mutation("report_averages_other_method_settings", "oneshui_jax/report.py",
+             "            if (same_n or _shared(name)) and sa.get(name, absent) != "
+             "sb.get(name, absent)]",
+             "            if _shared(name) and sa.get(name, absent) != sb.get(name, absent)]",
+             ("tests/test_report.py::test_report_refuses_studies_of_other_settings",),
+             "report averages two seeds of a study whose methods ran at other settings"),
+    Mutation("open_lower_bound_taken_as_closed", "oneshui_jax/unlearn/api.py",
+             "        if self.low is not None and (value <= self.low if self.low_open "
+             "else value < self.low):",
+             "        if self.low is not None and (value < self.low if self.low_open "
+             "else value < self.low):",
+             ("tests/test_settings_ranges.py::test_main_refuses_a_setting_out_of_range",),
+             "a learning rate or batch size of 0 passes the up-front check"),
+    Mutation("chained_request_checks_the_wrong_hash", "oneshui_jax/serve/request.py",
+             '    after, recorded = receipt.get("params_hash_after"), '
+             'metadata.get("params_hash")',
+             '    after, recorded = receipt.get("params_hash_before"), '
+             'metadata.get("source_params_hash")',
+             ("tests/test_data_integrity.py",),
+             "a request chained on an altered parent is served"),
 )
-
 
 def copy_tree(dest: str) -> None:
     for name in COPIED:

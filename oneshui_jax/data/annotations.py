@@ -15,6 +15,11 @@ The reference (``method/dataset/dataset_classes.py``) numbers images and identit
 
 ``read_identities`` reads only identities (all the splits need). ``read_labels`` reads the task
 labels the dataset builders store next to every image, decoded as the reference decodes them.
+
+What the reference trusts is checked, each refusal one DataError naming the file and line: an
+image path that leaves its image folder (absolute, or ``..`` climbing out), an image listed twice
+in one file (both lines named). Text is UTF-8; a byte-order mark at the start of a file is read
+(spreadsheet programs write one), a UTF-16 file is named as such.
 """
 
 from __future__ import annotations
@@ -118,16 +123,53 @@ def _require_file(path: str, layout: str) -> None:
         raise DataError(f"Annotation file not found: {path}. Expected {layout}.")
 
 
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
 @contextlib.contextmanager
 def _open_text(path: str, layout: str, newline: str | None = None) -> Iterator[IO[str]]:
-    """``path`` opened as UTF-8 text; bytes that are not UTF-8, wherever they are read in the
-    block, are a DataError naming the file and the layout expected."""
+    """``path`` opened as UTF-8 text; a UTF-8 byte-order mark at its start (as some editors and
+    spreadsheet programs write) is read and dropped. Bytes that are not UTF-8, wherever they are
+    read in the block, are a DataError naming the file and the layout expected (and the UTF-16
+    byte-order mark, when the file starts with one)."""
     try:
-        with open(path, encoding="utf-8", newline=newline) as f:
+        with open(path, encoding="utf-8-sig", newline=newline) as f:
             yield f
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x}: {e.reason})."
-                        f" Expected {layout}.") from None
+        hint = ""
+        if e.start < 2 and bytes(e.object[:2]) in _UTF16_BOMS:
+            hint = "; it starts with a UTF-16 byte-order mark: save it as UTF-8"
+        raise DataError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x}: {e.reason}"
+                        f"{hint}). Expected {layout}.") from None
+
+
+def _image_path(name: str, path: str, lineno: int, folder: str, layout: str) -> str:
+    """``name``, an image file named on line ``lineno`` of the annotation file ``path``, checked
+    to stay inside the image folder ``folder`` it is read from: an absolute path or one whose
+    ``..`` climbs out of it is a DataError naming the file and line. (Symbolic links inside
+    the folder are followed as they are: linking images into a data folder is a way to build
+    one; only the text of the annotation is checked.)"""
+    if "\x00" in name:
+        raise DataError(f"{path}, line {lineno}: image path {name!r} holds a NUL byte; expected "
+                        f"a file name inside {folder}/. Expected {layout}.")
+    normal = os.path.normpath(name)
+    if os.path.isabs(name) or normal == os.pardir or normal.startswith(os.pardir + os.sep):
+        raise DataError(f"{path}, line {lineno}: image path {name!r} leaves the image folder "
+                        f"{folder}/ (an absolute path, or '..' climbing out of it); expected a "
+                        f"path inside it. Expected {layout}.")
+    return name
+
+
+def _refuse_duplicates(path: str, keys: Sequence[tuple[int, str]], what: str,
+                       layout: str) -> None:
+    """DataError naming both lines when two rows of the annotation file ``path`` name the same
+    image (``keys``: ``(line, image)`` per row)."""
+    first: dict[str, int] = {}
+    for lineno, key in keys:
+        if key in first:
+            raise DataError(f"{path}, lines {first[key]} and {lineno}: {what} {key!r} is listed "
+                            f"twice; expected each image once. Expected {layout}.")
+        first[key] = lineno
 
 
 def _read_rows(path: str, layout: str, num_fields: int) -> list[tuple[int, list[str]]]:
@@ -162,10 +204,13 @@ def _parse_int(value: str, path: str, lineno: int, what: str, layout: str) -> in
 def read_celeba(data_dir: str) -> IdentityAnnotations:
     """CelebA identities from ``identity_CelebA.txt`` (file order = torchvision's order)."""
     path = os.path.join(data_dir, "celeba", "identity_CelebA.txt")
-    files, ids = [], []
+    folder = os.path.join("celeba", "img_align_celeba")
+    files, ids, names = [], [], []
     for lineno, (name, identity, *_) in _read_rows(path, CELEBA_LAYOUT, 2):
-        files.append(os.path.join("celeba", "img_align_celeba", name))
+        files.append(os.path.join(folder, _image_path(name, path, lineno, folder, CELEBA_LAYOUT)))
+        names.append((lineno, os.path.normpath(name)))
         ids.append(_parse_int(identity, path, lineno, "identity", CELEBA_LAYOUT))
+    _refuse_duplicates(path, names, "image", CELEBA_LAYOUT)
     return IdentityAnnotations("celeba", np.asarray(ids, np.int64), tuple(files), "dict")
 
 
@@ -174,11 +219,15 @@ def read_celebahq(data_dir: str) -> IdentityAnnotations:
     folder = os.path.join(data_dir, "CelebAMask-HQ")
     path = os.path.join(folder, "CelebA-HQ-identity.txt")
     rows = _read_rows(path, CELEBAHQ_LAYOUT, 2)
-    entries = []
+    entries, numbers = [], []
     for lineno, (name, person, *_) in rows:
+        _image_path(name, path, lineno, os.path.join("CelebAMask-HQ", "CelebA-HQ-img"),
+                    CELEBAHQ_LAYOUT)
         stem = name.split(".")[0]
         k = _parse_int(stem, path, lineno, "image number", CELEBAHQ_LAYOUT)
         entries.append((k, _parse_int(person, path, lineno, "person id", CELEBAHQ_LAYOUT)))
+        numbers.append((lineno, f"{k}.jpg"))
+    _refuse_duplicates(path, numbers, "image", CELEBAHQ_LAYOUT)
     attr_path = os.path.join(folder, "CelebAMask-HQ-attribute-anno.txt")
     if os.path.isfile(attr_path):
         with _open_text(attr_path, CELEBAHQ_LAYOUT) as f:
@@ -214,7 +263,8 @@ def read_mufac_rows(data_dir: str) -> list[tuple[str, str, int, list[str]]]:
                     f"{path}, line 1: header {header!r} does not start with the columns "
                     f"{','.join(MUFAC_COLUMNS)}. Expected {MUFAC_LAYOUT}."
                 )
-            before = len(rows)
+            before, images = len(rows), []
+            folder = os.path.join("mufac", f"{split}_images")
             for lineno, row in enumerate(reader, start=2):
                 if not row:
                     continue
@@ -223,7 +273,10 @@ def read_mufac_rows(data_dir: str) -> list[tuple[str, str, int, list[str]]]:
                         f"{path}, line {lineno}: expected 4 non-empty columns "
                         f"({','.join(MUFAC_COLUMNS)}), got {row!r}."
                     )
+                _image_path(row[-1], path, lineno, folder, MUFAC_LAYOUT)
+                images.append((lineno, os.path.normpath(row[-1])))
                 rows.append((split, path, lineno, row))
+            _refuse_duplicates(path, images, "image_path", MUFAC_LAYOUT)
         if len(rows) == before:
             empty.append((split, path))
     for split, path in empty:  # once every file is read: no warning before an error
@@ -378,14 +431,19 @@ def read_celebahq_labels(data_dir: str, ann: IdentityAnnotations) -> Labels:
     names, rows = _attribute_file(path, CELEBAHQ_ATTR_LAYOUT)
     values = np.zeros((ann.num_images, len(names)), np.uint8)
     seen = np.zeros(ann.num_images, bool)
+    numbers = []
     for lineno, fields in rows:
+        _image_path(fields[0], path, lineno, os.path.join("CelebAMask-HQ", "CelebA-HQ-img"),
+                    CELEBAHQ_ATTR_LAYOUT)
         k = _parse_int(fields[0].split(".")[0], path, lineno, "image number", CELEBAHQ_ATTR_LAYOUT)
+        numbers.append((lineno, f"{k}.jpg"))
         if not 0 <= k < ann.num_images:
             raise DataError(f"{path}, line {lineno}: image {fields[0]} is outside 0.."
                             f"{ann.num_images - 1}. Expected {CELEBAHQ_ATTR_LAYOUT}.")
         row = _plus_minus_one(fields[1:], path, lineno, CELEBAHQ_ATTR_LAYOUT)
         values[k] = np.asarray(row) != -1
         seen[k] = True
+    _refuse_duplicates(path, numbers, "image", CELEBAHQ_ATTR_LAYOUT)
     if not seen.all():
         missing = np.flatnonzero(~seen)
         raise DataError(f"{path} has no row for {len(missing)} images (first: {missing[0]}.jpg). "

@@ -4,7 +4,8 @@ The reference opens images lazily and trusts its annotation files. This audit ch
 annotated image once, before any run:
 
 * **missing**: an annotation row whose image file does not exist;
-* **unreadable**: a file PIL cannot decode to the end (e.g. a truncated JPEG);
+* **unreadable**: a file that is not a regular file, is above ``images``' byte or pixel cap, or
+  that ``images`` cannot decode to the end (e.g. a truncated JPEG, a float image out of range);
 * **byte-identical images**: groups of files with the same sha256, whether a group spans several
   identities (the same picture filed under two people) and whether it crosses the forget /
   retain / val / test boundary of the current split (a "forgotten" picture still trained on, or
@@ -26,17 +27,21 @@ import concurrent.futures
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 
+from oneshui_jax.data import images
 from oneshui_jax.data.annotations import IdentityAnnotations
 
 _CACHE_FLUSH_EVERY = 2000
+_CHECK_VERSION = 2
+"""Cached results of another version of ``_check_file`` are checked again (2: ``images``'
+regular-file, byte and pixel caps and pixel ranges)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,24 +55,25 @@ class FileCheck:
 
 
 def _check_file(path: str) -> FileCheck:
-    from PIL import Image
-
+    """The file's size, mtime, sha256 and why it cannot be used (``images.read_bytes`` and
+    ``images.check``: a regular file within the byte and pixel caps that decodes to RGB)."""
     try:
         stat = os.stat(path)
     except FileNotFoundError:
         return FileCheck(-1, -1, None, "missing")
-    with open(path, "rb") as f:
-        data = f.read()
+    except OSError as e:  # e.g. permission denied on a folder above it
+        return FileCheck(-1, -1, None, e.strerror or f"{type(e).__name__}: {e}")
+    try:
+        data = images.read_bytes(path, name=path)
+    except images.ImageError as e:  # not a regular file, too large, unreadable: never read
+        return FileCheck(stat.st_size, stat.st_mtime_ns, None, e.reason)
     digest = hashlib.sha256(data).hexdigest()
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            # Decoding at 1/8 scale still reads every entropy-coded byte of a JPEG, so truncation
-            # and corruption are caught at a fraction of the cost of a full decode.
-            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-            image.load()
-    except Exception as e:  # noqa: BLE001 (any decoder error makes the file unusable)
-        return FileCheck(stat.st_size, stat.st_mtime_ns, digest,
-                         f"{type(e).__name__}: {e}".strip())
+        # Decoding a JPEG at 1/8 scale still reads every entropy-coded byte, so truncation and
+        # corruption are caught at a fraction of the cost of a full decode.
+        images.check(data, path)
+    except images.ImageError as e:
+        return FileCheck(stat.st_size, stat.st_mtime_ns, digest, e.reason)
     return FileCheck(stat.st_size, stat.st_mtime_ns, digest, None)
 
 
@@ -79,6 +85,8 @@ def _read_cache(path: str | None) -> dict[str, FileCheck]:
         for line in f:
             try:
                 entry = json.loads(line)
+                if entry.get("check") != _CHECK_VERSION:
+                    continue
                 cache[entry["file"]] = FileCheck(entry["size"], entry["mtime_ns"],
                                                  entry["sha256"], entry["error"])
             except (ValueError, KeyError, TypeError):
@@ -108,25 +116,53 @@ def check_files(data_dir: str, files: Sequence[str], cache_path: str | None = No
     if progress:
         progress(len(files) - len(todo))
     if todo:
-        if cache_path:
-            os.makedirs(os.path.dirname(cache_path) or ".", exist_ok=True)
-        sink = open(cache_path, "a") if cache_path else None  # noqa: SIM115
+        sink = _open_cache(cache_path)
         try:
             with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
                 results = pool.map(lambda i: _check_file(os.path.join(data_dir, files[i])), todo)
                 for n, (i, check) in enumerate(zip(todo, results, strict=True), start=1):
                     out[i] = check
                     if sink and check.error != "missing":
-                        sink.write(json.dumps({"file": files[i], **dataclasses.asdict(check)})
-                                   + "\n")
-                        if n % _CACHE_FLUSH_EVERY == 0:
-                            sink.flush()
+                        try:
+                            sink.write(json.dumps({"file": files[i], "check": _CHECK_VERSION,
+                                                   **dataclasses.asdict(check)}) + "\n")
+                            if n % _CACHE_FLUSH_EVERY == 0:
+                                sink.flush()
+                        except OSError as e:  # a full disk: the audit goes on uncached
+                            _cache_warning(cache_path, e)
+                            sink = _close_quietly(sink)
                     if progress:
                         progress(1)
         finally:
-            if sink:
-                sink.close()
+            _close_quietly(sink)
     return out  # type: ignore[return-value]
+
+
+def _open_cache(path: str | None):
+    """The cache file opened for appending, or None (with one warning) when it cannot be
+    written: a read-only or full TFDS folder costs a re-check next time, not the run."""
+    if not path:
+        return None
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        return open(path, "a")  # noqa: SIM115
+    except OSError as e:
+        _cache_warning(path, e)
+        return None
+
+
+def _cache_warning(path: str, error: OSError) -> None:
+    logging.warning("audit: cannot write its cache %s (%s); the images will be checked again "
+                    "next time", path, error.strerror or error)
+
+
+def _close_quietly(sink) -> None:
+    if sink is not None:
+        try:
+            sink.close()
+        except OSError as e:  # the last lines could not be flushed: the cache stays valid
+            _cache_warning(sink.name, e)
+    return None
 
 
 def content_hash(files: Sequence[str], digests: Sequence[str | None]):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import os
 from collections.abc import Sequence
@@ -24,9 +23,10 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from oneshui_jax import files
 from oneshui_jax.data import annotations as annotations_lib
 from oneshui_jax.data import audit as audit_lib
-from oneshui_jax.data import catalog
+from oneshui_jax.data import catalog, images
 from oneshui_jax.data.annotations import IdentityAnnotations, read_identities
 from oneshui_jax.errors import DataError
 
@@ -51,21 +51,34 @@ class Dataset:
         return len(self.label_names)
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """An image file's bytes as uint8 HWC RGB: the reference's ``Image.open(p).convert("RGB")``."""
-    from PIL import Image
+def decode_image(data: bytes, name: str = "image record") -> np.ndarray:
+    """An image file's bytes as uint8 HWC RGB, as shown (``images.decode``); ``name`` names the
+    record in errors (one DataError).
 
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+    For 8-bit RGB and greyscale images without transparency this is the reference's
+    ``Image.open(p).convert("RGB")`` bit for bit; EXIF orientation is applied, and no MUFAC
+    image carries one (``images``' docstring), so MUFAC decodes exactly as in the reference.
+    """
+    return images.decode(data, name)
+
+
+def _record_name(dataset: str, index: int, record: dict[str, Any]) -> str:
+    file_name = record.get("file_name", b"")
+    if isinstance(file_name, bytes):
+        file_name = file_name.decode("utf-8", "replace")
+    return f"{dataset} record {index}" + (f" ({file_name})" if file_name else "")
 
 
 class DecodedSource(Sequence):
     """Records of a built real dataset with the image decoded and the identity of ``identities``
-    (the annotations': raw, or merged with ``dedup=merge``)."""
+    (the annotations': raw, or merged with ``dedup=merge``); ``name`` (the dataset) names a
+    record that cannot be decoded."""
 
-    def __init__(self, source: Sequence[dict[str, Any]], identities: np.ndarray):
+    def __init__(self, source: Sequence[dict[str, Any]], identities: np.ndarray,
+                 name: str = "dataset"):
         self.source = source
         self.identities = identities
+        self.name = name
 
     def __len__(self) -> int:
         return len(self.source)
@@ -74,7 +87,12 @@ class DecodedSource(Sequence):
         if not isinstance(index, (int, np.integer)):
             raise TypeError(f"records are read one index at a time, got {type(index).__name__}")
         record = self.source[int(index)]
-        return {"image": decode_image(record["image"]), "label": record["label"],
+        try:
+            image = decode_image(record["image"])
+        except images.ImageError as e:  # name the record (and its file) instead
+            raise images.ImageError(_record_name(self.name, int(index), record), e.reason
+                                    ) from None
+        return {"image": image, "label": record["label"],
                 "identity": self.identities[int(index)], "index": record["index"]}
 
 
@@ -170,13 +188,15 @@ def _load_real(dataset: str, data_cfg, tfds_dir: str, progress: bool) -> Dataset
 
     table = faces.FaceTable(dataset, data_dir, ann.files, ann.identities, labels,
                             tuple(c.sha256 for c in audit.checks))
-    records = faces.build(table, tfds_dir)
+    with files.naming(tfds_dir):
+        records = faces.build(table, tfds_dir)
     _check_records(dataset, records, ann)
     removed = 0
     if dedup == "merge":
         ann, removed = audit_lib.merge_identities(ann, audit.duplicate_groups)
-    return Dataset(dataset, labels.task, labels.names, DecodedSource(records, ann.identities), ann,
-                   audit, removed, _fingerprint(table.fingerprint(), ann))
+    return Dataset(dataset, labels.task, labels.names,
+                   DecodedSource(records, ann.identities, dataset), ann, audit, removed,
+                   _fingerprint(table.fingerprint(), ann))
 
 
 DATA_FOLDERS = {"celeba": "celeba", "celebahq": "CelebAMask-HQ", "mufac": "mufac"}
@@ -227,7 +247,8 @@ def _open(dataset: str, data_cfg, progress: bool) -> Dataset:
         from oneshui_jax.data import synthfaces
         from oneshui_jax.data.tfds_builders.synthfaces import SynthFaces, build_synthfaces
 
-        source = build_synthfaces(tfds_dir, data_cfg.synthfaces_config)
+        with files.naming(tfds_dir):
+            source = build_synthfaces(tfds_dir, data_cfg.synthfaces_config)
         ann = read_identities("synthfaces", synthfaces_config=data_cfg.synthfaces_config)
         _check_records(dataset, source, ann)
         generator = json.dumps(

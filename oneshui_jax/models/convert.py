@@ -22,8 +22,8 @@ Nothing is lost silently: the source head and image size are kept; a new head or
 position embedding needs ``--num_classes`` / ``--image_size`` and is printed. The run's model
 name is ``--model`` (a preset), else the preset with this architecture, else
 ``vit_<width>w_<depth>d_patch<p>_<S>``.
-Any error (a flag that contradicts the file, a file that is not a ViT) prints one
-``error: ...`` line, exits with status 2 and writes nothing.
+Any error (a flag that contradicts the file, a file that is not a ViT, an OUT inside the run
+directory IN) prints one ``error: ...`` line, exits with status 2 and writes nothing.
 """
 
 from __future__ import annotations
@@ -165,6 +165,8 @@ def convert(args: argparse.Namespace) -> tuple[str, int, int, list[str], ViTConf
     """
     if os.path.lexists(args.output):
         raise checkpoints.CheckpointError(f"{args.output} already exists; choose a new OUT")
+    if os.path.isdir(args.input):  # a run directory: OUT may not be written inside it
+        checkpoints.check_apart(args.output, (("the input run IN", args.input),), flag="OUT")
     problem = cannot_create(args.output)  # refused before the weights are read
     if problem:
         raise checkpoints.CheckpointError(f"OUT {args.output} cannot be created: {problem}")

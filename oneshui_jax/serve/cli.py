@@ -6,7 +6,8 @@
 
 :func:`serve_request` is the work: read and hash the portraits, load the :class:`Engine`
 (``serve/engine.py``: which model and method run), unlearn, write the output run directory and
-``receipt.json`` (``serve/request.py``). Every error a user can cause is one
+``receipt.json`` (``serve/request.py``). An ``--out`` inside a run it reads (the model, the
+method run), or holding one, is refused naming both paths. Every error a user can cause is one
 :class:`DataError` / :class:`ConfigError` / :class:`CheckpointError` raised before anything is
 written (``--out`` included: its folder is checked before any work); :func:`main` prints it as
 one ``error: ...`` line on stderr and returns 2, as it does an OSError while writing.
@@ -31,7 +32,7 @@ from collections.abc import Sequence
 
 import jax
 
-from oneshui_jax import checkpoints, locks
+from oneshui_jax import checkpoints, files, interrupts, locks
 from oneshui_jax.errors import CheckpointError, ConfigError, DataError
 from oneshui_jax.serve import request as request_lib
 from oneshui_jax.serve.engine import Engine
@@ -69,6 +70,9 @@ def _serve(checkpoint: str, portraits: Sequence[str], out: str, *,
     if not portraits:
         raise DataError("an empty request: give at least one --portrait")
     request_lib.check_output(out, overwrite, ())
+    given_runs = (("the run of --checkpoint", checkpoint), ("the run of --artifacts",
+                                                            artifacts_dir))
+    checkpoints.check_apart(out, given_runs, strict=True)  # inside or around: before any work
     read = [request_lib.read_portrait(path) for path in portraits]
     engine = Engine.from_checkpoint(checkpoint, artifacts_dir)
     model_meta, method_meta = engine.model_metadata, engine.method_metadata
@@ -77,6 +81,8 @@ def _serve(checkpoint: str, portraits: Sequence[str], out: str, *,
                           f"{method_meta['run_dir']} was made by {engine.method}")
     request_lib.check_output(out, overwrite,
                              (model_meta["run_dir"], method_meta["run_dir"], checkpoint))
+    checkpoints.check_apart(out, (("the model run", model_meta["run_dir"]),
+                                  ("the method run", method_meta["run_dir"])), strict=True)
     given = None if labels is None else request_lib.parse_labels(
         labels, engine.model.task, engine.model.num_classes)
     load_s = time.perf_counter() - start
@@ -204,17 +210,26 @@ def summary(receipt: Receipt) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (2: a request that cannot be served)."""
     logging.getLogger("absl").setLevel(logging.ERROR)
+    args = None
     try:
-        args = parse_args(argv)
-        receipt = serve_request(
-            args.checkpoint, args.portrait, args.out, artifacts_dir=args.artifacts,
-            identities=args.identity, labels=args.labels, request_id=args.request_id,
-            method=args.method, overwrite=args.overwrite)
+        with interrupts.handle():
+            args = parse_args(argv)
+            receipt = serve_request(
+                args.checkpoint, args.portrait, args.out, artifacts_dir=args.artifacts,
+                identities=args.identity, labels=args.labels, request_id=args.request_id,
+                method=args.method, overwrite=args.overwrite)
     except (CheckpointError, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # --out was checked up front; a race, a full disk (nothing is kept)
-        print(f"error: --out {args.out} cannot be written: {e.strerror or e}", file=sys.stderr)
+        print(f"error: {files.os_error_line(e, args.out if args else '')} (--out "
+              f"{args.out if args else '?'} cannot be written; nothing of the request was kept)",
+              file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: write_output removed its temporary copy
+        kept = (f"nothing of the request was written and {args.checkpoint} is unchanged"
+                if args is not None else "nothing was written")
+        interrupts.leave(e, f"while serving the request; {kept}; to retry, run the same "
+                         f"command: {interrupts.same_command(PROG.split()[-1], argv)}")
     print(summary(receipt))
     return 0

@@ -12,7 +12,10 @@ Where the model and the method run come from (:func:`resolve_sources`), given ``
 * a method run: its own method, config and artifacts, on the model it started from
   (``base_run_dir``, the pretrained model);
 * a request's output (``stage: "request"``): the model is that output and the method run the
-  one it recorded (``method_run_dir``), so deletions chain with no flag;
+  one it recorded (``method_run_dir``), so deletions chain with no flag; the output's
+  ``receipt.json`` must be there, of a known version, and name its request and the hash of its
+  parameters (``request.check_receipt``; ``load_params`` checks that hash against the
+  parameters);
 * any other run (a pretrained model): the model is that run, the method run ``--artifacts``.
 
 ``--artifacts RUN_DIR`` always names the method run (on a method run, the model is still its
@@ -51,6 +54,7 @@ from oneshui_jax import checkpoints
 from oneshui_jax.data import catalog, transforms
 from oneshui_jax.errors import CheckpointError, ConfigError, DataError
 from oneshui_jax.models import vit
+from oneshui_jax.serve import request as request_lib
 from oneshui_jax.serve.request import REQUEST_STAGE
 from oneshui_jax.unlearn import api, registry
 
@@ -252,6 +256,8 @@ class Engine:
             raise CheckpointError(f"the method run {method_dir} is not finished (status "
                                   f"{method_meta['status']!r}); finish it with the study first")
         check_pair(model_meta, method_meta)
+        if model_meta.get("stage") == REQUEST_STAGE:  # a chained request: its parent's receipt
+            request_lib.check_receipt(model_dir, model_meta)
         try:
             cfg = api.config_from_record(name, module, method_meta["method_config"])
         except ConfigError as e:

@@ -1,29 +1,31 @@
 """What a deletion request brings in and takes away: portraits, labels, the output and receipt.
 
 The person's side of serving (paper section 3: a person hands in portraits of themselves, the
-1-SHUI support images): :func:`read_portrait` reads any image PIL reads (EXIF orientation applied)
-and hashes the file, :func:`parse_labels` reads ``--labels``. On the way out,
-:func:`check_output` refuses an output directory that would overwrite something it must not,
-and :func:`write_output` writes the unlearned model as a run directory (``params/``,
-``metadata.json``) and then :class:`Receipt` as ``receipt.json``, atomically and last, removing
-the directory again if anything fails. Nothing here knows which method unlearned.
+1-SHUI support images): :func:`read_portrait` reads any image PIL reads, as it is shown
+(``data/images.py``: EXIF orientation, 16-bit and float greyscale, palettes, alpha over white;
+regular files only, with byte and pixel caps), and hashes the file, :func:`parse_labels` reads
+``--labels``. On the way out, :func:`check_output` refuses an output directory that would
+overwrite something it must not, and :func:`write_output` writes the unlearned model as a run
+directory (``params/``, ``metadata.json``) and then :class:`Receipt` as ``receipt.json``,
+atomically and last, removing the directory again if anything fails. Nothing here knows which
+method unlearned.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
+import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from oneshui_jax import checkpoints, files
-from oneshui_jax.errors import ConfigError, DataError
+from oneshui_jax.data import images
+from oneshui_jax.errors import CheckpointError, ConfigError
 
 RECEIPT_FILE = "receipt.json"
 # 2: any servable method (access, method_config, artifacts_*); 3: params_digest_before/after
@@ -36,25 +38,18 @@ REQUEST_STAGE = "request"  # the ``stage`` of a request's output run directory
 # Coming in
 
 
-def read_portrait(path: str) -> tuple[np.ndarray, str]:
-    """``(uint8 RGB HxWx3 array, sha256 of the file)``; EXIF orientation applied.
+def read_portrait(path: str, *, max_bytes: int = images.DEFAULT_MAX_BYTES,
+                  max_pixels: int = images.DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
+    """``(uint8 RGB HxWx3 array, sha256 of the file)``: the image as it is shown
+    (``images.decode``: EXIF orientation applied, alpha over white, 16-bit scaled to 8).
 
-    Any format PIL reads; a missing, unreadable or corrupt file raises one DataError naming it.
+    Any format PIL reads, from a regular file of at most ``max_bytes`` bytes and ``max_pixels``
+    pixels; anything else (missing, a pipe or device, corrupt, too large, pixel values out of
+    range) raises one DataError ``cannot read portrait <path>: ...``.
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        with Image.open(io.BytesIO(data)) as image:
-            rgb = ImageOps.exif_transpose(image).convert("RGB")
-    except UnidentifiedImageError:
-        raise DataError(f"cannot read portrait {path}: not an image in a format PIL reads "
-                        "(jpg, png, webp, ...)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot read portrait {path}: {e}") from None
-    array = np.asarray(rgb, dtype=np.uint8)
-    if not all(array.shape):
-        raise DataError(f"portrait {path} is empty ({array.shape[1]}x{array.shape[0]} pixels)")
-    return array, hashlib.sha256(data).hexdigest()
+    image, data = images.read(path, name=f"portrait {path}", max_bytes=max_bytes,
+                              max_pixels=max_pixels)
+    return image, hashlib.sha256(data).hexdigest()
 
 
 def parse_labels(specs: Sequence[str], task: str, num_classes: int) -> list[Any]:
@@ -135,6 +130,42 @@ class Receipt:
         """The receipt as plain JSON values (``receipt_version`` first)."""
         record = files.to_json(self)
         return {"receipt_version": record.pop("receipt_version"), **record}
+
+
+def check_receipt(run_dir: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The receipt of the request output ``run_dir`` (``metadata``: its ``metadata.json``), as
+    a request chained on it checks it: a JSON object of a known ``receipt_version`` whose
+    ``request_id`` is the output's and whose ``params_hash_after`` is the ``params_hash`` of
+    its parameters (which ``load_params`` checks against the parameters themselves). Anything
+    else is one CheckpointError naming the receipt: the parameters cannot be traced to the
+    request that made them."""
+    path = os.path.join(run_dir, RECEIPT_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing: {run_dir} is a request's output, and its "
+                              "receipt says which request made its parameters; chain requests "
+                              "from a complete output")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            receipt = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not readable JSON ({e}); chain requests from a "
+                              "complete output") from None
+    version = receipt.get("receipt_version") if isinstance(receipt, dict) else None
+    if type(version) is not int or not 1 <= version <= RECEIPT_VERSION:
+        raise CheckpointError(f"{path} has receipt_version {version!r}; this version reads "
+                              f"receipts 1..{RECEIPT_VERSION} (written by a newer oneshui_jax, "
+                              "or not a receipt)")
+    after, recorded = receipt.get("params_hash_after"), metadata.get("params_hash")
+    if after != recorded:
+        raise CheckpointError(f"{path} records params_hash_after {str(after)[:16]}... but the "
+                              f"parameters of {run_dir} have sha256 {str(recorded)[:16]}... "
+                              f"({checkpoints.METADATA_FILE}): the receipt is not the one of "
+                              "these parameters")
+    if receipt.get("request_id") != metadata.get("request_id"):
+        raise CheckpointError(f"{path} is the receipt of request {receipt.get('request_id')!r}, "
+                              f"but {run_dir} is the output of request "
+                              f"{metadata.get('request_id')!r}")
+    return receipt
 
 
 def check_output(out: str, overwrite: bool, sources: Sequence[str]) -> None:

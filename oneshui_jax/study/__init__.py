@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 
-from oneshui_jax import metrics, report, sharding
+from oneshui_jax import interrupts, metrics, report, sharding
 from oneshui_jax.study import privacy
 from oneshui_jax.study.context import Context, evaluate_splits, initial_params, prepare
 from oneshui_jax.study.stages import method_stage, run_stage, train_stage
@@ -47,6 +47,7 @@ def run(config) -> list[dict]:
     init = initial_params(ctx)
     records, trained = [], {}
     for stage in config.stages:
+        interrupts.check()
         if stage in TRAINING_STAGES:
             record, trained[stage] = train_stage(ctx, stage, init)
         else:
@@ -65,5 +66,6 @@ def run(config) -> list[dict]:
     report.write_report(config.workdir, records, config=config.to_dict(), extra={
         "splits": {k: len(v) for k, v in ctx.splits.to_dict().items()},
         "data_audit": ctx.data_audit,
+        "data_fingerprint": ctx.dataset.fingerprint,  # report.load_records compares it
         "seconds": time.perf_counter() - start})
     return records

@@ -45,7 +45,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from oneshui_jax import checkpoints, files
+from oneshui_jax import checkpoints, config_lib, files
 from oneshui_jax.errors import CheckpointError, ConfigError, DataError
 from oneshui_jax.study import privacy, reuse
 from oneshui_jax.study.context import Context
@@ -90,7 +90,7 @@ def results_problem(config) -> str | None:
     """Why ``<workdir>/results.json`` is not the report of this config's study, or None."""
     path = os.path.join(os.path.expanduser(config.workdir), RESULTS_FILE)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             stored = json.load(f).get("config")
     except FileNotFoundError:
         return f"{path} does not exist"
@@ -214,8 +214,14 @@ def load_config(args: Sequence[str]):
         field, _, hint = text.strip().partition(" ")
         raise ValueError(f"unknown config field {field.strip(chr(34))!r}; "
                          + (hint.strip() or "expected a field the config file defines")) from None
-    except (flags.Error, OSError, SyntaxError, TypeError, ValueError) as e:
-        raise ValueError(_last_line(str(e)) or type(e).__name__) from None
+    except Exception as e:  # the config file's own code raised, or a flag, or the file
+        path = next((a.split("=", 1)[1].split(":", 1)[0] for a in args
+                     if a.startswith("--config=")), "")
+        line = config_lib.raised_in_file(e, path) if path else None
+        if line is None and not isinstance(e, flags.Error | OSError | SyntaxError | TypeError
+                                           | ValueError):
+            raise
+        raise ValueError(line or _last_line(str(e)) or type(e).__name__) from None
     if config is None:
         raise ValueError("the config file returned no config")
     return config

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from oneshui_jax import checkpoints, files, sharding
+from oneshui_jax import checkpoints, files, interrupts, sharding
 from oneshui_jax import train as train_lib
 from oneshui_jax.data import pipeline
 from oneshui_jax.mia import rmia
@@ -189,6 +189,7 @@ def signals(ctx: Context, params, passes: Passes,
     for k in range(passes.count):
         losses = []
         for batch in passes.batches(k):
+            interrupts.check()
             placed = sharding.shard_batch((batch["image"], batch["label"]))
             _, batch_losses = step(params, *placed)
             losses.append(np.asarray(batch_losses)[np.asarray(batch["mask"])])

@@ -3,6 +3,12 @@
 ``validate_config`` rejects unknown stages, the training settings, the model and every method's
 ``Config`` (``unlearn/api.make_config``), so ``--config.meta_unlearn.loss_type=bogus`` fails in
 the first second with one line naming the setting, not after pretraining and retraining.
+
+Numeric settings are checked from one schema (:func:`declared_ranges`): :data:`SETTINGS` for the
+study's own (seeds, sizes, the privacy evaluation's passes and batches), ``TrainConfig.RANGES``
+for ``config.train`` and each method ``Config``'s ``RANGES`` for its block; each range is an
+``api.Range`` (``COUNT``, ``SEED``, ``LEARNING_RATE``, ...). A value outside its range is one
+ConfigError naming ``config.<path>``, the value and the range.
 """
 
 from __future__ import annotations
@@ -14,6 +20,32 @@ from oneshui_jax.models import vit
 from oneshui_jax.unlearn import api, registry
 
 TRAINING_STAGES = {"pretrain": "train", "retrain": "retain"}  # stage -> identities it fits
+
+SETTINGS: dict[str, api.Range] = {
+    "num_identities": api.COUNT,
+    "seed": api.SEED,
+    "split_seed": api.Range(f"an int seed in [0, {api.MAX_SEED}] or None (the split follows "
+                            "config.seed)", integer=True, low=0, high=api.MAX_SEED, optional=True),
+    "checkpoint_every_s": api.Range("a finite number of seconds >= 0 (0: save at every epoch "
+                                    "or request)", low=0.0),
+    "data.image_size": api.COUNT,
+    "data.crop_scale": api.Range("two numbers 0 < low <= high <= 1 (RandomResizedCrop's area "
+                                 "range)", low=0.0, low_open=True, high=1.0, sequence=True,
+                                 length=2, ordered=True),
+    "data.num_threads": api.Range("an int >= 0 (0: read in the calling thread)", integer=True,
+                                  low=0),
+    "data.eval_batch_size": api.COUNT,
+    "mia.passes": api.Range("an int >= 1 and <= 255 (votes are counted in uint8)",
+                            integer=True, low=1, high=255),
+    "mia.batch_size": api.COUNT,
+    "mia.subsample_z": api.COUNT,
+    "mia.subsample_val": api.COUNT,
+    "mia.cache_mb": api.Range("a finite number of MB >= 0", low=0.0),
+    "mesh.data": api.Range("-1 (every device) or a number of devices >= 1", integer=True, low=1,
+                           also=(-1,)),
+}
+"""The range of every numeric setting of the study outside ``config.train`` and the method
+blocks (dotted paths under ``config``); an absent setting keeps its default."""
 
 
 def train_config(config, task: str) -> train_lib.TrainConfig:
@@ -37,6 +69,48 @@ def method_config(config, name: str, task: str):
     return api.make_config(name, module, block, task=task)
 
 
+_ABSENT = object()
+
+
+def _value(config, path: str):
+    """The value at the dotted ``path`` of ``config``, or ``_ABSENT`` where a block or key is
+    missing (the code's default then applies)."""
+    node = config
+    for key in path.split("."):
+        if not hasattr(node, "keys") or key not in node.keys():
+            return _ABSENT
+        node = node[key]
+    return node
+
+
+def declared_ranges(config) -> dict[str, api.Range]:
+    """The range of every numeric setting ``config`` may hold, by dotted path under ``config``:
+    :data:`SETTINGS`, ``train.<field>`` (``TrainConfig.RANGES``) and ``<block>.<field>`` for
+    every method block, a method's or a variant's (its ``Config.RANGES``)."""
+    ranges = dict(SETTINGS)
+    ranges.update({f"train.{k}": r for k, r in train_lib.TrainConfig.RANGES.items()})
+    for name in config.keys():
+        if not registry.is_method(config, name):
+            continue
+        try:
+            _, module = registry.resolve(config, name)
+        except ConfigError:  # a variant of no method: refused if it is a stage
+            continue
+        ranges.update({f"{name}.{k}": r for k, r in module.Config.RANGES.items()})
+    return ranges
+
+
+def check_ranges(config, paths) -> None:
+    """Every setting of ``paths`` (dotted, under ``config``) that ``config`` holds, checked
+    against its range in :func:`declared_ranges`: one ConfigError naming the first one out of
+    range, its value and the range."""
+    ranges = declared_ranges(config)
+    for path in paths:
+        value = _value(config, path)
+        if value is not _ABSENT:
+            ranges[path].check(f"config.{path}", value)
+
+
 def validate_config(config) -> None:
     """One ConfigError for the first thing that would fail later; nothing is read or written."""
     unknown = [s for s in config.stages
@@ -48,19 +122,8 @@ def validate_config(config) -> None:
     if len(set(config.stages)) != len(config.stages):
         raise ConfigError(f"config.stages lists a stage twice: {tuple(config.stages)}")
     task = catalog.spec(config.dataset).task
-    if config.num_identities < 1:
-        raise ConfigError(f"config.num_identities must be >= 1, got {config.num_identities}")
-    if config.train.epochs < 1 or config.train.batch_size < 1:
-        raise ConfigError("config.train.epochs and config.train.batch_size must be >= 1")
-    data = (config.get("mesh") or {}).get("data", -1)
-    if isinstance(data, bool) or not isinstance(data, int) or not (data == -1 or data >= 1):
-        raise ConfigError(f"config.mesh.data must be -1 (every device) or a number of devices "
-                          f">= 1, got {data!r}")
-    value = config.get("split_seed")
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                              or value < 0):
-        raise ConfigError(f"config.split_seed must be a seed (an int >= 0) or None (the split "
-                          f"follows config.seed), got {value!r}")
+    # The study's own numbers and config.train's; the method stages' through make_config below.
+    check_ranges(config, [*SETTINGS, *(f"train.{k}" for k in train_lib.TrainConfig.RANGES)])
     mia = config.get("mia") or {}
     for key in ("loss_rf", "rmia"):
         if not isinstance(mia.get(key, False), bool):
@@ -71,17 +134,6 @@ def validate_config(config) -> None:
     if subsample not in SUBSAMPLE_MODES:
         raise ConfigError(f"config.mia.subsample is {subsample!r}; expected one of "
                           f"{SUBSAMPLE_MODES}")
-    sizes = ("subsample_z", "subsample_val") if subsample != "none" else ()
-    for key in ("passes", "batch_size", *sizes):
-        value = mia.get(key, 1)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"config.mia.{key} must be an int >= 1, got {value!r}")
-    cache_mb = mia.get("cache_mb", 0)
-    if isinstance(cache_mb, bool) or not isinstance(cache_mb, (int, float)) or not cache_mb >= 0:
-        raise ConfigError(f"config.mia.cache_mb must be a number of MB >= 0, got {cache_mb!r}")
-    if mia.get("passes", 1) > 255:
-        raise ConfigError(f"config.mia.passes must be at most 255 (votes are counted in uint8), "
-                          f"got {mia.get('passes')}")
     if mia.get("rmia_variant", "reference") not in VARIANTS:
         raise ConfigError(f"config.mia.rmia_variant is {mia.get('rmia_variant')!r}; expected "
                           f"one of {VARIANTS}")
@@ -89,10 +141,6 @@ def validate_config(config) -> None:
         raise ConfigError("config.mia.rmia needs the retrained model (the reference model of "
                           "pretrain and the start of every other reference model): add "
                           "'retrain' to config.stages")
-    every = config.get("checkpoint_every_s", 0.0)
-    if isinstance(every, bool) or not isinstance(every, (int, float)) or not every >= 0:
-        raise ConfigError(f"config.checkpoint_every_s must be a number of seconds >= 0, got "
-                          f"{every!r}")
     if not isinstance(config.get("wait_for_lock", True), bool):
         raise ConfigError("config.wait_for_lock must be True (wait for another process running "
                           f"a stage) or False (stop), got {config.wait_for_lock!r}")

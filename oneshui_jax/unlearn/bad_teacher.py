@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from oneshui_jax import optim, sharding
+from oneshui_jax import interrupts, optim, sharding
 from oneshui_jax.data import pipeline
 from oneshui_jax.models import vit
 from oneshui_jax.unlearn import api, scrub
@@ -70,6 +70,8 @@ class Config:
     # "softmax": one categorical over the multi-label logits (Q20, faithful); "bernoulli": fix.
     kl: str = "softmax"
     compute_dtype: str = "bfloat16"  # forward passes (the reference's autocast)
+
+    RANGES = scrub.COMMON_RANGES  # every numeric setting's range (api.check_ranges)
 
     def __post_init__(self):
         scrub.check_common("bad_teacher", self)
@@ -169,6 +171,7 @@ def unlearn(model: api.Model, params: Params, artifacts: api.Artifacts, request:
             lr = jnp.float32(optim.epoch_cosine(cfg.lr, epoch, cfg.epochs))
             epoch_losses = []
             for batch in next(epochs, ()):
+                interrupts.check()
                 device = scrub.device_batch(batch)
                 device["forget"] = sharding.shard_batch(forget_flags(batch["index"], forget))
                 student, opt_state, loss = step(student, opt_state, smart, dumb, device, lr)
@@ -177,6 +180,7 @@ def unlearn(model: api.Model, params: Params, artifacts: api.Artifacts, request:
                 bar.update()
             history.append({"epoch": epoch, "lr": float(lr), "steps": len(epoch_losses),
                             "loss": scrub.mean_or_none(epoch_losses)})
+            scrub.diverged(history[-1], "bad_teacher", epoch, cfg)
     info = {"steps": steps, "forget_images": int(forget.size), "retain_images": int(retain.size),
             "kl": cfg.kl, "history": history}
     return student, info

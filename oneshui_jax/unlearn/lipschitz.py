@@ -50,15 +50,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from oneshui_jax.errors import ConfigError
+from oneshui_jax import interrupts
+from oneshui_jax.errors import METHOD_KEPT, ConfigError, check_finite
 from oneshui_jax.unlearn import api
 
 ACCESS = api.SUPPORT
@@ -84,29 +82,17 @@ class Config:
     zero_grad_between_batches: bool = False
     compute_dtype: str = "float32"  # the reference runs this method in float32
 
+    RANGES = {"batch_size": api.COUNT, "lr": api.NON_NEGATIVE,  # api.check_ranges
+              "weighting": api.POSITIVE, "n_samples": api.COUNT}
+
     def __post_init__(self):
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ConfigError(f"config.lipschitz.compute_dtype must be one of {COMPUTE_DTYPES}, "
                               f"got {self.compute_dtype!r}")
-        for name in ("batch_size", "n_samples"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-                raise ConfigError(f"config.lipschitz.{name} must be an integer >= 1, got "
-                                  f"{value!r}")
-        if not (_number(self.lr) and self.lr >= 0):
-            raise ConfigError(f"config.lipschitz.lr must be a finite number >= 0, got "
-                              f"{self.lr!r}")
-        if not (_number(self.weighting) and self.weighting > 0):
-            raise ConfigError(f"config.lipschitz.weighting (the noise σ) must be a finite "
-                              f"number > 0, got {self.weighting!r}")
+        api.check_ranges(self, "config.lipschitz")
         if not isinstance(self.zero_grad_between_batches, bool):
             raise ConfigError(f"config.lipschitz.zero_grad_between_batches must be true or "
                               f"false, got {self.zero_grad_between_batches!r}")
-
-
-def _number(value: Any) -> bool:
-    return (isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
-            and math.isfinite(value))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,8 +225,14 @@ def unlearn(model: api.Model, params: Params, artifacts: api.Artifacts, request:
     accumulated = jax.tree.map(jnp.zeros_like, params)
     losses = []
     for k, batch in enumerate(api.request_batches(request, cfg.batch_size)):
+        interrupts.check()
         params, accumulated, loss = step(params, accumulated, batch["image"], batch["mask"],
                                          rng, jnp.uint32(k), sigma, lr, zero_grad)
         losses.append(loss)
-    return params, {"loss": [float(v) for v in losses], "batches": len(losses),
+    losses = [float(v) for v in losses]
+    for k, loss in enumerate(losses):
+        check_finite({"loss": loss}, where="lipschitz", when=f"batch {k} of the request",
+                     kept=METHOD_KEPT,
+                     advice=f"Lower config.lipschitz.lr ({cfg.lr:g}) or check the portraits")
+    return params, {"loss": losses, "batches": len(losses),
                     "zero_grad_between_batches": cfg.zero_grad_between_batches}

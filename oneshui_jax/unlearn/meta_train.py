@@ -37,7 +37,8 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from oneshui_jax import metric_writer, sharding
+from oneshui_jax import interrupts, metric_writer, sharding
+from oneshui_jax.errors import check_finite
 from oneshui_jax.models import meta_loss
 from oneshui_jax.unlearn import api, meta_diagnostics, simulated
 from oneshui_jax.unlearn import meta_unlearn as mu
@@ -141,6 +142,15 @@ def _request_data(data: api.TrainData, request, cfg: mu.Config, rows,
     return (sharding.shard_batch(support), *outer)
 
 
+def _kept(checkpointer, saved: tuple[int, int] | None) -> str:
+    """What a diverged meta-training kept: its last save (epoch, request, folder), if any."""
+    if checkpointer is None or saved is None:
+        return "nothing of this stage was saved"
+    where = getattr(checkpointer, "directory", None)
+    return (f"the last good state was kept: the save at epoch {saved[0]}, request {saved[1]}"
+            f"{f' in {where}' if where else ''}")
+
+
 def meta_train(model: api.Model, theta, data: api.TrainData, cfg: mu.Config,
                ml_cfg: meta_loss.MetaLossConfig, rng: jax.Array,
                checkpoint_every: int = CHECKPOINT_EVERY) -> MetaTrainResult:
@@ -163,8 +173,10 @@ def meta_train(model: api.Model, theta, data: api.TrainData, cfg: mu.Config,
     state = {"epoch": 0, "request": 0, "history": []}
     arrays = sharding.replicate(arrays)
     restored = checkpointer.restore(arrays) if checkpointer is not None else None
+    saved = None  # (epoch, request) of the last save, for the message if the loss diverges
     if restored is not None:
         arrays, state = restored
+        saved = (state["epoch"], state["request"])
         logging.info("meta_unlearn: resuming at epoch %d, request %d", state["epoch"],
                      state["request"])
     theta = sharding.replicate(theta)
@@ -196,6 +208,7 @@ def meta_train(model: api.Model, theta, data: api.TrainData, cfg: mu.Config,
                    unit="request", disable=not progress, dynamic_ncols=True, leave=False)
         losses, pending = [], []
         for i in range(first, len(requests)):
+            interrupts.check()
             data_rng = np.random.default_rng([seed, epoch, i])
             support, forget, val, retain = _request_data(data, requests[i], cfg, rows, data_rng,
                                                          num_batches)
@@ -222,10 +235,11 @@ def meta_train(model: api.Model, theta, data: api.TrainData, cfg: mu.Config,
             writer.scalars(epoch * len(requests) + i + 1,
                            {"meta_train/outer_loss": losses[-1],
                             "meta_train/meta_loss": meta_loss_now})
-            if not np.isfinite(losses[-1]):
-                raise FloatingPointError(
-                    f"meta_unlearn: the outer loss became {losses[-1]} (epoch {epoch}, request "
-                    f"{i}); lower config.meta_unlearn.lr or meta_lr.")
+            check_finite({"outer loss": losses[-1]}, where="meta_unlearn",
+                         when=f"epoch {epoch} (epochs 0-{len(stream) - 1}), request {i}",
+                         kept=_kept(checkpointer, saved),
+                         advice=f"Lower config.meta_unlearn.lr ({cfg.lr:g}) or meta_lr "
+                                f"({cfg.meta_lr:g})")
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}",
                             meta_loss=f"{meta_loss_now:.4f}")
@@ -234,6 +248,7 @@ def meta_train(model: api.Model, theta, data: api.TrainData, cfg: mu.Config,
             state.update(epoch=epoch, request=i + 1)
             if checkpointer is not None and (i + 1) % checkpoint_every == 0:
                 checkpointer.save(epoch * 1_000_000 + i + 1, arrays, state)
+                saved = (epoch, i + 1)
         bar.close()
         record = {"epoch": epoch, "outer_loss": float(np.mean(losses)) if losses else None,
                   "lr": float(lr), "requests": len(requests)}
@@ -248,6 +263,7 @@ def meta_train(model: api.Model, theta, data: api.TrainData, cfg: mu.Config,
         state.update(epoch=epoch + 1, request=0)
         if checkpointer is not None:
             checkpointer.save((epoch + 1) * 1_000_000, arrays, state)
+            saved = (epoch + 1, 0)
     scale, searched = 1.0, None
     if cfg.step_control != "none":
         scale, searched = line_search(losses_fn, theta, arrays["phi"], validation,

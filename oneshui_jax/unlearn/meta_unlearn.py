@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -109,6 +108,16 @@ class Config:
     # memory, more compute, the same numbers. Not in the stage fingerprint (study/reuse.py).
     remat: bool = False
 
+    RANGES = {  # every numeric setting's range (api.check_ranges), one ConfigError for each
+        "epochs": api.COUNT, "lr": api.NON_NEGATIVE, "weight_decay": api.NON_NEGATIVE,
+        "meta_lr": api.NON_NEGATIVE, "batch_size": api.COUNT,
+        "num_identities_simulation": api.COUNT, "forget_epochs": api.COUNT,
+        "hidden_size": api.COUNT, "num_layers": api.COUNT_OR_ZERO, "dropout": api.BELOW_ONE,
+        "simulated_draws_per_epoch": api.COUNT, "validation_requests": api.COUNT_OR_ZERO,
+        "step_scales": api.NON_NEGATIVE_LIST, "relative_step": api.NON_NEGATIVE,
+        "requests_per_update": api.COUNT, "task_ascent": api.NON_NEGATIVE,
+    }
+
     def __post_init__(self):
         checks = {
             "loss_type": (self.loss_type, losses.LOSS_TYPES),
@@ -121,30 +130,10 @@ class Config:
             if value not in allowed:
                 raise ConfigError(f"config.meta_unlearn.{name} must be one of {allowed}, "
                                   f"got {value!r}")
-        for name in ("epochs", "batch_size", "num_identities_simulation", "forget_epochs",
-                     "simulated_draws_per_epoch", "hidden_size", "requests_per_update"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"config.meta_unlearn.{name} must be >= 1, "
-                                  f"got {getattr(self, name)}")
-        if self.num_layers < 0:
-            raise ConfigError(f"config.meta_unlearn.num_layers must be >= 0, got "
-                              f"{self.num_layers}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"config.meta_unlearn.dropout must be in [0, 1), got "
-                              f"{self.dropout}")
-        for name in ("lr", "meta_lr", "weight_decay", "relative_step", "task_ascent"):
-            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
-                raise ConfigError(f"config.meta_unlearn.{name} must be a finite number >= 0, "
-                                  f"got {getattr(self, name)}")
+        api.check_ranges(self, "config.meta_unlearn")
         if not isinstance(self.remat, bool):
             raise ConfigError(f"config.meta_unlearn.remat must be True or False, got "
                               f"{self.remat!r}")
-        if self.validation_requests < 0:
-            raise ConfigError(f"config.meta_unlearn.validation_requests must be >= 0, got "
-                              f"{self.validation_requests}")
-        if not self.step_scales or any(not math.isfinite(a) or a < 0 for a in self.step_scales):
-            raise ConfigError(f"config.meta_unlearn.step_scales must be finite numbers >= 0, "
-                              f"got {self.step_scales!r}")
         if self.step_control != "none" and self.validation_requests < 1:
             raise ConfigError(f"config.meta_unlearn.step_control={self.step_control!r} chooses "
                               "the step length on held-out simulated requests: set "

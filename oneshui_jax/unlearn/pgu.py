@@ -78,9 +78,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from oneshui_jax import losses, optim, sharding
+from oneshui_jax import interrupts, losses, optim, sharding
 from oneshui_jax.data import pipeline
-from oneshui_jax.errors import ConfigError
+from oneshui_jax.errors import METHOD_KEPT, ConfigError, check_finite
 from oneshui_jax.models import vit
 from oneshui_jax.models.tree import Path, get_path
 from oneshui_jax.unlearn import api
@@ -114,6 +114,9 @@ class Config:
     reverse_bce: str = "index"
     compute_dtype: str = "bfloat16"  # the forward of the update steps (covariances: float32)
 
+    RANGES = {"batch_size": api.COUNT, "lr": api.NON_NEGATIVE,  # api.check_ranges
+              "epochs": api.COUNT, "gamma": api.FRACTION}
+
     def __post_init__(self):
         if self.task not in TASKS:
             raise ConfigError(f"config.pgu.task must be one of {TASKS}, got {self.task!r}")
@@ -126,13 +129,7 @@ class Config:
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ConfigError(f"config.pgu.compute_dtype must be bfloat16 or float32, got "
                               f"{self.compute_dtype!r}")
-        if not (math.isfinite(self.gamma) and 0.0 <= self.gamma <= 1.0):
-            raise ConfigError(f"config.pgu.gamma must be in [0, 1], got {self.gamma!r}")
-        if not (math.isfinite(self.lr) and self.lr >= 0.0):
-            raise ConfigError(f"config.pgu.lr must be a finite number >= 0, got {self.lr!r}")
-        for name in ("batch_size", "epochs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"config.pgu.{name} must be >= 1, got {getattr(self, name)}")
+        api.check_ranges(self, "config.pgu")
 
 # ---------------------------------------------------------------------------------------------
 # Layers and their input covariances
@@ -230,6 +227,7 @@ def accumulate_covariances(model_cfg: vit.ViTConfig, params: Params, batches, *,
            for name, path in layer_paths(model_cfg).items()}
     for batch in tqdm(batches, desc=desc, total=total, unit="batch", disable=not progress,
                       leave=False):
+        interrupts.check()
         acc = step(params, acc, *sharding.shard_batch((batch["image"], batch["mask"])))
     return acc
 
@@ -397,10 +395,14 @@ def unlearn(model: api.Model, params: Params, artifacts: api.Artifacts, request:
         order = np.asarray(jax.random.permutation(jax.random.fold_in(rng, epoch), n))
         batch_losses = []
         for batch in api.request_batches(request, batch_size, order):
+            interrupts.check()
             kernels, loss = step(params, kernels, projections, batch, lr)
             batch_losses.append(loss)
             steps += 1
         epoch_losses.append(float(np.mean(jax.device_get(batch_losses))))
+        check_finite({"loss": epoch_losses[-1]}, where="pgu",
+                     when=f"epoch {epoch} (epochs 0-{cfg.epochs - 1})", kept=METHOD_KEPT,
+                     advice=f"Lower config.pgu.lr ({cfg.lr:g}) or check the portraits")
     new = _with_kernels(params, {paths[name]: k for name, k in kernels.items()})
     return new, {"updated_layers": len(kernels), "ranks": ranks, "steps": steps,
                  "loss": epoch_losses}

@@ -60,7 +60,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import math
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -71,9 +70,9 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from oneshui_jax import losses, optim, sharding
+from oneshui_jax import interrupts, losses, optim, sharding
 from oneshui_jax.data import pipeline
-from oneshui_jax.errors import ConfigError
+from oneshui_jax.errors import METHOD_KEPT, ConfigError, check_finite
 from oneshui_jax.unlearn import api
 
 ACCESS = api.FULL
@@ -87,9 +86,14 @@ Params = Any
 Batch = Mapping[str, Any]  # image [B, S, S, 3], label [B, C] or [B], mask bool [B], index [B]
 
 
+# The ranges of the numeric settings SCRUB and Bad Teacher share (api.check_ranges).
+COMMON_RANGES = {"epochs": api.COUNT, "lr": api.NON_NEGATIVE, "momentum": api.MOMENTUM,
+                 "weight_decay": api.NON_NEGATIVE, "batch_size": api.COUNT}
+
+
 def check_common(method: str, cfg: Any) -> None:
     """ConfigErrors naming ``config.<method>.<field>`` for the settings SCRUB and Bad Teacher
-    share (task, kl, compute_dtype, epochs, batch_size, lr, momentum, weight_decay)."""
+    share (task, kl, compute_dtype), then every range of ``cfg.RANGES``."""
     where = f"config.{method}"
     for name, allowed in (("task", TASKS), ("kl", KL_KINDS), ("compute_dtype", COMPUTE_DTYPES)):
         if getattr(cfg, name) not in allowed:
@@ -99,15 +103,7 @@ def check_common(method: str, cfg: Any) -> None:
         raise ConfigError(f"{where}.kl='bernoulli' is the per-label KL of multi-label tasks; a "
                           f"{cfg.task} model's softmax is already its distribution (use "
                           f"'softmax')")
-    for name in ("epochs", "batch_size"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{where}.{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("lr", "weight_decay"):
-        value = getattr(cfg, name)
-        if not (math.isfinite(value) and value >= 0.0):
-            raise ConfigError(f"{where}.{name} must be a finite number >= 0, got {value!r}")
-    if not (math.isfinite(cfg.momentum) and 0.0 <= cfg.momentum < 1.0):
-        raise ConfigError(f"{where}.momentum must be in [0, 1), got {cfg.momentum!r}")
+    api.check_ranges(cfg, where)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,21 +134,12 @@ class Config:
     kl: str = "softmax"
     compute_dtype: str = "bfloat16"  # forward passes (the reference's autocast)
 
+    RANGES = {**COMMON_RANGES, "batch_size_retain": api.COUNT,
+              "forgetting_epochs": api.COUNT_OR_ZERO, "alpha": api.NON_NEGATIVE,
+              "gamma": api.NON_NEGATIVE, "temperature": api.POSITIVE}
+
     def __post_init__(self):
         check_common("scrub", self)
-        if self.batch_size_retain < 1:
-            raise ConfigError(f"config.scrub.batch_size_retain must be >= 1, got "
-                              f"{self.batch_size_retain}")
-        if self.forgetting_epochs < 0:
-            raise ConfigError(f"config.scrub.forgetting_epochs must be >= 0, got "
-                              f"{self.forgetting_epochs}")
-        if not (math.isfinite(self.temperature) and self.temperature > 0.0):
-            raise ConfigError(f"config.scrub.temperature must be a finite number > 0, got "
-                              f"{self.temperature!r}")
-        for name in ("alpha", "gamma"):
-            if not math.isfinite(getattr(self, name)):
-                raise ConfigError(f"config.scrub.{name} must be a finite number, got "
-                                  f"{getattr(self, name)!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,6 +315,15 @@ def mean_or_none(values: list) -> float | None:
     return float(np.mean(jax.device_get(values))) if values else None
 
 
+def diverged(record: dict, method: str, epoch: int, cfg) -> None:
+    """``TrainingDiverged`` when a number of the epoch's ``record`` (its mean losses, KL, norm)
+    is NaN or infinite: the method stops at the end of that epoch (SCRUB, Bad Teacher)."""
+    check_finite({k: v for k, v in record.items() if k not in ("epoch", "lr")
+                  and isinstance(v, float)}, where=method,
+                 when=f"epoch {epoch} (epochs 0-{cfg.epochs - 1})", kept=METHOD_KEPT,
+                 advice=f"Lower config.{method}.lr ({cfg.lr:g}) or check the data")
+
+
 # ---------------------------------------------------------------------------------------------
 # The method
 
@@ -364,6 +360,7 @@ def unlearn(model: api.Model, params: Params, artifacts: api.Artifacts, request:
             kls, norms, retain_losses = [], [], []
             if epoch < cfg.forgetting_epochs:
                 for batch in next(forget_epochs, ()):
+                    interrupts.check()
                     student, opt_state, kl, norm = max_fn(student, opt_state, teacher,
                                                           device_batch(batch), lr)
                     kls.append(kl)
@@ -371,6 +368,7 @@ def unlearn(model: api.Model, params: Params, artifacts: api.Artifacts, request:
                     max_steps += 1
                     bar.update()
             for batch in next(retain_epochs, ()):
+                interrupts.check()
                 student, opt_state, loss = min_fn(student, opt_state, teacher,
                                                   device_batch(batch), lr)
                 retain_losses.append(loss)
@@ -380,6 +378,7 @@ def unlearn(model: api.Model, params: Params, artifacts: api.Artifacts, request:
                             "forget_kl": mean_or_none(kls), "grad_norm": mean_or_none(norms),
                             "min_steps": len(retain_losses),
                             "retain_loss": mean_or_none(retain_losses)})
+            diverged(history[-1], "scrub", epoch, cfg)
     info = {"max_steps": max_steps, "min_steps": min_steps, "forget_images": int(forget.size),
             "retain_images": int(retain.size), "kl": cfg.kl, "history": history}
     return student, info

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -48,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from oneshui_jax import losses, sharding
+from oneshui_jax import interrupts, losses, sharding
 from oneshui_jax.data import pipeline
 from oneshui_jax.errors import ConfigError
 from oneshui_jax.unlearn import api
@@ -75,18 +74,15 @@ class Config:
         default=0.1, metadata={"reference": "ssd_selection_weighting"})
     compute_dtype: str = "float32"  # importance passes; the reference runs them in fp32 (Q2)
 
+    RANGES = {"batch_size": api.COUNT, "dampening_constant": api.NON_NEGATIVE,
+              "selection_weighting": api.NON_NEGATIVE}  # api.check_ranges
+
     def __post_init__(self):
         for name, allowed in (("task", TASKS), ("compute_dtype", DTYPES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"config.ssd.{name} must be one of {allowed}, got "
                                   f"{getattr(self, name)!r}")
-        if self.batch_size < 1:
-            raise ConfigError(f"config.ssd.batch_size must be >= 1, got {self.batch_size}")
-        for name in ("dampening_constant", "selection_weighting"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ConfigError(f"config.ssd.{name} must be a finite number >= 0, got "
-                                  f"{value}")
+        api.check_ranges(self, "config.ssd")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +153,7 @@ def importances(model: api.Model, params: Params, batches: Iterable[Batch], cfg:
     count = 0
     for batch in tqdm(batches, desc=desc, total=total, unit="batch", disable=not progress,
                       leave=False):
+        interrupts.check()
         batch = sharding.shard_batch({k: np.asarray(batch[k]) for k in ("image", "label", "mask")})
         acc = step(params, acc, batch)
         count += 1

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import random
 from typing import Any
 
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from oneshui_jax import losses, sharding
+from oneshui_jax import interrupts, losses, sharding
 from oneshui_jax.errors import ConfigError
 from oneshui_jax.models import vit
 from oneshui_jax.unlearn import api
@@ -60,6 +59,12 @@ class Config:
     use_accs: bool = True
     compute_dtype: str = "bfloat16"  # outer passes; the ascent step is float32
 
+    RANGES = {  # every numeric setting's range (api.check_ranges)
+        "alphas": api.NON_NEGATIVE_LIST, "num_requests": api.COUNT,
+        "num_identities_simulation": api.COUNT, "simulated_draws": api.COUNT,
+        "batch_size": api.COUNT,
+    }
+
     def __post_init__(self):
         if self.loss_type not in OBJECTIVES:
             raise ConfigError(f"config.support_ascent.loss_type must be one of {OBJECTIVES}, "
@@ -70,14 +75,7 @@ class Config:
         if self.compute_dtype not in ("float32", "bfloat16", "float64"):
             raise ConfigError(f"config.support_ascent.compute_dtype must be float32 or "
                               f"bfloat16, got {self.compute_dtype!r}")
-        if not self.alphas or any(not math.isfinite(a) or a < 0 for a in self.alphas):
-            raise ConfigError(f"config.support_ascent.alphas must be finite numbers >= 0, got "
-                              f"{self.alphas!r}")
-        for name in ("num_requests", "num_identities_simulation", "simulated_draws",
-                     "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"config.support_ascent.{name} must be >= 1, got "
-                                  f"{getattr(self, name)}")
+        api.check_ranges(self, "config.support_ascent")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,6 +185,7 @@ def prepare(model: api.Model, params: Params, data: api.TrainData, cfg: Config,
     used: set[int] = set()
     for i, request in enumerate(tqdm(requests, desc="support_ascent: selecting α",
                                      unit="request", disable=not data.progress, leave=False)):
+        interrupts.check()
         support, forget, val, _ = simulated.request_batches(
             data, request, batch_size=cfg.batch_size,
             support_size=cfg.num_identities_simulation, rows={}, rng=np.random.default_rng(

@@ -5,8 +5,10 @@ directory), in the reference's image order and identity numbering
 (:mod:`oneshui_jax.data.annotations`), and writes one ordered ``train`` split of ``array_record``
 files; nothing needs TensorFlow. A record holds:
 
-* ``image``: the image file's original bytes (JPEG), decoded at read time with PIL and
-  ``convert("RGB")`` exactly as the reference's ``__getitem__`` (see ``datasets.decode_image``);
+* ``image``: the image file's original bytes (JPEG; read by ``images.read_bytes``: regular
+  files within its byte cap), decoded at read time by ``datasets.decode_image``
+  (``images.decode``), for 8-bit images exactly the reference's ``__getitem__``
+  (``convert("RGB")``);
 * ``label``: uint8 multi-hot ``[40]`` (CelebA, CelebA-HQ) or the age class 0..7 (MUFAC);
 * ``identity``: the reference's identity id (raw labels, even with ``dedup=merge``);
 * ``index``: the position in the dataset; ``file_name``: the path relative to ``data_dir``.
@@ -37,6 +39,7 @@ from absl import logging
 
 from oneshui_jax.data import annotations as annotations_lib
 from oneshui_jax.data import audit as audit_lib
+from oneshui_jax.data import images
 from oneshui_jax.errors import DataError
 
 SPLIT = "train"
@@ -103,12 +106,11 @@ class _FaceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         labels = table.labels.values
         for i, rel in enumerate(table.files):
             path = os.path.join(data_dir, rel)
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-            except OSError as e:
-                raise DataError(f"{path}: cannot be read while building {self.name} ({e}). "
-                                f"Expected {self.LAYOUT}.") from None
+            try:  # a regular file within the byte cap, as the audit found it
+                data = images.read_bytes(path, name=path)
+            except images.ImageError as e:
+                raise DataError(f"{path}: cannot be read while building {self.name} "
+                                f"({e.reason}). Expected {self.LAYOUT}.") from None
             if hashlib.sha256(data).hexdigest() != table.sha256[i]:
                 raise DataError(f"{path} changed while {self.name} was being built; run again.")
             yield i, {"image": data, "label": labels[i], "identity": int(table.identities[i]),
