@@ -23,6 +23,7 @@ import doubles
 import ml_collections
 import numpy as np
 import pytest
+from test_cli_errors import _listing
 
 from oneshui_jax import checkpoints, serve, splits
 from oneshui_jax import inspect as inspect_cli
@@ -39,19 +40,6 @@ STATUS = 2  # every command line: one error line, exit status 2, nothing written
 
 # --------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _listing(root: str) -> dict[str, tuple]:
-    """Every file (size, mtime) and folder under ``root``."""
-    found = {}
-    for folder, dirs, names in os.walk(root):
-        for name in dirs:
-            found[os.path.relpath(os.path.join(folder, name), root)] = ("dir",)
-        for name in names:
-            stat = os.lstat(os.path.join(folder, name))
-            found[os.path.relpath(os.path.join(folder, name), root)] = (stat.st_size,
-                                                                        stat.st_mtime_ns)
-    return found
 
 
 def call(capsys, main, argv, *, unchanged=()) -> types.SimpleNamespace:

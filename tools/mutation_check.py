@@ -286,8 +286,10 @@ MUTATIONS = (
              "else value < self.low):",
              "        if self.low is not None and (value < self.low if self.low_open "
              "else value < self.low):",
-             ("tests/test_settings_ranges.py::test_main_refuses_a_setting_out_of_range",),
-             "a learning rate or batch size of 0 passes the up-front check"),
+             ("tests/test_settings_ranges.py::"
+              "test_range_kinds_accept_their_edges_and_nothing_outside",),
+             "a learning rate or batch size of 0 passes the up-front check (the study then "
+             "trains at lr 0 or never ends an epoch)"),
     Mutation("chained_request_checks_the_wrong_hash", "oneshui_jax/serve/request.py",
              '    after, recorded = receipt.get("params_hash_after"), '
              'metadata.get("params_hash")',
