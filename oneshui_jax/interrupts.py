@@ -29,6 +29,8 @@ from typing import NoReturn
 
 NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
+_DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+
 _pending: int | None = None  # the first signal received while handled, until cleared
 
 
@@ -102,9 +104,28 @@ def handle() -> Iterator[None]:
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, handler in previous.items():  # quiet_start's handler would say "while starting"
+            signal.signal(s, _DEFAULTS[s] if handler is _leave_while_starting else handler)
         clear()
+
+
+def quiet_start() -> None:
+    """A command line's first statement, before its heavy imports (JAX alone takes seconds): a
+    Ctrl-C or SIGTERM in that time ends the process with one line (``interrupted (Ctrl-C) while
+    starting; nothing was done``) and 130 / 143, instead of a ``KeyboardInterrupt`` traceback
+    from inside an import. :func:`handle` takes over once the command runs. Signals ignored at
+    start stay ignored; off the main thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for s in NAMES:
+        if signal.getsignal(s) is not signal.SIG_IGN:
+            signal.signal(s, _leave_while_starting)
+
+
+def _leave_while_starting(signum: int, frame) -> NoReturn:
+    print(f"interrupted ({NAMES[signum]}) while starting; nothing was done", file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 def same_command(module: str, argv=None) -> str:

@@ -17,6 +17,11 @@ exits with status 130 (Ctrl-C) or 143 (SIGTERM): ``oneshui_jax.interrupts``.
 
 from __future__ import annotations
 
+from oneshui_jax import interrupts
+
+if __name__ == "__main__":  # as a command, not imported: before the imports below, so that
+    interrupts.quiet_start()  # an interrupt while they load is one line too
+
 import linecache
 import logging as std_logging
 import os
@@ -30,7 +35,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from oneshui_jax import config_lib, files, interrupts, report, sharding, study
+from oneshui_jax import config_lib, files, report, sharding, study
 from oneshui_jax.errors import CheckpointError, ConfigError, DataError
 
 DEFAULT_CONFIG = "configs/synthfaces.py"

@@ -35,6 +35,11 @@ the real request, which no candidate saw, is the honest check.
 
 from __future__ import annotations
 
+from oneshui_jax import interrupts
+
+if __name__ == "__main__":  # as a command, not imported: before the imports below, so that
+    interrupts.quiet_start()  # an interrupt while they load is one line too
+
 import hashlib
 import json
 import os
@@ -45,7 +50,7 @@ from typing import Any
 import jax
 from absl import app, flags, logging
 
-from oneshui_jax import checkpoints, interrupts
+from oneshui_jax import checkpoints
 from oneshui_jax import main as main_lib
 from oneshui_jax.errors import CheckpointError, ConfigError, DataError
 from oneshui_jax.files import atomic_open, atomic_set, cannot_write_in, os_error_line, to_json

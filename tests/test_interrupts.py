@@ -178,3 +178,28 @@ def test_select_prints_one_line_and_exits_130_on_ctrl_c(monkeypatch, capsys, exi
     assert capsys.readouterr().err.splitlines()[-1].startswith(
         f"interrupted (Ctrl-C) during the selection; the finished candidates are kept in "
         f"{candidates} and reused; to resume, run the same command: python -m oneshui_jax.select")
+
+
+def test_an_interrupt_while_the_command_starts_is_one_line(tmp_path):
+    """SIGTERM while ``python -m oneshui_jax.main`` still imports JAX: one line and 143, not a
+    traceback from inside an import (or, on a machine that imports faster than this waits, the
+    interrupt line of the running command)."""
+    import subprocess
+    import sys
+    import time
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    process = subprocess.Popen([sys.executable, "-m", "oneshui_jax.main",
+                                f"--config.workdir={tmp_path / 'work'}",
+                                f"--config.checkpoint_dir={tmp_path / 'ckpt'}"],
+                               cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    time.sleep(0.6)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    assert "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("interrupted (SIGTERM) "), err
+    assert err.splitlines() == ["interrupted (SIGTERM) while starting; nothing was done"] or (
+        "while starting" not in err)
+    assert not (tmp_path / "ckpt").exists()

@@ -6,6 +6,11 @@
 
 import sys
 
+from oneshui_jax import interrupts
+
+if __name__ == "__main__":  # as a command, not imported: before the imports below, so that
+    interrupts.quiet_start()  # an interrupt while they load is one line too
+
 from oneshui_jax.serve.cli import main
 
 if __name__ == "__main__":
