@@ -9,7 +9,7 @@ identity rows; no input pipeline, so neither grain, tfds nor ml_collections is i
 * the meta-step of meta-training (SPEC.md 6.2-6.4: inner step on the support images, outer loss
   over ``--outer_batches`` batches of ``--batch`` forget + ``--batch`` validation images, one
   AdamW(AMSGrad) step of the meta-loss), with the meta-gradient computed
-  ``naive`` (``meta_unlearn.meta_gradient_naive``: everything differentiated at once, as the
+  ``naive`` (``meta_unlearn.core.meta_gradient_naive``: everything differentiated at once, as the
   reference keeps one graph over all outer batches) or ``streamed``
   (``meta_unlearn.make_meta_step``: outer gradient batch by batch, then one VJP); compile time,
   median step time over ``--steps`` and peak memory;
@@ -79,7 +79,7 @@ def _naive_meta_step(model_cfg, ml_cfg, cfg, tx):
     import jax
     import optax
 
-    from oneshui_jax.unlearn import meta_unlearn as mu
+    from oneshui_jax.unlearn.meta_unlearn import core as mu
 
     def step(theta, phi, opt_state, lr, support, forget, val, retain, rng):
         loss, grad_phi = mu.meta_gradient_naive(model_cfg, ml_cfg, cfg, theta, phi, support,
@@ -101,7 +101,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     from oneshui_jax.models import meta_loss, vit
-    from oneshui_jax.unlearn import meta_unlearn as mu
+    from oneshui_jax.unlearn.meta_unlearn import core as mu
 
     gpu = jax.default_backend() == "gpu"
     model = args.model or ("vit_base_patch16_224" if gpu else "vit_small_demo")

@@ -217,7 +217,7 @@ def build_step(name: str, args: argparse.Namespace) -> tuple[Callable[[], Any], 
     from oneshui_jax import optim
     from oneshui_jax import train as train_lib
     from oneshui_jax.models import meta_loss, vit
-    from oneshui_jax.unlearn import meta_unlearn as mu
+    from oneshui_jax.unlearn.meta_unlearn import core as mu
 
     model_cfg = vit.ViTConfig.preset(args.model, num_classes=args.num_classes)
     rng = np.random.default_rng(0)

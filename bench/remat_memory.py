@@ -52,7 +52,7 @@ from oneshui_jax import optim
 from oneshui_jax import train as train_lib
 from oneshui_jax.losses import masked_mean, per_example_loss
 from oneshui_jax.models import meta_loss, vit
-from oneshui_jax.unlearn import meta_unlearn as mu
+from oneshui_jax.unlearn.meta_unlearn import core as mu
 
 GIB = 2**30
 CARD_GB = 40  # the card the meta-step must fit (issue 17): 40 GB = 40e9 bytes

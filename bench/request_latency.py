@@ -11,7 +11,7 @@ imported, so it runs on the GPU machine as it is), each part timed on its own, t
 * ``h2d``: their copy (and the labels') to the device (``jax.device_put``);
 * ``compute``: ``meta_unlearn.unlearn`` (the method's request-time step, fused: parameters in,
   unlearned parameters out, on the device), the number the target ``request_p50_ms`` is about;
-* ``digest``: ``checkpoints.params_digest`` of the output on the device, 16 bytes to the host;
+* ``digest``: ``serve.digest.params_digest`` of the output on the device, 16 bytes to the host;
 * ``sha256``: for comparison, ``checkpoints.params_hash`` of the output (all parameters to the
   host, then sha256; what a saved request's metadata records), over ``--sha_requests``.
 
@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from oneshui_jax import checkpoints
     from oneshui_jax.data import transforms
     from oneshui_jax.models import meta_loss, vit
+    from oneshui_jax.serve import digest as digest_lib
     from oneshui_jax.unlearn import api
     from oneshui_jax.unlearn import meta_unlearn as mu
 
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         new = jax.block_until_ready(new)
         t["compute"] = time.perf_counter() - start
         start = time.perf_counter()
-        checkpoints.params_digest_hex(new)
+        digest_lib.params_digest_hex(new)
         t["digest"] = time.perf_counter() - start
         t["e2e"] = t["h2d"] + t["compute"] + t["digest"]
         return t, new

@@ -19,21 +19,27 @@ Run it (from the repository root)::
 
     python -m oneshui_jax.main --config=configs/synthfaces.py
     python -m oneshui_jax.main --config=configs/synthfaces.py:N=50 --config.seed=1
+    python -m oneshui_jax.main --config=configs/synthfaces.py:runlocal=True  # seconds
 
 ``get_config(arg)`` takes ``key=value`` pairs separated by commas: ``N`` (forget identities,
-default 10) and ``size`` (the SynthFaces variant: ``medium``, the default, 600 identities;
-``large``, 1,200; ``small``, 150 at 32 px).
+default 10), ``size`` (the SynthFaces variant: ``medium``, the default, 600 identities;
+``large``, 1,200; ``small``, 150 at 32 px) and ``runlocal`` (``True``: the smoke test, below).
+
+The config is ``config_lib.base_config`` (the paper's setting) with what this CPU demo changes:
+its data, a small ViT from scratch with AdamW, float32, MetaUnlearn's selected step, every
+attack. ``runlocal=True`` shrinks it to seconds (``size=small`` and ``N=5`` unless given; one
+epoch; MetaUnlearn and support_ascent on a few simulated requests; no attack, no progress bars;
+``config_lib.RUNLOCAL`` and ``RUNLOCAL`` below): the shared small study of the tests
+(``tests/small_study.py``) starts from it.
 """
 
 import ml_collections
-from ml_collections import config_dict
 
 from oneshui_jax import config_lib, hparams
 from oneshui_jax.data import synthfaces
-from oneshui_jax.unlearn import api, registry
 
 # MetaUnlearn's candidates for python -m oneshui_jax.select: the reference's algorithm with a
-# few step sizes (the first three), then the named step-length options (unlearn/meta_unlearn.py).
+# few step sizes (the first three), then the named step-length options (unlearn/meta_unlearn/).
 SELECTION_CANDIDATES = (
     "",
     "meta_lr=1e-3",
@@ -46,32 +52,26 @@ SELECTION_CANDIDATES = (
     "step_control=normalize,relative_step=1e-3,requests_per_update=4",
 )
 
+# runlocal=True: on top of config_lib.RUNLOCAL (one epoch, one meta-epoch, no attack, ...), the
+# two servable methods of this repository, each on few requests (dotted path -> value).
+RUNLOCAL = {
+    "stages": ("pretrain", "retrain", "meta_unlearn", "support_ascent"),
+    "meta_unlearn.num_identities_simulation": 30,  # size=small, N=5: 3 simulated requests
+    "meta_unlearn.batch_size": 256,  # one outer batch per request: one compilation
+    "support_ascent.batch_size": 256,
+    "support_ascent.num_requests": 4,  # simulated requests choosing the step length
+}
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = config_lib.parse_arg(arg, {"N": 10, "size": synthfaces.DEFAULT_CONFIG},
-                                choices={"size": tuple(synthfaces.CONFIGS)})
-    config = ml_collections.ConfigDict()
-    config.dataset = "synthfaces"
-    config.num_identities = args["N"]  # N_S: identities in the deletion request
-    config.seed = 0
-    # The split's seed when it must differ from config.seed (RMIA's reference models: the same
-    # split, other randomness); None: config.seed. Part of the run folder's name when it differs.
-    config.split_seed = config_dict.placeholder(int)
-    config.workdir = "workdir/synthfaces"  # results, tables, plots
-    config.checkpoint_dir = "checkpoints"  # <dir>/<dataset>/<model>/<stage>_<N>_<seed>/
-    # A killed stage resumes from its last save; saves at most every this many seconds (at epoch
-    # or request boundaries; 0: every one). Changes no result.
-    config.checkpoint_every_s = 60.0
-    # A stage another process is running (same checkpoint_dir): wait for it and reuse its
-    # result (True), or stop at once naming its pid and host (False).
-    config.wait_for_lock = True
-    config.stages = ("pretrain", "retrain", *config_lib.ONE_SHOT,
-                     *config_lib.FULL_DATA_BASELINES)  # in this order
+    args = config_lib.parse_arg(
+        arg, {"N": 10, "size": synthfaces.DEFAULT_CONFIG, "runlocal": False},
+        choices={"size": tuple(synthfaces.CONFIGS)}, runlocal_defaults={"N": 5, "size": "small"})
+    # Every row of the paper's table, in its order (config_lib.ALL).
+    config = config_lib.base_config("synthfaces", args["N"])
 
-    config.data = ml_collections.ConfigDict()
     config.data.synthfaces_config = args["size"]  # medium | large | small
     config.data.data_dir = ""  # unused for SynthFaces (generated, nothing read)
-    config.data.tfds_dir = "~/tensorflow_datasets"  # where the built records live
     config.data.image_size = 32  # model input; SynthFaces images are 48 px (32 for "small")
     # RandomResizedCrop area range. The reference's (0.08, 1.0) leaves too little of a 48 px
     # face to learn from; SynthFaces uses a milder crop (a deviation of this config only).
@@ -84,15 +84,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # the mean of its batch means (SPEC 5.1), so the reported losses differ a little from those
     # at 32 (most on the small forget set); metrics and per-image losses do not.
     config.data.eval_batch_size = 256
-    # "none" | "merge": merge identities that share byte-identical images (a documented deviation
-    # for real data; SynthFaces has none).
-    config.data.dedup = "none"
 
-    config.model = ml_collections.ConfigDict()
     config.model.name = "vit_small_demo"  # a ViT preset of oneshui_jax.models.vit
-    # Initial weights: a timm .safetensors, a Google ViT .npz or a converted run directory
-    # (oneshui_jax.models.pretrained). Empty: train from scratch, as SynthFaces does.
-    config.model.init = ""
+    config.model.init = ""  # train from scratch
     # Fresh weights (vit.INIT_SCHEMES): "lecun" (normals truncated at 2 std, a LeCun-normal
     # patch convolution), as every SynthFaces result was measured; "timm" draws timm's.
     config.model.init_scheme = "lecun"
@@ -100,24 +94,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Pretrain / retrain: the reference's schedule (linear warmup, then per-epoch cosine). The
     # reference fine-tunes ImageNet ViT-B/16 weights with SGD; a tiny ViT trained from scratch
     # learns far too slowly with SGD in a CPU budget, so this config uses AdamW (a deviation of
-    # the SynthFaces demo only; real-data configs keep SGD).
-    config.train = ml_collections.ConfigDict()
-    config.train.optimizer = "adamw"  # sgd | adamw
-    config.train.epochs = 20
-    config.train.batch_size = 64
-    config.train.lr = 1e-3
-    config.train.weight_decay = 1e-4
-    config.train.momentum = 0.9  # SGD only
-    config.train.warmup_epochs = 2
-    config.train.compute_dtype = "float32"  # bf16 matmuls are slow on CPU
-    config.train.attention = "xla"  # "cudnn" on GPUs: fused attention, 1.31x faster (ViT-B/16)
-    # mAP scores: "reference" rounds sigmoid to bf16 under bf16 compute (SPEC Q4); in float32
-    # both choices give the same scores.
-    config.train.ap_scores = "reference"
-    config.train.remat = False  # jax.checkpoint per block: less memory, more compute, same numbers
+    # the SynthFaces demo only; real-data configs keep SGD). bf16 matmuls are slow on CPU.
+    config.train.update(optimizer="adamw", epochs=20, batch_size=64, lr=1e-3, weight_decay=1e-4,
+                        warmup_epochs=2, compute_dtype="float32")
 
     # Every method block lists all of the method's settings: its Config's defaults (the
-    # reference's parser defaults), then what this config changes.
+    # reference's parser defaults, config_lib.base_config), then what this config changes.
     #
     # MetaUnlearn (SPEC.md 6.6: the reference's CelebA values, except what the selection chose).
     # The reference's lr 1e-4 / meta_lr 0.1 (for fine-tuned ViT-B/16) wreck this tiny model.
@@ -125,11 +107,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # outside the request; bench/results/selection_synthfaces) chose, of nine candidates, the
     # normalised step (||Δθ|| = 1e-3 ||θ||, times the line search's factor) with a task-ascent
     # term λ = 100, and, within the reference's algorithm, meta_lr 1e-3: the variant below.
-    config.meta_unlearn = ml = api.default_block(registry.METHODS["meta_unlearn"])
+    ml = config.meta_unlearn
     ml.epochs = 3
     ml.lr = 1e-3  # AdamW(AMSGrad) of the meta-loss
     ml.meta_lr = 1e-3  # step size of the inner step (unused with step_control="normalize")
-    ml.num_identities_simulation = config.num_identities  # identities per simulated request
     ml.compute_dtype = "float32"  # outer passes (the reference: bfloat16 on GPUs)
     config_lib.meta_unlearn_blocks(
         config, best=dict(step_control="normalize", relative_step=1e-3, task_ascent=100.0),
@@ -138,21 +119,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Hyper-parameter selection without the request (python -m oneshui_jax.select): each
     # candidate overrides config.meta_unlearn and is scored on held-out simulated requests of
     # TRAIN identities outside the request (README "MetaUnlearn: choosing its settings").
-    config.selection = ml_collections.ConfigDict()
     config.selection.meta_unlearn = SELECTION_CANDIDATES
 
     # support_ascent: one ascent step on the portraits' task loss, its length chosen on
     # simulated requests of held-out training identities (unlearn/support_ascent.py).
-    config.support_ascent = sa = api.default_block(registry.METHODS["support_ascent"])
-    sa.num_identities_simulation = config.num_identities
-    sa.compute_dtype = "float32"
+    config.support_ascent.compute_dtype = "float32"
 
     # The reference's one-shot baselines (SPEC.md 7.3-7.5) with its generic values (the
-    # reference never tuned them for this data; nothing here was tuned either).
-    # SSD: dampening from training importances (stats); Lipschitz / JiT: smooth the output
-    # (support); PGU: projected gradient unlearning (stats).
-    for name in config_lib.ONE_SHOT_BASELINES:
-        config[name] = api.default_block(registry.METHODS[name])
+    # reference never tuned them for this data; nothing here was tuned either): their Config's
+    # defaults. SSD: dampening from training importances (stats); Lipschitz / JiT: smooth the
+    # output (support); PGU: projected gradient unlearning (stats).
     config.pgu.compute_dtype = "float32"  # bf16 matmuls are slow on CPU
 
     # The reference's full-data baselines (SPEC.md 7.1-7.2), ACCESS full: SynthFaces is
@@ -160,8 +136,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # max-steps in the first 5, lr 5e-3, no augmentation; Bad Teacher: 5 epochs, lr 1e-4, batch
     # 32; Q24's fallback and warning for an N it never configured).
     for name in config_lib.FULL_DATA_BASELINES:
-        config[name], h = api.reference_block(registry.METHODS[name], name, "celeba",
-                                              config.num_identities)
+        values, h = config_lib.reference_settings(name, "celeba", config.num_identities)
+        config[name].update(values)
         hparams.warn_if_untuned(h)
         config[name].compute_dtype = "float32"
 
@@ -169,18 +145,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # loss attack with every evaluation, and RMIA with a reference model per method (the method
     # applied to the retrained model with the next seed; study/privacy.py) followed by the attack
     # on people.
-    config.mia = config_lib.mia_block(config.dataset)
     config.mia.rmia = True
     config.mia.batch_size = 256  # the reference: 32; the same losses, faster on CPU
 
-    # Data parallelism (oneshui_jax/sharding.py): the devices the batch is split over; -1 all
-    # of them, 1 one device. The global batch stays config.train.batch_size.
-    config.mesh = ml_collections.ConfigDict()
-    config.mesh.data = -1
-
-    config.progress = True
-    # Per-step and per-epoch training curves as TensorBoard event files in
-    # <workdir>/tensorboard/<dataset>/<model>/<stage>_<N>_<seed>/ (needs tensorboardX:
-    # pip install -e .[tensorboard]); metrics.jsonl has them either way. Changes no result.
-    config.tensorboard = True
+    if args["runlocal"]:
+        config_lib.runlocal(config, RUNLOCAL)
     return config

@@ -44,7 +44,7 @@ overrides for every command, given as they are (``--config.train.epochs=1``) or 
 Every command's config is loaded and validated (``study.validate``, no data read) before
 anything runs: a typo stops the sweep with one ``error:`` line, exit status 2.
 
-**Skipping finished studies.** Before a command runs, ``python -m oneshui_jax.study.plan`` (in a
+**Skipping finished studies.** Before a command runs, ``python -m oneshui_jax.cli.plan`` (in a
 process of its own, on the platform the study would use) asks the study's own reuse logic
 (``study.reuse``: fingerprint of data, model, split, seed, settings and parent parameters) about
 every stage of the command, the RMIA reference models included: when every stage would be
@@ -310,13 +310,14 @@ def _quiet_logs():
 def check_configs(commands: Sequence[Command]) -> None:
     """Loads and validates every command's config (nothing is read or written); SweepError
     naming the first command at fault."""
+    from oneshui_jax.cli import config_flags
     from oneshui_jax.errors import ConfigError
-    from oneshui_jax.study import plan, validate
+    from oneshui_jax.study import validate
 
     with _in_repo(), _quiet_logs():
         for command in commands:
             try:
-                validate.validate_config(plan.load_config(command.config_args))
+                validate.validate_config(config_flags.load_config(command.config_args))
             except (ValueError, ConfigError) as e:
                 raise SweepError(f"{command.label}: {e} (command: {command.shell()})") from None
 
@@ -329,17 +330,18 @@ def finished(command: Command) -> tuple[bool, str]:
     """``(True, "")`` when every stage of ``command`` would be reused and its results.json is
     current (``oneshui_jax.study.plan``), else ``(False, why)``. The cheap checks run here; the
     fingerprints in a process of its own."""
+    from oneshui_jax.cli import config_flags
     from oneshui_jax.study import plan
 
     with _in_repo(), _quiet_logs():
-        config = plan.load_config(command.config_args)
+        config = config_flags.load_config(command.config_args)
         problem = plan.results_problem(config)
         if problem:
             return False, problem
         unfinished = plan.unfinished_stages(config)
         if unfinished:
             return False, f"stage {unfinished[0].stage} has no finished run"
-    result = subprocess.run([sys.executable, "-m", "oneshui_jax.study.plan",
+    result = subprocess.run([sys.executable, "-m", "oneshui_jax.cli.plan",
                              *command.config_args], cwd=REPO, capture_output=True, text=True)
     if result.returncode != 0:
         lines = [line for line in result.stderr.splitlines() if line.strip()]

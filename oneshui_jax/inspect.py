@@ -1,6 +1,6 @@
 """Inspect checkpoints: parameter tree, run metadata, and per-layer differences of two runs.
 
-Usage::
+The command line is ``python -m oneshui_jax.inspect`` (``oneshui_jax/cli/inspect.py``)::
 
     python -m oneshui_jax.inspect RUN_DIR                 # tree + metadata of a run
     python -m oneshui_jax.inspect RUN_DIR/train_state     # latest resumable training state
@@ -24,11 +24,7 @@ whose parameters, artifacts or metadata are unreadable or do not match their has
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -245,27 +241,6 @@ def format_diff(diff: dict[str, Any]) -> str:
     ])
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m oneshui_jax.inspect",
-        description="Print a checkpoint's parameter tree and metadata, or compare two.")
-    parser.add_argument("path", nargs="?", help="run directory (or its train_state/ folder)")
-    parser.add_argument("--diff", nargs=2, metavar=("PATH_A", "PATH_B"),
-                        help="per-tensor relative change ||a - b|| / ||a|| of two runs")
-    parser.add_argument("--verify", action="store_true",
-                        help="read PATH's parameters (and artifacts) and check them against the "
-                             "sha256 in its metadata.json, and metadata.json against its own "
-                             "recorded hash (exit status 2 when anything differs or is "
-                             "unreadable)")
-    parser.add_argument("--json", action="store_true", help="print a JSON summary instead")
-    args = parser.parse_args(argv)
-    if (args.path is None) == (args.diff is None):
-        parser.error("give either PATH or --diff PATH_A PATH_B")
-    if args.verify and args.path is None:
-        parser.error("--verify needs PATH (a run directory)")
-    return args
-
-
 def format_verify(summary: dict[str, Any]) -> str:
     """Human-readable lines of ``verify_summary``."""
     lines = [f"verified {summary['path']}: {summary['tensors']} tensors, "
@@ -282,26 +257,7 @@ def format_verify(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit status (2: not a usable checkpoint)."""
-    args = parse_args(argv)
-    logging.getLogger("absl").setLevel(logging.CRITICAL)  # errors are reported as one line
-    try:
-        if args.diff:
-            summary = diff_summary(*args.diff)
-        else:
-            summary = verify_summary(args.path) if args.verify else run_summary(args.path)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    elif args.diff:
-        print(format_diff(summary))
-    else:
-        print(format_verify(summary) if args.verify else format_summary(summary))
-    return 0
+if __name__ == "__main__":  # python -m oneshui_jax.inspect: an alias of the command line
+    import runpy  # run, not imported: this library module stays below the command lines
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    runpy.run_module("oneshui_jax.cli.inspect", run_name="__main__")

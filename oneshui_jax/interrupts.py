@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from typing import NoReturn
 
 NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+INTERRUPTED_STATUS = 128 + signal.SIGINT  # 130: as a shell reports a program ended by Ctrl-C
+TERMINATED_STATUS = 128 + signal.SIGTERM  # 143
 
 _DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 

@@ -22,7 +22,7 @@ are eligible, and accepts an ``N`` that forgets every TRAIN identity (an empty r
 which the study cannot retrain or evaluate) or a dataset too small for a VAL or TEST identity;
 here each is an error that states the largest ``N`` allowed.
 
-Command line::
+Command line (``oneshui_jax/cli/splits.py``)::
 
     python -m oneshui_jax.splits --dataset mufac --data_dir ../shared/data \
         --num_identities 10 --seed 0 --out split.json
@@ -33,15 +33,14 @@ Bad input prints one ``error: ...`` line on stderr, writes nothing and exits wit
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from oneshui_jax import ranges
 from oneshui_jax.data.annotations import IdentityAnnotations
 from oneshui_jax.errors import ConfigError
-from oneshui_jax.files import cannot_create, save_json
 
 SPLIT_NAMES = ("train", "val", "test", "support", "forget", "retain")
 
@@ -139,9 +138,7 @@ def make_splits(ann: IdentityAnnotations, num_identities: int, seed: int) -> Spl
     """
     if num_identities < 1:
         raise ConfigError(f"num_identities must be >= 1, got {num_identities}.")
-    from oneshui_jax.unlearn import api  # imports this module
-
-    api.SEED.check("seed", seed)  # random.Random(-1) would quietly replay seed 1's split
+    ranges.SEED.check("seed", seed)  # random.Random(-1) would quietly replay seed 1's split
     rng = random.Random(seed)
     id2imgs = ann.identity_to_images()
     counts = _image_counts(ann)
@@ -270,67 +267,7 @@ def export(ann: IdentityAnnotations, splits: Splits, seed: int, num_identities: 
     return d
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
-    import sys
-    import time
+if __name__ == "__main__":  # python -m oneshui_jax.splits: an alias of the command line
+    import runpy  # run, not imported: this library module stays below the command lines
 
-    from oneshui_jax.data import catalog
-    from oneshui_jax.data.annotations import read_identities
-    from oneshui_jax.errors import DataError
-
-    parser = argparse.ArgumentParser(
-        prog="python -m oneshui_jax.splits",
-        description="Export a reference-exact 1-SHUI identity split as JSON.")
-    parser.add_argument("--dataset", required=True, choices=tuple(catalog.DATASETS))
-    parser.add_argument("--data_dir", default=None,
-                        help="folder holding celeba/, CelebAMask-HQ/ or mufac/ (not synthfaces)")
-    parser.add_argument("--synthfaces_config", default="medium",
-                        choices=("medium", "large", "small"))
-    parser.add_argument("--num_identities", type=int, required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="JSON file to write")
-    parser.add_argument("--dedup", default="none", choices=("none", "merge"),
-                        help="merge: identities sharing byte-identical images become one before "
-                             "splitting (audits the images; a deviation from the reference)")
-    args = parser.parse_args(argv)
-    from oneshui_jax.unlearn import api
-
-    try:
-        api.SEED.check("--seed", args.seed)
-        problem = ("it is a directory" if os.path.isdir(args.out)
-                   else cannot_create(args.out))  # refused before any work
-        if problem:
-            raise ConfigError(f"--out {args.out} cannot be written: {problem}; expected a JSON "
-                              "file in a writable folder")
-        ann = read_identities(args.dataset, args.data_dir, args.synthfaces_config)
-        if args.dedup == "merge":
-            from oneshui_jax.data import audit, datasets
-
-            if args.dataset == "synthfaces":
-                raise DataError("--dedup merge needs a real dataset's image files")
-            checked = datasets.audited(args.dataset, args.data_dir, ann)
-            ann, removed = audit.merge_identities(ann, checked.duplicate_groups)
-            print(f"dedup=merge: {removed} identities merged into others")
-        start = time.perf_counter()
-        splits = make_splits(ann, args.num_identities, args.seed)
-        seconds = time.perf_counter() - start
-        record = export(ann, splits, args.seed, args.num_identities)
-    except (DataError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    try:
-        save_json(record, args.out)
-    except OSError as e:  # the check above passed, yet writing failed (a race, a full disk)
-        print(f"error: --out {args.out} cannot be written: {e.strerror or e}; expected a JSON "
-              "file in a writable folder", file=sys.stderr)
-        sys.exit(2)
-    n = record["num_images"]
-    print(f"{args.dataset} seed {args.seed} N={args.num_identities}: identities "
-          f"train/val/test {len(splits.train)}/{len(splits.val)}/{len(splits.test)}, images "
-          f"{n['train']}/{n['val']}/{n['test']}, forget {len(splits.forget)} "
-          f"({n['forget']} images), split in {seconds:.3f}s -> {args.out}")
-
-
-if __name__ == "__main__":
-    main()
+    runpy.run_module("oneshui_jax.cli.splits", run_name="__main__")

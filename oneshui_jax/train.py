@@ -28,12 +28,11 @@ import optax
 from absl import logging
 from tqdm.auto import tqdm
 
-from oneshui_jax import files, interrupts, metric_writer, optim, sharding
+from oneshui_jax import files, interrupts, metric_writer, optim, ranges, sharding
 from oneshui_jax import metrics as metrics_lib
 from oneshui_jax.errors import ConfigError, TrainingDiverged
 from oneshui_jax.losses import masked_mean, per_example_loss
 from oneshui_jax.models import vit
-from oneshui_jax.unlearn import api
 
 Batch = dict[str, Any]
 Params = Any
@@ -83,10 +82,10 @@ class TrainConfig:
     # dtype as the reference's autocast does (bf16 ties, SPEC Q4); "float32" does not.
     ap_scores: str = "reference"
 
-    RANGES = {  # config.train's numeric settings (api.check_ranges); lr 0 would learn nothing
-        "epochs": api.COUNT, "batch_size": api.COUNT, "lr": api.LEARNING_RATE,
-        "weight_decay": api.NON_NEGATIVE, "momentum": api.MOMENTUM,
-        "warmup_epochs": api.COUNT_OR_ZERO,
+    RANGES = {  # config.train's numeric settings (ranges.check_ranges); lr 0 would learn nothing
+        "epochs": ranges.COUNT, "batch_size": ranges.COUNT, "lr": ranges.LEARNING_RATE,
+        "weight_decay": ranges.NON_NEGATIVE, "momentum": ranges.MOMENTUM,
+        "warmup_epochs": ranges.COUNT_OR_ZERO,
     }
 
     @property
@@ -105,7 +104,7 @@ class TrainConfig:
                               f"{vit.ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
         if not isinstance(self.remat, bool):
             raise ConfigError(f"config.train.remat must be True or False, got {self.remat!r}")
-        api.check_ranges(self, "config.train")
+        ranges.check_ranges(self, "config.train")
         _check_ap_scores(self.ap_scores)
         try:
             jnp.dtype(self.compute_dtype)
@@ -147,9 +146,11 @@ def train_step(model_cfg: vit.ViTConfig, cfg: TrainConfig):
     return _cached_train_step(model_cfg, step_cfg)
 
 
+@functools.lru_cache(maxsize=8)
 def make_eval_step(model_cfg: vit.ViTConfig, task: str, compute_dtype: str,
                    attention: str = "xla") -> Callable:
-    """``step(params, images, labels) -> (logits, per-example losses)``, jit-compiled."""
+    """``step(params, images, labels) -> (logits, per-example losses)``, jit-compiled; built once
+    per model, task and numerics (a study's every evaluation and attack shares it)."""
     dtype = jnp.dtype(compute_dtype)
 
     def step(params, images, labels):

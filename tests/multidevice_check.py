@@ -20,8 +20,9 @@ import small_study  # noqa: E402
 
 from oneshui_jax import checkpoints, sharding, study  # noqa: E402
 from oneshui_jax import train as train_lib  # noqa: E402
-from oneshui_jax.unlearn import api, meta_train  # noqa: E402
+from oneshui_jax.unlearn import api  # noqa: E402
 from oneshui_jax.unlearn import meta_unlearn as mu  # noqa: E402
+from oneshui_jax.unlearn.meta_unlearn import training as meta_train  # noqa: E402
 
 
 def describe(x) -> dict:

@@ -78,7 +78,7 @@ def test_full_data_baselines_run_as_stages_read_what_they_may_and_are_not_served
     says ``full``; serving refuses the run with one error line."""
     from PIL import Image
 
-    from oneshui_jax import serve
+    from oneshui_jax.cli import request as request_cli
 
     _no_evaluation(monkeypatch)
     recording = doubles.Recording(base.ctx.dataset.source)
@@ -109,9 +109,9 @@ def test_full_data_baselines_run_as_stages_read_what_they_may_and_are_not_served
     Image.fromarray(np.asarray(base.ctx.dataset.source[support]["image"])).save(portrait)
     out = str(tmp_path / "out")
     capsys.readouterr()
-    code = serve.main(["--checkpoint", ctx.run_dir(name), "--portrait", portrait,
-                       "--identity", str(int(ctx.dataset.annotations.identities[support])),
-                       "--out", out])
+    code = request_cli.main(["--checkpoint", ctx.run_dir(name), "--portrait", portrait,
+                             "--identity", str(int(ctx.dataset.annotations.identities[support])),
+                             "--out", out])
     stderr = capsys.readouterr().err
     assert code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
     assert "forget and retain" in stderr and not os.path.exists(out)

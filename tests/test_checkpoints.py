@@ -13,7 +13,8 @@ import optax
 import pytest
 
 from oneshui_jax import checkpoints
-from oneshui_jax import inspect as inspect_cli
+from oneshui_jax.checkpoints import train_state
+from oneshui_jax.cli import inspect as inspect_cli
 from oneshui_jax.errors import CheckpointError
 from oneshui_jax.models import vit
 
@@ -180,7 +181,7 @@ def test_train_checkpointer_spaces_its_saves(tmp_path, params, monkeypatch):
     """every_s: a save within every_s seconds of the last one (or of opening) is skipped and
     writes nothing; force saves anyway; every_s = 0 saves every time."""
     clock = [100.0]
-    monkeypatch.setattr(checkpoints.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(train_state.time, "monotonic", lambda: clock[0])
     arrays = {"params": params}
     with checkpoints.TrainCheckpointer(str(tmp_path / "spaced"), every_s=60.0) as ckpt:
         clock[0] = 130.0

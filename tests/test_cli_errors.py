@@ -1,7 +1,7 @@
 """Every error line of the command lines, by exit status and message.
 
 The command lines: ``python -m oneshui_jax.main`` (the study), ``python -m oneshui_jax.unlearn``
-(serving, ``serve.main``), ``oneshui_jax.inspect``, ``oneshui_jax.models.convert``,
+(serving, ``oneshui_jax.cli.request``), ``oneshui_jax.inspect``, ``oneshui_jax.models.convert``,
 ``oneshui_jax.splits`` and ``oneshui_jax.report``. Each user error must end the program with the
 CLI's exit status and one ``error: ...`` line on stderr naming the file or setting and what was
 expected, without a traceback, and must write nothing. ``main(argv)`` is called in process;
@@ -20,7 +20,7 @@ them. Errors already tested by exit status and message elsewhere are not repeate
 * test_study: ``test_cli_rejects_config_typo_without_traceback``; test_stale_work: a refused
   checkpoint through ``python -m oneshui_jax.main``.
 
-Every command line exits with status 2 on bad input (argparse's usage errors too), so one status
+Every command line exits with status 2 on bad input (a malformed command line too), so one status
 means "the input was refused, nothing was written" across the package.
 """
 
@@ -42,21 +42,23 @@ import doubles
 import numpy as np
 import pytest
 
-from oneshui_jax import checkpoints, report, serve, splits
-from oneshui_jax import inspect as inspect_cli
+from oneshui_jax import checkpoints, interrupts
 from oneshui_jax import main as main_cli
+from oneshui_jax.cli import convert, report, splits
+from oneshui_jax.cli import inspect as inspect_cli
+from oneshui_jax.cli import request as request_cli
 from oneshui_jax.data import annotations, datasets
 from oneshui_jax.errors import DataError
-from oneshui_jax.models import convert
+from oneshui_jax.report import plots
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAFETENSORS = os.path.join(REPO, "tests", "fixtures", "timm_tiny_vit.safetensors")
 TINY_ARCH = ["--width", "48", "--depth", "2", "--num_heads", "3", "--patch_size", "8"]
 
-# Exit statuses: every command line prints one line and exits with 2 on bad input, as argparse
-# does on a malformed command line.
+# Exit statuses: every command line prints one line and exits with 2 on bad input, a malformed
+# command line included.
 MAIN_STATUS = SPLITS_STATUS = SERVE_STATUS = INSPECT_STATUS = CONVERT_STATUS = REPORT_STATUS = 2
-USAGE_STATUS = 2  # argparse's own errors (inspect, convert, splits, report)
+USAGE_STATUS = 2  # a malformed command line (absl's flag errors, missing or extra arguments)
 
 SPLITS = doubles.TINY_SPLITS
 
@@ -139,17 +141,6 @@ def assert_error(outcome: Outcome, status: int, *words: str, case: str = "") -> 
     return lines[0]
 
 
-def assert_usage_error(outcome: Outcome, prog: str, *words: str) -> None:
-    """argparse's own error: status 2, the usage, then ``<prog>: error: ...``."""
-    assert outcome.status == USAGE_STATUS, outcome
-    lines = outcome.err.splitlines()
-    assert lines[0].startswith(f"usage: {prog}"), outcome.err
-    assert lines[-1].startswith(f"{prog}: error: "), outcome.err
-    missing = [word for word in words if word not in lines[-1]]
-    assert not missing, f"{missing} not in {lines[-1]!r}"
-    assert "Traceback" not in outcome.err and outcome.out == ""
-
-
 def write_json(path, obj) -> str:
     os.makedirs(os.path.dirname(str(path)), exist_ok=True)
     with open(path, "w") as f:
@@ -217,29 +208,29 @@ def chain(tmp_path_factory):
 
 
 def serve_error(capsys, chain, *args, out=None) -> Outcome:
-    """``serve.main`` on ``args`` (a portrait and --out added unless given); nothing under the
+    """``request_cli.main`` on ``args`` (a portrait and --out added unless given); nothing under the
     chain's folder may change."""
     args = list(args)
     if "--portrait" not in args:
         args += ["--portrait", chain.portrait]
     if "--out" not in args:
         args += ["--out", out or os.path.join(chain.work, "out")]
-    return call(capsys, serve.main, args, unchanged=(chain.root,))
+    return call(capsys, request_cli.main, args, unchanged=(chain.root,))
 
 
 def test_the_fake_runs_serve_a_request(chain, capsys):
     """The fakes below differ from these runs in one thing each, so their errors are that
     thing's."""
     out = os.path.join(chain.root, "served")
-    outcome = call(capsys, serve.main, ["--checkpoint", chain.method, "--portrait",
-                                        chain.portrait, "--out", out])
+    outcome = call(capsys, request_cli.main, ["--checkpoint", chain.method, "--portrait",
+                                              chain.portrait, "--out", out])
     assert outcome.status == 0, outcome.err
     assert "support_ascent (access stats, alpha 0.1)" in outcome.out
     assert checkpoints.is_finished(out)
 
 
 # --------------------------------------------------------------------------------------------
-# python -m oneshui_jax.unlearn (serve.main): status 2
+# python -m oneshui_jax.unlearn (request_cli.main): status 2
 
 
 @pytest.mark.parametrize("case", ["missing", "file", "empty", "foreign", "bad_json",
@@ -254,12 +245,16 @@ def test_serve_refuses_what_is_not_a_run_directory(chain, capsys, tmp_path, case
 
 
 def test_serve_usage_errors_are_one_line(chain, capsys):
-    outcome = call(capsys, serve.main, ["--portrait", chain.portrait, "--out",
-                                        os.path.join(chain.work, "out")],
+    outcome = call(capsys, request_cli.main, ["--portrait", chain.portrait, "--out",
+                                              os.path.join(chain.work, "out")],
                    unchanged=(chain.root,))
-    assert_error(outcome, SERVE_STATUS, "the following arguments are required: --checkpoint")
+    assert_error(outcome, USAGE_STATUS, "flag --checkpoint is required",
+                 "expected a method run directory")
     outcome = serve_error(capsys, chain, "--checkpoint", chain.method, "--identity", "abc")
-    assert_error(outcome, SERVE_STATUS, "argument --identity", "invalid int value: 'abc'")
+    assert_error(outcome, USAGE_STATUS, "flag --identity=abc: invalid literal for int()",
+                 "expected an integer")
+    outcome = serve_error(capsys, chain, "--checkpoint", chain.method, "extra")
+    assert_error(outcome, USAGE_STATUS, "unexpected arguments ['extra']")
 
 
 def test_serve_refuses_to_replace_an_existing_out(chain, capsys):
@@ -480,12 +475,16 @@ def test_inspect_refuses_what_is_not_a_run_directory(capsys, tmp_path, case):
 
 
 def test_inspect_usage_errors(capsys, tmp_path):
-    prog = "python -m oneshui_jax.inspect"
-    for argv in ([], [str(tmp_path), "--diff", str(tmp_path), str(tmp_path)]):
+    for argv in ([], [str(tmp_path), "--diff", str(tmp_path), str(tmp_path)],
+                 [str(tmp_path), str(tmp_path)]):
         outcome = call(capsys, inspect_cli.main, argv, unchanged=(str(tmp_path),))
-        assert_usage_error(outcome, prog, "give either PATH or --diff PATH_A PATH_B")
+        assert_error(outcome, USAGE_STATUS, "give either PATH or --diff PATH_A PATH_B")
     outcome = call(capsys, inspect_cli.main, ["--diff", str(tmp_path)])
-    assert_usage_error(outcome, prog, "argument --diff: expected 2 arguments")
+    assert_error(outcome, USAGE_STATUS, "--diff takes two run directories, PATH_A PATH_B")
+    outcome = call(capsys, inspect_cli.main, ["--verify", "--diff", str(tmp_path), str(tmp_path)])
+    assert_error(outcome, USAGE_STATUS, "--verify needs PATH (a run directory)")
+    outcome = call(capsys, inspect_cli.main, [str(tmp_path), "--jsn"])
+    assert_error(outcome, USAGE_STATUS, "unknown flag --jsn (did you mean --json?)")
 
 
 def test_inspect_refuses_unfinished_and_damaged_runs(chain, capsys, tmp_path):
@@ -620,12 +619,16 @@ def test_convert_out_that_cannot_be_created(capsys, tmp_path, monkeypatch):
 
 
 def test_convert_usage_errors(capsys, tmp_path):
-    prog = "python -m oneshui_jax.models.convert"
     outcome = call(capsys, convert.main, [SAFETENSORS], unchanged=(str(tmp_path),))
-    assert_usage_error(outcome, prog, "the following arguments are required: OUT")
+    assert_error(outcome, USAGE_STATUS, "the following arguments are required: OUT")
     outcome = call(capsys, convert.main, [SAFETENSORS, str(tmp_path / "out"), "--width", "wide"],
                    unchanged=(str(tmp_path),))
-    assert_usage_error(outcome, prog, "argument --width: invalid int value: 'wide'")
+    assert_error(outcome, USAGE_STATUS, "flag --width=wide: invalid literal for int()",
+                 "expected an integer")
+    outcome = call(capsys, convert.main, [SAFETENSORS, str(tmp_path / "a"), str(tmp_path / "b")],
+                   unchanged=(str(tmp_path),))
+    assert_error(outcome, USAGE_STATUS, f"unexpected arguments [{str(tmp_path / 'b')!r}]",
+                 "expected IN OUT")
 
 
 def test_convert_missing_input_names_IN_not_the_study_flag(capsys, tmp_path):
@@ -737,13 +740,17 @@ def test_splits_refuses_impossible_requests(capsys, tmp_path):
 
 
 def test_splits_usage_errors(capsys, tmp_path):
-    prog = "python -m oneshui_jax.splits"
     outcome = call(capsys, splits.main, [*SMALL, "--out", str(tmp_path / "x.json")],
                    unchanged=(str(tmp_path),))
-    assert_usage_error(outcome, prog, "the following arguments are required: --num_identities")
+    assert_error(outcome, USAGE_STATUS, "flag --num_identities is required")
     outcome = call(capsys, splits.main, ["--dataset", "imagenet", "--num_identities", "1",
                                          "--out", str(tmp_path / "x.json")])
-    assert_usage_error(outcome, prog, "argument --dataset: invalid choice: 'imagenet'")
+    assert_error(outcome, USAGE_STATUS, "flag --dataset=imagenet: expected one of synthfaces, "
+                 "celeba, celebahq, mufac")
+    outcome = call(capsys, splits.main, [*SMALL, "--num_identities", "1", "--out"],
+                   unchanged=(str(tmp_path),))
+    assert_error(outcome, USAGE_STATUS, "flag --out has no value",
+                 "expected the JSON file to write")
 
 
 def test_splits_annotation_file_that_is_not_text(capsys, tmp_path):
@@ -880,13 +887,14 @@ def test_report_refuses_files_that_are_not_results(capsys, tmp_path):
 
 
 def test_report_usage_errors(capsys, tmp_path):
-    prog = "python -m oneshui_jax.report"
     outcome = call(capsys, report.main, [str(tmp_path / "results.json")],
                    unchanged=(str(tmp_path),))
-    assert_usage_error(outcome, prog, "the following arguments are required: --out")
+    assert_error(outcome, USAGE_STATUS, "flag --out is required",
+                 "expected the folder for results.{json,md,csv}")
     outcome = call(capsys, report.main, ["--out", str(tmp_path / "out")],
                    unchanged=(str(tmp_path),))
-    assert_usage_error(outcome, prog, "the following arguments are required: results")
+    assert_error(outcome, USAGE_STATUS, "the following arguments are required: results",
+                 "expected RESULTS.json")
 
 
 @pytest.mark.parametrize("results, words", [
@@ -923,13 +931,13 @@ def test_report_out_that_cannot_be_written(capsys, tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     (out / "results.md").write_text("an earlier report")
-    real_savefig = report.Figure.savefig
+    real_savefig = plots.Figure.savefig
 
     def full_disk_at_the_first_plot(fig, f, *args, **kwargs):
         real_savefig(fig, f, *args, **kwargs)
         raise OSError(28, "No space left on device")  # a write of the file: no filename
 
-    monkeypatch.setattr(report.Figure, "savefig", full_disk_at_the_first_plot)
+    monkeypatch.setattr(plots.Figure, "savefig", full_disk_at_the_first_plot)
     outcome = call(capsys, report.main, [path, "--out", str(out)])
     assert_error(outcome, REPORT_STATUS)
     assert outcome.err.startswith(f"error: No space left on device: {out / 'methods.png'} "
@@ -946,20 +954,18 @@ def test_report_out_that_cannot_be_written(capsys, tmp_path, monkeypatch):
 
 @pytest.fixture
 def study_config(tmp_path, monkeypatch):
-    """configs/synthfaces.py:N=5,size=small writing under tmp_path, fed to ``main_cli.main``
-    as if absl had parsed it; the absl handler's filters are restored afterwards."""
+    """configs/synthfaces.py:runlocal=True (size=small, N=5, no attacks: errors, not attacks,
+    are tested here) writing under tmp_path, fed to ``main_cli.main`` as if absl had parsed it;
+    the absl handler's filters are restored afterwards."""
     spec = importlib.util.spec_from_file_location(
         "synthfaces_config_for_cli_errors", os.path.join(REPO, "configs", "synthfaces.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config("N=5,size=small")
+    config = module.get_config("runlocal=True")
     config.data.tfds_dir = str(tmp_path / "tfds")
     config.workdir = str(tmp_path / "work")
     config.checkpoint_dir = str(tmp_path / "ckpt")
-    config.data.num_threads = 0
-    config.mia.loss_rf = config.mia.rmia = False  # errors, not attacks, are tested here
-    config.progress = False
-    monkeypatch.setattr(main_cli, "_CONFIG", types.SimpleNamespace(value=config))
+    monkeypatch.setattr(main_cli, "CONFIG", types.SimpleNamespace(value=config))
     handler = main_cli.logging.get_absl_handler()
     monkeypatch.setattr(handler, "filters", list(handler.filters))
     return config
@@ -1128,11 +1134,9 @@ def test_main_flag_errors_are_one_line(tmp_path):
 def _start_study(folder, tfds_dir):
     """A pretraining run that lasts (500 epochs), started as a terminal would start it (SIGINT
     handled by default even if pytest ignores it): ``(args, process)``."""
-    args = ["--config=configs/synthfaces.py:size=small,N=5", "--config.stages=('pretrain',)",
-            "--config.train.epochs=500", "--config.mia.loss_rf=False", "--config.mia.rmia=False",
-            "--config.progress=False", "--config.data.num_threads=0",
-            f"--config.workdir={folder / 'work'}", f"--config.checkpoint_dir={folder / 'ckpt'}",
-            f"--config.data.tfds_dir={tfds_dir}"]
+    args = ["--config=configs/synthfaces.py:runlocal=True", "--config.stages=('pretrain',)",
+            "--config.train.epochs=500", f"--config.workdir={folder / 'work'}",
+            f"--config.checkpoint_dir={folder / 'ckpt'}", f"--config.data.tfds_dir={tfds_dir}"]
     return args, subprocess.Popen(
         [sys.executable, "-m", "oneshui_jax.main", *args], cwd=REPO, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
@@ -1157,11 +1161,11 @@ def test_main_ctrl_c_and_sigterm_print_one_line_and_exit_130_and_143(tmp_path, s
     in_stage = "in stage pretrain"
     loading = "while reading the data and making the split, before the first stage"
     cases = {  # signal, its name, status, where, seconds after the trigger, the trigger
-        "sigint": (signal.SIGINT, "Ctrl-C", main_cli.INTERRUPTED_STATUS, in_stage, 3.0,
+        "sigint": (signal.SIGINT, "Ctrl-C", interrupts.INTERRUPTED_STATUS, in_stage, 3.0,
                    lambda folder: _training_metadata(folder)),
-        "sigterm": (signal.SIGTERM, "SIGTERM", main_cli.TERMINATED_STATUS, in_stage, 0.0,
+        "sigterm": (signal.SIGTERM, "SIGTERM", interrupts.TERMINATED_STATUS, in_stage, 0.0,
                     lambda folder: _training_metadata(folder)),
-        "sigterm_loading": (signal.SIGTERM, "SIGTERM", main_cli.TERMINATED_STATUS, loading, 0.0,
+        "sigterm_loading": (signal.SIGTERM, "SIGTERM", interrupts.TERMINATED_STATUS, loading, 0.0,
                             lambda folder: os.path.isdir(folder / "tfds" / "synth_faces")),
     }
     runs = {name: _start_study(tmp_path / name, tmp_path / name / "tfds"
@@ -1187,7 +1191,7 @@ def test_main_ctrl_c_and_sigterm_print_one_line_and_exit_130_and_143(tmp_path, s
                 process.kill()
                 process.communicate()
     assert sent.keys() == runs.keys(), f"a run never reached its moment: {outputs}"
-    assert (main_cli.INTERRUPTED_STATUS, main_cli.TERMINATED_STATUS) == (130, 143)
+    assert (interrupts.INTERRUPTED_STATUS, interrupts.TERMINATED_STATUS) == (130, 143)
     for name, (args, process) in runs.items():
         _, name_in_line, status, where, _, _ = cases[name]
         err = outputs[name][1]

@@ -175,6 +175,14 @@ def test_parse_arg():
             config_lib.parse_arg(arg, allowed)
     with pytest.raises(ValueError, match="size"):
         config_lib.parse_arg("size=huge", allowed, choices={"size": ("default", "small")})
+    local = {"N": 10, "size": "medium", "runlocal": False}
+    shrink = {"N": 5, "size": "small"}
+    assert config_lib.parse_arg("runlocal=True", local, runlocal_defaults=shrink) == {
+        "N": 5, "size": "small", "runlocal": True}
+    assert config_lib.parse_arg("N=7,runlocal=1", local, runlocal_defaults=shrink) == {
+        "N": 7, "size": "small", "runlocal": True}  # a given key keeps its value
+    assert config_lib.parse_arg("N=7", local, runlocal_defaults=shrink) == {
+        "N": 7, "size": "medium", "runlocal": False}
 
 
 def real_config_names():
@@ -290,6 +298,7 @@ def test_untuned_config_warns(caplog):
     ("mufac", "bogus=1", "bogus"), ("celeba", "N=0", "N"), ("celebahq", "profile=cpu", "profile"),
     ("celeba", "N", "N"), ("synthfaces", "size=huge", "size"), ("synthfaces", "method=scrub",
                                                                 "method"),
+    ("synthfaces", "runlocal=maybe", "runlocal"), ("celebahq", "runlocal=2", "runlocal"),
 ])
 def test_bad_config_args(name, arg, key):
     with pytest.raises(ValueError, match=key):
@@ -346,3 +355,129 @@ def test_every_method_of_the_reference_is_implemented():
     mufac.scrub.kl = "bernoulli"
     with pytest.raises(ConfigError, match=r"config.scrub.kl='bernoulli' is the per-label KL"):
         study.validate_config(mufac)
+
+
+# ---------------------------------------------------------------------------------------------
+# One base config; the real-data files show their values; runlocal in every file
+
+
+def test_every_config_is_the_base_config_with_its_changes():
+    """Every config has every key of ``config_lib.base_config`` (the blocks every study has);
+    a real-data file is exactly ``real_data_config`` (so its train values, spelled in the file,
+    are the reference's ``const.py`` values, hparams.py), for every method and N."""
+    base = flat(config_lib.base_config("x", 1))
+    for name in ("synthfaces", *real_config_names()):
+        config = flat(load_config_file(name).get_config())
+        assert set(base) <= set(config), (name, set(base) - set(config))
+        assert set(config) - set(base) <= ({"hparams_note"} if name != "synthfaces" else set())
+    for name in real_config_names():
+        module = load_config_file(name)
+        for method in config_lib.METHOD_CHOICES:
+            for n in (*PAPER_N[name], 1, 7, 200):
+                got = module.get_config(f"method={method},N={n}").to_dict()
+                assert got == config_lib.real_data_config(name, method, n).to_dict(), (
+                    name, method, n)
+        h = hparams.reference("pretrain", name, DEFAULT_N[name])
+        train = module.get_config().train
+        assert {k: train[k] for k in config_lib.TRAIN_SETTINGS} == {
+            k: h.values[k] for k in config_lib.TRAIN_SETTINGS}
+        assert type(train.lr) is float and type(train.epochs) is int
+
+
+def test_hparams_table_is_current():
+    """configs/HPARAMS.md is ``config_lib.hparams_table()`` (from hparams.py): regenerate it with
+    ``python tools/hparams_table.py`` after a change to the reference's table."""
+    with open(os.path.join(REPO, "configs", "HPARAMS.md"), encoding="utf-8") as f:
+        assert f.read() == config_lib.hparams_table(), "run: python tools/hparams_table.py"
+    table = config_lib.hparams_table()
+    assert "| mufac | 5 | 10 | 0.01 | 1e-3 | 5 |" in table  # meta_unlearn: epochs, lr, meta_lr
+    assert "| celebahq | 50 | 0.5 | 10.0 |" in table  # ssd: dampening, selection weighting
+
+
+def _typed(block) -> dict:
+    return {k: (type(v).__name__, v) for k, v in block.items()}
+
+
+def test_default_study_values_that_fingerprints_depend_on():
+    """The default study (configs/synthfaces.py) as its checkpoints were fingerprinted
+    (study/reuse.py: dataset, seed, split, model, the stage's settings, the augmentation): a
+    change here makes every stored SynthFaces stage train again."""
+    config = load_config_file("synthfaces").get_config()
+    assert (config.dataset, config.num_identities, config.seed, config.split_seed) == (
+        "synthfaces", 10, 0, None)
+    assert (config.data.synthfaces_config, config.data.image_size, config.data.crop_scale,
+            config.data.dedup) == ("medium", 32, (0.35, 1.0), "none")
+    assert config.model.to_dict() == {"name": "vit_small_demo", "init": "",
+                                      "init_scheme": "lecun"}
+    assert _typed(config.train) == _typed(dict(
+        optimizer="adamw", epochs=20, batch_size=64, lr=1e-3, weight_decay=1e-4, momentum=0.9,
+        warmup_epochs=2, compute_dtype="float32", ap_scores="reference", attention="xla",
+        remat=False))
+    steps = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+    meta = dict(batch_size=64, compute_dtype="float32", dropout=0.5, epochs=3, forget_epochs=1,
+                forget_loss="smooth_l1", hidden_size=512, loss_type="full", lr=1e-3,
+                meta_lr=1e-3, num_identities_simulation=10, num_layers=0, relative_step=1e-3,
+                remat=False, requests_per_update=1, simulated_draws_per_epoch=2,
+                step_control="normalize", step_scales=steps, task_ascent=100.0, use_accs=True,
+                use_feats=True, use_ids=True, use_retain=False, use_targets=True,
+                use_train_aug=True, validation_requests=4, weight_decay=0.0)
+    expected = {
+        "meta_unlearn": meta,
+        "meta_unlearn_reference": {**meta, "method": "meta_unlearn", "step_control": "none",
+                                   "task_ascent": 0.0},
+        "support_ascent": dict(alphas=(0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0),
+                               batch_size=64, compute_dtype="float32", forget_loss="smooth_l1",
+                               loss_type="full", num_identities_simulation=10, num_requests=16,
+                               simulated_draws=2, use_accs=True),
+        "ssd": dict(batch_size=128, compute_dtype="float32", dampening_constant=0.1,
+                    selection_weighting=0.1),
+        "lipschitz": dict(batch_size=128, compute_dtype="float32", lr=0.01, n_samples=25,
+                          weighting=30.0, zero_grad_between_batches=False),
+        "pgu": dict(batch_size=128, compute_dtype="float32", epochs=5, gamma=0.8, lr=0.1,
+                    patch_covariance="stride1", reverse_bce="index"),
+        "scrub": dict(alpha=1e-3, batch_size=32, batch_size_retain=32, compute_dtype="float32",
+                      epochs=10, forgetting_epochs=5, gamma=0.99, kl="softmax", lr=5e-3,
+                      momentum=0.9, temperature=4.0, use_train_aug=False, weight_decay=5e-4),
+        "bad_teacher": dict(batch_size=32, compute_dtype="float32", epochs=5, kl="softmax",
+                            lr=1e-4, momentum=0.9, use_train_aug=False, weight_decay=5e-4),
+    }
+    for block, values in expected.items():
+        assert _typed(config[block]) == _typed(values), block
+
+
+def test_runlocal_in_every_config_is_small_and_valid():
+    """``runlocal=True`` in every config file: the same study (dataset, split seed) with only
+    the settings of ``config_lib.RUNLOCAL`` (and the file's or the real data's own) changed,
+    one epoch, no attack; it validates."""
+    synth = load_config_file("synthfaces")
+    local = synth.get_config("runlocal=True")
+    assert local.to_dict() == synth.get_config("N=5,size=small,runlocal=True").to_dict()
+    assert synth.get_config("N=7,runlocal=True").num_identities == 7
+    assert local.stages == ("pretrain", "retrain", "meta_unlearn", "support_ascent")
+    # what tests/small_study.py starts from
+    assert (local.data.synthfaces_config, local.num_identities, local.train.epochs) == (
+        "small", 5, 1)
+    assert (local.meta_unlearn.epochs, local.meta_unlearn.num_identities_simulation,
+            local.meta_unlearn.batch_size) == (1, 30, 256)
+    assert (local.support_ascent.batch_size, local.support_ascent.num_requests) == (256, 4)
+    assert (local.mia.loss_rf, local.mia.rmia, local.progress, local.data.num_threads) == (
+        False, False, False, 0)
+    study.validate_config(local)
+    full, small = flat(synth.get_config("N=5,size=small")), flat(local)
+    changed = {k for k in full if full[k] != small[k]}
+    assert set(full) == set(small) and changed == set(config_lib.RUNLOCAL) | set(synth.RUNLOCAL)
+    for name in real_config_names():
+        module = load_config_file(name)
+        args = ("", "method=all", "method=ssd,N=5") + (("profile=cpu",) if name == "mufac" else ())
+        for arg in args:
+            paper = flat(module.get_config(arg))
+            config = module.get_config(f"{arg},runlocal=True")
+            tiny = flat(config)
+            assert set(paper) == set(tiny)
+            changed = {k for k in paper if paper[k] != tiny[k]}
+            assert changed <= set(config_lib.RUNLOCAL) | set(config_lib.RUNLOCAL_REAL_DATA)
+            assert (config.dataset, config.num_identities, config.stages) == (
+                paper["dataset"], paper["num_identities"], paper["stages"])
+            assert (config.model.name, config.train.epochs, config.mia.loss_rf) == (
+                "vit_tiny_test", 1, False)
+            study.validate_config(config)

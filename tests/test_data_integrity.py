@@ -25,12 +25,13 @@ import numpy as np
 import pytest
 from test_cli_errors import _listing
 
-from oneshui_jax import checkpoints, serve, splits
-from oneshui_jax import inspect as inspect_cli
+from oneshui_jax import checkpoints
 from oneshui_jax import main as main_cli
-from oneshui_jax import select as select_cli
+from oneshui_jax.cli import convert, splits
+from oneshui_jax.cli import inspect as inspect_cli
+from oneshui_jax.cli import request as request_cli
+from oneshui_jax.cli import select as select_cli
 from oneshui_jax.data import annotations
-from oneshui_jax.models import convert
 from oneshui_jax.serve import request as request_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -380,7 +381,7 @@ def chain(tmp_path_factory):
     pretrain, method, portrait = doubles.request_chain(root)
     first = os.path.join(root, "first")
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-        assert serve.main(["--checkpoint", method, "--portrait", portrait, "--out", first,
+        assert request_cli.main(["--checkpoint", method, "--portrait", portrait, "--out", first,
                            "--request_id", "req-1"]) == 0
     work = os.path.join(root, "work")
     os.makedirs(work)
@@ -429,7 +430,7 @@ def test_chaining_checks_the_parents_receipt(chain, capsys, case):
     parent = _chained_copy(chain, f"parent_{case}", change)
     receipt = os.path.join(parent, request_lib.RECEIPT_FILE)
     out = os.path.join(chain.work, f"out_{case}")
-    outcome = call(capsys, serve.main, ["--checkpoint", parent, "--portrait", chain.portrait,
+    outcome = call(capsys, request_cli.main, ["--checkpoint", parent, "--portrait", chain.portrait,
                                         "--out", out], unchanged=(chain.root,))
     error_line(outcome, f"{receipt} " + words.format(run=parent))
 
@@ -438,7 +439,7 @@ def test_a_chain_with_an_intact_receipt_is_served(chain, capsys):
     """The check lets a complete output through: the second request's receipt continues the
     first's (its params_hash_before is the first's params_hash_after)."""
     out = os.path.join(chain.work, "second")
-    outcome = call(capsys, serve.main, ["--checkpoint", chain.first, "--portrait",
+    outcome = call(capsys, request_cli.main, ["--checkpoint", chain.first, "--portrait",
                                         chain.portrait, "--out", out, "--request_id", "req-2"])
     assert outcome.status == 0, outcome.err
     first = request_lib.check_receipt(chain.first, checkpoints.read_metadata(chain.first))
@@ -458,13 +459,13 @@ def test_serve_refuses_an_out_inside_a_run_it_reads(chain, capsys):
     """--out inside the run given as --checkpoint (before any work), inside the model run the
     method run starts from (found once the method run is read): refused naming both paths."""
     inside_method = os.path.join(chain.method, "requests", "r1")
-    outcome = call(capsys, serve.main, ["--checkpoint", chain.method, "--portrait",
+    outcome = call(capsys, request_cli.main, ["--checkpoint", chain.method, "--portrait",
                                         chain.portrait, "--out", inside_method],
                    unchanged=(chain.root,))
     error_line(outcome, f"--out {inside_method} is inside the run of --checkpoint "
                f"{chain.method}", "choose a folder outside it")
     inside_model = os.path.join(chain.pretrain, "r1")
-    outcome = call(capsys, serve.main, ["--checkpoint", chain.method, "--portrait",
+    outcome = call(capsys, request_cli.main, ["--checkpoint", chain.method, "--portrait",
                                         chain.portrait, "--out", inside_model],
                    unchanged=(chain.root,))
     error_line(outcome, f"--out {inside_model} is inside the model run {chain.pretrain}")
@@ -477,7 +478,7 @@ def test_serve_refuses_to_replace_an_out_that_holds_its_input(chain, capsys):
     shutil.copytree(chain.first, outer)  # an earlier request's output (it has a receipt)
     inner = os.path.join(outer, "method_copy")
     shutil.copytree(chain.method, inner)
-    outcome = call(capsys, serve.main, ["--checkpoint", inner, "--portrait", chain.portrait,
+    outcome = call(capsys, request_cli.main, ["--checkpoint", inner, "--portrait", chain.portrait,
                                         "--out", outer, "--overwrite"],
                    unchanged=(chain.root,))
     error_line(outcome, f"--out {outer} contains the run of --checkpoint {inner}",
@@ -506,7 +507,7 @@ def select_config(tmp_path, monkeypatch):
     config.workdir = str(tmp_path / "work")
     config.checkpoint_dir = str(tmp_path / "ckpt")
     config.progress = False
-    monkeypatch.setattr(main_cli, "_CONFIG", types.SimpleNamespace(value=config))
+    monkeypatch.setattr(select_cli, "CONFIG", types.SimpleNamespace(value=config))
     monkeypatch.setattr(select_cli, "_OUT", types.SimpleNamespace(value=None))
     handler = main_cli.logging.get_absl_handler()
     monkeypatch.setattr(handler, "filters", list(handler.filters))
@@ -518,7 +519,7 @@ def select_config(tmp_path, monkeypatch):
 
 
 def test_select_refuses_an_out_inside_the_pretrained_run(select_config, capsys):
-    pretrain = select_cli.pretrain_dir(select_config.config)
+    pretrain = select_cli.select_lib.pretrain_dir(select_config.config)
     os.makedirs(pretrain)
     out = os.path.join(pretrain, "selection")
     select_config.set_out(out)

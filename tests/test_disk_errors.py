@@ -90,7 +90,7 @@ def fake_study(tmp_path, monkeypatch):
     config = ml_collections.ConfigDict({
         "stages": ("pretrain",), "workdir": str(tmp_path / "work"),
         "checkpoint_dir": str(tmp_path / "ckpt"), "mia": {"rmia": False}})
-    monkeypatch.setattr(main_cli, "_CONFIG", types.SimpleNamespace(value=config))
+    monkeypatch.setattr(main_cli, "CONFIG", types.SimpleNamespace(value=config))
 
     def exit_now(status):
         raise SystemExit(status)
@@ -131,7 +131,7 @@ def test_main_says_the_os_reason_the_path_and_where_in_one_line(fake_study, caps
     assert err.splitlines() == [
         f"error: No space left on device: {path} ({WHERE[moment]}); the finished stages and the "
         f"last save of an unfinished one are kept under {fake_study.config.checkpoint_dir}; "
-        f"once it is fixed, run the same command: {main_cli.resume_command()}"]
+        f"once it is fixed, run the same command: {interrupts.same_command('oneshui_jax.main')}"]
 
 
 @pytest.mark.parametrize("moment", list(WHERE))

@@ -1,6 +1,6 @@
 """Every byte an image file can hold (``oneshui_jax/data/images.py``): each PIL mode decoded to
 what it shows or refused with one line naming the file, only regular files read, byte and pixel
-caps; through the portrait reader and the request command line (``serve.main``, which is
+caps; through the portrait reader and the request command line (``cli.request.main``, which is
 ``python -m oneshui_jax.unlearn``), the dataset records, the audit and the TFDS build.
 
 Each image is a few pixels with known values, written with PIL to a temporary file; the expected
@@ -27,6 +27,7 @@ import pytest
 from PIL import Image
 
 from oneshui_jax import serve
+from oneshui_jax.cli import request as request_cli
 from oneshui_jax.data import audit, datasets, images
 from oneshui_jax.errors import DataError
 from oneshui_jax.serve import request
@@ -494,7 +495,7 @@ def test_dev_zero_through_the_request_cli_is_one_line_and_bounded(tmp_path):
     reads it anyway fails there (MemoryError) instead of taking this machine's memory."""
     code = (
         "import resource, runpy, sys\n"
-        "import oneshui_jax.serve.cli\n"
+        "import oneshui_jax.serve.service\n"
         "vm = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmSize')]\n"
         "cap = vm[0] * 1024 + 2**30\n"
         "resource.setrlimit(resource.RLIMIT_AS, (cap, cap))\n"
@@ -598,7 +599,7 @@ def test_the_tfds_build_reads_only_regular_files(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# Through the request command line (serve.main, i.e. python -m oneshui_jax.unlearn)
+# Through the request command line (cli.request.main, i.e. python -m oneshui_jax.unlearn)
 
 
 @pytest.fixture(scope="module")
@@ -612,7 +613,7 @@ def chain(tmp_path_factory):
 
 def serve_main(capsys, *args: str) -> tuple[int, str, str]:
     capsys.readouterr()
-    code = serve.main(list(args))
+    code = request_cli.main(list(args))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

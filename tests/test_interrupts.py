@@ -138,7 +138,7 @@ def exits(monkeypatch):
 
 
 def test_serve_prints_one_line_and_exits_143_on_sigterm(monkeypatch, capsys, exits, tmp_path):
-    from oneshui_jax.serve import cli
+    from oneshui_jax.cli import request as cli
 
     def interrupted(*args, **kwargs):
         raise interrupts.Interrupted(signal.SIGTERM)
@@ -160,17 +160,17 @@ def test_select_prints_one_line_and_exits_130_on_ctrl_c(monkeypatch, capsys, exi
 
     import ml_collections
 
-    from oneshui_jax import main as main_lib
-    from oneshui_jax import select
+    from oneshui_jax.cli import select
 
     config = ml_collections.ConfigDict({"workdir": str(tmp_path / "work")})
-    monkeypatch.setattr(main_lib, "_CONFIG", types.SimpleNamespace(value=config))
-    monkeypatch.setattr(select, "pretrain_dir", lambda config: str(tmp_path / "pretrain"))
+    monkeypatch.setattr(select, "CONFIG", types.SimpleNamespace(value=config))
+    monkeypatch.setattr(select.select_lib, "pretrain_dir",
+                        lambda config: str(tmp_path / "pretrain"))
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # Python's own, before or without the handler: Ctrl-C
 
-    monkeypatch.setattr(select, "select", interrupted)
+    monkeypatch.setattr(select.select_lib, "select", interrupted)
     with pytest.raises(SystemExit) as caught:
         select.main(["oneshui_jax.select"])
     assert caught.value.code == 130

@@ -9,12 +9,14 @@ import numpy as np
 import optax
 import pytest
 
-from oneshui_jax import checkpoints, losses, select, study
+from oneshui_jax import checkpoints, losses, study
 from oneshui_jax.errors import ConfigError
 from oneshui_jax.models import meta_loss, vit
-from oneshui_jax.study import access
-from oneshui_jax.unlearn import api, meta_diagnostics, meta_train
-from oneshui_jax.unlearn import meta_unlearn as mu
+from oneshui_jax.study import access, select
+from oneshui_jax.unlearn import api
+from oneshui_jax.unlearn.meta_unlearn import core as mu
+from oneshui_jax.unlearn.meta_unlearn import diagnostics as meta_diagnostics
+from oneshui_jax.unlearn.meta_unlearn import training as meta_train
 
 MODEL = vit.ViTConfig.preset("vit_tiny_test", num_classes=6)
 

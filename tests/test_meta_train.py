@@ -11,8 +11,8 @@ import pytest
 from oneshui_jax import checkpoints, study
 from oneshui_jax.models import meta_loss, vit
 from oneshui_jax.study import access
-from oneshui_jax.unlearn import meta_train
-from oneshui_jax.unlearn import meta_unlearn as mu
+from oneshui_jax.unlearn.meta_unlearn import core as mu
+from oneshui_jax.unlearn.meta_unlearn import training as meta_train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))

@@ -10,7 +10,7 @@ import pytest
 
 from oneshui_jax import losses
 from oneshui_jax.models import meta_loss, vit
-from oneshui_jax.unlearn import meta_unlearn as mu
+from oneshui_jax.unlearn.meta_unlearn import core as mu
 
 C = 4
 # Jitted once per config (static: model, meta-loss and MetaUnlearn configs, the objective).

@@ -29,8 +29,9 @@ from oneshui_jax.errors import ConfigError
 from oneshui_jax.models import vit
 from oneshui_jax.study import reuse, validate
 from oneshui_jax.study.context import dataset_folder
-from oneshui_jax.unlearn import api, meta_train
-from oneshui_jax.unlearn import meta_unlearn as mu
+from oneshui_jax.unlearn import api
+from oneshui_jax.unlearn.meta_unlearn import core as mu
+from oneshui_jax.unlearn.meta_unlearn import training as meta_train
 
 pytest.importorskip("tensorboardX")
 from tensorboardX.proto import event_pb2  # noqa: E402

@@ -25,7 +25,7 @@ from sklearn.metrics import average_precision_score
 from oneshui_jax import losses, metrics
 from oneshui_jax.models import meta_loss, vit
 from oneshui_jax.unlearn import api, support_ascent
-from oneshui_jax.unlearn import meta_unlearn as mu
+from oneshui_jax.unlearn.meta_unlearn import core as mu
 
 TASKS = ("multilabel", "classification")
 

@@ -216,7 +216,7 @@ def test_run_directories_convert_and_start_a_study(tmp_path, synthfaces_tfds, ca
     import dataclasses
 
     from oneshui_jax import study
-    from oneshui_jax.models import convert
+    from oneshui_jax.cli import convert
 
     first, second = str(tmp_path / "timm"), str(tmp_path / "seven")
     assert convert.main([SAFETENSORS, first, *ARCH]) == 0
@@ -263,7 +263,7 @@ def _write_timm(path, cfg: vit.ViTConfig, seed: int = 0) -> dict:
 
 
 def _converted(capsys, *args: str) -> tuple[int, str, str]:
-    from oneshui_jax.models import convert
+    from oneshui_jax.cli import convert
 
     status = convert.main(list(args))
     captured = capsys.readouterr()

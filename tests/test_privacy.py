@@ -94,7 +94,7 @@ def test_rmia_builds_its_reference_models_and_attacks_models_and_people(small_st
                  ref_dir):
         assert len(os.listdir(os.path.join(rdir, privacy.CACHE_DIR))) == 1
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(privacy.train_lib, "make_eval_step", _no_signals)
+        patch.setattr(train_lib, "make_eval_step", _no_signals)
         again = {r["method"]: r for r in study.run(config)}
     assert os.path.getmtime(os.path.join(ref_dir, checkpoints.METADATA_FILE)) == stamp
     assert again["lipschitz"]["mia"]["rmia"] == by_method["lipschitz"]["mia"]["rmia"]
@@ -242,7 +242,7 @@ def test_signals_are_the_losses_of_each_image_and_cached(small_study, tmp_path):
     assert "per_pass" in out["per_person"]["skipped"] and "auc" in out["rmia"]
     # cached: the second call computes nothing; other parameters are computed again
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(privacy.train_lib, "make_eval_step", _no_signals)
+        patch.setattr(train_lib, "make_eval_step", _no_signals)
         cached = privacy.signals(ctx, params, privacy.Passes(ctx, rows, 64), str(run_dir))
         for name in rows:
             np.testing.assert_array_equal(cached[name], got[name])

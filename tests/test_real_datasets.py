@@ -329,7 +329,9 @@ def test_celeba_annotation_files_are_checked_against_the_official_md5(shared_dat
 
 def test_the_splits_cli_can_merge_duplicate_identities(shared_data, tmp_path, capsys):
     out = tmp_path / "split.json"
-    splits_lib.main(["--dataset", "mufac", "--data_dir", shared_data, "--num_identities", "5",
+    from oneshui_jax.cli import splits as splits_cli
+
+    splits_cli.main(["--dataset", "mufac", "--data_dir", shared_data, "--num_identities", "5",
                      "--out", str(out), "--dedup", "merge"])
     assert "dedup=merge: 375 identities merged" in capsys.readouterr().out
     merged = json.load(open(out))

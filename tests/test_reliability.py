@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 
 from oneshui_jax import checkpoints, locks
-from oneshui_jax import inspect as inspect_cli
 from oneshui_jax import train as train_lib
+from oneshui_jax.cli import inspect as inspect_cli
+from oneshui_jax.cli import request as serve_cli
 from oneshui_jax.errors import CheckpointError, ConfigError
 from oneshui_jax.models import vit
-from oneshui_jax.serve import cli as serve_cli
 from oneshui_jax.study import stages, validate
 from oneshui_jax.study.context import dataset_folder
 

@@ -25,7 +25,7 @@ from oneshui_jax.errors import ConfigError
 from oneshui_jax.models import meta_loss, vit
 from oneshui_jax.study import reuse, validate
 from oneshui_jax.unlearn import api
-from oneshui_jax.unlearn import meta_unlearn as mu
+from oneshui_jax.unlearn.meta_unlearn import core as mu
 
 MODEL = vit.ViTConfig(image_size=16, patch_size=8, width=16, depth=3, num_heads=2,
                       num_classes=4)

@@ -11,6 +11,7 @@ import pytest
 from matplotlib.container import BarContainer, ErrorbarContainer
 
 from oneshui_jax import files, report
+from oneshui_jax.cli import report as report_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -82,6 +83,17 @@ def test_markdown_table_attack_columns_only_when_present(records):
     assert report.record_stats(records[0])["loss_mia_acc"] == 41.0
     legend = report.legend("mAP", ["rmia_auc"])
     assert "RMIA AUC" in legend and "loss-MIA" not in legend
+
+
+def test_summary_printed_when_a_study_ends():
+    records = [make_record("pretrain"), make_record("retrain", forget=50.0)]
+    lines = report.summary(records, "synthfaces", "CPU", "/work/run").split("\n")
+    assert lines[:2] == ["", "synthfaces, N=10, seed 0 (CPU):"]
+    assert "\n".join(lines[2:6]) == report.markdown_table(records, "mAP")
+    assert lines[6:] == ["forget mAP: pretrain 68.20 vs retrain 50.00 (memorisation gap +18.20)",
+                         "results: /work/run/results.md"]
+    alone = report.summary(records[:1], "synthfaces", "CPU", "/w").split("\n")
+    assert "forget" not in alone[-2] and alone[-1] == "results: /w/results.md"
 
 
 def test_aggregate_mean_and_std_over_three_seeds():
@@ -362,14 +374,14 @@ def test_combine_averages_studies_over_seeds(tmp_path, capsys):
         text = f.read()
     with open(paths[1], "wb") as f:
         f.write(b"\xef\xbb\xbf" + text)
-    assert report.main(paths + ["--out", str(tmp_path / "all")]) == 0
+    assert report_cli.main(paths + ["--out", str(tmp_path / "all")]) == 0
     md = (tmp_path / "all" / "results.md").read_text()
     assert "62.00 ± 2.83" in md and "90.50 ± 0.71" in md
     saved = json.load(open(tmp_path / "all" / "results.json"))
     assert len(saved["results"]) == 2 and saved["sources"] == paths
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(SystemExit) as exit_:
-        report.main([str(tmp_path / "bad.json"), "--out", str(tmp_path / "x")])
+        report_cli.main([str(tmp_path / "bad.json"), "--out", str(tmp_path / "x")])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err == (f"error: {tmp_path / 'bad.json'}: not a results.json written by a study "
@@ -474,9 +486,9 @@ def plant_study(folder, config: dict | None, seed: int = 0, *, forget: float = 6
 
 
 def run_report(capsys, argv: list[str]) -> tuple[int, str]:
-    """``report.main(argv)`` in-process: (exit status, stderr)."""
+    """``report_cli.main(argv)`` in-process: (exit status, stderr)."""
     try:
-        status = report.main(argv)
+        status = report_cli.main(argv)
     except SystemExit as e:
         status = e.code
     return status, capsys.readouterr().err

@@ -1,5 +1,5 @@
 """The request path of serving (issue 18, item 3): no re-tracing, the fused request step, the
-device checksum of parameters (``checkpoints.params_digest``).
+device checksum of parameters (``serve.digest.params_digest``).
 
 Small synthetic models, no study: an :class:`serve.Engine` is built from its parts. Traces and
 compilations are counted with ``jax.monitoring`` (the events JAX records while tracing a
@@ -24,8 +24,9 @@ import suite_settings
 
 from oneshui_jax import checkpoints, serve
 from oneshui_jax.models import meta_loss, vit
+from oneshui_jax.serve import digest as digest_lib
 from oneshui_jax.unlearn import api, support_ascent
-from oneshui_jax.unlearn import meta_unlearn as mu
+from oneshui_jax.unlearn.meta_unlearn import core as mu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = vit.ViTConfig(image_size=16, patch_size=8, width=16, depth=1, num_heads=2,
@@ -85,13 +86,13 @@ def _np_digest(tree) -> str:
 
 def test_digest_is_the_written_out_algorithm_and_deterministic():
     tree = _tree()
-    words = checkpoints.params_digest(tree)
-    assert words.dtype == jnp.uint32 and words.shape == (checkpoints.DIGEST_WORDS,)
+    words = digest_lib.params_digest(tree)
+    assert words.dtype == jnp.uint32 and words.shape == (digest_lib.DIGEST_WORDS,)
     expected = _np_digest(tree)
-    assert checkpoints.params_digest_hex(tree) == expected
-    assert checkpoints.params_digest_hex(jax.device_put(tree)) == expected  # numpy or device
-    assert checkpoints.params_digest_hex(jax.tree.map(np.copy, tree)) == expected  # a copy
-    assert checkpoints.params_digest_hex(tree) == expected  # again
+    assert digest_lib.params_digest_hex(tree) == expected
+    assert digest_lib.params_digest_hex(jax.device_put(tree)) == expected  # numpy or device
+    assert digest_lib.params_digest_hex(jax.tree.map(np.copy, tree)) == expected  # a copy
+    assert digest_lib.params_digest_hex(tree) == expected  # again
     assert len(expected) == 32 and expected != "0" * 32
 
 
@@ -123,19 +124,19 @@ def _one_ulp(x: np.ndarray, k: int) -> np.ndarray:
 
 def test_any_small_change_changes_the_digest():
     tree = _tree()
-    base = checkpoints.params_digest_hex(tree)
+    base = digest_lib.params_digest_hex(tree)
     seen = {base}
     for path in _leaf_paths(tree):
         leaf = _leaf(tree, path)
         for k in (0, leaf.size - 1):  # one element, one ulp, of every leaf
-            changed = checkpoints.params_digest_hex(_replace(tree, path, _one_ulp(leaf, k)))
+            changed = digest_lib.params_digest_hex(_replace(tree, path, _one_ulp(leaf, k)))
             assert changed != base, (path, k)
             seen.add(changed)
         flat = leaf.reshape(-1)
         i, j = 0, int(np.flatnonzero(flat != flat[0])[0])  # two different elements swapped
         swapped = flat.copy()
         swapped[[i, j]] = swapped[[j, i]]
-        digest = checkpoints.params_digest_hex(_replace(tree, path, swapped.reshape(leaf.shape)))
+        digest = digest_lib.params_digest_hex(_replace(tree, path, swapped.reshape(leaf.shape)))
         assert digest != base, path
         seen.add(digest)
     # same-shaped leaves swapped, a leaf renamed, a leaf reshaped, a dtype changed
@@ -144,11 +145,11 @@ def test_any_small_change_changes_the_digest():
     reshaped = {**tree, "u16": tree["u16"].reshape(5, 1)}
     retyped = {**tree, "count": tree["count"].view(np.float32)}
     for other in (swapped, renamed, reshaped, retyped):
-        seen.add(checkpoints.params_digest_hex(other))
+        seen.add(digest_lib.params_digest_hex(other))
     assert len(seen) == 1 + 3 * len(_leaf_paths(tree)) + 4  # all different
     # -0.0 and 0.0 are different bits: the digest is of bits, as the sha256 is of bytes
     zeros = {"x": np.zeros(3, np.float32)}
-    assert checkpoints.params_digest_hex(zeros) != checkpoints.params_digest_hex(
+    assert digest_lib.params_digest_hex(zeros) != digest_lib.params_digest_hex(
         {"x": -zeros["x"]})
 
 
@@ -156,7 +157,7 @@ _SHARDED = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from oneshui_jax import checkpoints
+    from oneshui_jax.serve import digest as digest_lib
     rng = np.random.default_rng(1)
     tree = {"w": rng.normal(size=(8, 6)).astype(np.float32), "b": np.arange(12, dtype=np.int32),
             "s": np.float32(3.5)}
@@ -171,7 +172,7 @@ _SHARDED = textwrap.dedent("""
         "sharded": jax.device_put(tree, split),
     }
     print(json.dumps({"devices": jax.device_count(),
-                      **{k: checkpoints.params_digest_hex(v) for k, v in placed.items()}}))
+                      **{k: digest_lib.params_digest_hex(v) for k, v in placed.items()}}))
 """)
 
 
@@ -303,12 +304,12 @@ def test_served_requests_of_a_seen_size_do_not_trace_again(method):
             digests.add(timings["params_digest"])
     assert again == {TRACE: 0, COMPILE: 0}
     assert len(digests) == 4  # other portraits, another model
-    assert timings["params_digest"] == checkpoints.params_digest_hex(
+    assert timings["params_digest"] == digest_lib.params_digest_hex(
         engine.forget(_portraits(3, 3), ids)[0])
     assert set(timings) >= {"h2d_s", "compute_s", "digest_s", "prepare_s"}
     # the engine is pure: its parameters are untouched (not donated, not changed)
     assert not any(x.is_deleted() for x in jax.tree.leaves(engine.params))
-    assert checkpoints.params_digest_hex(engine.params) == before == _np_digest(
+    assert digest_lib.params_digest_hex(engine.params) == before == _np_digest(
         jax.device_get(theta))
     with counting() as other:  # a new size compiles once, then not again
         engine.forget(_portraits(2), ids if ids is None else ids[:2])

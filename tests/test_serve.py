@@ -2,7 +2,7 @@
 
 Requests are served on the shared small study (``tests/small_study.py``) end to end: through the
 command line in a subprocess twice (the first request and one error, to prove the entry points),
-otherwise in process through ``serve.main``.
+otherwise in process through ``oneshui_jax.cli.request.main``.
 """
 
 import dataclasses
@@ -20,9 +20,11 @@ import pytest
 from PIL import Image
 
 from oneshui_jax import checkpoints, serve
+from oneshui_jax.cli import request as request_cli
 from oneshui_jax.data import synthfaces, transforms
 from oneshui_jax.errors import CheckpointError, ConfigError, DataError
 from oneshui_jax.models import vit
+from oneshui_jax.serve import digest as digest_lib
 from oneshui_jax.unlearn import api, registry, support_ascent
 from oneshui_jax.unlearn import meta_unlearn as mu
 
@@ -60,9 +62,12 @@ def cli(module: str, *args: str) -> tuple[int, str, str]:
 
 
 def serve_main(capsys, *args: str) -> tuple[int, str, str]:
-    """``serve.main(args)`` in process: ``(exit status, stdout, stderr)``."""
+    """``request_cli.main(args)`` in process: ``(exit status, stdout, stderr)``."""
     capsys.readouterr()
-    code = serve.main(list(args))
+    try:
+        code = request_cli.main(list(args))
+    except SystemExit as e:  # a malformed command line
+        code = e.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -115,8 +120,8 @@ def test_request_writes_model_and_receipt(run, first):
     assert r["params_hash_before"] == before == run.metadata["base_params_hash"]
     assert r["params_hash_after"] == checkpoints.params_hash(written) != before
     # the device checksum of the output, as the saved parameters give it after loading
-    assert r["params_digest_after"] == checkpoints.params_digest_hex(written)
-    assert r["params_digest_before"] == checkpoints.params_digest_hex(
+    assert r["params_digest_after"] == digest_lib.params_digest_hex(written)
+    assert r["params_digest_before"] == digest_lib.params_digest_hex(
         checkpoints.load_params(run.pretrain)) != r["params_digest_after"]
     assert r["identities"] == [run.identity, run.identity]
     assert r["labels_predicted"] is True and np.shape(r["labels"]) == (2, 24)

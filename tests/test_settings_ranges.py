@@ -23,6 +23,7 @@ import pytest
 from oneshui_jax import checkpoints, optim, splits
 from oneshui_jax import main as main_cli
 from oneshui_jax import train as train_lib
+from oneshui_jax.cli import splits as splits_cli
 from oneshui_jax.errors import ConfigError
 from oneshui_jax.study import validate
 from oneshui_jax.unlearn import api, registry
@@ -322,13 +323,13 @@ def test_main_names_a_config_file_that_fails(study_cli, tmp_path, source, line):
      "'not_a_module_anywhere' (line 1)"),
 ], ids=["raises", "import_fails"])
 def test_the_sweep_plan_names_a_config_file_that_fails(tmp_path, source, line):
-    """``study.plan.load_config`` (the sweep's skip check) says what ``main`` says."""
-    from oneshui_jax.study import plan
+    """``cli.config_flags.load_config`` (the sweep's skip check) says what ``main`` says."""
+    from oneshui_jax.cli import config_flags
 
     path = tmp_path / "mine.py"
     path.write_text(source)
     with pytest.raises(ValueError) as caught:
-        plan.load_config([f"--config={path}"])
+        config_flags.load_config([f"--config={path}"])
     assert str(caught.value) == line.format(path=path)
 
 
@@ -365,13 +366,13 @@ def test_splits_refuses_a_seed_out_of_range(capsys, tmp_path):
     for seed in (-1, MAX_SEED + 1):
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:
-            splits.main([*SMALL, "--seed", str(seed), "--out", str(out)])
+            splits_cli.main([*SMALL, "--seed", str(seed), "--out", str(out)])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2
         assert err.splitlines() == [f"error: --seed must be an int seed in [0, {MAX_SEED}], got "
                                     f"{seed}"], err
         assert not out.exists()
-    splits.main([*SMALL, "--seed", str(MAX_SEED), "--out", str(out)])
+    splits_cli.main([*SMALL, "--seed", str(MAX_SEED), "--out", str(out)])
     assert out.exists()
 
 

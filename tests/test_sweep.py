@@ -19,6 +19,7 @@ import sys
 import pytest
 
 from oneshui_jax import checkpoints, config_lib
+from oneshui_jax.cli import config_flags
 from oneshui_jax.study import plan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +47,7 @@ def dry_run(capsys, *argv):
 def config_of(args):
     """The config ``python -m oneshui_jax.main ARGS`` runs."""
     with sweep._in_repo():
-        return plan.load_config([a for a in args if a.startswith("--config")])
+        return config_flags.load_config([a for a in args if a.startswith("--config")])
 
 
 def test_default_grid_is_the_papers(capsys, tmp_path):

@@ -6,7 +6,8 @@
 
 IN is a timm ``.safetensors`` state dict, a Google ViT ``.npz`` or a run directory
 (:func:`oneshui_jax.models.pretrained.read_weights`); OUT is written with
-``checkpoints.save_params`` and is readable by ``checkpoints.load_params``.
+``checkpoints.save_params`` and is readable by ``checkpoints.load_params``. :func:`convert` does
+the work for a :class:`Conversion`; the command line is ``oneshui_jax/cli/convert.py``.
 
 The architecture is read from the tensor shapes
 (:func:`oneshui_jax.models.pretrained.infer_architecture`), so any timm ViT converts without
@@ -28,13 +29,11 @@ directory IN) prints one ``error: ...`` line, exits with status 2 and writes not
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import os
 import shutil
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -55,28 +54,24 @@ HEAD_DIM = 64
 """Head dimension of timm's ViTs: ``num_heads`` is width / 64 unless given."""
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m oneshui_jax.models.convert",
-        description="Convert pretrained ViT weights (timm .safetensors, Google .npz or a run "
-                    "directory) into a oneshui_jax run directory; the architecture is read from "
-                    "the tensor shapes (heads: width / 64 unless --num_heads).")
-    parser.add_argument("input", metavar="IN", help="weights file or run directory")
-    parser.add_argument("output", metavar="OUT", help="run directory to create (must not exist)")
-    parser.add_argument("--model",
-                        help="ViT preset naming the run's model; its architecture must agree "
-                             "with the file (default: the matching preset, if any)")
-    for name, kind in _ARCH_FIELDS:
-        default = f"width / {HEAD_DIM}" if name == "num_heads" else "the file's; must match"
-        parser.add_argument(f"--{name}", type=kind, help=f"{name} (default: {default})")
-    parser.add_argument("--num_classes", type=int,
-                        help="new head of this many classes (default: keep the source head)")
-    parser.add_argument("--image_size", type=int,
-                        help="resize pos_embed to this image size (default: the source's)")
-    return parser.parse_args(argv)
+@dataclasses.dataclass(frozen=True)
+class Conversion:
+    """What to convert: IN and OUT, and the explicit settings (None: from the file; the command
+    line's flags, ``oneshui_jax/cli/convert.py``)."""
+
+    input: str
+    output: str
+    model: str | None = None
+    width: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    patch_size: int | None = None
+    mlp_ratio: float | None = None
+    num_classes: int | None = None
+    image_size: int | None = None
 
 
-def _requested(args: argparse.Namespace) -> dict[str, tuple[Any, str]]:
+def _requested(args: Conversion) -> dict[str, tuple[Any, str]]:
     """Explicit architecture fields -> (value, where it comes from): flags over the preset."""
     requested: dict[str, tuple[Any, str]] = {}
     if args.model is not None:  # an unknown name is refused by ViTConfig.preset
@@ -96,7 +91,7 @@ def _model_name(cfg: ViTConfig) -> str:
     return f"vit_{cfg.width}w_{cfg.depth}d_patch{cfg.patch_size}_{cfg.image_size}"
 
 
-def _config(args: argparse.Namespace) -> tuple[ViTConfig, str]:
+def _config(args: Conversion) -> tuple[ViTConfig, str]:
     """The target config and a summary of what was inferred.
 
     Architecture from the file's shapes, explicit values checked against them; heads width / 64
@@ -158,7 +153,7 @@ def nonfinite_tensors(params: Any) -> list[str]:
     return lines
 
 
-def convert(args: argparse.Namespace) -> tuple[str, int, int, list[str], ViTConfig, str]:
+def convert(args: Conversion) -> tuple[str, int, int, list[str], ViTConfig, str]:
     """Writes OUT (via a temporary sibling, renamed when complete).
 
     Returns ``(params hash, tensors, parameters, adaptations, config, summary)``.
@@ -204,22 +199,7 @@ def convert(args: argparse.Namespace) -> tuple[str, int, int, list[str], ViTConf
     return digest, len(leaves), count_params(params), adaptations, cfg, summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit status (2: nothing was written)."""
-    args = parse_args(argv)
-    try:
-        digest, tensors, count, adaptations, cfg, summary = convert(args)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"architecture: {summary}")
-    print(f"wrote {args.output}: {cfg}")
-    print(f"{tensors} tensors, {count:,} parameters")
-    for line in adaptations or ["no adaptation: source head and image size kept"]:
-        print(f"adapted: {line}" if adaptations else line)
-    print(f"params hash: {digest}")
-    return 0
+if __name__ == "__main__":  # python -m oneshui_jax.models.convert: an alias of the command
+    import runpy  # line, run, not imported: this library module stays below the command lines
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    runpy.run_module("oneshui_jax.cli.convert", run_name="__main__")

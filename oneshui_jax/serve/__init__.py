@@ -10,20 +10,25 @@ The training data is gone, so only methods with ACCESS ``support`` or ``stats``
 refused.
 
 Modules: ``request`` (portraits, labels, the :class:`Receipt`, the output directory), ``engine``
-(which model and method run; the method-agnostic :class:`Engine`), ``cli`` (:func:`serve_request`
-and the command line, ``python -m oneshui_jax.unlearn`` or ``python -m oneshui_jax.serve``).
+(which model and method run; the method-agnostic :class:`Engine`), ``service``
+(:func:`serve_request`: one request end to end, and its :func:`summary`). The command line is
+``oneshui_jax/cli/request.py`` (``python -m oneshui_jax.unlearn`` or ``python -m
+oneshui_jax.serve``).
 """
 
-from oneshui_jax.serve.cli import main, serve_request, summary
-from oneshui_jax.serve.engine import Engine, Prepared, resolve_sources
-from oneshui_jax.serve.request import (
-    RECEIPT_FILE,
-    RECEIPT_VERSION,
-    REQUEST_STAGE,
-    Receipt,
-    parse_labels,
-    read_portrait,
-)
+import importlib
 
-__all__ = ["RECEIPT_FILE", "RECEIPT_VERSION", "REQUEST_STAGE", "Engine", "Prepared", "Receipt",
-           "main", "parse_labels", "read_portrait", "resolve_sources", "serve_request", "summary"]
+# The package's face, loaded on first use (PEP 562), so that ``serve.digest`` alone (what the
+# request benchmark needs on a bare GPU machine) imports neither grain nor PIL.
+_FACE = {"Engine": "engine", "Prepared": "engine", "resolve_sources": "engine",
+         "RECEIPT_FILE": "request", "RECEIPT_VERSION": "request", "REQUEST_STAGE": "request",
+         "Receipt": "request", "parse_labels": "request", "read_portrait": "request",
+         "serve_request": "service", "summary": "service"}
+
+__all__ = sorted(_FACE)
+
+
+def __getattr__(name: str):
+    if name not in _FACE:
+        raise AttributeError(f"module 'oneshui_jax.serve' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"oneshui_jax.serve.{_FACE[name]}"), name)

@@ -1,9 +1,8 @@
-"""``python -m oneshui_jax.serve``: serve a deletion request (the same as
-``python -m oneshui_jax.unlearn``; see :mod:`oneshui_jax.serve.cli`)."""
+"""``python -m oneshui_jax.serve``: serve a deletion request, the same as ``python -m
+oneshui_jax.unlearn``. An alias: it runs the command line, :mod:`oneshui_jax.cli.request`, as
+``__main__`` without importing it (this library package stays below the command lines)."""
 
-import sys
-
-from oneshui_jax.serve.cli import main
+import runpy
 
 if __name__ == "__main__":
-    sys.exit(main())
+    runpy.run_module("oneshui_jax.cli.request", run_name="__main__")

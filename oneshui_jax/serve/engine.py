@@ -34,7 +34,7 @@ calls the method twice: the first call (compilation included) is timed as ``comp
 second as ``compute_s``; later requests of that size call it once (``compile_s`` 0) and trace
 nothing (tests/test_request_path.py counts traces and compilations). The portraits' copy to the
 device is timed apart (``h2d_s``), and the output's checksum is computed on the device
-(``checkpoints.params_digest``: 16 bytes come back, ``digest_s``); the sha256 of the saved
+(``serve.digest.params_digest``: 16 bytes come back, ``digest_s``); the sha256 of the saved
 parameters (``checkpoints.params_hash``) stays what the chain of requests is checked with.
 """
 
@@ -54,6 +54,7 @@ from oneshui_jax import checkpoints
 from oneshui_jax.data import catalog, transforms
 from oneshui_jax.errors import CheckpointError, ConfigError, DataError
 from oneshui_jax.models import vit
+from oneshui_jax.serve import digest as digest_lib
 from oneshui_jax.serve import request as request_lib
 from oneshui_jax.serve.request import REQUEST_STAGE
 from oneshui_jax.unlearn import api, registry
@@ -276,9 +277,9 @@ class Engine:
 
     @property
     def params_digest(self) -> str:
-        """``checkpoints.params_digest_hex`` of the loaded model (computed once)."""
+        """``digest.params_digest_hex`` of the loaded model (computed once)."""
         if self._params_digest is None:
-            self._params_digest = checkpoints.params_digest_hex(self.params)
+            self._params_digest = digest_lib.params_digest_hex(self.params)
         return self._params_digest
 
     @property
@@ -375,7 +376,7 @@ class Engine:
 
         Timings: ``compile_s`` (the first call for a new request size, 0 after),
         ``compute_s`` (a call to completion, the new parameters on the device) and
-        ``digest_s`` (their ``checkpoints.params_digest``, on the device, to the host);
+        ``digest_s`` (their ``digest.params_digest``, on the device, to the host);
         ``params_digest`` (32 hex digits) and ``method_info``: what the method's ``unlearn``
         reported (JSON-able, e.g. support_ascent's ``alpha``). ``params`` (default: the loaded
         model) is never modified or donated.
@@ -389,11 +390,11 @@ class Engine:
             jax.random.key(self.seed), warm_up=warm_up)
         if warm_up:  # the digest's compilation (once per model structure) counts as compile_s
             start = time.perf_counter()
-            jax.block_until_ready(checkpoints.params_digest(new))
+            jax.block_until_ready(digest_lib.params_digest(new))
             compile_s += time.perf_counter() - start
         self._compiled[key] = True
         start = time.perf_counter()
-        digest = checkpoints.params_digest_hex(new)
+        digest = digest_lib.params_digest_hex(new)
         return new, {"compile_s": compile_s, "compute_s": compute_s,
                      "digest_s": time.perf_counter() - start, "params_digest": digest,
                      "method_info": info}

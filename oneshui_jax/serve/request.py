@@ -91,7 +91,7 @@ class Receipt:
     ``artifacts_run_dir`` / ``artifacts_hash`` name the method run whose prepared artifacts were
     used; ``base_params_hash`` is the pretrained model the chain of requests started from.
     ``params_hash_*`` are sha256 of the parameters on the host (the chain is checked with
-    them); ``params_digest_*`` are ``checkpoints.params_digest``, a 128-bit checksum computed on
+    them); ``params_digest_*`` are ``digest.params_digest``, a 128-bit checksum computed on
     the device (not cryptographic; equal for equal parameters wherever they live, so a
     request's ``params_digest_after`` is the next one's ``params_digest_before``).
     ``seeds``: the study's, the method run's and the one the request's rng key was made from.

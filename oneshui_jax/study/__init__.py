@@ -13,22 +13,30 @@ ACCESS grants (``study.access``).
 
 Modules: ``context`` (config, dataset, split, evaluation), ``validate`` (every setting checked
 before any data is read), ``access`` (what a method call receives), ``reuse`` (fingerprints),
-``stages`` (the skeleton and its bodies), ``privacy`` (RMIA with reference models the study
-builds itself, the attack on people; ``config.mia.rmia``).
+``stages`` (the skeleton and its bodies), ``privacy`` (RMIA and the attack on people;
+``config.mia.rmia``), ``plan`` (what a study would do, decided without running it). Layers, lowest
+first: ``validate`` < ``context`` < ``access``, ``reuse`` < ``privacy`` < ``stages`` < this
+module, which alone builds the RMIA reference models (``attack_models``).
+
+A study's call path: ``main`` -> ``run`` -> ``train_stage`` / ``method_stage`` -> ``run_stage``
+-> the stage's body (``train.fit``, or a method's ``prepare`` and ``unlearn``).
 """
 
 from __future__ import annotations
 
 import time
 
+from absl import logging
+
 from oneshui_jax import interrupts, metrics, report, sharding
 from oneshui_jax.study import privacy
-from oneshui_jax.study.context import Context, evaluate_splits, initial_params, prepare
+from oneshui_jax.study.context import Context, Status, evaluate_splits, initial_params, prepare
 from oneshui_jax.study.stages import method_stage, run_stage, train_stage
 from oneshui_jax.study.validate import TRAINING_STAGES, validate_config
 
-__all__ = ["TRAINING_STAGES", "Context", "add_tow", "evaluate_splits", "initial_params",
-           "method_stage", "prepare", "run", "run_stage", "train_stage", "validate_config"]
+__all__ = ["TRAINING_STAGES", "Context", "Status", "add_tow", "attack_models", "evaluate_splits",
+           "initial_params", "method_stage", "prepare", "run", "run_stage", "train_stage",
+           "validate_config"]
 
 
 def add_tow(records: list[dict]) -> None:
@@ -40,32 +48,64 @@ def add_tow(records: list[dict]) -> None:
             {s: retrain[s]["metric"] for s in metrics.EVAL_SPLITS})
 
 
-def run(config) -> list[dict]:
-    """Runs the study described by ``config``; returns one record per model."""
+def run(config, status: Status | None = None) -> list[dict]:
+    """Runs the study described by ``config``; returns one record per model. ``status`` (a
+    :class:`Status`) tells, while it runs, where the study is."""
     start = time.perf_counter()
-    ctx = prepare(config)
+    status = status or Status()
+    ctx = prepare(config, status)
+    status.where = "while loading the initial model, before the first stage"
     init = initial_params(ctx)
     records, trained = [], {}
     for stage in config.stages:
         interrupts.check()
         if stage in TRAINING_STAGES:
+            status.where = f"in stage {stage}"
             record, trained[stage] = train_stage(ctx, stage, init)
         else:
             if "pretrain" not in trained:  # methods start from the pretrained model
+                status.where = "in stage pretrain"
                 _, trained["pretrain"] = train_stage(ctx, "pretrain", init)
+            status.where = f"in stage {stage}"
             record, params = method_stage(ctx, stage, trained["pretrain"],
                                           ctx.run_dir("pretrain"))
-            if privacy.wants_rmia(config):  # RMIA attacks every model after the stages
+            if privacy.wants_rmia(config):  # kept for the attacks after the stages
                 trained[stage] = params
         records.append(record)
-    if privacy.wants_rmia(config):
-        privacy.run(ctx, records, trained)
+    if privacy.wants_rmia(config):  # RMIA attacks every model after the stages
+        status.where = "in the privacy attacks, after the stages"
+        attack_models(ctx, records, trained)
     add_tow(records)
     if not sharding.is_primary():  # multi-host: the primary process writes the report
         return records
+    status.where = "while writing the report, after the stages"
     report.write_report(config.workdir, records, config=config.to_dict(), extra={
         "splits": {k: len(v) for k, v in ctx.splits.to_dict().items()},
         "data_audit": ctx.data_audit,
         "data_fingerprint": ctx.dataset.fingerprint,  # report.load_records compares it
         "seconds": time.perf_counter() - start})
     return records
+
+
+def attack_models(ctx: Context, records: list[dict], trained: dict) -> None:
+    """RMIA and the attack on people (``study.privacy``) for every record but retrain's, each
+    against its reference model: for pretrain the retrained model; for a method M, M applied
+    to the retrained model in the reference context (``privacy.reference_context``: the same
+    split, ``seed + 1``), an ordinary method stage built (or reused) here."""
+    if "retrain" not in trained:
+        raise ValueError("config.mia.rmia needs the retrained model: add 'retrain' to "
+                         "config.stages")
+    evaluation = privacy.Evaluation(ctx)
+    ref_ctx = privacy.reference_context(ctx)
+    retrain_dir = ctx.run_dir("retrain")
+    for record in records:
+        name = record["method"]
+        if name == "retrain":
+            continue
+        logging.info("mia: RMIA for %s (%d passes)", name, evaluation.passes.count)
+        if name == "pretrain":
+            ref_params, ref_dir = trained["retrain"], retrain_dir
+        else:
+            _, ref_params = method_stage(ref_ctx, name, trained["retrain"], retrain_dir)
+            ref_dir = ref_ctx.run_dir(name)
+        evaluation.attack(record, trained[name], ref_params, ref_dir)

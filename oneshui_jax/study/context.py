@@ -1,7 +1,10 @@
 """What the stages of a study share: the config, the dataset, the split, the model, evaluation.
 
 ``prepare(config)`` validates the config (``study.validate``), opens the dataset, makes the
-reference-exact split (SPEC.md 2) and returns a :class:`Context`. ``evaluate_splits`` is the
+reference-exact split (SPEC.md 2) and returns a :class:`Context`, which carries what every stage
+shares: the settings ``validate_config`` resolved (``config.train`` and each method's ``Config``,
+resolved once per study), the evaluation step (built once) and the study's :class:`Status` (where
+it is, for the line an interrupt prints). ``evaluate_splits`` is the
 reference's evaluation of a model on retain / forget / test / val (SPEC.md 5.2, eval transform).
 """
 
@@ -27,6 +30,15 @@ from oneshui_jax.unlearn import api
 
 
 @dataclasses.dataclass
+class Status:
+    """Where a running study is (``where``, as the one line an interrupt or a failure prints:
+    "in stage retrain", "in the privacy attacks, after the stages", ...). ``study.run`` updates
+    it; ``main`` reads it."""
+
+    where: str = "while reading the data and making the split, before the first stage"
+
+
+@dataclasses.dataclass
 class Context:
     """Everything the stages share: config, data, split and image indices, model config."""
 
@@ -36,6 +48,8 @@ class Context:
     images: dict[str, Any]
     model_cfg: vit.ViTConfig
     data_audit: dict[str, Any] | None = None  # real datasets: data.audit summary of this split
+    settings: validate.Settings | None = None  # resolved once by validate_config (prepare)
+    status: Status = dataclasses.field(default_factory=lambda: Status())
 
     def run_dir(self, stage: str) -> str:
         c = self.config
@@ -59,9 +73,28 @@ class Context:
         t = self.config.train
         return api.Model(self.model_cfg, self.dataset.task, t.compute_dtype, t.attention)
 
+    @property
+    def train_config(self) -> train_lib.TrainConfig:
+        """``config.train`` as validated (``validate.train_config``)."""
+        if self.settings is None:
+            return validate.train_config(self.config, self.dataset.task)
+        return self.settings.train
+
     def method_config(self, name: str) -> Any:
-        """Method ``name``'s validated ``Config`` from ``config.<name>``."""
+        """Method ``name``'s validated ``Config`` from ``config.<name>``: the one
+        ``validate_config`` resolved for a stage of the study, else resolved now (e.g. a method
+        the study does not run, for ``select``)."""
+        if self.settings is not None and name in self.settings.methods:
+            return self.settings.methods[name]
         return validate.method_config(self.config, name, self.dataset.task)
+
+    @property
+    def eval_step(self):
+        """The evaluation step of the study's model and numerics (``train.make_eval_step``,
+        built once)."""
+        t = self.config.train
+        return train_lib.make_eval_step(self.model_cfg, self.dataset.task, t.compute_dtype,
+                                        t.attention)
 
 
 def dataset_folder(config) -> str:
@@ -98,11 +131,9 @@ def evaluate_splits(ctx: Context, params) -> dict[str, dict[str, Any]]:
     """Loss and metric on retain / forget / test / val, eval transform (SPEC.md 5.2), and, with
     ``config.mia.loss_rf``, the reference's loss attack on the per-sample losses (SPEC.md 5.4):
     ``{"mia": {"loss_rf": {"auc", "acc", "n_estimators", "criterion", "roc"}}}``, in %."""
-    t = ctx.config.train
-    eval_step = train_lib.make_eval_step(ctx.model_cfg, ctx.dataset.task, t.compute_dtype,
-                                         t.attention)
+    eval_step = ctx.eval_step
     cfg = ctx.process_pipeline_config(ctx.config.data.eval_batch_size)
-    score_dtype = validate.train_config(ctx.config, ctx.dataset.task).score_dtype
+    score_dtype = ctx.train_config.score_dtype
     out: dict[str, Any] = {}
     losses = {}
     for split in metrics.EVAL_SPLITS:
@@ -154,10 +185,10 @@ def check_outputs(config) -> None:
                               f"writable folder for {what}")
 
 
-def prepare(config) -> Context:
+def prepare(config, status: Status | None = None) -> Context:
     """Validates the config, checks the output folders, opens the dataset and makes the
-    reference-exact split."""
-    validate.validate_config(config)
+    reference-exact split; ``status`` (default: a new one) is the context's :class:`Status`."""
+    settings = validate.validate_config(config)
     check_outputs(config)
     sharding.setup(mesh_data(config))
     sharding.check_batch_size(config.train.batch_size, "config.train.batch_size")
@@ -180,7 +211,8 @@ def prepare(config) -> Context:
                       "merged_identities": ds.merged_identities}
         for line in audit_lib.format_summary(data_audit, data_audit["dedup"]).splitlines():
             logging.info("%s", line)
-    return Context(config, ds, splits, images, model_config(config, ds.num_classes), data_audit)
+    return Context(config, ds, splits, images, model_config(config, ds.num_classes), data_audit,
+                   settings, status or Status())
 
 
 def initial_params(ctx: Context):

@@ -17,22 +17,23 @@ reads no data: ``results.json`` and every stage's ``metadata.json`` (status ``do
 does it open the dataset and make the split (as the study does; a few seconds on CPU) and
 compare fingerprints.
 
-As a command line it takes the arguments of ``python -m oneshui_jax.main`` (``--config=FILE[:ARG]``
-and ``--config.FIELD=VALUE`` overrides, parsed the same way) and prints one JSON line,
+As a command line (``oneshui_jax/cli/plan.py``) it takes the arguments of ``python -m
+oneshui_jax.main`` (``--config=FILE[:ARG]`` and ``--config.FIELD=VALUE`` overrides, parsed the same
+way: ``cli.config_flags.load_config``) and prints one JSON line,
 ``{"done": bool, "reason": str, "stages": [{"stage", "run_dir", "decision", "reason",
 "reference"}]}``; bad input is one ``error:`` line, exit status 2::
 
-    python -m oneshui_jax.study.plan --config=configs/synthfaces.py --config.seed=1
+    python -m oneshui_jax.cli.plan --config=configs/synthfaces.py --config.seed=1
 
 The sweep runs it in a process of its own, on the platform the study would use, because the
 initial parameters' hash (the parent of pretrain and retrain) is computed on it.
 
 The fingerprint inputs mirror ``study.stages`` (``train_stage``: ``config.train`` and the
 initial parameters; ``method_stage``: the method's validated ``Config`` and the pretrained
-parameters' hash from the pretrain run's metadata; ``privacy.run``: the reference context and the
-retrained parameters' hash). ``tests/test_sweep.py`` checks them against the fingerprints real
-runs stored, so a change there that is not made here fails a test. A reused stage's parameters are
-not read (the study verifies them against their hash when it loads them).
+parameters' hash from the pretrain run's metadata; ``study.attack_models``: the reference context
+and the retrained parameters' hash). ``tests/test_sweep.py`` checks them against the fingerprints
+real runs stored, so a change there that is not made here fails a test. A reused stage's
+parameters are not read (the study verifies them against their hash when it loads them).
 """
 
 from __future__ import annotations
@@ -40,13 +41,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
-import sys
-from collections.abc import Sequence
 from typing import Any
 
-from oneshui_jax import checkpoints, config_lib, files
-from oneshui_jax.errors import CheckpointError, ConfigError, DataError
+from oneshui_jax import checkpoints, files
+from oneshui_jax.errors import CheckpointError
 from oneshui_jax.study import privacy, reuse
 from oneshui_jax.study.context import Context
 from oneshui_jax.study.validate import TRAINING_STAGES
@@ -179,65 +177,7 @@ def is_done(config) -> tuple[bool, str]:
     return done, reason
 
 
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    return re.sub(r"^\w*(Error|Exception): ", "", lines[-1]) if lines else ""
+if __name__ == "__main__":  # python -m oneshui_jax.study.plan: an alias of the command line
+    import runpy  # run, not imported: this library module stays below the command lines
 
-
-def load_config(args: Sequence[str]):
-    """The config ``python -m oneshui_jax.main ARGS`` runs, for ARGS of ``--config=FILE[:ARG]``
-    and ``--config.FIELD=VALUE`` only: parsed as ``main`` parses them (ml_collections' config
-    flag, locked), in a flag namespace of its own, so it can be called for many commands in one
-    process. Relative paths are read from the current folder. ValueError, one line, naming the
-    argument at fault where it can."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    args = list(args)
-    if not any(re.match(r"^--config(=|$)", a) for a in args):
-        raise ValueError("expected --config=FILE[:ARG] among the arguments")
-    other = [a for a in args if not re.match(r"^--config([.=]|$)", a)]
-    if other:
-        raise ValueError(f"unexpected arguments {other}; expected --config=FILE[:ARG] and "
-                         "--config.FIELD=VALUE overrides")
-    namespace = flags.FlagValues()
-    argv = ["plan", *args]
-    holder = config_flags.DEFINE_config_file("config", None, "the study's config",
-                                             flag_values=namespace, lock_config=True,
-                                             sys_argv=argv)
-    try:
-        namespace(argv)
-        config = holder.value
-        config.get("dataset")  # a config file that failed to load raises here
-    except (AttributeError, KeyError) as e:
-        text = str(e).replace("\\n", " ").replace("\\", "").replace("'", "")
-        field, _, hint = text.strip().partition(" ")
-        raise ValueError(f"unknown config field {field.strip(chr(34))!r}; "
-                         + (hint.strip() or "expected a field the config file defines")) from None
-    except Exception as e:  # the config file's own code raised, or a flag, or the file
-        path = next((a.split("=", 1)[1].split(":", 1)[0] for a in args
-                     if a.startswith("--config=")), "")
-        line = config_lib.raised_in_file(e, path) if path else None
-        if line is None and not isinstance(e, flags.Error | OSError | SyntaxError | TypeError
-                                           | ValueError):
-            raise
-        raise ValueError(line or _last_line(str(e)) or type(e).__name__) from None
-    if config is None:
-        raise ValueError("the config file returned no config")
-    return config
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        done, reason, plans = check(load_config(args))
-    except (ValueError, ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {_last_line(str(e)) or e}", file=sys.stderr)
-        return 2
-    print(json.dumps({"done": done, "reason": reason,
-                      "stages": [dataclasses.asdict(p) for p in plans]}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    runpy.run_module("oneshui_jax.cli.plan", run_name="__main__")

@@ -46,12 +46,9 @@ import numpy as np
 from absl import logging
 
 from oneshui_jax import checkpoints, files, interrupts, sharding
-from oneshui_jax import train as train_lib
 from oneshui_jax.data import pipeline
 from oneshui_jax.mia import rmia
-from oneshui_jax.study.context import Context
-
-VARIANTS = ("reference", "canonical")
+from oneshui_jax.study.context import Context, split_seed
 
 
 def probabilities(losses: np.ndarray, task: str, num_classes: int) -> np.ndarray:
@@ -68,8 +65,6 @@ def wants_rmia(config) -> bool:
 def reference_context(ctx: Context) -> Context:
     """The context of a target's reference model: the same data and split, ``seed + 1`` for
     every other draw (``config.split_seed`` keeps the split)."""
-    from oneshui_jax.study.context import split_seed
-
     config = ctx.config.copy_and_resolve_references()
     config.split_seed = split_seed(ctx.config)
     config.seed = ctx.config.seed + 1
@@ -78,7 +73,6 @@ def reference_context(ctx: Context) -> Context:
     return dataclasses.replace(ctx, config=config)
 
 
-SUBSAMPLE_MODES = ("none", "per_pass", "once")
 _SUBSAMPLE_STREAM = 5  # the random stream of the subsample draws, after the seed
 CACHE_DIR = "mia_signals"  # in the run folder of the model the signals belong to
 
@@ -182,9 +176,7 @@ def signals(ctx: Context, params, passes: Passes,
                 if set(cached.files) == set(rows):
                     logging.info("mia: reusing the signals in %s", path)
                     return {k: cached[k] for k in rows}
-    t = ctx.config.train
-    step = train_lib.make_eval_step(ctx.model_cfg, ctx.dataset.task, t.compute_dtype,
-                                    t.attention)
+    step = ctx.eval_step
     out = {k: np.empty(v.shape, np.float32) for k, v in rows.items()}
     for k in range(passes.count):
         losses = []
@@ -258,33 +250,27 @@ def attack(ctx: Context, target: dict[str, np.ndarray], reference: dict[str, np.
     return {"rmia": entry, "per_person": persons}
 
 
-def run(ctx: Context, records: list[dict], trained: dict[str, Any]) -> None:
-    """Adds ``mia.rmia`` and ``mia.per_person`` to every record but retrain's (module
-    docstring), building or reusing each target's reference model."""
-    from oneshui_jax.study.stages import method_stage
+class Evaluation:
+    """RMIA and the attack on people for every target of one study (module docstring): the
+    images of every pass (``plan``) and their augmented batches (``Passes``) are made once and
+    shared by every target and reference model. ``study.run`` builds each target's reference
+    model and hands both to :meth:`attack`."""
 
-    mia = ctx.config.mia
-    batch_size = int(mia.get("batch_size", 32))
-    if "retrain" not in trained:
-        raise ValueError("config.mia.rmia needs the retrained model: add 'retrain' to "
-                         "config.stages")
-    rows = plan(ctx)
-    passes = Passes(ctx, rows, batch_size, mia.get("cache_mb", 0))
-    ref_ctx = reference_context(ctx)
-    retrain_dir = ctx.run_dir("retrain")
-    for record in records:
-        name = record["method"]
-        if name == "retrain":
-            continue
-        logging.info("mia: RMIA for %s (%d passes)", name, passes.count)
-        if name == "pretrain":
-            ref_dir = retrain_dir
-            reference = signals(ctx, trained["retrain"], passes, ref_dir)
-        else:
-            _, ref_params = method_stage(ref_ctx, name, trained["retrain"], retrain_dir)
-            ref_dir = ref_ctx.run_dir(name)
-            reference = signals(ctx, ref_params, passes, ref_dir)
-        target = signals(ctx, trained[name], passes, ctx.run_dir(name))
-        record.setdefault("mia", {}).update(
-            attack(ctx, target, reference, mia.get("rmia_variant", "reference"), rows))
-        record["mia"]["reference_run_dir"] = ref_dir
+    def __init__(self, ctx: Context):
+        mia = ctx.config.mia
+        self.ctx = ctx
+        self.rows = plan(ctx)
+        self.passes = Passes(ctx, self.rows, int(mia.get("batch_size", 32)),
+                             mia.get("cache_mb", 0))
+
+    def attack(self, record: dict, params: Any, reference_params: Any,
+               reference_dir: str) -> None:
+        """Adds ``mia.rmia``, ``mia.per_person`` and ``mia.reference_run_dir`` to ``record``
+        (the target ``params``; its reference model ``reference_params``, whose run folder
+        ``reference_dir`` caches its signals)."""
+        ctx = self.ctx
+        reference = signals(ctx, reference_params, self.passes, reference_dir)
+        target = signals(ctx, params, self.passes, ctx.run_dir(record["method"]))
+        record.setdefault("mia", {}).update(attack(
+            ctx, target, reference, ctx.config.mia.get("rmia_variant", "reference"), self.rows))
+        record["mia"]["reference_run_dir"] = reference_dir

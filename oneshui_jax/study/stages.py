@@ -36,7 +36,7 @@ from oneshui_jax import checkpoints, locks, metric_writer, sharding
 from oneshui_jax import train as train_lib
 from oneshui_jax.data import pipeline
 from oneshui_jax.errors import CheckpointError
-from oneshui_jax.study import access, reuse, validate
+from oneshui_jax.study import access, reuse
 from oneshui_jax.study.context import Context, evaluate_splits, wants_loss_attack
 from oneshui_jax.study.validate import TRAINING_STAGES
 from oneshui_jax.unlearn import api, registry
@@ -63,6 +63,17 @@ def _metadata(ctx: Context, stage: str, **extra) -> dict:
             **extra}
 
 
+def _load_for_reuse(rdir: str, template: Any) -> Any:
+    """The finished parameters of ``rdir``, checked against their recorded hash; a corrupt or
+    unreadable checkpoint is one CheckpointError saying what to do, and is never used."""
+    try:
+        return checkpoints.load_params(rdir, template, verify=True)
+    except CheckpointError as e:
+        raise CheckpointError(
+            f"the finished checkpoint {rdir} cannot be reused: {e}. Delete it (rm -r {rdir}) "
+            "to run the stage again") from e
+
+
 def run_stage(ctx: Context, stage: str, *, settings_name: str, settings: dict[str, Any],
               template: Any, parent_hash: str | None, body: Body, training: bool, access: str,
               extra_metadata: dict[str, Any] | None = None) -> tuple[dict, Any]:
@@ -77,67 +88,47 @@ def run_stage(ctx: Context, stage: str, *, settings_name: str, settings: dict[st
             if sharding.is_primary() else contextlib.nullcontext())  # multi-host: the primary's
     with lock:
         sharding.barrier(f"{rdir}: locked")
-        return _run_locked(ctx, stage, rdir, settings_name=settings_name, settings=settings,
-                           template=template, parent_hash=parent_hash, body=body,
-                           training=training, access=access, extra_metadata=extra_metadata)
-
-
-def _load_for_reuse(rdir: str, template: Any) -> Any:
-    """The finished parameters of ``rdir``, checked against their recorded hash; a corrupt or
-    unreadable checkpoint is one CheckpointError saying what to do, and is never used."""
-    try:
-        return checkpoints.load_params(rdir, template, verify=True)
-    except CheckpointError as e:
-        raise CheckpointError(
-            f"the finished checkpoint {rdir} cannot be reused: {e}. Delete it (rm -r {rdir}) "
-            "to run the stage again") from e
-
-
-def _run_locked(ctx: Context, stage: str, rdir: str, *, settings_name: str,
-                settings: dict[str, Any], template: Any, parent_hash: str | None, body: Body,
-                training: bool, access: str,
-                extra_metadata: dict[str, Any] | None) -> tuple[dict, Any]:
-    """``run_stage`` once the lock on ``rdir`` is held."""
-    augmented = training or access in (api.STATS, api.FULL)  # reads TRAIN images
-    fp = reuse.fingerprint(ctx, stage, settings_name, settings, parent_hash, augmented)
-    decision, stored = reuse.check(ctx, rdir, fp, settings_name, augmented)
-    sharding.barrier(f"{rdir}: decided")  # every process decided before anything is written
-    if decision == reuse.REUSE:
-        logging.info("%s: reusing the finished checkpoint %s", stage, rdir)
-        record = dict(stored["record"], reused=True)
-        record.setdefault("access", access)  # checkpoints older than the access column
-        record["splits_hash"] = fp["parts"]["splits"]  # equal fingerprints, equal splits
-        params = _load_for_reuse(rdir, template)
-        if wants_loss_attack(ctx.config) and "loss_rf" not in (record.get("mia") or {}):
-            # finished before the attack ran with every evaluation: evaluate again (the result
-            # depends on the parameters and the data only), without touching the checkpoint
-            record.update(evaluate_splits(ctx, params))
-        return record, params
-    if decision == reuse.RESUME:
-        logging.info("%s: resuming the unfinished run in %s", stage, rdir)
-    os.makedirs(rdir, exist_ok=True)
-    metadata = _metadata(ctx, stage, fingerprint=fp, **(extra_metadata or {}))
-    checkpoints.write_metadata(rdir, metadata, status="training")
-    start = time.perf_counter()
-    with checkpoints.TrainCheckpointer(
-            rdir, every_s=ctx.config.get("checkpoint_every_s", 0.0)) as checkpointer:
-        out = body(rdir, checkpointer)
-    config = ctx.config
-    record = {"method": stage, "dataset": config.dataset,
-              "num_identities": config.num_identities, "seed": config.seed,
-              # which split: the report pairs each method with the pretrain of its own split
-              "splits_hash": fp["parts"]["splits"],
-              "seconds": time.perf_counter() - start, **out.record}
-    record.update(evaluate_splits(ctx, out.params))
-    extra = dict(out.metadata)
-    if out.artifacts:
-        extra["artifacts_hash"] = checkpoints.save_tree(rdir, checkpoints.ARTIFACTS_DIR,
-                                                        out.artifacts)
-    checkpoints.save_params(rdir, out.params, {**metadata, **extra, "record": record},
-                            overwrite=True)
-    if sharding.is_primary():
-        shutil.rmtree(os.path.join(rdir, checkpoints.TRAIN_STATE_DIR), ignore_errors=True)
-    return record, out.params
+        augmented = training or access in (api.STATS, api.FULL)  # reads TRAIN images
+        fp = reuse.fingerprint(ctx, stage, settings_name, settings, parent_hash, augmented)
+        decision, stored = reuse.check(ctx, rdir, fp, settings_name, augmented)
+        sharding.barrier(f"{rdir}: decided")  # every process decided before anything is written
+        if decision == reuse.REUSE:
+            logging.info("%s: reusing the finished checkpoint %s", stage, rdir)
+            record = dict(stored["record"], reused=True)
+            record.setdefault("access", access)  # checkpoints older than the access column
+            record["splits_hash"] = fp["parts"]["splits"]  # equal fingerprints, equal splits
+            params = _load_for_reuse(rdir, template)
+            if wants_loss_attack(ctx.config) and "loss_rf" not in (record.get("mia") or {}):
+                # finished before the attack ran with every evaluation: evaluate again (the
+                # result depends on the parameters and the data only), without touching the
+                # checkpoint
+                record.update(evaluate_splits(ctx, params))
+            return record, params
+        if decision == reuse.RESUME:
+            logging.info("%s: resuming the unfinished run in %s", stage, rdir)
+        os.makedirs(rdir, exist_ok=True)
+        metadata = _metadata(ctx, stage, fingerprint=fp, **(extra_metadata or {}))
+        checkpoints.write_metadata(rdir, metadata, status="training")
+        start = time.perf_counter()
+        with checkpoints.TrainCheckpointer(
+                rdir, every_s=ctx.config.get("checkpoint_every_s", 0.0)) as checkpointer:
+            out = body(rdir, checkpointer)
+        config = ctx.config
+        record = {"method": stage, "dataset": config.dataset,
+                  "num_identities": config.num_identities, "seed": config.seed,
+                  # which split: the report pairs each method with the pretrain of its own split
+                  "splits_hash": fp["parts"]["splits"],
+                  "seconds": time.perf_counter() - start, **out.record}
+        record.update(evaluate_splits(ctx, out.params))
+        extra = dict(out.metadata)
+        if out.artifacts:
+            extra["artifacts_hash"] = checkpoints.save_tree(rdir, checkpoints.ARTIFACTS_DIR,
+                                                            out.artifacts)
+        checkpoints.save_params(rdir, out.params, {**metadata, **extra, "record": record},
+                                overwrite=True)
+        if sharding.is_primary():
+            shutil.rmtree(os.path.join(rdir, checkpoints.TRAIN_STATE_DIR), ignore_errors=True)
+        return record, out.params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +138,7 @@ def _run_locked(ctx: Context, stage: str, rdir: str, *, settings_name: str,
 def train_stage(ctx: Context, stage: str, init_params) -> tuple[dict, Any]:
     """Pretrain or retrain (SPEC.md 4) from ``init_params``: ``(record, params)``."""
     config, ds = ctx.config, ctx.dataset
-    tcfg = validate.train_config(config, ds.task)
+    tcfg = ctx.train_config
     train_idx = ctx.images[TRAINING_STAGES[stage]]
 
     def body(rdir: str, checkpointer) -> StageOutput:
@@ -156,8 +147,7 @@ def train_stage(ctx: Context, stage: str, init_params) -> tuple[dict, Any]:
                                            crop_scale=tuple(config.data.crop_scale))
         batches = pipeline.to_iterator(
             pipeline.train_dataset(ds.source, train_idx, pcfg, tcfg.epochs), pcfg)
-        eval_step = train_lib.make_eval_step(ctx.model_cfg, ds.task, tcfg.compute_dtype,
-                                             tcfg.attention)
+        eval_step = ctx.eval_step
         val_cfg = ctx.process_pipeline_config(config.data.eval_batch_size)
 
         def validate_fn(params):

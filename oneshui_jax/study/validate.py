@@ -7,12 +7,20 @@ the first second with one line naming the setting, not after pretraining and ret
 Numeric settings are checked from one schema (:func:`declared_ranges`): :data:`SETTINGS` for the
 study's own (seeds, sizes, the privacy evaluation's passes and batches), ``TrainConfig.RANGES``
 for ``config.train`` and each method ``Config``'s ``RANGES`` for its block; each range is an
-``api.Range`` (``COUNT``, ``SEED``, ``LEARNING_RATE``, ...). A value outside its range is one
+``ranges.Range`` (``COUNT``, ``SEED``, ``LEARNING_RATE``, ...). A value outside its range is one
 ConfigError naming ``config.<path>``, the value and the range.
+
+``validate_config`` returns the :class:`Settings` it resolved (``config.train`` as a
+``TrainConfig``, every method stage's ``Config``): the study resolves them once and carries them in
+its context.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
+from oneshui_jax import ranges
 from oneshui_jax import train as train_lib
 from oneshui_jax.data import catalog
 from oneshui_jax.errors import ConfigError
@@ -20,29 +28,32 @@ from oneshui_jax.models import vit
 from oneshui_jax.unlearn import api, registry
 
 TRAINING_STAGES = {"pretrain": "train", "retrain": "retain"}  # stage -> identities it fits
+RMIA_VARIANTS = ("reference", "canonical")  # config.mia.rmia_variant (study/privacy.py)
+SUBSAMPLE_MODES = ("none", "per_pass", "once")  # config.mia.subsample (study/privacy.py)
 
-SETTINGS: dict[str, api.Range] = {
-    "num_identities": api.COUNT,
-    "seed": api.SEED,
-    "split_seed": api.Range(f"an int seed in [0, {api.MAX_SEED}] or None (the split follows "
-                            "config.seed)", integer=True, low=0, high=api.MAX_SEED, optional=True),
-    "checkpoint_every_s": api.Range("a finite number of seconds >= 0 (0: save at every epoch "
-                                    "or request)", low=0.0),
-    "data.image_size": api.COUNT,
-    "data.crop_scale": api.Range("two numbers 0 < low <= high <= 1 (RandomResizedCrop's area "
-                                 "range)", low=0.0, low_open=True, high=1.0, sequence=True,
-                                 length=2, ordered=True),
-    "data.num_threads": api.Range("an int >= 0 (0: read in the calling thread)", integer=True,
-                                  low=0),
-    "data.eval_batch_size": api.COUNT,
-    "mia.passes": api.Range("an int >= 1 and <= 255 (votes are counted in uint8)",
-                            integer=True, low=1, high=255),
-    "mia.batch_size": api.COUNT,
-    "mia.subsample_z": api.COUNT,
-    "mia.subsample_val": api.COUNT,
-    "mia.cache_mb": api.Range("a finite number of MB >= 0", low=0.0),
-    "mesh.data": api.Range("-1 (every device) or a number of devices >= 1", integer=True, low=1,
-                           also=(-1,)),
+SETTINGS: dict[str, ranges.Range] = {
+    "num_identities": ranges.COUNT,
+    "seed": ranges.SEED,
+    "split_seed": ranges.Range(f"an int seed in [0, {ranges.MAX_SEED}] or None (the split "
+                               "follows config.seed)", integer=True, low=0,
+                               high=ranges.MAX_SEED, optional=True),
+    "checkpoint_every_s": ranges.Range("a finite number of seconds >= 0 (0: save at every "
+                                       "epoch or request)", low=0.0),
+    "data.image_size": ranges.COUNT,
+    "data.crop_scale": ranges.Range("two numbers 0 < low <= high <= 1 (RandomResizedCrop's "
+                                    "area range)", low=0.0, low_open=True, high=1.0,
+                                    sequence=True, length=2, ordered=True),
+    "data.num_threads": ranges.Range("an int >= 0 (0: read in the calling thread)",
+                                     integer=True, low=0),
+    "data.eval_batch_size": ranges.COUNT,
+    "mia.passes": ranges.Range("an int >= 1 and <= 255 (votes are counted in uint8)",
+                               integer=True, low=1, high=255),
+    "mia.batch_size": ranges.COUNT,
+    "mia.subsample_z": ranges.COUNT,
+    "mia.subsample_val": ranges.COUNT,
+    "mia.cache_mb": ranges.Range("a finite number of MB >= 0", low=0.0),
+    "mesh.data": ranges.Range("-1 (every device) or a number of devices >= 1", integer=True,
+                              low=1, also=(-1,)),
 }
 """The range of every numeric setting of the study outside ``config.train`` and the method
 blocks (dotted paths under ``config``); an absent setting keeps its default."""
@@ -83,7 +94,7 @@ def _value(config, path: str):
     return node
 
 
-def declared_ranges(config) -> dict[str, api.Range]:
+def declared_ranges(config) -> dict[str, ranges.Range]:
     """The range of every numeric setting ``config`` may hold, by dotted path under ``config``:
     :data:`SETTINGS`, ``train.<field>`` (``TrainConfig.RANGES``) and ``<block>.<field>`` for
     every method block, a method's or a variant's (its ``Config.RANGES``)."""
@@ -111,8 +122,18 @@ def check_ranges(config, paths) -> None:
             ranges[path].check(f"config.{path}", value)
 
 
-def validate_config(config) -> None:
-    """One ConfigError for the first thing that would fail later; nothing is read or written."""
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What ``validate_config`` resolved: ``train`` (``config.train`` as a ``TrainConfig``) and
+    ``methods`` (each method stage's validated ``Config``, by stage name)."""
+
+    train: train_lib.TrainConfig
+    methods: dict[str, Any]
+
+
+def validate_config(config) -> Settings:
+    """One ConfigError for the first thing that would fail later; nothing is read or written.
+    Returns the resolved :class:`Settings`."""
     unknown = [s for s in config.stages
                if s not in TRAINING_STAGES and not registry.is_method(config, s)]
     if unknown:
@@ -128,15 +149,13 @@ def validate_config(config) -> None:
     for key in ("loss_rf", "rmia"):
         if not isinstance(mia.get(key, False), bool):
             raise ConfigError(f"config.mia.{key} must be True or False, got {mia.get(key)!r}")
-    from oneshui_jax.study.privacy import SUBSAMPLE_MODES, VARIANTS
-
     subsample = mia.get("subsample", "none")
     if subsample not in SUBSAMPLE_MODES:
         raise ConfigError(f"config.mia.subsample is {subsample!r}; expected one of "
                           f"{SUBSAMPLE_MODES}")
-    if mia.get("rmia_variant", "reference") not in VARIANTS:
+    if mia.get("rmia_variant", "reference") not in RMIA_VARIANTS:
         raise ConfigError(f"config.mia.rmia_variant is {mia.get('rmia_variant')!r}; expected "
-                          f"one of {VARIANTS}")
+                          f"one of {RMIA_VARIANTS}")
     if mia.get("rmia", False) and "retrain" not in config.stages:
         raise ConfigError("config.mia.rmia needs the retrained model (the reference model of "
                           "pretrain and the start of every other reference model): add "
@@ -153,7 +172,6 @@ def validate_config(config) -> None:
     except ValueError as e:
         raise ConfigError(f"config.model: {e}") from None
     vit.check_init_scheme(config.model.get("init_scheme", "timm"))
-    train_config(config, task)  # validates optimizer, dtype and attention
-    for name in config.stages:
-        if name not in TRAINING_STAGES:
-            method_config(config, name, task)
+    train = train_config(config, task)  # validates optimizer, dtype and attention
+    return Settings(train, {name: method_config(config, name, task) for name in config.stages
+                            if name not in TRAINING_STAGES})

@@ -13,7 +13,7 @@ MetaUnlearn meta-trains on simulated requests (SPEC.md 6.4: ``splits.simulated_r
 Batches are stacked ``[K, B, ...]``, padded and masked, so every outer batch has one shape. With
 ``num_batches`` the stacks are padded further, with fully masked batches, to that many outer
 batches: every request of a stage then has one shape, and the meta-step compiles once (the
-padded batches weigh 0 and are skipped: ``meta_unlearn.meta_gradient``).
+padded batches weigh 0 and are skipped: ``meta_unlearn.core.meta_gradient``).
 Everything is read through ``api.TrainData``'s guarded source.
 """
 

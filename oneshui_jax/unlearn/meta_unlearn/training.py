@@ -1,4 +1,8 @@
-"""Meta-training MetaUnlearn on simulated requests (SPEC.md 6.4), the body of its ``prepare``.
+"""Meta-training MetaUnlearn on simulated requests (SPEC.md 6.4): the method's ``prepare``.
+
+``prepare`` meta-trains the meta-loss (``meta_train``) before any request, while the training
+data is still there, and returns its artifacts (``phi``, the identity of each embedding row, the
+request-time step factor) and the record of the run.
 
 ``meta_train`` walks the simulated requests of every epoch (``TrainData.simulated_requests`` drawn
 ``simulated_draws_per_epoch`` times from a ``random.Random(seed)``, the second draw used, as the
@@ -14,14 +18,14 @@ each epoch's record as ``meta_epoch/<key>``, at the number of requests done.
 With ``validation_requests`` > 0, ``validation_identities`` first sets aside that many simulated
 requests' worth of TRAIN identities outside the real request (``TrainData.holdout_identities``);
 meta-training draws its requests from the others. After every epoch (and once before the first)
-``meta_diagnostics`` measures the learned step on these held-out requests; the history records
-it. ``step_control`` line_search / normalize then picks the request-time factor of the step on
-them. ``requests_per_update`` > 1 averages that many requests' meta-gradients per update of φ.
+``diagnostics`` measures the learned step on these held-out requests; the history records it.
+``step_control`` line_search / normalize then picks the request-time factor of the step on them.
+``requests_per_update`` > 1 averages that many requests' meta-gradients per update of φ.
 
 Every request's outer batches are padded to the largest ``K`` of the stage (all epochs' requests
 and the held-out ones, known before the first step), so the meta-step, the diagnostics and the
-line search compile once per stage; padded batches are skipped (``meta_unlearn.meta_gradient``),
-so the result is the unpadded one.
+line search compile once per stage; padded batches are skipped (``core.meta_gradient``), so the
+result is the unpadded one.
 """
 
 from __future__ import annotations
@@ -40,8 +44,9 @@ from tqdm.auto import tqdm
 from oneshui_jax import interrupts, metric_writer, sharding
 from oneshui_jax.errors import check_finite
 from oneshui_jax.models import meta_loss
-from oneshui_jax.unlearn import api, meta_diagnostics, simulated
-from oneshui_jax.unlearn import meta_unlearn as mu
+from oneshui_jax.unlearn import api
+from oneshui_jax.unlearn.meta_unlearn import core as mu
+from oneshui_jax.unlearn.meta_unlearn import diagnostics as meta_diagnostics
 
 CHECKPOINT_EVERY = 50  # meta-steps between saves of the meta-training state
 
@@ -108,6 +113,8 @@ def request_stream(data: api.TrainData, cfg: mu.Config, identities) -> list[list
 
 def outer_batches(requests, batch_size: int) -> int:
     """The largest number of outer batches among ``requests`` (at least 1)."""
+    from oneshui_jax.unlearn import simulated  # the input pipeline: see _request_data
+
     return max([simulated.outer_batches(len(r.forget), batch_size) for r in requests] + [1])
 
 
@@ -133,7 +140,13 @@ def line_search(losses_fn, theta, phi, batches, scales) -> tuple[float, list[dic
 def _request_data(data: api.TrainData, request, cfg: mu.Config, rows,
                   rng: np.random.Generator, num_batches: int | None = None):
     """Support, forget, val (and retain) batches of one simulated request, split over the mesh
-    (``sharding``): the outer batches [K, B, ...] along B, the support along its rows."""
+    (``sharding``): the outer batches [K, B, ...] along B, the support along its rows.
+
+    ``unlearn.simulated`` loads the input pipeline (grain): it is imported when meta-training
+    runs, not with the method, whose request path (serving, the GPU benchmarks) does without it
+    (as ``support_ascent.prepare`` does)."""
+    from oneshui_jax.unlearn import simulated
+
     support, forget, val, retain = simulated.request_batches(
         data, request, batch_size=cfg.batch_size, support_size=cfg.num_identities_simulation,
         rows=rows, rng=rng, retain=cfg.use_retain or cfg.loss_type == "scrub",
@@ -285,3 +298,30 @@ def _diagnostics_text(record: dict) -> str:
             f"same length {100 * record['reduction_ascent']:.1f}%), relative step "
             f"{record['relative_step']:.2e}, {100 * record['dead_share']:.0f}% of portraits "
             f"give no step")
+
+
+# ---------------------------------------------------------------------------------------------
+# The method (unlearn/api.py), before the request: meta-training as ``prepare``
+
+
+def prepare(model: api.Model, params: mu.Params, data: api.TrainData, cfg: mu.Config,
+            rng: jax.Array) -> tuple[api.Artifacts, dict[str, Any]]:
+    """Meta-trains the meta-loss on simulated requests of the TRAIN identities (SPEC.md 6.4).
+
+    Artifacts: ``phi`` (and ``phi_retain`` with ``use_retain``), and ``train_identities`` (the
+    identity id of each embedding row). Resumable through ``data.checkpointer``.
+    """
+    ml_cfg = mu.meta_loss_config(model, cfg, len(data.train_identities))
+    result = meta_train(model, params, data, cfg, ml_cfg, rng)
+    artifacts = {"phi": result.phi,
+                 "train_identities": np.asarray(data.train_identities, np.int32),
+                 "step_scale": np.asarray(result.step_scale, np.float32)}
+    if result.phi_retain is not None:
+        artifacts["phi_retain"] = result.phi_retain
+    info = {"meta_history": result.history, "meta_train_seconds": result.seconds,
+            "step_scale": result.step_scale}
+    if result.line_search is not None:
+        info["line_search"] = result.line_search
+    if result.validation is not None:
+        info["validation"] = result.validation
+    return artifacts, info

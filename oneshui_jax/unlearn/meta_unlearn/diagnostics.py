@@ -1,7 +1,7 @@
 """What MetaUnlearn's learned step does, measured on held-out simulated requests.
 
 The paper reports MetaUnlearn's end result only. These functions look at the step itself, on
-simulated requests of TRAIN identities kept out of meta-training (``meta_train`` draws them; the
+simulated requests of TRAIN identities kept out of meta-training (``training`` draws them; the
 real request's people are never among them), with dropout off, as at request time:
 
 * the outer objective (SPEC.md 6.3, the one MetaUnlearn minimises) with no step (``none``),
@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oneshui_jax.unlearn import meta_unlearn as mu
 from oneshui_jax.unlearn import support_ascent
+from oneshui_jax.unlearn.meta_unlearn import core as mu
 
 DEAD_FRACTION = 1e-3  # a portrait's gradient below this share of its request's largest: no step
 SUMMARY_FIELDS = ("outer_none", "outer_learned", "outer_ascent", "reduction_learned",
@@ -39,7 +39,7 @@ SUMMARY_FIELDS = ("outer_none", "outer_learned", "outer_ascent", "reduction_lear
 
 def outer_loss(model_cfg, cfg: mu.Config, theta_u, theta, forget, val, retain) -> jax.Array:
     """The outer objective of ``theta_u`` over stacked batches, each weighing its valid forget
-    images (as ``meta_unlearn.meta_gradient``, padded batches skipped), without gradients."""
+    images (as ``core.meta_gradient``, padded batches skipped), without gradients."""
     weights = mu._weights(forget)
 
     def add(total, k):
@@ -105,11 +105,11 @@ def request_diagnostics(model_cfg, ml_cfg, cfg: mu.Config, theta, phi, support, 
 
 def jitted(model_cfg, ml_cfg, cfg: mu.Config) -> tuple[Any, Any]:
     """``(request_diagnostics, scale_losses)`` compiled for this model, meta-loss and config
-    (``meta_unlearn.compile_key``: once for configs that differ only in what is not compiled)."""
+    (``core.compile_key``: once for configs that differ only in what is not compiled)."""
     return _jitted(model_cfg, ml_cfg, mu.compile_key(cfg))
 
 
-@functools.lru_cache(maxsize=8)
+@mu.compiled_cache(8)
 def _jitted(model_cfg, ml_cfg, cfg: mu.Config) -> tuple[Any, Any]:
     return (jax.jit(functools.partial(request_diagnostics, model_cfg, ml_cfg, cfg)),
             jax.jit(functools.partial(scale_losses, model_cfg, ml_cfg, cfg)))

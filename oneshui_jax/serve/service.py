@@ -1,16 +1,12 @@
-"""The command line of serving: one request end to end (``python -m oneshui_jax.unlearn``).
-
-    python -m oneshui_jax.unlearn --checkpoint RUN_DIR --portrait a.jpg [--portrait b.jpg ...]
-        [--identity ID ...] [--labels SPEC ...] --out DIR [--artifacts METHOD_RUN_DIR]
-        [--method NAME] [--request_id ID] [--overwrite]
+"""Serving one deletion request end to end (paper section 3: the test-time half of 1-SHUI).
 
 :func:`serve_request` is the work: read and hash the portraits, load the :class:`Engine`
 (``serve/engine.py``: which model and method run), unlearn, write the output run directory and
 ``receipt.json`` (``serve/request.py``). An ``--out`` inside a run it reads (the model, the
 method run), or holding one, is refused naming both paths. Every error a user can cause is one
 :class:`DataError` / :class:`ConfigError` / :class:`CheckpointError` raised before anything is
-written (``--out`` included: its folder is checked before any work); :func:`main` prints it as
-one ``error: ...`` line on stderr and returns 2, as it does an OSError while writing.
+written (``--out`` included: its folder is checked before any work). :func:`summary` is the few
+lines the command line prints (``python -m oneshui_jax.unlearn``: ``oneshui_jax/cli/request.py``).
 
 The output directory is a run directory like the study's: the source's ``config``, ``splits``
 and ``model_config``, ``stage: "request"``, ``method``, ``access``, ``method_config``,
@@ -21,9 +17,7 @@ and ``model_config``, ``stage: "request"``, ``method``, ``access``, ``method_con
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import logging
 import os
 import sys
 import time
@@ -32,13 +26,11 @@ from collections.abc import Sequence
 
 import jax
 
-from oneshui_jax import checkpoints, files, interrupts, locks
-from oneshui_jax.errors import CheckpointError, ConfigError, DataError
+from oneshui_jax import checkpoints, locks
+from oneshui_jax.errors import ConfigError, DataError
 from oneshui_jax.serve import request as request_lib
 from oneshui_jax.serve.engine import Engine
 from oneshui_jax.serve.request import RECEIPT_FILE, REQUEST_STAGE, Receipt
-
-PROG = "python -m oneshui_jax.unlearn"
 
 
 def serve_request(checkpoint: str, portraits: Sequence[str], out: str, *,
@@ -136,48 +128,6 @@ def _serve(checkpoint: str, portraits: Sequence[str], out: str, *,
                                     overwrite=overwrite)
 
 
-# --------------------------------------------------------------------------------------------
-# Command line
-
-
-class UsageError(ConfigError):
-    """A malformed command line (argparse's complaint, as one line)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit status 2, like every other user error
-        raise UsageError(message)
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = _Parser(
-        prog=PROG,
-        description="Serve a deletion request: unlearn a person from a model given their "
-                    "portraits, with the method of a study's method run; write the new model "
-                    "and a receipt.")
-    parser.add_argument("--checkpoint", required=True, metavar="PATH",
-                        help="a method run directory (e.g. <ckpt>/<dataset>/<model>/"
-                             "meta_unlearn_<N>_<seed>), an earlier request's output, or a "
-                             "pretrained run with --artifacts")
-    parser.add_argument("--portrait", action="append", required=True, metavar="FILE",
-                        help="an image of the person (any format PIL reads); repeat for more")
-    parser.add_argument("--out", required=True, metavar="DIR", help="new run directory")
-    parser.add_argument("--artifacts", metavar="RUN_DIR",
-                        help="the method run whose method and artifacts to use (default: "
-                             "--checkpoint's own, or the one an earlier request recorded)")
-    parser.add_argument("--method", metavar="NAME",
-                        help="optional check: the method the method run must have been made by")
-    parser.add_argument("--identity", type=int, action="append", metavar="ID",
-                        help="training identity id: once for all portraits or once per portrait")
-    parser.add_argument("--labels", action="append", metavar="SPEC",
-                        help="labels of one portrait, in portrait order: 0,1,0,... (multi-hot) "
-                             "or a class index; default: the model's predictions")
-    parser.add_argument("--request_id", help="id of the request (default: a random uuid4)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace --out if it holds an earlier request's output")
-    return parser.parse_args(argv)
-
-
 def _short(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -205,31 +155,3 @@ def summary(receipt: Receipt) -> str:
         f"{t['save_s']:.2f} s",
         f"wrote      {receipt.output} (params/, {checkpoints.METADATA_FILE}, {RECEIPT_FILE})",
     ])
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit status (2: a request that cannot be served)."""
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    args = None
-    try:
-        with interrupts.handle():
-            args = parse_args(argv)
-            receipt = serve_request(
-                args.checkpoint, args.portrait, args.out, artifacts_dir=args.artifacts,
-                identities=args.identity, labels=args.labels, request_id=args.request_id,
-                method=args.method, overwrite=args.overwrite)
-    except (CheckpointError, ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # --out was checked up front; a race, a full disk (nothing is kept)
-        print(f"error: {files.os_error_line(e, args.out if args else '')} (--out "
-              f"{args.out if args else '?'} cannot be written; nothing of the request was kept)",
-              file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: write_output removed its temporary copy
-        kept = (f"nothing of the request was written and {args.checkpoint} is unchanged"
-                if args is not None else "nothing was written")
-        interrupts.leave(e, f"while serving the request; {kept}; to retry, run the same "
-                         f"command: {interrupts.same_command(PROG.split()[-1], argv)}")
-    print(summary(receipt))
-    return 0

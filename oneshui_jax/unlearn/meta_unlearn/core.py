@@ -1,13 +1,14 @@
-"""MetaUnlearn: a learned loss whose one gradient step on the portraits unlearns (SPEC.md 6).
+"""MetaUnlearn's definition: its settings, the learned step and its exact meta-gradient, and
+the request-time step that serving calls (SPEC.md 6.2, 6.3, 6.5).
 
-While the training data is still there, the meta-loss ``ℓ_φ`` is meta-trained on simulated
-deletion requests (``splits.simulated_requests``). For one request with support images ``s``:
+For one simulated request with support images ``s``:
 
     inner    θ_u(φ) = θ − η · ∇_θ mean_{x ∈ s} ℓ_φ(x; θ)             (fp32, dropout on)
     outer    L(φ)   = Σ_b n_b L_b(θ_u(φ)) / Σ_b n_b                    (bf16, losses.py)
 
-and φ takes one AdamW(AMSGrad) step on ∂L/∂φ. At request time (1-SHUI) only the portraits are
-used: ``θ_u = θ − η ∇_θ mean ℓ_φ`` (dropout off), ``forget_epochs`` times.
+and φ takes one AdamW(AMSGrad) step on ∂L/∂φ (``meta_step``; ``training`` walks the requests).
+At request time (1-SHUI) only the portraits are used: ``θ_u = θ − η ∇_θ mean ℓ_φ`` (dropout
+off), ``forget_epochs`` times, in one compiled call (``unlearn``, ``request_step``).
 
 The meta-gradient is exact and memory-bounded (DESIGN.md): every outer batch depends on φ only
 through θ_u, so ``g = Σ_b w_b ∇_{θ_u} L_b`` is accumulated batch by batch (a ``lax.scan``, plain
@@ -23,14 +24,15 @@ Beyond the reference (named options of ``Config``; the defaults keep the referen
 * ``task_ascent`` λ: the inner loss is ``mean ℓ_φ − λ L_task``, so the learned term corrects a
   gradient-ascent step on the portraits instead of replacing it;
 * ``requests_per_update`` k: the meta-gradient is averaged over k requests per update of φ;
-* ``validation_requests``: held-out simulated requests (``meta_train``) on which every epoch's
-  step is diagnosed (``meta_diagnostics``) and the line search runs; 0 restores the reference's
+* ``validation_requests``: held-out simulated requests (``training``) on which every epoch's
+  step is diagnosed (``diagnostics``) and the line search runs; 0 restores the reference's
   request stream exactly;
 * ``remat``: every transformer block of the meta-step's passes (the inner step's forward and
   backward, the outer passes) runs under ``jax.checkpoint``: less memory, the same numbers
   (bench/remat_memory.py). The request-time step never uses it (first order, N portraits).
 
-Functions here are pure and jit-compiled with every array passed as an argument.
+Functions here are pure and jit-compiled with every array passed as an argument; each compiled
+step is cached per process (``compiled_cache``) until ``clear_compiled``.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from oneshui_jax import losses, optim
+from oneshui_jax import hparams, losses, optim
 from oneshui_jax.errors import ConfigError
 from oneshui_jax.models import meta_loss, vit
 from oneshui_jax.unlearn import api
@@ -151,8 +153,6 @@ def reference_hyperparameters(dataset: str, num_identities: int) -> dict[str, An
     plus ``tuned``: False (with a logged warning) where the reference has no tuned values for the
     pair and falls back to its generic defaults. The table is ``oneshui_jax.hparams``.
     """
-    from oneshui_jax import hparams
-
     h = hparams.reference("meta_unlearn", dataset, num_identities)
     if not h.tuned:  # as hparams.warn_if_untuned, logged from here
         logging.warning("MetaUnlearn: %s", h.note)
@@ -344,6 +344,20 @@ def meta_gradient_naive(model_cfg, ml_cfg, cfg: Config, theta, phi, support, for
 # ---------------------------------------------------------------------------------------------
 # Jitted steps
 
+_compiled_caches: list[Any] = []  # every per-process cache of compiled functions
+
+
+def compiled_cache(maxsize: int) -> Callable[[Callable], Callable]:
+    """``functools.lru_cache(maxsize=maxsize)`` of a function that returns compiled code, the
+    cache kept in a list that ``clear_compiled`` empties (``diagnostics`` uses it too)."""
+
+    def wrap(fn: Callable) -> Callable:
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+        _compiled_caches.append(cached)
+        return cached
+
+    return wrap
+
 
 def make_meta_step(model_cfg, ml_cfg, cfg: Config, tx,
                    objective: Callable = outer_batch_loss) -> Callable:
@@ -398,7 +412,7 @@ def meta_step(model_cfg, ml_cfg, cfg: Config,
     return _meta_step(model_cfg, ml_cfg, compile_key(cfg), objective)
 
 
-@functools.lru_cache(maxsize=8)
+@compiled_cache(8)
 def _meta_step(model_cfg, ml_cfg, cfg: Config, objective: Callable) -> Callable:
     return make_meta_step(model_cfg, ml_cfg, cfg, optimizer(cfg), objective)
 
@@ -410,7 +424,7 @@ def meta_grad(model_cfg, ml_cfg, cfg: Config,
     return _meta_grad(model_cfg, ml_cfg, compile_key(cfg), objective)
 
 
-@functools.lru_cache(maxsize=8)
+@compiled_cache(8)
 def _meta_grad(model_cfg, ml_cfg, cfg: Config, objective: Callable) -> Callable:
     return jax.jit(_meta_grad_fn(model_cfg, ml_cfg, cfg, objective))
 
@@ -421,7 +435,7 @@ def meta_update(cfg: Config) -> Callable:
     return _meta_update(compile_key(cfg))
 
 
-@functools.lru_cache(maxsize=8)
+@compiled_cache(8)
 def _meta_update(cfg: Config) -> Callable:
     return jax.jit(functools.partial(_apply_update, optimizer(cfg)))
 
@@ -430,11 +444,10 @@ def clear_compiled() -> None:
     """Drops every compiled MetaUnlearn step of this process (and JAX's caches). A process that
     meta-trains many configurations in a row (``oneshui_jax.select``) calls it between them:
     compiled CPU executables each hold memory mappings, and a few dozen of the meta-step's
-    exhaust the kernel's per-process limit (LLVM then fails with "Cannot allocate memory")."""
-    from oneshui_jax.unlearn import meta_diagnostics
-
-    for cached in (_meta_step, _meta_grad, _meta_update, _unlearn_steps, _request_steps,
-                   meta_diagnostics._jitted):
+    exhaust the kernel's per-process limit (LLVM then fails with "Cannot allocate memory").
+    Every ``compiled_cache`` is emptied: the meta-step's, the request steps' and the
+    diagnostics' (``diagnostics._jitted``)."""
+    for cached in _compiled_caches:
         cached.cache_clear()
     _request_constants_cache.clear()
     jax.clear_caches()
@@ -454,7 +467,7 @@ def make_unlearn_step(model_cfg, ml_cfg, cfg: Config) -> Callable:
     return jax.jit(step)
 
 
-_unlearn_steps = functools.lru_cache(maxsize=32)(make_unlearn_step)
+_unlearn_steps = compiled_cache(32)(make_unlearn_step)
 
 
 def _cached_unlearn_step(model_cfg, ml_cfg, cfg: Config) -> Callable:
@@ -508,7 +521,7 @@ def make_request_step(model_cfg, ml_cfg, cfg: Config, forget_epochs: int, retain
     return jax.jit(request, donate_argnums=(0,) if donate else ())
 
 
-_request_steps = functools.lru_cache(maxsize=32)(make_request_step)
+_request_steps = compiled_cache(32)(make_request_step)
 
 
 def request_step(model_cfg, ml_cfg, cfg: Config, retain: bool, donate: bool = False
@@ -546,7 +559,8 @@ def request_constants(artifacts: api.Artifacts
 
 
 # ---------------------------------------------------------------------------------------------
-# The method (unlearn/api.py): meta-train before the request, one step on the portraits at it
+# The method (unlearn/api.py), request side: one step on the portraits (``training.prepare``
+# meta-trains before the request)
 
 ACCESS = api.STATS
 
@@ -558,31 +572,6 @@ def meta_loss_config(model: api.Model, cfg: Config, num_identities: int
         model.vit, num_identities=num_identities, task=model.task, hidden_size=cfg.hidden_size,
         num_layers=cfg.num_layers, dropout=cfg.dropout, use_feats=cfg.use_feats,
         use_ids=cfg.use_ids, use_targets=cfg.use_targets)
-
-
-def prepare(model: api.Model, params: Params, data: api.TrainData, cfg: Config,
-            rng: jax.Array) -> tuple[api.Artifacts, dict[str, Any]]:
-    """Meta-trains the meta-loss on simulated requests of the TRAIN identities (SPEC.md 6.4).
-
-    Artifacts: ``phi`` (and ``phi_retain`` with ``use_retain``), and ``train_identities`` (the
-    identity id of each embedding row). Resumable through ``data.checkpointer``.
-    """
-    from oneshui_jax.unlearn import meta_train
-
-    ml_cfg = meta_loss_config(model, cfg, len(data.train_identities))
-    result = meta_train.meta_train(model, params, data, cfg, ml_cfg, rng)
-    artifacts = {"phi": result.phi,
-                 "train_identities": np.asarray(data.train_identities, np.int32),
-                 "step_scale": np.asarray(result.step_scale, np.float32)}
-    if result.phi_retain is not None:
-        artifacts["phi_retain"] = result.phi_retain
-    info = {"meta_history": result.history, "meta_train_seconds": result.seconds,
-            "step_scale": result.step_scale}
-    if result.line_search is not None:
-        info["line_search"] = result.line_search
-    if result.validation is not None:
-        info["validation"] = result.validation
-    return artifacts, info
 
 
 def request_rows(train_identities: Sequence[int] | dict[int, int],

@@ -1,0 +1,279 @@
+"""The report's text: the paper-style results table, the paired differences, the legend, the
+CSV, results.md (``markdown_report``) and what a study prints when it ends (``summary``).
+
+Rows are methods (pretrain, retrain, unlearning methods); columns are the task metric on the
+retain / forget / test identities, ToW against the retrained model and, when measured, the
+attacks' numbers (``stats.ATTACK_STATS``), as in the tables of De Min et al. (TMLR 2025).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from oneshui_jax.data import catalog
+from oneshui_jax.files import atomic_open, to_json
+from oneshui_jax.metrics import TABLE_SPLITS
+from oneshui_jax.report.stats import (
+    ATTACK_STATS,
+    STATS,
+    Row,
+    _group_text,
+    _varies,
+    aggregate,
+    has_repeated_seeds,
+    paired,
+    record_stats,
+    roc_curves,
+)
+
+CSV_COLUMNS = ("method", "access", "dataset", "num_identities", "seed") + STATS
+
+
+def metric_name(dataset: str) -> str:
+    """The paper's metric for ``dataset``: "mAP" (multi-label attributes) or "acc" (MUFAC).
+
+    ConfigError (a ValueError) for a dataset the catalog does not know.
+    """
+    return catalog.spec(dataset).metric
+
+
+def _metric_name_of(records: Sequence[Row]) -> str:
+    """The metric name shared by the records' datasets; ValueError when they differ."""
+    names = {metric_name(r["dataset"]) for r in records}
+    if len(names) != 1:
+        raise ValueError(f"records mix metrics {sorted(names)}; report one task at a time")
+    return names.pop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired differences
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.2f}"
+
+
+def _paired_cell(entry: Row) -> str:
+    """``+1.23 ± 0.45 [+0.10, +2.36]`` (mean ± std [95% interval]); blank when missing."""
+    if entry["mean"] is None:
+        return ""
+    text = _signed(entry["mean"])
+    if entry["std"] is not None:
+        text += f" ± {entry['std']:.2f}"
+    if entry["interval"] is not None:
+        lo, hi = entry["interval"]
+        text += f" [{_signed(lo)}, {_signed(hi)}]"
+    return text
+
+
+def paired_table(rows: Sequence[Row], metric_name: str) -> str:
+    """The paired differences as markdown: ToW per seed, then mean ± std [95% interval] of the
+    differences of ToW and of the forget / retain / test metric."""
+    several_n, grouped = _varies(rows, "num_identities"), _varies(rows, "group")
+    head = ["method"] + (["config"] if grouped else []) + ["access"] + (
+        ["N"] if several_n else []) + [
+        "seeds", "ToW per seed", "ToW", f"forget {metric_name}", f"retain {metric_name}",
+        f"test {metric_name}"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join("---" if i < 3 + several_n + grouped else "---:"
+                            for i in range(len(head))) + "|"]
+    for row in rows:
+        per_seed = ", ".join("" if v is None else _signed(v) for v in row["tow"]["values"])
+        cells = [str(row["method"])] + ([_group_text(row)] if grouped else [])
+        cells += [row.get("access") or ""]
+        cells += [str(row["num_identities"])] if several_n else []
+        cells += [", ".join(str(s) for s in row["seeds"]), per_seed, _paired_cell(row["tow"]),
+                  _paired_cell(row["forget_metric"]), _paired_cell(row["retain_metric"]),
+                  _paired_cell(row["test_metric"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown table
+
+
+def _is_aggregated(row: Row) -> bool:
+    return "mean" in row
+
+
+def _cell(row: Row, stat: str, interval: bool = False) -> str:
+    """One number with 2 decimals; for an aggregated row ``mean ± std``, with ``interval`` also
+    the 95% interval ``[lo, hi]``; blank when missing."""
+    if _is_aggregated(row):
+        mean, std = row["mean"][stat], row["std"][stat]
+        bounds = row.get("interval", {}).get(stat) if interval else None
+    else:
+        mean, std, bounds = record_stats(row)[stat], None, None
+    if mean is None:
+        return ""
+    text = f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+    if bounds is not None:
+        text += f" [{bounds[0]:.2f}, {bounds[1]:.2f}]"
+    return text
+
+
+def _attack_columns(rows: Sequence[Row]) -> list[str]:
+    """The attack stats with a column that some row has a value for."""
+    return [name for name, (_, header) in ATTACK_STATS.items()
+            if header and any(_cell(r, name) for r in rows)]
+
+
+def markdown_table(rows: Sequence[Row], metric_name: str) -> str:
+    """The results table: one row per record, or per ``aggregate`` row (``mean ± std``, and the
+    95% interval ``[lo, hi]`` for the metrics and ToW).
+
+    Columns: method, [config, the group's label, when rows span several config groups], access
+    (what the method may read, ``unlearn/api.py``; blank for records that predate it), [N when
+    rows span several N], [seed when records span several seeds],
+    retain / forget / test metric, ToW (blank without a retrained model), [each attack column of
+    ``ATTACK_STATS`` that some row has], seconds.
+    """
+    columns: list[tuple[str, Callable[[Row], str]]] = [("method", lambda r: str(r["method"]))]
+    if _varies(rows, "group"):
+        columns.append(("config", _group_text))
+    columns.append(("access", lambda r: r.get("access") or ""))
+    if _varies(rows, "num_identities"):
+        columns.append(("N", lambda r: str(r.get("num_identities"))))
+    if not any(_is_aggregated(r) for r in rows) and _varies(rows, "seed"):
+        columns.append(("seed", lambda r: str(r.get("seed"))))
+    for split in TABLE_SPLITS:
+        columns.append((f"{split} {metric_name}",
+                        lambda r, s=split: _cell(r, f"{s}_metric", interval=True)))
+    columns.append(("ToW", lambda r: _cell(r, "tow", interval=True)))
+    for name in _attack_columns(rows):
+        columns.append((ATTACK_STATS[name][1], lambda r, n=name: _cell(r, n)))
+    columns.append(("seconds", lambda r: _cell(r, "seconds")))
+    lines = ["| " + " | ".join(name for name, _ in columns) + " |",
+             "|" + "|".join("---" if name in ("method", "config", "access", "N", "seed")
+                            else "---:" for name, _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row) for _, fmt in columns) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV
+
+
+def csv_columns(records: Sequence[Row]) -> tuple[str, ...]:
+    """``CSV_COLUMNS``, with ``group`` after ``method`` when some record has a config group."""
+    if all(r.get("group") is None for r in records):
+        return CSV_COLUMNS
+    return ("method", "group", *CSV_COLUMNS[1:])
+
+
+def csv_rows(records: Sequence[Row]) -> list[dict[str, Any]]:
+    """One flat dict per record over ``csv_columns(records)``; None where a value is
+    missing."""
+    rows = []
+    for r in records:
+        row = {key: to_json(r.get(key)) for key in csv_columns(records)
+               if key not in STATS}
+        row.update(record_stats(r))
+        rows.append(row)
+    return rows
+
+
+def write_csv(path: str, records: Sequence[Row]) -> str:
+    """Writes ``csv_rows(records)`` to ``path`` atomically (None as an empty cell); returns
+    ``path``."""
+    with atomic_open(path, newline="") as f:
+        _csv_to(f, records)
+    return path
+
+
+def _csv_to(f, records: Sequence[Row]) -> None:
+    writer = csv.DictWriter(f, fieldnames=csv_columns(records))
+    writer.writeheader()
+    writer.writerows(csv_rows(records))
+
+
+# ---------------------------------------------------------------------------------------------
+# results.md: title, tables, legend
+
+
+def _joined(values: Sequence[Any]) -> str:
+    return ", ".join(str(v) for v in sorted(set(values)))
+
+
+def subject(records: Sequence[Row]) -> str:
+    """``<dataset>, N=<n>, seed <s>`` (or ``seeds <s1>, <s2>, ...``) of the records."""
+    seeds = [r.get("seed") for r in records]
+    seed_text = f"seed {seeds[0]}" if len(set(seeds)) == 1 else f"seeds {_joined(seeds)}"
+    return (f"{_joined([r.get('dataset') for r in records])}, "
+            f"N={_joined([r.get('num_identities') for r in records])}, {seed_text}")
+
+
+def legend(metric: str, attacks: Sequence[str] = ()) -> str:
+    """What the columns mean."""
+    lines = [
+        f"- **retain / forget / test {metric}** (%): the task metric on images of the retain "
+        "identities (training identities that stay), the forget identities (the people who ask "
+        "to be forgotten) and the test identities (never trained on).",
+        "- **ToW** (Tug-of-War, %): 100 × Π over retain, forget and test of (1 − |metric − "
+        "metric of the retrained model| / 100). It compares each model with the model retrained "
+        "without the forget identities (the oracle, ToW 100); higher is better. Blank when there "
+        "is no retrained model.",
+    ]
+    lines.append("- **access**: what a method reads (`oneshui_jax/unlearn/api.py`): `support`, "
+                 "the portraits alone; `stats`, the portraits plus what it computed from training "
+                 "data before the request; `full`, the forget and retain sets (a full-data "
+                 "reference, not a 1-SHUI method). `none` is the pretrained model, `oracle` the "
+                 "model retrained without the forget identities.")
+    explained = {
+        "loss_mia_auc": "- **loss-MIA AUC** (%): the reference's loss attack (a random forest on "
+                        "per-sample losses, trained on retain vs val, tested on forget vs test "
+                        "images); 50 means it cannot tell the forget images from unseen ones.",
+        "rmia_auc": "- **RMIA AUC** (%): RMIA with one reference model (the method applied to "
+                    "the retrained model), forget vs val images, at the (γ, a) the reference "
+                    "selects.",
+        "rmia_tpr": "- **RMIA TPR@0.01%FPR** (%): its true-positive rate at 0.01% false "
+                    "positives, the paper's number; with fewer than 10,000 val images it is read "
+                    "off the ROC's first segment by linear interpolation (`np.interp`), below "
+                    "what the data can resolve.",
+        "rmia_tpr_1pct": "- **RMIA TPR@1%FPR** (%): the same curve at 1% false positives.",
+        "person_auc": "- **person AUC** (%): the attack on people (each person's mean score): "
+                      "forget identities vs unseen validation identities.",
+    }
+    lines += [explained[a] for a in attacks if a in explained]
+    lines.append("- **seconds**: wall-clock time of the stage.")
+    return "\n".join(lines)
+
+
+def markdown_report(records: Sequence[Row]) -> str:
+    """The content of results.md: title, table(s), legend."""
+    metric = _metric_name_of(records)
+    parts = [f"# Results: {subject(records)}", ""]
+    if has_repeated_seeds(records):
+        rows = aggregate(records)
+        parts += ["Mean ± sample std [95% t-interval of the mean] over seeds:", "",
+                  markdown_table(rows, metric), ""]
+        differences = paired(records)
+        if differences:
+            parts += ["Paired with pretrain on the same split (method − pretrain per seed; "
+                      "mean ± sample std [95% t-interval] over seeds):", "",
+                      paired_table(differences, metric), ""]
+        parts += ["Per run:", ""]
+    parts += [markdown_table(records, metric), "", legend(metric, _attack_columns(records)), ""]
+    if roc_curves(records):
+        parts += ["ROC curves of the attacks: [roc.png](roc.png)", ""]
+    return "\n".join(parts)
+
+
+def summary(records: Sequence[Row], dataset: str, platform: str, workdir: str) -> str:
+    """What the study prints when it ends: the subject and ``platform``, the results table, the
+    forget metric of pretrain vs retrain (the memorisation gap) when both ran, and where
+    results.md is."""
+    metric = metric_name(dataset)
+    lines = [f"\n{subject(records)} ({platform}):", markdown_table(records, metric)]
+    forget = {r["method"]: r["forget"]["metric"] for r in records}
+    if {"pretrain", "retrain"} <= set(forget):
+        lines.append(f"forget {metric}: pretrain {forget['pretrain']:.2f} "
+                     f"vs retrain {forget['retrain']:.2f} "
+                     f"(memorisation gap {forget['pretrain'] - forget['retrain']:+.2f})")
+    lines.append(f"results: {os.path.join(workdir, 'results.md')}")
+    return "\n".join(lines)

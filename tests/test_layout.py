@@ -1,0 +1,62 @@
+"""The shape of the package (README "Layout"): a short study command, every command line in
+``oneshui_jax/cli/``, and the historical ``python -m`` names as aliases that only run it.
+Layers and import cycles are checked by ``lint-imports`` in the test command (pyproject.toml)."""
+
+from __future__ import annotations
+
+import ast
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(REPO, "oneshui_jax")
+COMMAND_PARSERS = ("argparse", "absl.app", "app.run(", "flags.DEFINE_")
+
+
+def _modules() -> list[str]:
+    out = []
+    for folder, _, names in os.walk(PACKAGE):
+        out += [os.path.relpath(os.path.join(folder, n), REPO) for n in names if n.endswith(".py")]
+    return sorted(out)
+
+
+def _main_block(tree: ast.Module) -> ast.If | None:
+    """The module's ``if __name__ == "__main__":`` block, if any (the last one)."""
+    blocks = [node for node in tree.body if isinstance(node, ast.If)
+              and "__name__" in ast.unparse(node.test) and "__main__" in ast.unparse(node.test)]
+    return blocks[-1] if blocks else None
+
+
+def test_the_study_command_is_short():
+    with open(os.path.join(PACKAGE, "main.py"), encoding="utf-8") as f:
+        assert len(f.read().splitlines()) <= 100  # flags -> study.run -> the report's summary
+
+
+@pytest.mark.parametrize("path", [p for p in _modules() if not p.startswith(
+    os.path.join("oneshui_jax", "cli")) and p != os.path.join("oneshui_jax", "main.py")])
+def test_no_library_module_defines_a_command_line(path):
+    """Outside ``cli/`` and ``main.py`` a module parses no command line; where it keeps a
+    ``python -m`` name, its ``__main__`` block only runs the command of ``oneshui_jax.cli``."""
+    with open(os.path.join(REPO, path), encoding="utf-8") as f:
+        source = f.read()
+    tree = ast.parse(source)
+    block = _main_block(tree)
+    body = source if block is None else source.replace(ast.get_source_segment(source, block), "")
+    assert not [p for p in COMMAND_PARSERS if p in body], f"{path} parses a command line"
+    assert "def main(" not in source, f"{path} defines main(): it belongs in oneshui_jax/cli/"
+    if block is not None:
+        calls = [ast.unparse(n) for n in ast.walk(block) if isinstance(n, ast.Call)]
+        runs = [c for c in calls if c.startswith("runpy.run_module('oneshui_jax.cli.")]
+        assert runs and len(calls) == len(runs), (
+            f"{path}: its __main__ block should only run a command of oneshui_jax.cli, got "
+            f"{calls}")
+
+
+def test_every_command_is_listed_in_the_readme():
+    commands = sorted(n[:-3] for n in os.listdir(os.path.join(PACKAGE, "cli"))
+                      if n.endswith(".py") and n not in ("__init__.py", "common.py",
+                                                          "config_flags.py"))
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert [c for c in commands if f"cli/{c}.py" not in readme] == []

@@ -1,0 +1,43 @@
+"""Writes ``configs/HPARAMS.md``: the real-data configs' method settings per dataset and N.
+
+    python tools/hparams_table.py            # writes configs/HPARAMS.md
+    python tools/hparams_table.py --check    # exit 1 if the file differs from oneshui_jax/hparams
+
+The table is ``oneshui_jax.config_lib.hparams_table()``: the reference's values (its ``const.py``
+and ``parser.py``, ``oneshui_jax/hparams.py``) that ``configs/celeba.py``, ``celebahq.py`` and
+``mufac.py`` give ``config.train`` and every method block for the paper's grid of N.
+``tests/test_configs.py`` checks the file against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PATH = os.path.join(ROOT, "configs", "HPARAMS.md")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 if configs/HPARAMS.md is not current")
+    args = parser.parse_args(argv)
+    from oneshui_jax import config_lib
+
+    table = config_lib.hparams_table()
+    if args.check:
+        current = open(PATH, encoding="utf-8").read() if os.path.exists(PATH) else None
+        if current != table:
+            print(f"{PATH} is not current: run python tools/hparams_table.py", file=sys.stderr)
+            return 1
+        return 0
+    with open(PATH, "w", encoding="utf-8") as f:
+        f.write(table)
+    print(f"wrote {PATH}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
