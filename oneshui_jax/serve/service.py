@@ -44,88 +44,78 @@ def serve_request(checkpoint: str, portraits: Sequence[str], out: str, *,
     then finds it written and is refused unless ``overwrite``.
     """
     with locks.hold(out, what="a deletion request", warn=_warn, lock_dir=locks.host_lock_dir()):
-        return _serve(checkpoint, portraits, out, artifacts_dir=artifacts_dir,
-                      identities=identities, labels=labels, request_id=request_id,
-                      method=method, overwrite=overwrite)
+        start = time.perf_counter()
+        if not portraits:
+            raise DataError("an empty request: give at least one --portrait")
+        request_lib.check_output(out, overwrite, ())
+        given_runs = (("the run of --checkpoint", checkpoint), ("the run of --artifacts",
+                                                                artifacts_dir))
+        checkpoints.check_apart(out, given_runs, strict=True)  # inside or around: before any work
+        read = [request_lib.read_portrait(path) for path in portraits]
+        engine = Engine.from_checkpoint(checkpoint, artifacts_dir)
+        model_meta, method_meta = engine.model_metadata, engine.method_metadata
+        if method is not None and method != engine.method:
+            raise ConfigError(f"--method {method} was given, but the method run "
+                              f"{method_meta['run_dir']} was made by {engine.method}")
+        request_lib.check_output(out, overwrite,
+                                 (model_meta["run_dir"], method_meta["run_dir"], checkpoint))
+        checkpoints.check_apart(out, (("the model run", model_meta["run_dir"]),
+                                      ("the method run", method_meta["run_dir"])), strict=True)
+        given = None if labels is None else request_lib.parse_labels(
+            labels, engine.model.task, engine.model.num_classes)
+        load_s = time.perf_counter() - start
+        prepared = engine.prepare([image for image, _ in read], identities or None, given)
+        params, unlearned = engine.unlearn(prepared)
+        request_id = request_id or str(uuid.uuid4())
+        created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        hash_before = model_meta["params_hash"]
+        method_config = method_meta["method_config"]
+        metadata = {
+            "config": model_meta["config"], "splits": model_meta["splits"],
+            "model_config": model_meta["model_config"], "stage": REQUEST_STAGE,
+            "method": engine.method, "access": engine.access, "method_config": method_config,
+            "request_id": request_id, "requests": [*model_meta.get("requests", []), request_id],
+            "source_checkpoint": model_meta["run_dir"], "source_params_hash": hash_before,
+            "method_run_dir": method_meta["run_dir"],
+            "artifacts_hash": method_meta.get("artifacts_hash"),
+            "base_run_dir": method_meta.get("base_run_dir"),
+            "base_params_hash": method_meta["base_params_hash"],
+        }
+        save_start = time.perf_counter()
+
+        def make_receipt(hash_after: str) -> Receipt:
+            timings = {"load_s": load_s + prepared.timings["prepare_s"],
+                       "h2d_s": prepared.timings["h2d_s"],
+                       "predict_s": prepared.timings["predict_s"],
+                       "compile_s": prepared.timings["compile_s"] + unlearned["compile_s"],
+                       "compute_s": unlearned["compute_s"], "digest_s": unlearned["digest_s"],
+                       "save_s": time.perf_counter() - save_start}
+            timings["total_s"] = time.perf_counter() - start
+            return Receipt(
+                request_id=request_id, created=created, method=engine.method, access=engine.access,
+                portraits=[{"sha256": digest, "width": int(image.shape[1]),
+                            "height": int(image.shape[0])} for image, digest in read],
+                identities=prepared.identities, labels=request_lib.json_labels(prepared.labels),
+                labels_predicted=prepared.labels_predicted, params_hash_before=hash_before,
+                params_hash_after=hash_after, params_digest_before=engine.params_digest,
+                params_digest_after=unlearned["params_digest"],
+                source_checkpoint=model_meta["run_dir"],
+                artifacts_run_dir=method_meta["run_dir"],
+                artifacts_hash=method_meta.get("artifacts_hash"),
+                base_params_hash=method_meta["base_params_hash"], output=os.path.abspath(out),
+                method_config=dict(method_config),
+                hyperparameters={**method_config, **unlearned["method_info"]},
+                seeds={"study": model_meta["config"].get("seed"),
+                       "method": method_meta["config"].get("seed"), "request": engine.seed},
+                versions=checkpoints.library_versions(), device=str(jax.devices()[0].platform),
+                timings=timings)
+
+        return request_lib.write_output(out, params, metadata, make_receipt,
+                                        overwrite=overwrite)
 
 
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
-
-
-def _serve(checkpoint: str, portraits: Sequence[str], out: str, *,
-           artifacts_dir: str | None, identities: Sequence[int] | None,
-           labels: Sequence[str] | None, request_id: str | None, method: str | None,
-           overwrite: bool) -> Receipt:
-    """``serve_request`` once ``out`` is locked."""
-    start = time.perf_counter()
-    if not portraits:
-        raise DataError("an empty request: give at least one --portrait")
-    request_lib.check_output(out, overwrite, ())
-    given_runs = (("the run of --checkpoint", checkpoint), ("the run of --artifacts",
-                                                            artifacts_dir))
-    checkpoints.check_apart(out, given_runs, strict=True)  # inside or around: before any work
-    read = [request_lib.read_portrait(path) for path in portraits]
-    engine = Engine.from_checkpoint(checkpoint, artifacts_dir)
-    model_meta, method_meta = engine.model_metadata, engine.method_metadata
-    if method is not None and method != engine.method:
-        raise ConfigError(f"--method {method} was given, but the method run "
-                          f"{method_meta['run_dir']} was made by {engine.method}")
-    request_lib.check_output(out, overwrite,
-                             (model_meta["run_dir"], method_meta["run_dir"], checkpoint))
-    checkpoints.check_apart(out, (("the model run", model_meta["run_dir"]),
-                                  ("the method run", method_meta["run_dir"])), strict=True)
-    given = None if labels is None else request_lib.parse_labels(
-        labels, engine.model.task, engine.model.num_classes)
-    load_s = time.perf_counter() - start
-    prepared = engine.prepare([image for image, _ in read], identities or None, given)
-    params, unlearned = engine.unlearn(prepared)
-    request_id = request_id or str(uuid.uuid4())
-    created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    hash_before = model_meta["params_hash"]
-    method_config = method_meta["method_config"]
-    metadata = {
-        "config": model_meta["config"], "splits": model_meta["splits"],
-        "model_config": model_meta["model_config"], "stage": REQUEST_STAGE,
-        "method": engine.method, "access": engine.access, "method_config": method_config,
-        "request_id": request_id, "requests": [*model_meta.get("requests", []), request_id],
-        "source_checkpoint": model_meta["run_dir"], "source_params_hash": hash_before,
-        "method_run_dir": method_meta["run_dir"],
-        "artifacts_hash": method_meta.get("artifacts_hash"),
-        "base_run_dir": method_meta.get("base_run_dir"),
-        "base_params_hash": method_meta["base_params_hash"],
-    }
-    save_start = time.perf_counter()
-
-    def make_receipt(hash_after: str) -> Receipt:
-        timings = {"load_s": load_s + prepared.timings["prepare_s"],
-                   "h2d_s": prepared.timings["h2d_s"],
-                   "predict_s": prepared.timings["predict_s"],
-                   "compile_s": prepared.timings["compile_s"] + unlearned["compile_s"],
-                   "compute_s": unlearned["compute_s"], "digest_s": unlearned["digest_s"],
-                   "save_s": time.perf_counter() - save_start}
-        timings["total_s"] = time.perf_counter() - start
-        return Receipt(
-            request_id=request_id, created=created, method=engine.method, access=engine.access,
-            portraits=[{"sha256": digest, "width": int(image.shape[1]),
-                        "height": int(image.shape[0])} for image, digest in read],
-            identities=prepared.identities, labels=request_lib.json_labels(prepared.labels),
-            labels_predicted=prepared.labels_predicted, params_hash_before=hash_before,
-            params_hash_after=hash_after, params_digest_before=engine.params_digest,
-            params_digest_after=unlearned["params_digest"],
-            source_checkpoint=model_meta["run_dir"],
-            artifacts_run_dir=method_meta["run_dir"],
-            artifacts_hash=method_meta.get("artifacts_hash"),
-            base_params_hash=method_meta["base_params_hash"], output=os.path.abspath(out),
-            method_config=dict(method_config),
-            hyperparameters={**method_config, **unlearned["method_info"]},
-            seeds={"study": model_meta["config"].get("seed"),
-                   "method": method_meta["config"].get("seed"), "request": engine.seed},
-            versions=checkpoints.library_versions(), device=str(jax.devices()[0].platform),
-            timings=timings)
-
-    return request_lib.write_output(out, params, metadata, make_receipt,
-                                    overwrite=overwrite)
 
 
 def _short(value: object) -> str:
