@@ -19,6 +19,17 @@ from oneshui_jax.models import vit
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
+@pytest.fixture(autouse=True)
+def sigint_as_in_a_terminal():
+    """Python's own SIGINT handler during each test, as a command started from a terminal has.
+    A test worker started in the background inherits SIGINT ignored, and ``interrupts.handle``
+    keeps an ignored signal ignored (as Python does), so without this the SIGINT cases would
+    test nothing there (or fail, as they did in a clean-clone run started with ``&``)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 class _SignalOnDelete:
     """Sends ``signum`` to this process from ``__del__``: the handler's exception is raised
     inside the finaliser, where Python prints it as "ignored" and goes on."""
