@@ -696,3 +696,54 @@ def test_null_numbers_stay_allowed(tmp_path):
     record = make_record("ssd", tow=None, mia={"rmia": {"auc": None, "tpr_at_1e-4": None}})
     record["history"][0]["val_metric"] = None
     assert report.record_problem(record) is None
+
+
+def test_a_method_has_one_colour_in_every_plot_and_panel():
+    """The paper's rows keep fixed colours whatever the study holds; a method missing from the
+    first panel of roc.png (so matplotlib's cycle would shift) keeps its colour in the others;
+    training curves, differences and ROC agree; AUCs are shown in %."""
+    from matplotlib.colors import to_hex
+
+    from oneshui_jax.report import plots
+
+    assert plots.method_colors(["scrub", "mine", "pretrain"]) == {
+        "scrub": "C7", "mine": plots._MORE_COLORS[0], "pretrain": "C0"}
+    records = [_with_roc(make_record("ssd"), "rmia", 60.0, [0.0, 0.5, 1.0], [0.0, 0.4, 1.0]),
+               make_record("retrain", forget=50.0, tow=100.0),
+               make_record("mine", forget=60.0, tow=90.0)]
+    records[0]["mia"]["loss_rf"] = {"auc": 52.0, "roc": {"fpr": [0.0, 1.0], "tpr": [0.0, 1.0]}}
+    records[2] = _with_roc(records[2], "loss_rf", 58.0, [0.0, 1.0], [0.0, 1.0])
+    records.insert(0, _with_roc(make_record("pretrain"), "loss_rf", 55.0, [0.0, 1.0],
+                                [0.0, 1.0]))
+    expected = {m: to_hex(c) for m, c in plots.method_colors(
+        [r["method"] for r in records]).items()}
+    seen: dict[str, set[str]] = {}
+
+    def lines_of(fig):
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                name = line.get_label().split(" (")[0]
+                if name in expected:
+                    seen.setdefault(name, set()).add(to_hex(line.get_color()))
+
+    roc = report.roc_figure(records)
+    assert [ax.get_title() for ax in roc.axes] == ["loss_rf", "rmia"]
+    lines_of(roc)
+    legend = [t.get_text() for t in roc.axes[1].get_legend().get_texts()]
+    assert "ssd (AUC 60.0%)" in legend
+    curves = report.training_curves_figure(records)
+    for ax in curves.axes:
+        for line in ax.get_lines():
+            method = next(r["method"] for r in records if line.get_label() == r["method"])\
+                if line.get_label() in expected else None
+            if method:
+                seen.setdefault(method, set()).add(to_hex(line.get_color()))
+    differences = report.differences_figure(records, "mAP")
+    labels = [t.get_text() for t in differences.axes[0].get_yticklabels()]
+    for ax in differences.axes:
+        for line in ax.get_lines():
+            y = line.get_ydata()
+            if line.get_marker() == "o" and len(y) == 1:
+                seen.setdefault(labels[int(y[0])], set()).add(to_hex(line.get_color()))
+    assert set(seen) >= {"pretrain", "ssd", "mine"}
+    assert {m: colours for m, colours in seen.items()} == {m: {expected[m]} for m in seen}

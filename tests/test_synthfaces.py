@@ -278,3 +278,18 @@ def test_tfds_unknown_config(tfds_dir: Path) -> None:
 
     with pytest.raises(ValueError, match="huge"):
         tfds_builders.synthfaces_builder(str(tfds_dir), "huge")
+
+
+def test_a_build_says_building_never_downloading(tmp_path: Path, capsys, caplog) -> None:
+    """Nothing is downloaded: TFDS's "Downloading and preparing" / "downloaded and prepared"
+    lines are replaced by the package's "building" and "built" (``tfds_builders/local.py``)."""
+    import logging
+
+    from oneshui_jax.data.tfds_builders import build_synthfaces
+
+    with caplog.at_level(logging.INFO, logger="absl"):
+        build_synthfaces(str(tmp_path), "small")
+    printed = capsys.readouterr()
+    said = printed.out + printed.err + caplog.text
+    assert "download" not in said.lower()
+    assert "building SynthFaces small" in caplog.text and "built synth_faces" in caplog.text

@@ -284,6 +284,11 @@ MUTATIONS = (
              "            if _shared(name) and sa.get(name, absent) != sb.get(name, absent)]",
              ("tests/test_report.py::test_report_refuses_studies_of_other_settings",),
              "report averages two seeds of a study whose methods ran at other settings"),
+    Mutation("differences_colours_follow_the_cycle", "oneshui_jax/report/plots.py",
+             "            ax.plot(entry[\"mean\"], y, \"o\", color=colors[key[1]])",
+             "            ax.plot(entry[\"mean\"], y, \"o\", color=f\"C{y % 10}\")",
+             ("tests/test_report.py::test_a_method_has_one_colour_in_every_plot_and_panel",),
+             "a method takes another colour in another plot"),
     Mutation("open_lower_bound_taken_as_closed", "oneshui_jax/ranges.py",
              "        if self.low is not None and (value <= self.low if self.low_open "
              "else value < self.low):",

@@ -28,16 +28,20 @@ def compact(fpr: Sequence[float], tpr: Sequence[float]) -> dict[str, list[float]
                              np.asarray(tpr, np.float64)).tolist()}
 
 
-def auc_label(method: str, auc: float) -> str:
-    """The legend entry of one curve; ``auc`` is shown as given (fraction or percent)."""
-    return f"{method} (AUC {auc:.3f})"
+def auc_label(method: str, auc: float, percent: bool = False) -> str:
+    """The legend entry of one curve: ``auc`` (a fraction) as given, or in % as the tables show
+    it (``percent``)."""
+    return f"{method} (AUC {100 * auc:.1f}%)" if percent else f"{method} (AUC {auc:.3f})"
 
 
 def roc_figure(curves: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float], float]]],
-               *, panel_size: float = 4.0) -> Figure:
+               *, panel_size: float = 4.0, colors: Mapping[str, str] | None = None,
+               percent: bool = False) -> Figure:
     """``curves[method][attack] = (fpr, tpr, auc)`` -> a Figure with one panel per attack (in order
     of first appearance); each panel has one line per method that has that attack, plus the
-    chance diagonal (the last line)."""
+    chance diagonal (the last line). ``colors[method]``: the method's colour in every panel
+    (default: matplotlib's cycle, which gives a method another colour in a panel where an
+    earlier method has no curve); ``percent``: AUCs in % in the legends."""
     attacks = list(dict.fromkeys(a for per_method in curves.values() for a in per_method))
     if not attacks:
         raise ValueError("no ROC curve to draw")
@@ -51,7 +55,8 @@ def roc_figure(curves: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence
                 continue
             fpr, tpr, auc = per_method[attack]
             fpr = np.clip(np.asarray(fpr, dtype=np.float64), FPR_FLOOR, 1.0)
-            ax.plot(fpr, np.asarray(tpr, dtype=np.float64), label=auc_label(method, auc))
+            ax.plot(fpr, np.asarray(tpr, dtype=np.float64), label=auc_label(method, auc, percent),
+                    color=None if colors is None else colors.get(method))
         ax.plot(chance, chance, linestyle="--", color="grey", linewidth=1, label=CHANCE_LABEL)
         ax.set_xscale("log")
         ax.set_xlim(FPR_FLOOR, 1.0)

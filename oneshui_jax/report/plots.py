@@ -35,6 +35,11 @@ from oneshui_jax.report.stats import (
 from oneshui_jax.report.tables import _cell, _metric_name_of, subject
 
 SPLIT_COLORS = {"retain": "tab:blue", "forget": "tab:red", "test": "tab:green"}
+PAPER_ROWS = ("pretrain", "retrain", "meta_unlearn", "support_ascent", "ssd", "lipschitz", "pgu",
+              "scrub", "bad_teacher")
+"""The rows of the paper's table, each with a fixed colour in every plot (``method_colors``)."""
+_MORE_COLORS = ("tab:cyan", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd",
+                "#e6550d", "#31a354", "#756bb1")
 FIGURE_DPI = 120
 
 
@@ -52,6 +57,17 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
+def method_colors(methods: Sequence[str]) -> dict[str, str]:
+    """One colour per method, the same in every plot and panel of every study: the paper's rows
+    (``PAPER_ROWS``) keep matplotlib's first nine ``tab10`` colours in that order; any other
+    method (a variant, a new method) takes the next free colour in the order ``methods`` first
+    name it (cycling after ten more)."""
+    colors = {m: f"C{i}" for i, m in enumerate(PAPER_ROWS)}
+    others = [m for m in dict.fromkeys(methods) if m not in colors]
+    colors.update({m: _MORE_COLORS[i % len(_MORE_COLORS)] for i, m in enumerate(others)})
+    return {m: colors[m] for m in dict.fromkeys(methods)}
+
+
 # ---------------------------------------------------------------------------------------------
 # The figures
 
@@ -67,15 +83,17 @@ def _run_label(record: Row, runs: Sequence[Row]) -> str:
 
 
 def training_curves_figure(records: Sequence[Row]) -> Figure | None:
-    """Train (solid) / val (dashed) loss (left) and val metric (right) vs epoch, one colour per
-    record with a ``history``, the best epoch starred; None when no record has a history."""
+    """Train (solid) / val (dashed) loss (left) and val metric (right) vs epoch of every record
+    with a ``history``, in its method's colour (``method_colors``), the best epoch starred; None
+    when no record has a history."""
     runs = [r for r in records if r.get("history")]
     if not runs:
         return None
     fig = _new_figure(11, 4.2)
     ax_loss, ax_metric = fig.subplots(1, 2)
-    for i, r in enumerate(runs):
-        color, epochs = f"C{i % 10}", [h["epoch"] for h in r["history"]]
+    colors = method_colors([r["method"] for r in runs])
+    for r in runs:
+        color, epochs = colors[r["method"]], [h["epoch"] for h in r["history"]]
         ax_loss.plot(epochs, [h["train_loss"] for h in r["history"]], "-", color=color)
         ax_loss.plot(epochs, [h["val_loss"] for h in r["history"]], "--", color=color)
         ax_metric.plot(epochs, [h["val_metric"] for h in r["history"]], "-o", markersize=3,
@@ -105,8 +123,8 @@ def _meta_runs(records: Sequence[Row]) -> list[Row]:
 
 def meta_diagnostics_figure(records: Sequence[Row]) -> Figure | None:
     """MetaUnlearn's learned step on held-out simulated requests per meta-training epoch (epoch
-    -1: before meta-training), one colour per run: the share of the outer objective it removes
-    (solid) next to a gradient-ascent step of the same length (dashed), the step's length
+    -1: before meta-training), in each run's method colour: the share of the outer objective it
+    removes (solid) next to a gradient-ascent step of the same length (dashed), the step's length
     relative to the model's, and the share of portraits that give no step (solid) with the
     largest portrait's share of the step (dotted). None when no record has diagnostics."""
     runs = _meta_runs(records)
@@ -114,13 +132,14 @@ def meta_diagnostics_figure(records: Sequence[Row]) -> Figure | None:
         return None
     fig = _new_figure(14, 4.4)
     ax_red, ax_step, ax_port = fig.subplots(1, 3)
-    for i, r in enumerate(runs):
+    colors = method_colors([r["method"] for r in runs])
+    for r in runs:
         prepared = r["prepare"]
         history = [h for h in prepared["meta_history"] if "reduction_learned" in h]
         initial = _at(prepared, ("validation", "initial"))
         points = ([{"epoch": -1, **initial}] if initial else []) + history
         epochs = [p["epoch"] for p in points]
-        color = f"C{i % 10}"
+        color = colors[r["method"]]
         get = lambda key, points=points: [p[key] for p in points]  # noqa: E731
         ax_red.plot(epochs, 100 * np.asarray(get("reduction_learned")), "-o", markersize=3,
                     color=color, label=_run_label(r, runs))
@@ -164,6 +183,7 @@ def differences_figure(records: Sequence[Row], metric_name: str) -> Figure | Non
     keys = [k for k in dict.fromkeys(_row_key(r) for r in records)
             if k in have]  # in the records' order
     labels = _key_labels(keys)
+    colors = method_colors([method for _, method, _ in keys])
     fig = _new_figure(11, max(2.5, 0.45 * len(keys) + 1.5))
     axes = fig.subplots(1, 2, sharey=True)
     panels = ((axes[0], gap, "forget_metric",
@@ -180,9 +200,9 @@ def differences_figure(records: Sequence[Row], metric_name: str) -> Figure | Non
             if entry["interval"] is not None:
                 lo, hi = entry["interval"]
                 ax.errorbar(entry["mean"], y, xerr=[[entry["mean"] - lo], [hi - entry["mean"]]],
-                            fmt="o", color=f"C{y % 10}", capsize=4)
+                            fmt="o", color=colors[key[1]], capsize=4)
             else:
-                ax.plot(entry["mean"], y, "o", color=f"C{y % 10}")
+                ax.plot(entry["mean"], y, "o", color=colors[key[1]])
         ax.axvline(0.0, color="black", linewidth=0.8)
         ax.set(title=title, xlabel="points")
         ax.grid(alpha=0.3, axis="x")
@@ -201,13 +221,18 @@ def differences_figure(records: Sequence[Row], metric_name: str) -> Figure | Non
 
 def roc_figure(records: Sequence[Row]) -> Figure | None:
     """``oneshui_jax.mia.roc.roc_figure`` of ``roc_curves(records)``: one panel per attack, every
-    method, log-scale FPR; None when no record carries ROC points."""
+    method in its colour (``method_colors``) in every panel, AUCs in % as in the tables,
+    log-scale FPR; None when no record carries ROC points."""
     curves = roc_curves(records)
     if not curves:
         return None
     from oneshui_jax.mia import roc
 
-    fig = roc.roc_figure(curves)
+    keys = list(dict.fromkeys(_row_key(r) for r in records))
+    method_of = dict(zip(_key_labels(keys), (method for _, method, _ in keys), strict=True))
+    colors = method_colors([method_of[label] for label in curves])
+    fig = roc.roc_figure(curves, colors={label: colors[method_of[label]] for label in curves},
+                         percent=True)
     fig.suptitle(f"{subject(records)}: membership attacks", fontsize=10)
     return fig
 

@@ -40,6 +40,7 @@ from absl import logging
 from oneshui_jax.data import annotations as annotations_lib
 from oneshui_jax.data import audit as audit_lib
 from oneshui_jax.data import images
+from oneshui_jax.data.tfds_builders.local import LocalBuild
 from oneshui_jax.errors import DataError
 
 SPLIT = "train"
@@ -65,7 +66,7 @@ class FaceTable:
         return h.hexdigest()
 
 
-class _FaceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+class _FaceBuilder(LocalBuild, tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Shared builder: one ordered split of (image bytes, label, identity, index, file name)."""
 
     VERSION = tfds.core.Version("1.0.0")

@@ -25,8 +25,10 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from oneshui_jax.data import synthfaces
+from oneshui_jax.data.tfds_builders.local import LocalBuild
 
 _DESCRIPTION = """\
 SynthFaces: procedurally generated, licence-free face-like portraits of synthetic identities
@@ -48,7 +50,7 @@ class SynthFacesBuilderConfig(tfds.core.BuilderConfig):
     )
 
 
-class SynthFaces(tfds.core.GeneratorBasedBuilder):
+class SynthFaces(LocalBuild, tfds.core.GeneratorBasedBuilder):
     """SynthFaces as an ``array_record`` TFDS dataset with one ordered ``train`` split."""
 
     name = "synth_faces"
@@ -112,5 +114,8 @@ def build_synthfaces(data_dir: str,
     The source is random access: ``source[i]`` is the dict of example ``i`` (dataset order).
     """
     builder = synthfaces_builder(data_dir, config)
+    if not builder.is_prepared():
+        logging.info("building SynthFaces %s into %s (generated here, offline)",
+                     config, builder.data_dir)
     builder.download_and_prepare(file_format=FILE_FORMAT)
     return builder.as_data_source(split=SPLIT)
