@@ -53,6 +53,16 @@ def test_no_library_module_defines_a_command_line(path):
             f"{calls}")
 
 
+def test_the_readme_is_one_screenful_that_points_into_the_docs():
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert len(readme.splitlines()) <= 200  # the rest lives in docs/ (mkdocs.yml)
+    pages = [p for p in ("getting-started", "data", "configs", "methods", "metaunlearn",
+                         "privacy", "serving", "checkpoints", "development")
+             if f"(docs/{p}.md)" not in readme]
+    assert pages == []
+
+
 def test_every_command_is_listed_in_the_readme():
     commands = sorted(n[:-3] for n in os.listdir(os.path.join(PACKAGE, "cli"))
                       if n.endswith(".py") and n not in ("__init__.py", "common.py",
