@@ -70,3 +70,28 @@ def test_every_command_is_listed_in_the_readme():
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         readme = f.read()
     assert [c for c in commands if f"cli/{c}.py" not in readme] == []
+
+
+def test_the_reproduction_page_has_a_valid_command_for_every_table():
+    """``docs/reproduce.md``: one row per (dataset, N) of the paper's grid, whose study command
+    loads (as ``python -m oneshui_jax.main`` would) and validates (no data read)."""
+    import re
+
+    from oneshui_jax import config_lib
+    from oneshui_jax.cli import config_flags
+    from oneshui_jax.study import validate
+
+    with open(os.path.join(REPO, "docs", "reproduce.md"), encoding="utf-8") as f:
+        page = f.read()
+    commands = re.findall(r"`python -m oneshui_jax\.main ([^`]+)`", page)
+    found = {}
+    for command in commands:
+        args = [a.replace("=S", "=0") for a in command.split()]  # seed S: 0
+        args = ["--config=" + os.path.join(REPO, a[len("--config="):])
+                if a.startswith("--config=configs/") else a for a in args]
+        config = config_flags.load_config(args)
+        validate.validate_config(config)
+        found[(config.dataset, config.num_identities)] = config.stages
+    wanted = {(d, n) for d, ns in config_lib.PAPER_GRID.items() for n in ns}
+    assert set(found) == wanted
+    assert all(len(stages) == 9 for stages in found.values())  # every row of the paper's table
