@@ -95,3 +95,16 @@ def test_the_reproduction_page_has_a_valid_command_for_every_table():
     wanted = {(d, n) for d, ns in config_lib.PAPER_GRID.items() for n in ns}
     assert set(found) == wanted
     assert all(len(stages) == 9 for stages in found.values())  # every row of the paper's table
+
+
+def test_the_method_settings_page_is_generated_from_the_code():
+    """``docs/method-settings.md`` is ``settings_doc.settings_reference()``: every setting of
+    every method with its default, range and comment (regenerate with
+    ``python tools/settings_doc.py``)."""
+    from oneshui_jax.unlearn import registry, settings_doc
+
+    with open(os.path.join(REPO, "docs", "method-settings.md"), encoding="utf-8") as f:
+        assert f.read() == settings_doc.settings_reference()
+    comments = settings_doc.field_comments(registry.METHODS["lipschitz"].Config)
+    assert comments["lr"] == "plain SGD: no momentum, no weight decay"  # trailing comment
+    assert comments["n_samples"] == "Perturbed copies of each batch whose K_s the loss averages."
