@@ -19,6 +19,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATH = os.path.join(ROOT, "configs", "HPARAMS.md")
 
 
+def write_or_check(path: str, text: str, check: bool, command: str) -> int:
+    """Writes ``text`` to ``path``; with ``check``, writes nothing and returns 1 (naming
+    ``command``, which regenerates it) when the file is not ``text``. The exit status."""
+    if check:
+        current = open(path, encoding="utf-8").read() if os.path.exists(path) else None
+        if current != text:
+            print(f"{path} is not current: run {command}", file=sys.stderr)
+            return 1
+        return 0
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true",
@@ -26,18 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from oneshui_jax import config_lib
 
-    table = config_lib.hparams_table()
-    if args.check:
-        current = open(PATH, encoding="utf-8").read() if os.path.exists(PATH) else None
-        if current != table:
-            print(f"{PATH} is not current: run python tools/hparams_table.py", file=sys.stderr)
-            return 1
-        return 0
-    with open(PATH, "w", encoding="utf-8") as f:
-        f.write(table)
-    print(f"wrote {PATH}")
-    return 0
-
+    return write_or_check(PATH, config_lib.hparams_table(), args.check,
+                          "python tools/hparams_table.py")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATH = os.path.join(ROOT, "docs", "method-settings.md")
@@ -21,20 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 if the page is not current")
     args = parser.parse_args(argv)
+    from hparams_table import write_or_check  # tools/, beside this script
+
     from oneshui_jax.unlearn.settings_doc import settings_reference
 
-    page = settings_reference()
-    if args.check:
-        current = open(PATH, encoding="utf-8").read() if os.path.exists(PATH) else None
-        if current != page:
-            print(f"{PATH} is not current: run python tools/settings_doc.py", file=sys.stderr)
-            return 1
-        return 0
-    with open(PATH, "w", encoding="utf-8") as f:
-        f.write(page)
-    print(f"wrote {PATH}")
-    return 0
-
+    return write_or_check(PATH, settings_reference(), args.check, "python tools/settings_doc.py")
 
 if __name__ == "__main__":
     raise SystemExit(main())
