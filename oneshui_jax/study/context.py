@@ -49,7 +49,7 @@ class Context:
     model_cfg: vit.ViTConfig
     data_audit: dict[str, Any] | None = None  # real datasets: data.audit summary of this split
     settings: validate.Settings | None = None  # resolved once by validate_config (prepare)
-    status: Status = dataclasses.field(default_factory=lambda: Status())
+    status: Status = dataclasses.field(default_factory=Status)
 
     def run_dir(self, stage: str) -> str:
         c = self.config
