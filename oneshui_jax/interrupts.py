@@ -99,16 +99,34 @@ def handle() -> Iterator[None]:
         yield
         return
     previous = {s: signal.getsignal(s) for s in NAMES}
+    previous_hook = sys.unraisablehook
     clear()
     for s in NAMES:
         if previous[s] is not signal.SIG_IGN:
             signal.signal(s, _on_signal)
+    sys.unraisablehook = _quiet_about_interrupts(previous_hook)
     try:
         yield
     finally:
         for s, handler in previous.items():  # quiet_start's handler would say "while starting"
             signal.signal(s, _DEFAULTS[s] if handler is _leave_while_starting else handler)
+        sys.unraisablehook = previous_hook
         clear()
+
+
+def _quiet_about_interrupts(previous_hook):
+    """An ``sys.unraisablehook`` that says nothing about a swallowed :class:`Interrupted`: Python
+    would print it as "Exception ignored in ... Traceback" (from a JAX garbage-collection
+    callback, say) before the command's one line. The signal is recorded and :func:`check`
+    raises it again, so nothing is lost. Any other unraisable exception goes to
+    ``previous_hook``."""
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, Interrupted):
+            return
+        previous_hook(unraisable)
+
+    return hook
 
 
 def quiet_start() -> None:

@@ -5,6 +5,7 @@ at their next step, with the exit status a shell expects."""
 import gc
 import os
 import signal
+import sys
 
 import jax.numpy as jnp
 import optax
@@ -59,6 +60,28 @@ def test_a_swallowed_interrupt_is_raised_again_by_check(signum, name, status):
     assert isinstance(caught.value, KeyboardInterrupt)  # every `except KeyboardInterrupt` sees it
     assert interrupts.pending() is None  # cleared on leaving the block
     interrupts.check()  # nothing pending: no exception
+
+
+class _RaiseOnDelete:
+    def __del__(self):
+        raise ValueError("a finaliser's own failure")
+
+
+def test_a_swallowed_interrupt_prints_no_traceback_but_other_failures_still_do(monkeypatch):
+    """The one-line promise: Python reports an exception raised in a finaliser through
+    ``sys.unraisablehook`` ("Exception ignored in ... Traceback"); inside ``handle`` a swallowed
+    interrupt is kept quiet (``check`` raises it again), while any other failure is reported as
+    before, and the hook is restored on leaving the block."""
+    reported = []
+    monkeypatch.setattr("sys.unraisablehook", reported.append)
+    with interrupts.handle():
+        _swallowed(signal.SIGTERM)
+        assert interrupts.pending() == signal.SIGTERM and reported == []
+        obj = _RaiseOnDelete()
+        del obj
+        gc.collect()
+        assert [type(r.exc_value) for r in reported] == [ValueError]
+    assert sys.unraisablehook == reported.append
 
 
 def test_handle_raises_at_once_and_restores_the_previous_handlers():
