@@ -157,10 +157,13 @@ def method_of(method_meta: Mapping[str, Any]) -> tuple[str, types.ModuleType]:
     if not name:
         raise CheckpointError(f"{where} records no method: not a finished method run; "
                               f"{train_hint()}")
-    if name not in registry.METHODS:
+    if name in registry.METHODS:
+        module = registry.METHODS[name]
+    elif registry.is_module_path(name):  # a method outside the package, as its study loaded it
+        module = registry.load(name, f"{where} (method)")
+    else:
         raise ConfigError(f"{where} records the method {name!r}, which this version does not "
                           f"know; servable: {', '.join(servable_methods())}")
-    module = registry.METHODS[name]
     access = {method_meta.get("access") or module.ACCESS, module.ACCESS}
     if api.FULL in access:
         raise ConfigError(
