@@ -211,11 +211,49 @@ def test_differences_figure_plots_the_paired_means_and_intervals():
     assert any(np.allclose(seg[:, 0], [lo, hi]) and np.allclose(seg[:, 1], 2) for seg in segments)
     assert report.differences_figure([make_record("ssd")], "mAP") is None  # nothing to pair
     assert gap_ax.get_xscale() == tow_ax.get_xscale() == "linear"  # a span of a few points
+    assert fig._suptitle.get_text() == ("synthfaces, N=10, seeds 0, 1, 2: mean and 95% "
+                                        "t-interval over 3 seeds, single seeds (x)")
+    assert {t.get_text() for t in gap_ax.texts} == {"+11.00", "+7.00"}  # each mean, signed
     # A method that destroys the model (ToW -60) next to ones that move it by tenths: the ToW
     # panel turns to a symmetric log scale, the forget panel (a span of a few points) does not.
     records += [make_record("lipschitz", seed, forget=65.0, tow=30.0 + seed) for seed in range(3)]
     gap_ax, tow_ax = report.differences_figure(records, "mAP").axes
     assert tow_ax.get_xscale() == "symlog" and gap_ax.get_xscale() == "linear"
+
+
+def test_differences_figure_with_one_seed_says_so_and_labels_each_difference():
+    """One seed: a dot per method at its difference, labelled with the value, no interval bar
+    and no cross hidden under the dot; the title says that there is no interval."""
+    records = [make_record("pretrain", forget=70.0, tow=90.0),
+               make_record("retrain", forget=60.0, tow=100.0),
+               make_record("ssd", forget=64.5, tow=92.25)]
+    fig = report.differences_figure(records, "mAP")
+    gap_ax, tow_ax = fig.axes
+    assert "seed 0: one seed: each dot is that seed's difference (no interval" in (
+        fig._suptitle.get_text())
+    assert not [c for ax in fig.axes for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert not [line for ax in fig.axes for line in ax.lines if line.get_marker() == "x"]
+    assert [t.get_text() for t in gap_ax.texts] == ["+10.00", "+4.50"]  # pretrain, ssd
+    assert [t.get_text() for t in tow_ax.texts] == ["+10.00", "+2.25"]  # retrain, ssd
+
+
+@pytest.mark.parametrize("seeds,expected", [((0,), "synthfaces, N=10, seed 0"),
+                                            ((0, 1, 2), "synthfaces, N=10, seeds 0, 1, 2")])
+def test_every_figure_is_titled_with_dataset_n_and_seeds(seeds, expected):
+    records = []
+    for seed in seeds:
+        records += [_with_roc(make_record("pretrain", seed), "loss_rf", 55.0, [0.0, 1.0],
+                              [0.0, 1.0]),
+                    make_record("retrain", seed, forget=50.0, tow=100.0),
+                    make_record("ssd", seed, forget=60.0, tow=90.0)]
+    figures = {"methods": report.method_bars_figure(records, "mAP"),
+               "training curves": report.training_curves_figure(records),
+               "differences": report.differences_figure(records, "mAP"),
+               "roc": report.roc_figure(records)}
+    for name, fig in figures.items():
+        titles = [fig._suptitle.get_text() if fig._suptitle else ""]
+        titles += [ax.get_title() for ax in fig.axes]
+        assert any(t.startswith(expected) for t in titles), (name, titles)
 
 
 def test_table_shows_seed_and_n_columns_when_they_vary():

@@ -170,8 +170,10 @@ SYMLOG_SPAN = 20.0  # points: a wider panel of differences_figure gets a symmetr
 def differences_figure(records: Sequence[Row], metric_name: str) -> Figure | None:
     """Where the differences between methods are visible: per method (and N), left the forget
     metric minus the retrained model's on the same split (0: forgotten as the oracle), right the
-    ToW minus pretrain's on the same split (> 0: better than doing nothing); dots are means over
-    seeds, bars 95% t-intervals (none with one seed), grey crosses the single seeds. A panel
+    ToW minus pretrain's on the same split (> 0: better than doing nothing). With several seeds,
+    dots are means over seeds, bars 95% t-intervals and grey crosses the single seeds; with one
+    seed, a dot is that seed's difference and the title says there is no interval. Each dot is
+    labelled with its value (signed, in points), so the figure reads without the table. A panel
     whose values span more than ``SYMLOG_SPAN`` points (one method destroys the model, another
     moves it by half a point) is drawn on a symmetric log scale, linear within ±1 point, so both
     stay visible. None when the records have neither a retrain nor a pretrain to pair with."""
@@ -196,7 +198,11 @@ def differences_figure(records: Sequence[Row], metric_name: str) -> Figure | Non
             if entry is None or entry["mean"] is None:
                 continue
             values = [v for v in entry["values"] if v is not None]
-            ax.plot(values, [y] * len(values), "x", color="gray", markersize=5)
+            if len(values) > 1:  # with one seed the cross would hide under its dot
+                ax.plot(values, [y] * len(values), "x", color="gray", markersize=5)
+            ax.annotate(f"{entry['mean']:+.2f}", (entry["mean"], y), xytext=(0, 7),
+                        textcoords="offset points", ha="center", fontsize=7,
+                        color=colors[key[1]])
             if entry["interval"] is not None:
                 lo, hi = entry["interval"]
                 ax.errorbar(entry["mean"], y, xerr=[[entry["mean"] - lo], [hi - entry["mean"]]],
@@ -213,10 +219,18 @@ def differences_figure(records: Sequence[Row], metric_name: str) -> Figure | Non
             ax.set_xlabel("points (symmetric log scale, linear within ±1)")
         ax.margins(x=0.06)
     axes[0].set_yticks(range(len(keys)), labels)
-    axes[0].invert_yaxis()
-    fig.suptitle(f"{subject(records)}: mean, 95% interval over seeds, single seeds (x)",
-                 fontsize=10)
+    axes[0].set_ylim(len(keys) - 0.5, -0.75)  # first row on top, room for its value label
+    fig.suptitle(f"{subject(records)}: {_spread_text(gap + gain)}", fontsize=10)
     return fig
+
+
+def _spread_text(rows: Sequence[Row]) -> str:
+    """What a dot and a bar of ``differences_figure`` are, for the seeds its rows pair."""
+    counts = sorted({len(r["seeds"]) for r in rows})
+    if counts == [1]:
+        return "one seed: each dot is that seed's difference (no interval; run more seeds)"
+    seeds = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return f"mean and 95% t-interval over {seeds} seeds, single seeds (x)"
 
 
 def roc_figure(records: Sequence[Row]) -> Figure | None:
