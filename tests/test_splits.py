@@ -23,7 +23,7 @@ from oneshui_jax.splits import (
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "reference_splits.json")
 
-# Identities train/val/test of the reference on the real annotation files (issue / SPEC.md).
+# Identities train/val/test of the reference on the real annotation files (SPEC §2.5).
 EXPECTED_SIZES = {
     ("celebahq", 0): (3735, 1253, 1229), ("celebahq", 1): (3758, 1236, 1223),
     ("celebahq", 2): (3761, 1242, 1214),
