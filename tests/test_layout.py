@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 
 import pytest
 
@@ -57,10 +58,11 @@ def test_the_readme_is_one_screenful_that_points_into_the_docs():
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         readme = f.read()
     assert len(readme.splitlines()) <= 200  # the rest lives in docs/ (mkdocs.yml)
-    pages = [p for p in ("getting-started", "data", "configs", "methods", "metaunlearn",
-                         "privacy", "serving", "checkpoints", "development")
-             if f"(docs/{p}.md)" not in readme]
-    assert pages == []
+    with open(os.path.join(REPO, "mkdocs.yml"), encoding="utf-8") as f:
+        nav = f.read().split("\nnav:\n", 1)[1]
+    pages = re.findall(r":\s+(\S+\.md)\s*$", nav, flags=re.M)
+    assert len(pages) >= 20 and "reference.md" in pages  # the parse found the navigation
+    assert [p for p in pages if p != "index.md" and f"(docs/{p})" not in readme] == []
 
 
 def test_every_command_is_listed_in_the_readme():
