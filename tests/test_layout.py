@@ -81,10 +81,13 @@ def test_the_reproduction_page_has_a_valid_command_for_every_table():
 
     from oneshui_jax import config_lib
     from oneshui_jax.cli import config_flags
-    from oneshui_jax.study import validate
+    from oneshui_jax.cli.estimate import DEFAULT_RATES
+    from oneshui_jax.study import estimate, validate
 
     with open(os.path.join(REPO, "docs", "reproduce.md"), encoding="utf-8") as f:
         page = f.read()
+    rates = estimate.Rates.from_results(os.path.join(REPO, DEFAULT_RATES))
+    gpu_cells = {}
     commands = re.findall(r"`python -m oneshui_jax\.main ([^`]+)`", page)
     found = {}
     for command in commands:
@@ -93,10 +96,19 @@ def test_the_reproduction_page_has_a_valid_command_for_every_table():
                 if a.startswith("--config=configs/") else a for a in args]
         config = config_flags.load_config(args)
         validate.validate_config(config)
+        assert config.mia.rmia  # the paper's MIA column
         found[(config.dataset, config.num_identities)] = config.stages
+        seconds = estimate.estimate(config, rates)["total"]
+        gpu_cells[(config.dataset, config.num_identities)] = f"{estimate.hours(seconds)} (estimate)"
     wanted = {(d, n) for d, ns in config_lib.PAPER_GRID.items() for n in ns}
     assert set(found) == wanted
     assert all(len(stages) == 9 for stages in found.values())  # every row of the paper's table
+    # The GPU column is the estimate from the newest GPU check (cli/estimate.py's default).
+    names = {"CelebA-HQ": "celebahq", "CelebA": "celeba", "MUFAC": "mufac"}
+    shown = {(names[m[0]], int(m[1])): m[2] for m in re.findall(
+        r"^\| (CelebA-HQ|CelebA|MUFAC) \| (\d+) \| `[^`]+` \| `[^`]+` \| ([^|]+) \|", page,
+        flags=re.M)}
+    assert {k: v.strip() for k, v in shown.items()} == gpu_cells
 
 
 def test_the_method_settings_page_is_generated_from_the_code():

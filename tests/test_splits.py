@@ -177,3 +177,15 @@ def test_malformed_annotation_names_file_and_line(tmp_path):
         read_identities("mufac", str(tmp_path))
     with pytest.raises(DataError, match="Data directory not found"):
         read_identities("mufac", str(tmp_path / "nope"))
+
+
+def test_the_estimates_split_sizes_are_the_reference_split_of_seed_0(annotations):
+    """``study/estimate.py`` plans with these sizes (train images with the support images)."""
+    from oneshui_jax.study import estimate
+
+    for dataset, sizes in estimate.SIZES.items():
+        splits = make_splits(annotations[dataset], 10, 0)
+        images = split_images(annotations[dataset], splits)
+        assert (len(splits.train), len(images["train"]) + 10, len(images["val"]),
+                len(images["test"])) == (sizes.train_identities, sizes.train, sizes.val,
+                                         sizes.test), dataset
