@@ -16,6 +16,7 @@ from typing import Any
 from oneshui_jax.data import catalog
 from oneshui_jax.files import atomic_open, to_json
 from oneshui_jax.metrics import TABLE_SPLITS
+from oneshui_jax.report import power
 from oneshui_jax.report.stats import (
     ATTACK_STATS,
     STATS,
@@ -90,6 +91,41 @@ def paired_table(rows: Sequence[Row], metric_name: str) -> str:
                   _paired_cell(row["test_metric"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _size(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def power_table(rows: Sequence[Row], metric_name: str) -> str:
+    """``power.power_rows`` as markdown: per method, the smallest ToW and forget-metric
+    difference against pretrain that the study's seeds detect (80% power, two-sided 5% paired
+    t-test, the seeds' own spread) and the seeds a one-point ToW difference needs."""
+    several_n, grouped = _varies(rows, "num_identities"), _varies(rows, "group")
+    head = (["method"] + (["config"] if grouped else []) + (["N"] if several_n else [])
+            + ["seeds", "smallest ToW difference", f"smallest forget {metric_name} difference",
+               "seeds for 1 ToW point"])
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join("---" if i < 2 + several_n + grouped else "---:"
+                            for i in range(len(head))) + "|"]
+    for row in rows:
+        cells = [str(row["method"])] + ([_group_text(row)] if grouped else [])
+        cells += [str(row["num_identities"])] if several_n else []
+        needed = row["tow"]["seeds_for_1pt"]
+        cells += [str(row["tow"]["n"]), _size(row["tow"]["detectable"]),
+                  _size(row["forget_metric"]["detectable"]),
+                  "" if row["tow"]["std"] is None else (
+                      f"> {power.MAX_SEEDS}" if needed is None else str(needed))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+POWER_LINE = ("Power (80%, two-sided 5% paired t-test with the seeds' own spread; "
+              "`oneshui_jax/report/power.py`): the smallest true difference from pretrain each "
+              "comparison detects, and the seeds a one-point ToW difference needs:")
+ONE_SEED_POWER_LINE = ("Power: one seed per method, so no spread between seeds to size a "
+                       "difference by; two or more seeds (`--config.seed`, combined with "
+                       "`python -m oneshui_jax.report`) give the smallest detectable difference.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,9 +292,13 @@ def markdown_report(records: Sequence[Row]) -> str:
         if differences:
             parts += ["Paired with pretrain on the same split (method − pretrain per seed; "
                       "mean ± sample std [95% t-interval] over seeds):", "",
-                      paired_table(differences, metric), ""]
+                      paired_table(differences, metric), "",
+                      POWER_LINE, "", power_table(power.power_rows(differences), metric), ""]
         parts += ["Per run:", ""]
-    parts += [markdown_table(records, metric), "", legend(metric, _attack_columns(records)), ""]
+    parts += [markdown_table(records, metric), ""]
+    if not has_repeated_seeds(records) and paired(records):
+        parts += [ONE_SEED_POWER_LINE, ""]
+    parts += [legend(metric, _attack_columns(records)), ""]
     if roc_curves(records):
         parts += ["ROC curves of the attacks: [roc.png](roc.png)", ""]
     return "\n".join(parts)

@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 
 from oneshui_jax.files import atomic_set, to_json
+from oneshui_jax.report import power
 from oneshui_jax.report.plots import (
     FIGURE_DPI,
     differences_figure,
@@ -37,13 +38,14 @@ def write_report(workdir: str, records: Sequence[Row], *, config: dict | None = 
     if not records:
         raise ValueError("write_report needs at least one record")
     extra = extra or {}
-    clash = {"config", "results", "paired"} & set(extra)
+    clash = {"config", "results", "paired", "power"} & set(extra)
     if clash:
         raise ValueError(f"extra must not contain {sorted(clash)}")
     metric = _metric_name_of(records)
     payload = {"config": config, "results": list(records), **extra}
     if has_repeated_seeds(records):
         payload["paired"] = paired(records)
+        payload["power"] = power.power_rows(payload["paired"])
     results_json = json.dumps(to_json(payload), indent=1)
     results_md = markdown_report(records)
     methods = method_bars_figure(records, metric)
