@@ -101,7 +101,7 @@ DATASETS = PAPER_DATASETS + ("synthfaces",)
 # SynthFaces: its config's default.
 PAPER_N = {"celeba": (5, 10), "celebahq": (20, 50), "mufac": (5, 10), "synthfaces": (10,)}
 PAPER_SEEDS = (0, 1, 2)
-TRAINING = ("pretrain", "retrain")  # every study's first stages: the model and the oracle
+TRAINING = ("pretrain", "retrain", "retrain_2")  # config_lib.TRAINING (test_sweep checks)
 VARIANTS = ("meta_unlearn_reference",)  # the variant block every config defines
 GRID_FIELDS = ("seed", "stages", "num_identities")  # set by the grid, never by an override
 DEFAULT_ROOT = "workdir/sweep"

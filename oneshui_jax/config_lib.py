@@ -38,7 +38,9 @@ ALL = ONE_SHOT + FULL_DATA_BASELINES
 # What ``method=`` may name besides one method: several methods after one pretrain / retrain.
 METHOD_GROUPS = {"one_shot": ONE_SHOT, "all": ALL}
 METHOD_CHOICES = METHODS + tuple(METHOD_GROUPS)  # every value of a config's ``method=``
-TRAINING = ("pretrain", "retrain")  # the stages every study starts with
+# The stages every study starts with: the model, the oracle and a second oracle (another
+# training seed, the same data), whose ToW against the first is the noise floor of ToW.
+TRAINING = ("pretrain", "retrain", "retrain_2")
 
 _TRUE = ("true", "t", "y", "yes", "1")
 _FALSE = ("false", "f", "n", "no", "0")
@@ -93,8 +95,8 @@ def parse_arg(arg: str | None, allowed: dict[str, Any],
 
 
 def study_stages(method: str) -> tuple[str, ...]:
-    """``config.stages`` for ``method=``: pretrain and retrain, then the method (none for
-    ``pretrain`` / ``retrain``) or every method of a group of :data:`METHOD_GROUPS`."""
+    """``config.stages`` for ``method=``: :data:`TRAINING`, then the method (none for a
+    training stage) or every method of a group of :data:`METHOD_GROUPS`."""
     if method not in METHOD_CHOICES:
         raise ValueError(f"unknown method {method!r}; expected one of "
                          f"{', '.join(METHOD_CHOICES)}")
@@ -272,6 +274,9 @@ def reference_methods(config: ml_collections.ConfigDict) -> ml_collections.Confi
     meta_unlearn_blocks(config, {}, {})  # the variant: here the same values
     notes = []
     for stage in config.stages:
+        if stage == "retrain_2":
+            notes.append("retrain_2: retrain's values (config.train), training seed + 1")
+            continue
         if stage not in hparams.METHODS:
             notes.append(f"{stage}: not in the reference; its Config's defaults")
             continue

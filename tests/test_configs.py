@@ -195,7 +195,7 @@ def real_config_names():
 def test_every_config_loads_for_every_method_and_paper_n():
     synth = load_config_file("synthfaces").get_config()
     assert synth.data.dedup == "none"
-    assert synth.stages == ("pretrain", "retrain") + config_lib.ALL  # the default study: 9 rows
+    assert synth.stages == config_lib.TRAINING + config_lib.ALL  # the default study: 10 rows
     study.validate_config(synth)
     # SCRUB and Bad Teacher: the reference's CelebA values for N (epochs included), float32.
     for name in ("scrub", "bad_teacher"):
@@ -220,7 +220,7 @@ def test_every_config_loads_for_every_method_and_paper_n():
             for n in PAPER_N[name]:
                 config = module.get_config(f"method={method},N={n}")
                 assert config.num_identities == n
-                stages = ("pretrain", "retrain") + (
+                stages = config_lib.TRAINING + (
                     () if method in ("pretrain", "retrain") else (method,))
                 assert config.stages == stages
                 assert len(config.hparams_note) == len(stages)
@@ -238,13 +238,13 @@ def test_every_config_loads_for_every_method_and_paper_n():
                 assert (config.meta_unlearn.epochs, config.meta_unlearn.lr,
                         config.meta_unlearn.meta_lr) == (m["epochs"], m["lr"], m["meta_lr"])
         one_shot = module.get_config("method=one_shot")
-        assert one_shot.stages == ("pretrain", "retrain") + config_lib.ONE_SHOT
+        assert one_shot.stages == config_lib.TRAINING + config_lib.ONE_SHOT
         assert len(one_shot.hparams_note) == len(one_shot.stages)
         assert set(config_lib.ONE_SHOT) <= set(one_shot)
         assert not set(config_lib.FULL_DATA_BASELINES) & set(one_shot.stages)  # not servable
         assert all(registry.METHODS[m].ACCESS in api.SERVABLE for m in config_lib.ONE_SHOT)
         every = module.get_config("method=all")  # the paper's table: all nine rows
-        assert every.stages == ("pretrain", "retrain") + config_lib.ONE_SHOT + (
+        assert every.stages == config_lib.TRAINING + config_lib.ONE_SHOT + (
             "scrub", "bad_teacher")
         assert len(every.hparams_note) == len(every.stages)
         study.validate_config(every)
@@ -309,9 +309,9 @@ def test_cpu_profile_changes_only_what_it_says():
     mufac = load_config_file("mufac")
     paper = flat(mufac.get_config("N=5,method=all"))
     cpu_config = mufac.get_config("N=5,profile=cpu")  # every row of the table by default
-    assert cpu_config.stages == ("pretrain", "retrain") + config_lib.ALL
-    assert mufac.get_config("N=5,profile=cpu,method=ssd").stages == ("pretrain", "retrain", "ssd")
-    assert mufac.get_config("N=5").stages == ("pretrain", "retrain", "meta_unlearn")
+    assert cpu_config.stages == config_lib.TRAINING + config_lib.ALL
+    assert mufac.get_config("N=5,profile=cpu,method=ssd").stages == (*config_lib.TRAINING, "ssd")
+    assert mufac.get_config("N=5").stages == (*config_lib.TRAINING, "meta_unlearn")
     cpu = flat(cpu_config)
     assert set(paper) == set(cpu)
     changed = {k for k in paper if paper[k] != cpu[k]}

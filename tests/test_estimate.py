@@ -57,6 +57,7 @@ def test_each_stage_counts_the_images_it_passes(rates):
     assert list(images) == list(config.stages)  # no attacks without RMIA
     assert images["pretrain"] == pytest.approx(e * (7840 + 2620 / 3) + evaluation)
     assert images["retrain"] == pytest.approx(e * (retain + 2620 / 3) + evaluation)
+    assert images["retrain_2"] == images["retrain"]  # the same data, another seed
     s = config.scrub
     assert images["scrub"] == pytest.approx(
         4 / 3 * (s.epochs * retain + s.forgetting_epochs * forget) + evaluation)
@@ -79,7 +80,7 @@ def test_rmia_adds_every_method_again_and_the_signal_passes(rates):
     plain, attacked = _config("celebahq", 20), _config("celebahq", 20, "--config.mia.rmia=True")
     sizes = estimate.SIZES["celebahq"]
     without, with_rmia = (estimate.stage_images(c, sizes) for c in (plain, attacked))
-    methods = [s for s in plain.stages if s not in ("pretrain", "retrain")]
+    methods = [s for s in plain.stages if s not in ("pretrain", "retrain", "retrain_2")]
     passes = (2 + 2 * len(methods)) * attacked.mia.passes * (18000 + 6004) / 3
     assert with_rmia["attacks"] == pytest.approx(sum(without[m] for m in methods) + passes)
     assert estimate.meta_steps(attacked, sizes) == 2 * estimate.meta_steps(plain, sizes)

@@ -779,3 +779,40 @@ def test_a_method_has_one_colour_in_every_plot_and_panel():
                 seen.setdefault(labels[int(y[0])], set()).add(to_hex(line.get_color()))
     assert set(seen) >= {"pretrain", "ssd", "mine"}
     assert {m: colours for m, colours in seen.items()} == {m: {expected[m]} for m in seen}
+
+
+def test_the_noise_floor_of_tow_is_the_second_oracles():
+    """One seed: a line names retrain_2's ToW and the methods at or above it. Several seeds: the
+    paired table gains ToW − retrain_2's per method and whether its interval reaches 0, and a
+    line says where pretrain stands."""
+    from oneshui_jax.report import tables
+
+    one = [make_record("pretrain", tow=90.0), make_record("retrain", tow=100.0),
+           make_record("retrain_2", tow=96.0), make_record("ssd", tow=96.0),
+           make_record("meta_unlearn", tow=95.9)]
+    line = tables.floor_line(one)
+    assert line.startswith("ToW noise floor: a second retrained model (retrain_2")
+    assert "scores ToW 96.00 against retrain" in line and "pretrain: below it." in line
+    assert line.endswith("At or above: ssd; below: meta_unlearn.")
+    assert line in report.markdown_report(one)
+    assert tables.floor_line(one[:2] + one[3:]) is None  # no retrain_2
+    records = []
+    for seed in range(3):
+        records += [make_record("pretrain", seed, tow=90.0),
+                    make_record("retrain", seed, tow=100.0),
+                    make_record("retrain_2", seed, tow=96.0 + seed),
+                    make_record("ssd", seed, tow=97.0 - 2 * seed),
+                    make_record("meta_unlearn", seed, tow=91.0 + seed * 0.1)]
+    floor = report.stats.oracle_floor(records)
+    ssd = floor[(None, "ssd", 10)]
+    assert ssd["values"] == pytest.approx([1.0, -2.0, -5.0])
+    assert ssd["floor"] == pytest.approx(97.0)
+    assert ssd["reaches"] and ssd["interval"][1] > 0 > ssd["mean"]
+    assert not floor[(None, "meta_unlearn", 10)]["reaches"]
+    text = report.markdown_report(records)
+    header, *rows = table_rows(text[text.index("| method | access | seeds"):].split("\n\n")[0])
+    assert header[-2:] == ["ToW − retrain_2's", "within the oracles' spread"]
+    verdict = {r[0]: r[-1] for r in rows}
+    assert verdict == {"retrain": "yes", "retrain_2": "", "ssd": "yes", "meta_unlearn": "no"}
+    assert "pretrain, N=10: ToW − retrain_2's -7.00 ± 1.00" in text
+    assert "outside the oracles' spread" in text

@@ -59,8 +59,9 @@ def test_default_grid_is_the_papers(capsys, tmp_path):
     for dataset, n in PAPER_GRID:
         seeds = sorted(c.seed for c in configs if (c.dataset, c.num_identities) == (dataset, n))
         assert seeds == [0, 1, 2]
-    for c in configs:  # every row of the paper's table, after pretrain and retrain
-        assert c.stages == ("pretrain", "retrain", *config_lib.ALL)
+    assert sweep.TRAINING == config_lib.TRAINING == ("pretrain", "retrain", "retrain_2")
+    for c in configs:  # every row of the paper's table, after pretrain and the two oracles
+        assert c.stages == (*config_lib.TRAINING, *config_lib.ALL)
         assert c.workdir == str(tmp_path / "sweep" / f"{c.dataset}_N{c.num_identities}_seed"
                                                      f"{c.seed}")
     assert not (tmp_path / "sweep").exists()  # a dry run writes nothing
@@ -77,14 +78,14 @@ def test_filters_and_overrides_reach_every_command(capsys, tmp_path):
         ("mufac", 5, 1), ("mufac", 5, 3), ("synthfaces", 5, 1), ("synthfaces", 5, 3)]
     for c in configs:
         # the named methods first, then the group's others, each once
-        assert c.stages == ("pretrain", "retrain", "ssd", "lipschitz", "meta_unlearn",
+        assert c.stages == (*config_lib.TRAINING, "ssd", "lipschitz", "meta_unlearn",
                             "support_ascent", "pgu")
         assert (c.train.epochs, c.data.num_threads, c.train.lr) == (2, 1, 0.5)
         assert c.workdir.startswith(f"{tmp_path}/root/{c.dataset}_N5_seed")  # the sweep root
     assert configs[0].model.name == "vit_small_demo"  # profile=cpu reached MUFAC only
     assert configs[2].data.synthfaces_config == "medium"
     only_training = dry_run(capsys, "--datasets=celeba", "--seeds=0", "--methods=none")
-    assert [config_of(c).stages for c in only_training] == [("pretrain", "retrain")] * 2
+    assert [config_of(c).stages for c in only_training] == [config_lib.TRAINING] * 2
 
 
 def test_slurm_mode_writes_an_array_of_every_unfinished_command(capsys, tmp_path):
@@ -223,7 +224,7 @@ def test_two_seed_sweep_runs_skips_when_finished_and_collects_one_table(
     out = capfd.readouterr().out
     assert "sweep: ran 2, skipped 0 finished" in out
     run_dirs = sorted(str(p.parent) for p in ckpt.rglob(checkpoints.METADATA_FILE))
-    assert len(run_dirs) == 4  # pretrain and retrain of each seed
+    assert len(run_dirs) == 6  # pretrain, retrain and retrain_2 of each seed
     stamps = {p: os.stat(os.path.join(p, checkpoints.METADATA_FILE)).st_mtime_ns
               for p in run_dirs}
     results = [root / f"synthfaces_N5_seed{s}" / "results.json" for s in (0, 1)]
@@ -249,9 +250,11 @@ def test_two_seed_sweep_runs_skips_when_finished_and_collects_one_table(
     table = json.loads((root / sweep.RESULTS_JSON).read_text())
     records = table["datasets"]["synthfaces"]["results"]
     assert sorted((r["method"], r["seed"]) for r in records) == [
-        ("pretrain", 0), ("pretrain", 1), ("retrain", 0), ("retrain", 1)]
-    [paired] = table["datasets"]["synthfaces"]["paired"]
-    assert (paired["method"], paired["seeds"]) == ("retrain", [0, 1])
+        ("pretrain", 0), ("pretrain", 1), ("retrain", 0), ("retrain", 1), ("retrain_2", 0),
+        ("retrain_2", 1)]
+    paired = table["datasets"]["synthfaces"]["paired"]
+    assert [(p["method"], p["seeds"]) for p in paired] == [("retrain", [0, 1]),
+                                                          ("retrain_2", [0, 1])]
     assert table["missing"] == []
 
     # Skipping asks the stages' fingerprints, not whether files exist: a finished run whose

@@ -36,8 +36,9 @@ from oneshui_jax.report.tables import _cell, _metric_name_of, subject
 
 SPLIT_COLORS = {"retain": "tab:blue", "forget": "tab:red", "test": "tab:green"}
 PAPER_ROWS = ("pretrain", "retrain", "meta_unlearn", "support_ascent", "ssd", "lipschitz", "pgu",
-              "scrub", "bad_teacher")
-"""The rows of the paper's table, each with a fixed colour in every plot (``method_colors``)."""
+              "scrub", "bad_teacher", "retrain_2")
+"""The rows of the paper's table and the second oracle, each with a fixed colour in every plot
+(``method_colors``)."""
 _MORE_COLORS = ("tab:cyan", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd",
                 "#e6550d", "#31a354", "#756bb1")
 FIGURE_DPI = 120

@@ -19,12 +19,14 @@ from oneshui_jax.metrics import TABLE_SPLITS
 from oneshui_jax.report import power
 from oneshui_jax.report.stats import (
     ATTACK_STATS,
+    SECOND_ORACLE,
     STATS,
     Row,
     _group_text,
     _varies,
     aggregate,
     has_repeated_seeds,
+    oracle_floor,
     paired,
     record_stats,
     roc_curves,
@@ -70,14 +72,18 @@ def _paired_cell(entry: Row) -> str:
     return text
 
 
-def paired_table(rows: Sequence[Row], metric_name: str) -> str:
+def paired_table(rows: Sequence[Row], metric_name: str,
+                 floor: dict[Any, Row] | None = None) -> str:
     """The paired differences as markdown: ToW per seed, then mean ± std [95% interval] of the
-    differences of ToW and of the forget / retain / test metric."""
+    differences of ToW and of the forget / retain / test metric; with ``floor``
+    (``stats.oracle_floor``), the difference of ToW to the second oracle's and whether it
+    reaches it."""
     several_n, grouped = _varies(rows, "num_identities"), _varies(rows, "group")
     head = ["method"] + (["config"] if grouped else []) + ["access"] + (
         ["N"] if several_n else []) + [
         "seeds", "ToW per seed", "ToW", f"forget {metric_name}", f"retain {metric_name}",
-        f"test {metric_name}"]
+        f"test {metric_name}"] + (["ToW − retrain_2's", "within the oracles' spread"]
+                                  if floor else [])
     lines = ["| " + " | ".join(head) + " |",
              "|" + "|".join("---" if i < 3 + several_n + grouped else "---:"
                             for i in range(len(head))) + "|"]
@@ -89,6 +95,10 @@ def paired_table(rows: Sequence[Row], metric_name: str) -> str:
         cells += [", ".join(str(s) for s in row["seeds"]), per_seed, _paired_cell(row["tow"]),
                   _paired_cell(row["forget_metric"]), _paired_cell(row["retain_metric"]),
                   _paired_cell(row["test_metric"])]
+        if floor:
+            entry = floor.get((row.get("group"), row["method"], row.get("num_identities")))
+            cells += ["", ""] if entry is None else [
+                _paired_cell(entry), "yes" if entry["reaches"] else "no"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -292,16 +302,52 @@ def markdown_report(records: Sequence[Row]) -> str:
         if differences:
             parts += ["Paired with pretrain on the same split (method − pretrain per seed; "
                       "mean ± sample std [95% t-interval] over seeds):", "",
-                      paired_table(differences, metric), "",
+                      paired_table(differences, metric, oracle_floor(records)), "",
+                      *_pretrain_floor(records),
                       POWER_LINE, "", power_table(power.power_rows(differences), metric), ""]
         parts += ["Per run:", ""]
     parts += [markdown_table(records, metric), ""]
-    if not has_repeated_seeds(records) and paired(records):
-        parts += [ONE_SEED_POWER_LINE, ""]
+    if not has_repeated_seeds(records):
+        floor = floor_line(records)
+        parts += [floor, ""] if floor else []
+        parts += [ONE_SEED_POWER_LINE, ""] if paired(records) else []
     parts += [legend(metric, _attack_columns(records)), ""]
     if roc_curves(records):
         parts += ["ROC curves of the attacks: [roc.png](roc.png)", ""]
     return "\n".join(parts)
+
+
+def _pretrain_floor(records: Sequence[Row]) -> list[str]:
+    """Under the paired table: pretrain's ToW against the second oracle's (is the study able to
+    tell an untouched model from an oracle at all?)."""
+    lines = []
+    for (group, method, n), entry in oracle_floor(records).items():
+        if method == "pretrain":
+            where = "within" if entry["reaches"] else "outside"
+            lines += [f"pretrain{f' ({group})' if group else ''}, N={n}: ToW − {SECOND_ORACLE}'s "
+                      f"{_paired_cell(entry)}, {where} the oracles' spread.", ""]
+    return lines
+
+
+def floor_line(records: Sequence[Row]) -> str | None:
+    """One study's noise floor of ToW in words: retrain_2's ToW against retrain, and which
+    methods reach it (``stats.oracle_floor``, one seed); None without retrain_2 or with several
+    seeds (the paired table says it per method then)."""
+    floor = oracle_floor(records)
+    if not floor or has_repeated_seeds(records):
+        return None
+    value = next(iter(floor.values()))["floor"]
+    methods = {key: e for key, e in floor.items() if key[1] not in ("pretrain", "retrain")}
+    reach = [key[1] for key, e in methods.items() if e["reaches"]]
+    below = [key[1] for key, e in methods.items() if not e["reaches"]]
+    pretrain = floor.get(next((k for k in floor if k[1] == "pretrain"), None))
+    text = (f"ToW noise floor: a second retrained model ({SECOND_ORACLE}: the same data, "
+            f"training seed + 1) scores ToW {value:.2f} against retrain; a method at or above "
+            "it is as close to the oracle as another oracle is.")
+    if pretrain is not None:
+        text += f" pretrain: {'at or above' if pretrain['reaches'] else 'below'} it."
+    text += f" At or above: {', '.join(reach) or 'none'}; below: {', '.join(below) or 'none'}."
+    return text
 
 
 def summary(records: Sequence[Row], dataset: str, platform: str, workdir: str) -> str:
@@ -315,5 +361,8 @@ def summary(records: Sequence[Row], dataset: str, platform: str, workdir: str) -
         lines.append(f"forget {metric}: pretrain {forget['pretrain']:.2f} "
                      f"vs retrain {forget['retrain']:.2f} "
                      f"(memorisation gap {forget['pretrain'] - forget['retrain']:+.2f})")
+    floor = floor_line(records)
+    if floor:
+        lines.append(floor)
     lines.append(f"results: {os.path.join(workdir, 'results.md')}")
     return "\n".join(lines)

@@ -32,7 +32,7 @@ from oneshui_jax import interrupts, metrics, report, sharding
 from oneshui_jax.study import privacy
 from oneshui_jax.study.context import Context, Status, evaluate_splits, initial_params, prepare
 from oneshui_jax.study.stages import method_stage, run_stage, train_stage
-from oneshui_jax.study.validate import TRAINING_STAGES, validate_config
+from oneshui_jax.study.validate import SECOND_ORACLE, TRAINING_STAGES, validate_config
 
 __all__ = ["TRAINING_STAGES", "Context", "Status", "add_tow", "attack_models", "evaluate_splits",
            "initial_params", "method_stage", "prepare", "run", "run_stage", "train_stage",
@@ -100,7 +100,7 @@ def attack_models(ctx: Context, records: list[dict], trained: dict) -> None:
     retrain_dir = ctx.run_dir("retrain")
     for record in records:
         name = record["method"]
-        if name == "retrain":
+        if name in ("retrain", SECOND_ORACLE):  # oracles: never trained on the forget set
             continue
         logging.info("mia: RMIA for %s (%d passes)", name, evaluation.passes.count)
         if name == "pretrain":

@@ -129,6 +129,7 @@ def stage_images(config, sizes: SplitSizes) -> dict[str, float]:
     cost = {
         "pretrain": epochs * (sizes.train + sizes.val * FORWARD_SHARE),
         "retrain": epochs * (retain + sizes.val * FORWARD_SHARE),
+        "retrain_2": epochs * (retain + sizes.val * FORWARD_SHARE),
         "meta_unlearn": 0.0,
         "support_ascent": 0.0,
         "lipschitz": 0.0,
@@ -146,7 +147,7 @@ def stage_images(config, sizes: SplitSizes) -> dict[str, float]:
         cost["pgu"] = sizes.train * FORWARD_SHARE * (1 + share)
     stages = {s: cost[s] + evaluation for s in config.stages}
     if config.mia.get("rmia"):
-        methods = [s for s in config.stages if s not in ("pretrain", "retrain")]
+        methods = [s for s in config.stages if s not in ("pretrain", "retrain", "retrain_2")]
         per_pass = sizes.train + sizes.val
         if config.mia.subsample in ("per_pass", "once"):
             per_pass = min(sizes.train, config.mia.subsample_z) + min(

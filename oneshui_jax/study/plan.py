@@ -47,7 +47,7 @@ from oneshui_jax import checkpoints, files
 from oneshui_jax.errors import CheckpointError
 from oneshui_jax.study import privacy, reuse
 from oneshui_jax.study.context import Context
-from oneshui_jax.study.validate import TRAINING_STAGES
+from oneshui_jax.study.validate import SECOND_ORACLE, TRAINING_STAGES
 
 REFUSED = "refused"  # a run with other settings is in the way; the study would stop
 RESULTS_FILE = "results.json"
@@ -77,9 +77,10 @@ def run_dirs(config) -> list[tuple[str, str, bool]]:
     stages = list(config.stages)
     if any(s not in TRAINING_STAGES for s in stages) and "pretrain" not in stages:
         stages.insert(0, "pretrain")  # study.run trains it for the methods
-    out = [(s, ctx.run_dir(s), False) for s in stages]
+    ref = privacy.reference_context(ctx)
+    out = [(s, ref.run_dir("retrain") if s == SECOND_ORACLE else ctx.run_dir(s), False)
+           for s in stages]
     if privacy.wants_rmia(config):
-        ref = privacy.reference_context(ctx)
         out += [(s, ref.run_dir(s), True) for s in stages if s not in TRAINING_STAGES]
     return out
 
@@ -127,15 +128,19 @@ def stage_plans(config) -> list[StagePlan]:
     from oneshui_jax.unlearn import api, registry
 
     ctx = context.prepare(config)
-    ref_ctx = privacy.reference_context(ctx) if privacy.wants_rmia(config) else None
-    init_hash: str | None = None
+    ref_ctx = privacy.reference_context(ctx)
+    init_hashes: dict[str, str] = {}
     plans = []
     for stage, rdir, ref in run_dirs(config):
         if stage in TRAINING_STAGES:
-            if init_hash is None:
-                init_hash = checkpoints.params_hash(context.initial_params(ctx))
-            plans.append(_decide(ctx, stage, rdir, "train", config.train.to_dict(), init_hash,
-                                 True, ref))
+            # retrain_2 is the reference context's retrain (stages.train_stage)
+            stage_ctx, name = (ref_ctx, "retrain") if stage == SECOND_ORACLE else (ctx, stage)
+            key = "ref" if stage == SECOND_ORACLE else "own"
+            if key not in init_hashes:
+                init_hashes[key] = checkpoints.params_hash(context.initial_params(stage_ctx))
+            plan = _decide(stage_ctx, name, rdir, "train", config.train.to_dict(),
+                           init_hashes[key], True, ref)
+            plans.append(dataclasses.replace(plan, stage=stage))
             continue
         parent_dir = ctx.run_dir("retrain" if ref else "pretrain")
         if not checkpoints.is_finished(parent_dir):

@@ -36,12 +36,13 @@ from oneshui_jax import checkpoints, locks, metric_writer, sharding
 from oneshui_jax import train as train_lib
 from oneshui_jax.data import pipeline
 from oneshui_jax.errors import CheckpointError
-from oneshui_jax.study import access, reuse
-from oneshui_jax.study.context import Context, evaluate_splits, wants_loss_attack
-from oneshui_jax.study.validate import TRAINING_STAGES
+from oneshui_jax.study import access, privacy, reuse
+from oneshui_jax.study.context import Context, evaluate_splits, initial_params, wants_loss_attack
+from oneshui_jax.study.validate import SECOND_ORACLE, TRAINING_STAGES
 from oneshui_jax.unlearn import api, registry
 
-TRAINING_ACCESS = {"pretrain": "none", "retrain": "oracle"}  # the access column of these rows
+TRAINING_ACCESS = {"pretrain": "none", "retrain": "oracle",
+                   SECOND_ORACLE: "oracle"}  # the access column of these rows
 
 
 @dataclasses.dataclass
@@ -136,7 +137,18 @@ def run_stage(ctx: Context, stage: str, *, settings_name: str, settings: dict[st
 
 
 def train_stage(ctx: Context, stage: str, init_params) -> tuple[dict, Any]:
-    """Pretrain or retrain (SPEC.md 4) from ``init_params``: ``(record, params)``."""
+    """Pretrain or retrain (SPEC.md 4) from ``init_params``: ``(record, params)``.
+
+    ``retrain_2`` (``SECOND_ORACLE``) is retrain in the reference context
+    (``privacy.reference_context``: the same split and data, ``seed + 1`` for the initial head,
+    the data order and the augmentation), from that context's own initial parameters; it lives
+    in that context's retrain run folder, which RMIA's reference models share."""
+    if stage == SECOND_ORACLE:
+        other = privacy.reference_context(ctx)
+        record, params = train_stage(other, "retrain", initial_params(other))
+        # the study's seed (the split it is paired on) and the seed its training drew from
+        return {**record, "method": SECOND_ORACLE, "access": TRAINING_ACCESS[stage],
+                "seed": ctx.config.seed, "training_seed": other.config.seed}, params
     config, ds = ctx.config, ctx.dataset
     tcfg = ctx.train_config
     train_idx = ctx.images[TRAINING_STAGES[stage]]

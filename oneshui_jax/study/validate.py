@@ -27,7 +27,11 @@ from oneshui_jax.errors import ConfigError
 from oneshui_jax.models import vit
 from oneshui_jax.unlearn import api, registry
 
-TRAINING_STAGES = {"pretrain": "train", "retrain": "retain"}  # stage -> identities it fits
+# A second retrained model: the same split and data as retrain, every other draw from seed + 1
+# (study/privacy.reference_context); its ToW against retrain is the noise floor of ToW.
+SECOND_ORACLE = "retrain_2"
+TRAINING_STAGES = {"pretrain": "train", "retrain": "retain",
+                   SECOND_ORACLE: "retain"}  # stage -> identities it fits
 RMIA_VARIANTS = ("reference", "canonical")  # config.mia.rmia_variant (study/privacy.py)
 SUBSAMPLE_MODES = ("none", "per_pass", "once")  # config.mia.subsample (study/privacy.py)
 
@@ -156,6 +160,10 @@ def validate_config(config) -> Settings:
     if mia.get("rmia_variant", "reference") not in RMIA_VARIANTS:
         raise ConfigError(f"config.mia.rmia_variant is {mia.get('rmia_variant')!r}; expected "
                           f"one of {RMIA_VARIANTS}")
+    if SECOND_ORACLE in config.stages and "retrain" not in config.stages:
+        raise ConfigError(f"config.stages has {SECOND_ORACLE!r}, the second retrained model "
+                          "whose ToW against the first is the noise floor of ToW, but not "
+                          "'retrain': add it before")
     if mia.get("rmia", False) and "retrain" not in config.stages:
         raise ConfigError("config.mia.rmia needs the retrained model (the reference model of "
                           "pretrain and the start of every other reference model): add "
