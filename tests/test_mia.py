@@ -326,3 +326,52 @@ def test_roc_figure_panels_lines_log_axis_and_auc_legend():
     assert any("meta_unlearn" in t and "0.550" in t for t in legend)
     assert any("0.610" in t for t in (t.get_text() for t in axes[1].get_legend().get_texts()))
     fig.savefig(io.BytesIO(), format="png")  # draws without pyplot
+
+
+def test_the_fixed_point_is_read_off_the_grid_and_chosen_by_no_label():
+    """``rmia.at_point``: the grid entry of (γ, a) with its TPR at 1% FPR by ``np.interp``;
+    ``privacy.fixed_point`` takes the config's point whatever the TPRs (the labels) say, while
+    the reference's ``best`` follows them; a point off the grid and a malformed setting are one
+    error each."""
+    import ml_collections
+
+    from oneshui_jax.errors import ConfigError
+    from oneshui_jax.study import privacy, validate
+
+    rng = np.random.default_rng(0)
+    grid = []
+    for gamma in rmia.GAMMAS:
+        for a in rmia.AS:
+            fpr = np.sort(np.r_[0.0, rng.random(5), 1.0])
+            tpr = np.maximum.accumulate(np.clip(fpr + rng.random(7) * 0.3, 0, 1))
+            grid.append({"gamma": gamma, "a": a, "auc": rng.random(), rmia.TPR_KEY: rng.random(),
+                         "fpr": fpr, "tpr": tpr})
+    entry = rmia.at_point(grid, 2, 0.5)
+    assert (entry["gamma"], entry["a"]) == (2, 0.5)
+    assert entry["tpr_at_1pct"] == pytest.approx(np.interp(0.01, entry["fpr"], entry["tpr"]))
+    with pytest.raises(ValueError, match=r"\(gamma, a\) = \(3, 0.5\) is not a point"):
+        rmia.at_point(grid, 3, 0.5)
+    config = ml_collections.ConfigDict({"mia": {"rmia_point": (2, 0.5)}})
+    fixed = privacy.fixed_point(config, grid)["rmia_fixed"]
+    # Other labels: another point has the best TPR, so the reference's selection moves to it;
+    # the fixed point does not.
+    relabelled = [dict(g, **{rmia.TPR_KEY: 1.0 if (g["gamma"], g["a"]) == (8, 0.2) else 0.1})
+                  for g in grid]
+    assert (rmia.best(relabelled)["gamma"], rmia.best(relabelled)["a"]) == (8, 0.2)
+    assert privacy.fixed_point(config, relabelled)["rmia_fixed"] == fixed
+    assert fixed["auc"] == pytest.approx(100 * entry["auc"])
+    assert privacy.fixed_point(ml_collections.ConfigDict({"mia": {"rmia_point": ()}}), grid) == {}
+    study_config = small_config_for_validation()
+    study_config.mia.rmia_point = (3, 0.5)
+    with pytest.raises(ConfigError, match=r"config.mia.rmia_point is \(3, 0.5\); expected"):
+        validate.validate_config(study_config)
+
+
+def small_config_for_validation():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+    import synthfaces
+
+    return synthfaces.get_config("runlocal=True")

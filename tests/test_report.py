@@ -73,16 +73,19 @@ def test_markdown_table_attack_columns_only_when_present(records):
     assert pretrain[6] == "55.00" and retrain[6] == ""
     records[0]["mia"] = {"loss_rf": {"auc": 56.0, "acc": 41.0},
                          "rmia": {"auc": 61.5, "tpr_at_1e-4": 2.5},
+                         "rmia_fixed": {"auc": 58.25, "tpr_at_1pct": 3.0},
                          "per_person": {"mean": {"auc": 70.0}, "max": {"auc": 75.0}}}
     records[1]["mia"] = {"rmia": {"auc": 50.5, "tpr_at_1e-4": 0.0}}
     header, pretrain, retrain = table_rows(report.markdown_table(records, "mAP"))
-    assert header[6:] == ["loss-MIA AUC", "RMIA AUC", "RMIA TPR@0.01%FPR", "person AUC",
-                          "seconds"]
-    assert pretrain[6:10] == ["56.00", "61.50", "2.50", "70.00"]
-    assert retrain[6:10] == ["", "50.50", "0.00", ""]
+    assert header[6:] == ["loss-MIA AUC", "RMIA AUC, ref. selection",
+                          "RMIA TPR@0.01%FPR, ref. selection", "RMIA AUC, fixed point",
+                          "RMIA TPR@1%FPR, fixed point", "person AUC", "seconds"]
+    assert pretrain[6:12] == ["56.00", "61.50", "2.50", "58.25", "3.00", "70.00"]
+    assert retrain[6:12] == ["", "50.50", "0.00", "", "", ""]
     assert report.record_stats(records[0])["loss_mia_acc"] == 41.0
-    legend = report.legend("mAP", ["rmia_auc"])
-    assert "RMIA AUC" in legend and "loss-MIA" not in legend
+    legend = report.legend("mAP", ["rmia_auc", "rmia_fixed_auc"])
+    assert "RMIA AUC, ref. selection" in legend and "loss-MIA" not in legend
+    assert "`config.mia.rmia_point`, fixed before the study" in legend
 
 
 def test_summary_printed_when_a_study_ends():

@@ -202,6 +202,18 @@ def best(grid: list[dict]) -> dict | None:
     return chosen
 
 
+def at_point(grid: list[dict], gamma: float, a: float) -> dict:
+    """The grid entry of (``gamma``, ``a``) with its AUC and its TPR at 1% FPR (fractions):
+    the attack at a point fixed before any study, which no label chose (the robust column of
+    the report, beside ``best``'s oracle-tuned one). ValueError naming the grid when the point
+    is not on it."""
+    for entry in grid:
+        if (entry["gamma"], entry["a"]) == (gamma, a):
+            return {**entry, "tpr_at_1pct": float(np.interp(0.01, entry["fpr"], entry["tpr"]))}
+    points = sorted({(e["gamma"], e["a"]) for e in grid})
+    raise ValueError(f"(gamma, a) = ({gamma}, {a}) is not a point of the RMIA grid {points}")
+
+
 def draw_indices(n_z_total: int, n_val_total: int, *, n_z: int, n_val: int, passes: int,
                  rng: np.random.Generator, per_pass: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """The positions ``subsample`` keeps: ``([passes, n_z], [passes, n_val])`` into z and val,

@@ -22,19 +22,24 @@ from oneshui_jax.metrics import EVAL_SPLITS
 
 # The privacy evaluation's numbers in a record (all in %): stat name -> (path under
 # ``record["mia"]``, column header or None for CSV / JSON only). ``loss_rf``: the reference's
-# random-forest loss attack (SPEC.md 5.4); ``rmia``: RMIA with one reference model (5.5), its
-# selected (γ, a); ``per_person``: the attack on people (each person's mean score).
+# random-forest loss attack (SPEC.md 5.4); ``rmia``: RMIA with one reference model (5.5), at the
+# (γ, a) the reference selects on the forget images themselves (Q5); ``rmia_fixed``: the same
+# attack at ``config.mia.rmia_point``, fixed before the study; ``per_person``: the attack on
+# people (each person's mean score).
 ATTACK_STATS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "loss_mia_auc": (("loss_rf", "auc"), "loss-MIA AUC"),
     "loss_mia_acc": (("loss_rf", "acc"), None),
-    "rmia_auc": (("rmia", "auc"), "RMIA AUC"),
-    "rmia_tpr": (("rmia", "tpr_at_1e-4"), "RMIA TPR@0.01%FPR"),
-    "rmia_tpr_1pct": (("rmia", "tpr_at_1pct"), "RMIA TPR@1%FPR"),
+    "rmia_auc": (("rmia", "auc"), "RMIA AUC, ref. selection"),
+    "rmia_tpr": (("rmia", "tpr_at_1e-4"), "RMIA TPR@0.01%FPR, ref. selection"),
+    "rmia_tpr_1pct": (("rmia", "tpr_at_1pct"), "RMIA TPR@1%FPR, ref. selection"),
+    "rmia_fixed_auc": (("rmia_fixed", "auc"), "RMIA AUC, fixed point"),
+    "rmia_fixed_tpr_1pct": (("rmia_fixed", "tpr_at_1pct"), "RMIA TPR@1%FPR, fixed point"),
     "person_auc": (("per_person", "mean", "auc"), "person AUC"),
 }
 # Each attack's ROC curve, when recorded: ``record["mia"][attack]["roc"] = {"fpr": [...],
 # "tpr": [...]}`` (per_person: under its "mean" aggregation).
-ROC_PATHS = {"loss_rf": ("loss_rf",), "rmia": ("rmia",), "per_person": ("per_person", "mean")}
+ROC_PATHS = {"loss_rf": ("loss_rf",), "rmia": ("rmia",), "rmia_fixed": ("rmia_fixed",),
+             "per_person": ("per_person", "mean")}
 STATS = tuple(f"{s}_{k}" for s in EVAL_SPLITS for k in ("metric", "loss")) + (
     "tow", *ATTACK_STATS, "seconds")
 

@@ -274,14 +274,19 @@ def legend(metric: str, attacks: Sequence[str] = ()) -> str:
         "loss_mia_auc": "- **loss-MIA AUC** (%): the reference's loss attack (a random forest on "
                         "per-sample losses, trained on retain vs val, tested on forget vs test "
                         "images); 50 means it cannot tell the forget images from unseen ones.",
-        "rmia_auc": "- **RMIA AUC** (%): RMIA with one reference model (the method applied to "
-                    "the retrained model), forget vs val images, at the (γ, a) the reference "
-                    "selects.",
-        "rmia_tpr": "- **RMIA TPR@0.01%FPR** (%): its true-positive rate at 0.01% false "
-                    "positives, the paper's number; with fewer than 10,000 val images it is read "
-                    "off the ROC's first segment by linear interpolation (`np.interp`), below "
-                    "what the data can resolve.",
-        "rmia_tpr_1pct": "- **RMIA TPR@1%FPR** (%): the same curve at 1% false positives.",
+        "rmia_auc": "- **RMIA AUC, ref. selection** (%): RMIA with one reference model (the "
+                    "method applied to the retrained model), forget vs val images, at the (γ, a) "
+                    "the reference selects by the TPR on these very images (parity: it compares "
+                    "selections as much as models).",
+        "rmia_tpr": "- **RMIA TPR@0.01%FPR, ref. selection** (%): its true-positive rate at "
+                    "0.01% false positives, the paper's number; with fewer than 10,000 val "
+                    "images it is read off the ROC's first segment by linear interpolation "
+                    "(`np.interp`), below what the data can resolve.",
+        "rmia_tpr_1pct": "- **RMIA TPR@1%FPR, ref. selection** (%): the same curve at 1% false "
+                         "positives.",
+        "rmia_fixed_auc": "- **RMIA AUC / TPR@1%FPR, fixed point** (%): the same attack at the "
+                          "(γ, a) of `config.mia.rmia_point`, fixed before the study, so no "
+                          "label chose it and every model is scored at the same point.",
         "person_auc": "- **person AUC** (%): the attack on people (each person's mean score): "
                       "forget identities vs unseen validation identities.",
     }

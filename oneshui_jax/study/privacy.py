@@ -211,6 +211,7 @@ def attack(ctx: Context, target: dict[str, np.ndarray], reference: dict[str, np.
     score = rmia.score_grid_canonical if variant == "canonical" else rmia.score_grid
     grid = score(target["z"], reference["z"], target["forget"], reference["forget"],
                  target["val"], reference["val"])
+    fixed = fixed_point(ctx.config, grid)
     best = rmia.best(grid)
     entry = {"variant": variant, "selected": best is not None,
              "members": int(rows["forget"].shape[1]), "nonmembers": int(rows["val"].shape[1]),
@@ -222,7 +223,7 @@ def attack(ctx: Context, target: dict[str, np.ndarray], reference: dict[str, np.
         # left empty (the grid above still holds each point's AUC).
         entry.update({"auc": 0.0, "tpr_at_1e-4": 0.0, "tpr_at_1pct": None, "gamma": None,
                       "a": None, "roc": None})
-        return {"rmia": entry, "per_person": {
+        return {"rmia": entry, **fixed, "per_person": {
             "skipped": "no (gamma, a) of the grid has a TPR above 0 at 1e-4 FPR, so the "
                        "reference selects none (it reports AUC 0 and TPR 0): no scores"}}
     entry.update({"auc": 100.0 * best["auc"], "tpr_at_1e-4": 100.0 * best[rmia.TPR_KEY],
@@ -232,7 +233,7 @@ def attack(ctx: Context, target: dict[str, np.ndarray], reference: dict[str, np.
                   "roc": roc.compact(best["fpr"], best["tpr"])})
     aligned = all((v == v[0]).all() for v in (rows["forget"], rows["val"]))
     if not aligned:
-        return {"rmia": entry, "per_person": {
+        return {"rmia": entry, **fixed, "per_person": {
             "skipped": "config.mia.subsample='per_pass' gives each pass other val images, so a "
                        "score belongs to no one person; use 'once' for the attack on people"}}
     ids = ctx.dataset.annotations.identities
@@ -247,7 +248,22 @@ def attack(ctx: Context, target: dict[str, np.ndarray], reference: dict[str, np.
                         "roc": {"fpr": list(map(float, p["fpr"])),
                                 "tpr": list(map(float, p["tpr"]))}}
     persons["members"], persons["nonmembers"] = people["n_members"], people["n_nonmembers"]
-    return {"rmia": entry, "per_person": persons}
+    return {"rmia": entry, **fixed, "per_person": persons}
+
+
+def fixed_point(config, grid: list[dict]) -> dict[str, Any]:
+    """``{"rmia_fixed": ...}``: the attack at ``config.mia.rmia_point`` (γ, a), a point stated
+    before the study (``rmia.at_point``), in %; ``{}`` when the config names none."""
+    from oneshui_jax.mia import roc
+
+    point = config.mia.get("rmia_point")
+    if not point:
+        return {}
+    entry = rmia.at_point(grid, *point)
+    return {"rmia_fixed": {"gamma": entry["gamma"], "a": entry["a"],
+                           "auc": 100.0 * entry["auc"],
+                           "tpr_at_1pct": 100.0 * entry["tpr_at_1pct"],
+                           "roc": roc.compact(entry["fpr"], entry["tpr"])}}
 
 
 class Evaluation:

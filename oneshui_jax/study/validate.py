@@ -24,6 +24,7 @@ from oneshui_jax import ranges
 from oneshui_jax import train as train_lib
 from oneshui_jax.data import catalog
 from oneshui_jax.errors import ConfigError
+from oneshui_jax.mia import rmia
 from oneshui_jax.models import vit
 from oneshui_jax.unlearn import api, registry
 
@@ -157,6 +158,10 @@ def validate_config(config) -> Settings:
     if subsample not in SUBSAMPLE_MODES:
         raise ConfigError(f"config.mia.subsample is {subsample!r}; expected one of "
                           f"{SUBSAMPLE_MODES}")
+    point = mia.get("rmia_point", ())
+    if point and (len(point) != 2 or point[0] not in rmia.GAMMAS or point[1] not in rmia.AS):
+        raise ConfigError(f"config.mia.rmia_point is {point!r}; expected (gamma, a) with gamma "
+                          f"in {rmia.GAMMAS} and a in {rmia.AS}, or () for no fixed point")
     if mia.get("rmia_variant", "reference") not in RMIA_VARIANTS:
         raise ConfigError(f"config.mia.rmia_variant is {mia.get('rmia_variant')!r}; expected "
                           f"one of {RMIA_VARIANTS}")
