@@ -222,6 +222,11 @@ def mia_block(dataset: str) -> ml_collections.ConfigDict:
     # study: γ = 1 (the plain likelihood-ratio comparison), a = 1 (no offline scaling of the
     # reference model's loss). () leaves the column out.
     mia.rmia_point = (1, 1.0)
+    # A third column chooses the point without the evaluation's labels: on a held-out simulated
+    # request (config.num_identities TRAIN identities outside the forget set), with the retrained
+    # model as target and a calibration model trained without those people too as reference
+    # (one more training run, study/privacy.py). False leaves it out.
+    mia.rmia_held_out = True
     mia.passes = 8
     mia.batch_size = 32
     # Q6: on CelebA the reference draws, in every pass, 30,000 of z and 7,000 of val afresh

@@ -17,7 +17,7 @@ from oneshui_jax.study import privacy
 from oneshui_jax.study.context import dataset_folder
 
 
-def _augmented_losses(ctx, params, passes, batch_size):
+def _augmented_losses(ctx, params, passes, batch_size, held_out=None):
     """``{"z", "forget", "val"}`` -> [passes, n] losses under the training augmentation, written
     out here (not through the module): pass k of ``pipeline.augmented_pass`` over every image of
     train ∪ val (the forget images are train images) in index order."""
@@ -33,6 +33,8 @@ def _augmented_losses(ctx, params, passes, batch_size):
         ctx.dataset.task)["losses"] for k in range(passes)])
     z = np.concatenate([ctx.images["train"], ctx.images["val"]])
     at = {"z": z, "forget": ctx.images["forget"], "val": ctx.images["val"]}
+    if held_out is not None:
+        at["held_out"] = held_out
     return {k: losses[:, np.searchsorted(images, v)] for k, v in at.items()}
 
 
@@ -87,11 +89,37 @@ def test_rmia_builds_its_reference_models_and_attacks_models_and_people(small_st
     assert (tmp_path / "work" / "roc.png").stat().st_size > 0
     assert got["tpr_at_1pct"] == pytest.approx(
         100 * np.interp(0.01, chosen["fpr"], chosen["tpr"]))
+    # the fixed point: config.mia.rmia_point of the same grid, whatever the labels say
+    fixed = rmia.at_point(grid, *config.mia.rmia_point)
+    assert by_method["pretrain"]["mia"]["rmia_fixed"]["auc"] == pytest.approx(100 * fixed["auc"])
+    # the held-out selection: a calibration model trained without N other TRAIN people, the
+    # point chosen on them with the retrained model as target, then read off every target's grid
+    identities, images = privacy.held_out(ctx)
+    assert len(identities) == 5 and not set(identities) & set(ctx.splits.forget)
+    assert set(identities) <= set(ctx.splits.train) and len(images) > 0
+    calibration_dir = ctx.run_dir(privacy.CALIBRATION)
+    calibration_meta = checkpoints.read_metadata(calibration_dir)
+    assert calibration_meta["fingerprint"]["parts"]["train"]["held_out_identities"] == list(
+        identities)
+    held = by_method["pretrain"]["mia"]["rmia_held_out"]
+    calibration = checkpoints.load_params(calibration_dir, study.initial_params(ctx))
+    cal = _augmented_losses(ctx, calibration, 2, 256, held_out=images)
+    ret = _augmented_losses(ctx, params["retrain"], 2, 256, held_out=images)
+    # The selection reads the z, held-out and val rows only: no forget row is even given.
+    only = ("z", "held_out", "val")
+    selected = privacy.select_on_held_out(ctx, {k: ret[k] for k in only},
+                                          {k: cal[k] for k in only})
+    assert held["selected_on"] == pytest.approx(selected)
+    assert (held["gamma"], held["a"]) == (selected["gamma"], selected["a"])
+    at = rmia.at_point(grid, selected["gamma"], selected["a"])
+    assert held["auc"] == pytest.approx(100 * at["auc"])
+    assert held["tpr_at_1pct"] == pytest.approx(100 * at["tpr_at_1pct"])
+    assert "RMIA AUC, held-out selection" in md and "RMIA AUC, fixed point" in md
 
     # a rerun reuses the reference model and every model's cached signals: no forward pass
     stamp = os.path.getmtime(os.path.join(ref_dir, checkpoints.METADATA_FILE))
     for rdir in (ctx.run_dir("pretrain"), ctx.run_dir("retrain"), ctx.run_dir("lipschitz"),
-                 ref_dir):
+                 ref_dir, calibration_dir):
         assert len(os.listdir(os.path.join(rdir, privacy.CACHE_DIR))) == 1
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_lib, "make_eval_step", _no_signals)

@@ -24,8 +24,9 @@ from oneshui_jax.metrics import EVAL_SPLITS
 # ``record["mia"]``, column header or None for CSV / JSON only). ``loss_rf``: the reference's
 # random-forest loss attack (SPEC.md 5.4); ``rmia``: RMIA with one reference model (5.5), at the
 # (γ, a) the reference selects on the forget images themselves (Q5); ``rmia_fixed``: the same
-# attack at ``config.mia.rmia_point``, fixed before the study; ``per_person``: the attack on
-# people (each person's mean score).
+# attack at ``config.mia.rmia_point``, fixed before the study; ``rmia_held_out``: at the point
+# selected on a held-out simulated request of training identities; ``per_person``: the attack
+# on people (each person's mean score).
 ATTACK_STATS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "loss_mia_auc": (("loss_rf", "auc"), "loss-MIA AUC"),
     "loss_mia_acc": (("loss_rf", "acc"), None),
@@ -34,12 +35,15 @@ ATTACK_STATS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "rmia_tpr_1pct": (("rmia", "tpr_at_1pct"), "RMIA TPR@1%FPR, ref. selection"),
     "rmia_fixed_auc": (("rmia_fixed", "auc"), "RMIA AUC, fixed point"),
     "rmia_fixed_tpr_1pct": (("rmia_fixed", "tpr_at_1pct"), "RMIA TPR@1%FPR, fixed point"),
+    "rmia_held_out_auc": (("rmia_held_out", "auc"), "RMIA AUC, held-out selection"),
+    "rmia_held_out_tpr_1pct": (("rmia_held_out", "tpr_at_1pct"),
+                               "RMIA TPR@1%FPR, held-out selection"),
     "person_auc": (("per_person", "mean", "auc"), "person AUC"),
 }
 # Each attack's ROC curve, when recorded: ``record["mia"][attack]["roc"] = {"fpr": [...],
 # "tpr": [...]}`` (per_person: under its "mean" aggregation).
 ROC_PATHS = {"loss_rf": ("loss_rf",), "rmia": ("rmia",), "rmia_fixed": ("rmia_fixed",),
-             "per_person": ("per_person", "mean")}
+             "rmia_held_out": ("rmia_held_out",), "per_person": ("per_person", "mean")}
 STATS = tuple(f"{s}_{k}" for s in EVAL_SPLITS for k in ("metric", "loss")) + (
     "tow", *ATTACK_STATS, "seconds")
 

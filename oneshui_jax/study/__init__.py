@@ -31,7 +31,7 @@ from absl import logging
 from oneshui_jax import interrupts, metrics, report, sharding
 from oneshui_jax.study import privacy
 from oneshui_jax.study.context import Context, Status, evaluate_splits, initial_params, prepare
-from oneshui_jax.study.stages import method_stage, run_stage, train_stage
+from oneshui_jax.study.stages import calibration_stage, method_stage, run_stage, train_stage
 from oneshui_jax.study.validate import SECOND_ORACLE, TRAINING_STAGES, validate_config
 
 __all__ = ["TRAINING_STAGES", "Context", "Status", "add_tow", "attack_models", "evaluate_splits",
@@ -91,13 +91,23 @@ def attack_models(ctx: Context, records: list[dict], trained: dict) -> None:
     """RMIA and the attack on people (``study.privacy``) for every record but retrain's, each
     against its reference model: for pretrain the retrained model; for a method M, M applied
     to the retrained model in the reference context (``privacy.reference_context``: the same
-    split, ``seed + 1``), an ordinary method stage built (or reused) here."""
+    split, ``seed + 1``), an ordinary method stage built (or reused) here. With
+    ``config.mia.rmia_held_out``, the grid point of the held-out selection is chosen first, on
+    the calibration model (``stages.calibration_stage``, built or reused here)."""
     if "retrain" not in trained:
         raise ValueError("config.mia.rmia needs the retrained model: add 'retrain' to "
                          "config.stages")
     evaluation = privacy.Evaluation(ctx)
     ref_ctx = privacy.reference_context(ctx)
     retrain_dir = ctx.run_dir("retrain")
+    if privacy.wants_held_out(ctx.config):
+        ctx.status.where = "in the calibration model of RMIA's held-out selection"
+        _, calibration = calibration_stage(ctx, initial_params(ctx))
+        chosen = evaluation.calibrate(trained["retrain"], retrain_dir, calibration,
+                                      ctx.run_dir(privacy.CALIBRATION))
+        logging.info("mia: the held-out request selects (gamma, a) = (%s, %s): TPR %.2f%% at 1%% "
+                     "FPR on %d of its images", chosen["gamma"], chosen["a"],
+                     chosen["tpr_at_1pct"], chosen["members"])
     for record in records:
         name = record["method"]
         if name in ("retrain", SECOND_ORACLE):  # oracles: never trained on the forget set

@@ -81,6 +81,8 @@ def run_dirs(config) -> list[tuple[str, str, bool]]:
     out = [(s, ref.run_dir("retrain") if s == SECOND_ORACLE else ctx.run_dir(s), False)
            for s in stages]
     if privacy.wants_rmia(config):
+        if privacy.wants_held_out(config):
+            out.append((privacy.CALIBRATION, ctx.run_dir(privacy.CALIBRATION), True))
         out += [(s, ref.run_dir(s), True) for s in stages if s not in TRAINING_STAGES]
     return out
 
@@ -132,6 +134,12 @@ def stage_plans(config) -> list[StagePlan]:
     init_hashes: dict[str, str] = {}
     plans = []
     for stage, rdir, ref in run_dirs(config):
+        if stage == privacy.CALIBRATION:
+            if "own" not in init_hashes:
+                init_hashes["own"] = checkpoints.params_hash(context.initial_params(ctx))
+            plans.append(_decide(ctx, stage, rdir, "train", privacy.calibration_settings(ctx),
+                                 init_hashes["own"], True, ref))
+            continue
         if stage in TRAINING_STAGES:
             # retrain_2 is the reference context's retrain (stages.train_stage)
             stage_ctx, name = (ref_ctx, "retrain") if stage == SECOND_ORACLE else (ctx, stage)

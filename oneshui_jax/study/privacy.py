@@ -62,6 +62,37 @@ def wants_rmia(config) -> bool:
     return bool((config.get("mia") or {}).get("rmia", False))
 
 
+def wants_held_out(config) -> bool:
+    """RMIA's held-out selection: ``config.mia.rmia`` and ``config.mia.rmia_held_out``."""
+    return wants_rmia(config) and bool(config.mia.get("rmia_held_out", False))
+
+
+_HELD_OUT_STREAM = 7  # the random stream of the held-out request, after the seed
+CALIBRATION = "rmia_calibration"  # the stage of the calibration model (not a row of the table)
+
+
+def held_out(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
+    """``(identities, images)`` of the held-out simulated request that RMIA's grid point is
+    selected on (``Evaluation.calibrate``): ``config.num_identities`` TRAIN identities outside
+    the forget set, drawn from ``[config.seed, 7]``, and their training images. The people being
+    forgotten and the test people never take part."""
+    forget = set(int(i) for i in ctx.splits.forget)
+    candidates = np.array(sorted(int(i) for i in ctx.splits.train if int(i) not in forget))
+    n = min(int(ctx.config.num_identities), len(candidates))
+    rng = np.random.default_rng([ctx.config.seed, _HELD_OUT_STREAM])
+    identities = np.sort(rng.choice(candidates, size=n, replace=False))
+    retain = np.asarray(ctx.images["retain"])
+    owners = np.asarray(ctx.dataset.annotations.identities)[retain]
+    return identities, retain[np.isin(owners, identities)]
+
+
+def calibration_settings(ctx: Context) -> dict[str, Any]:
+    """The calibration model's settings (its fingerprint): ``config.train`` and the held-out
+    identities it is trained without."""
+    return {**ctx.config.train.to_dict(),
+            "held_out_identities": [int(i) for i in held_out(ctx)[0]]}
+
+
 def reference_context(ctx: Context) -> Context:
     """The context of a target's reference model: the same data and split, ``seed + 1`` for
     every other draw (``config.split_seed`` keeps the split)."""
@@ -89,6 +120,8 @@ def plan(ctx: Context) -> dict[str, np.ndarray]:
     passes = int(mia.get("passes", 8))
     z = np.concatenate([ctx.images["train"], ctx.images["val"]])
     out = {"z": z, "forget": ctx.images["forget"], "val": ctx.images["val"]}
+    if wants_held_out(ctx.config):  # images of z already: no extra image to score
+        out["held_out"] = held_out(ctx)[1]
     out = {k: np.broadcast_to(np.asarray(v, np.int64), (passes, len(v))) for k, v in out.items()}
     mode = mia.get("subsample", "none")
     if mode == "none":
@@ -195,8 +228,8 @@ def signals(ctx: Context, params, passes: Passes,
 
 
 def attack(ctx: Context, target: dict[str, np.ndarray], reference: dict[str, np.ndarray],
-           variant: str = "reference", rows: dict[str, np.ndarray] | None = None
-           ) -> dict[str, Any]:
+           variant: str = "reference", rows: dict[str, np.ndarray] | None = None,
+           selected: dict[str, Any] | None = None) -> dict[str, Any]:
     """``{"rmia": ..., "per_person": ...}`` from the loss signals (``signals``) of a target and
     its reference model (module docstring), in %. ``rows`` is the ``plan`` the signals follow
     (default: ``plan(ctx)``); the attack on people needs the val rows to hold the same image in
@@ -211,7 +244,9 @@ def attack(ctx: Context, target: dict[str, np.ndarray], reference: dict[str, np.
     score = rmia.score_grid_canonical if variant == "canonical" else rmia.score_grid
     grid = score(target["z"], reference["z"], target["forget"], reference["forget"],
                  target["val"], reference["val"])
-    fixed = fixed_point(ctx.config, grid)
+    fixed = fixed_point(ctx.config, grid) if ctx is not None else {}  # None: the grid alone
+    if selected is not None:  # the point chosen on the held-out request (Evaluation.calibrate)
+        fixed["rmia_held_out"] = _at_point_entry(grid, selected["gamma"], selected["a"])
     best = rmia.best(grid)
     entry = {"variant": variant, "selected": best is not None,
              "members": int(rows["forget"].shape[1]), "nonmembers": int(rows["val"].shape[1]),
@@ -254,16 +289,47 @@ def attack(ctx: Context, target: dict[str, np.ndarray], reference: dict[str, np.
 def fixed_point(config, grid: list[dict]) -> dict[str, Any]:
     """``{"rmia_fixed": ...}``: the attack at ``config.mia.rmia_point`` (γ, a), a point stated
     before the study (``rmia.at_point``), in %; ``{}`` when the config names none."""
-    from oneshui_jax.mia import roc
 
     point = config.mia.get("rmia_point")
     if not point:
         return {}
-    entry = rmia.at_point(grid, *point)
-    return {"rmia_fixed": {"gamma": entry["gamma"], "a": entry["a"],
-                           "auc": 100.0 * entry["auc"],
-                           "tpr_at_1pct": 100.0 * entry["tpr_at_1pct"],
-                           "roc": roc.compact(entry["fpr"], entry["tpr"])}}
+    return {"rmia_fixed": _at_point_entry(grid, *point)}
+
+
+def _at_point_entry(grid: list[dict], gamma, a) -> dict[str, Any]:
+    """``rmia.at_point`` as a record's entry, in %."""
+    from oneshui_jax.mia import roc
+
+    entry = rmia.at_point(grid, gamma, a)
+    return {"gamma": entry["gamma"], "a": entry["a"], "auc": 100.0 * entry["auc"],
+            "tpr_at_1pct": 100.0 * entry["tpr_at_1pct"],
+            "roc": roc.compact(entry["fpr"], entry["tpr"])}
+
+
+def select_on_held_out(ctx: Context, target: dict[str, np.ndarray],
+                       reference: dict[str, np.ndarray]) -> dict[str, Any]:
+    """RMIA's grid point chosen without the evaluation's labels: the calibration attack has the
+    retrained model as target (it trained on the held-out people, ``held_out``) and the
+    calibration model as reference (it did not), the held-out people's images as members and
+    the validation images as non-members; the point with the highest TPR at 1% FPR wins (the
+    first of equal ones, in the grid's order). Reads the ``z``, ``held_out`` and ``val`` rows
+    only: never a forget or test image."""
+    score = (rmia.score_grid_canonical
+             if ctx.config.mia.get("rmia_variant", "reference") == "canonical" else rmia.score_grid)
+    if ctx.config.mia.get("rmia_variant", "reference") == "canonical":
+        convert = lambda x: probabilities(x, ctx.dataset.task, ctx.dataset.num_classes)  # noqa: E731
+        target = {k: convert(target[k]) for k in ("z", "held_out", "val")}
+        reference = {k: convert(reference[k]) for k in ("z", "held_out", "val")}
+    grid = score(target["z"], reference["z"], target["held_out"], reference["held_out"],
+                 target["val"], reference["val"])
+    chosen, best_tpr = None, -1.0
+    for entry in grid:
+        tpr = float(np.interp(0.01, entry["fpr"], entry["tpr"]))
+        if tpr > best_tpr:
+            chosen, best_tpr = entry, tpr
+    return {"gamma": chosen["gamma"], "a": chosen["a"], "auc": 100.0 * chosen["auc"],
+            "tpr_at_1pct": 100.0 * best_tpr, "members": int(target["held_out"].shape[1]),
+            "nonmembers": int(target["val"].shape[1])}
 
 
 class Evaluation:
@@ -278,6 +344,17 @@ class Evaluation:
         self.rows = plan(ctx)
         self.passes = Passes(ctx, self.rows, int(mia.get("batch_size", 32)),
                              mia.get("cache_mb", 0))
+        self.selected: dict[str, Any] | None = None  # calibrate's point
+
+    def calibrate(self, retrain_params: Any, retrain_dir: str, calibration_params: Any,
+                  calibration_dir: str) -> dict[str, Any]:
+        """Selects the grid point on the held-out request (``select_on_held_out``) from the
+        signals of the retrained model and of the calibration model; every later
+        :meth:`attack` also reports the attack at that point (``mia.rmia_held_out``)."""
+        target = signals(self.ctx, retrain_params, self.passes, retrain_dir)
+        reference = signals(self.ctx, calibration_params, self.passes, calibration_dir)
+        self.selected = select_on_held_out(self.ctx, target, reference)
+        return self.selected
 
     def attack(self, record: dict, params: Any, reference_params: Any,
                reference_dir: str) -> None:
@@ -288,5 +365,8 @@ class Evaluation:
         reference = signals(ctx, reference_params, self.passes, reference_dir)
         target = signals(ctx, params, self.passes, ctx.run_dir(record["method"]))
         record.setdefault("mia", {}).update(attack(
-            ctx, target, reference, ctx.config.mia.get("rmia_variant", "reference"), self.rows))
+            ctx, target, reference, ctx.config.mia.get("rmia_variant", "reference"), self.rows,
+            self.selected))
+        if self.selected is not None:
+            record["mia"]["rmia_held_out"]["selected_on"] = self.selected
         record["mia"]["reference_run_dir"] = reference_dir

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
 
 from oneshui_jax import checkpoints, locks, metric_writer, sharding
@@ -149,9 +150,27 @@ def train_stage(ctx: Context, stage: str, init_params) -> tuple[dict, Any]:
         # the study's seed (the split it is paired on) and the seed its training drew from
         return {**record, "method": SECOND_ORACLE, "access": TRAINING_ACCESS[stage],
                 "seed": ctx.config.seed, "training_seed": other.config.seed}, params
+    return _train(ctx, stage, init_params, ctx.images[TRAINING_STAGES[stage]],
+                  ctx.config.train.to_dict(), TRAINING_ACCESS[stage])
+
+
+def calibration_stage(ctx: Context, init_params) -> tuple[dict, Any]:
+    """The model RMIA's grid point is selected with (``privacy.CALIBRATION``): retrain without
+    the held-out simulated request too (``privacy.held_out``), from ``init_params``. Not a row
+    of the table; its record says what it was trained on."""
+    identities, images = privacy.held_out(ctx)
+    keep = np.setdiff1d(np.asarray(ctx.images["retain"]), images)
+    record, params = _train(ctx, privacy.CALIBRATION, init_params, keep,
+                            privacy.calibration_settings(ctx), "calibration")
+    return {**record, "held_out_identities": [int(i) for i in identities]}, params
+
+
+def _train(ctx: Context, stage: str, init_params, train_idx, settings: dict[str, Any],
+           access_level: str) -> tuple[dict, Any]:
+    """One training stage's body on the images ``train_idx`` (``settings``: its fingerprint's
+    ``train`` part)."""
     config, ds = ctx.config, ctx.dataset
     tcfg = ctx.train_config
-    train_idx = ctx.images[TRAINING_STAGES[stage]]
 
     def body(rdir: str, checkpointer) -> StageOutput:
         steps = pipeline.steps_per_epoch(len(train_idx), tcfg.batch_size)
@@ -168,22 +187,22 @@ def train_stage(ctx: Context, stage: str, init_params) -> tuple[dict, Any]:
                 ds.task, process_rows=val_cfg.shard_by_process,
                 score_dtype=tcfg.score_dtype)
 
+        identities = np.unique(np.asarray(ds.annotations.identities)[np.asarray(train_idx)])
         logging.info("%s: %d images of %d identities, %d steps/epoch -> %s", stage,
-                     len(train_idx), len(getattr(ctx.splits, TRAINING_STAGES[stage])), steps,
-                     rdir)
+                     len(train_idx), len(identities), steps, rdir)
         with metric_writer.for_stage(config, rdir) as writer:
             result = train_lib.fit(ctx.model_cfg, tcfg, init_params, batches, steps, validate_fn,
                                    desc=stage, progress=config.progress, checkpointer=checkpointer,
                                    metrics_log=os.path.join(rdir, "metrics.jsonl"), writer=writer,
                                    process_rows=pcfg.shard_by_process)
-        return StageOutput(result.params, {"access": TRAINING_ACCESS[stage],
+        return StageOutput(result.params, {"access": access_level,
                                            "best_epoch": result.best_epoch,
                                            "seconds": result.seconds,
                                            "history": result.history})
 
-    return run_stage(ctx, stage, settings_name="train", settings=config.train.to_dict(),
+    return run_stage(ctx, stage, settings_name="train", settings=settings,
                      template=init_params, parent_hash=checkpoints.params_hash(init_params),
-                     body=body, training=True, access=TRAINING_ACCESS[stage])
+                     body=body, training=True, access=access_level)
 
 
 # ---------------------------------------------------------------------------------------------

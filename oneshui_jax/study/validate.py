@@ -151,7 +151,7 @@ def validate_config(config) -> Settings:
     # The study's own numbers and config.train's; the method stages' through make_config below.
     check_ranges(config, [*SETTINGS, *(f"train.{k}" for k in train_lib.TrainConfig.RANGES)])
     mia = config.get("mia") or {}
-    for key in ("loss_rf", "rmia"):
+    for key in ("loss_rf", "rmia", "rmia_held_out"):
         if not isinstance(mia.get(key, False), bool):
             raise ConfigError(f"config.mia.{key} must be True or False, got {mia.get(key)!r}")
     subsample = mia.get("subsample", "none")
