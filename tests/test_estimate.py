@@ -77,7 +77,8 @@ def test_each_stage_counts_the_images_it_passes(rates):
 
 
 def test_rmia_adds_every_method_again_and_the_signal_passes(rates):
-    plain, attacked = _config("celebahq", 20), _config("celebahq", 20, "--config.mia.rmia=True")
+    plain = _config("celebahq", 20)
+    attacked = _config("celebahq", 20, "--config.mia.rmia=True", "--config.mia.rmia_held_out=False")
     sizes = estimate.SIZES["celebahq"]
     without, with_rmia = (estimate.stage_images(c, sizes) for c in (plain, attacked))
     methods = [s for s in plain.stages if s not in ("pretrain", "retrain", "retrain_2")]
@@ -85,11 +86,25 @@ def test_rmia_adds_every_method_again_and_the_signal_passes(rates):
     assert with_rmia["attacks"] == pytest.approx(sum(without[m] for m in methods) + passes)
     assert estimate.meta_steps(attacked, sizes) == 2 * estimate.meta_steps(plain, sizes)
     # CelebA's subsampled passes (Q6): 30,000 of z and 7,000 of val per pass.
-    celeba = estimate.stage_images(_config("celeba", 5, "--config.mia.rmia=True"),
+    celeba = estimate.stage_images(_config("celeba", 5, "--config.mia.rmia=True",
+                                           "--config.mia.rmia_held_out=False"),
                                    estimate.SIZES["celeba"])
     celeba_plain = estimate.stage_images(_config("celeba", 5), estimate.SIZES["celeba"])
     assert celeba["attacks"] - sum(celeba_plain[m] for m in methods) == pytest.approx(
         (2 + 2 * len(methods)) * 8 * 37_000 / 3)
+
+
+def test_the_held_out_selection_adds_a_calibration_model_and_its_passes():
+    sizes = estimate.SIZES["mufac"]
+    off, on = (estimate.stage_images(_config("mufac", 10, "--config.mia.rmia=True",
+                                             f"--config.mia.rmia_held_out={v}"), sizes)
+               for v in (False, True))
+    config = _config("mufac", 10)
+    per_id = 7840 / 725
+    retain_without = 7840 - 2 * 10 * per_id  # neither the forget nor the held-out people
+    training = config.train.epochs * (retain_without + 2620 / 3) + (7840 + 2620 + 2608) / 3
+    passes = config.mia.passes * (7840 + 2620) / 3
+    assert on["attacks"] - off["attacks"] == pytest.approx(training + passes)
 
 
 def test_what_the_estimate_cannot_cover_is_one_clear_error(rates, tmp_path):

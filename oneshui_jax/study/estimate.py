@@ -19,7 +19,8 @@ set every epoch and max-steps over the forget set in its forgetting epochs, with
 forward each; Bad Teacher's epochs over forget and retain with two teacher forwards; SSD's
 gradient pass over the training images; every model evaluated once on retain, forget, test and
 val; with ``config.mia.rmia``, each method run again on the retrained model (its reference
-model) and the signal passes of every attacked model and reference. Left out, so the real time
+model), the calibration model of the held-out selection (``config.mia.rmia_held_out``) and the
+signal passes of every attacked model and reference. Left out, so the real time
 is longer: compilation, the input pipeline (decoding 1024 px CelebA-HQ images can be slower
 than the model), float32 steps at the bf16 rate, checkpoint writes, MetaUnlearn's held-out
 diagnostics, support_ascent's selection (small) and Lipschitz (a few hundred images).
@@ -153,7 +154,11 @@ def stage_images(config, sizes: SplitSizes) -> dict[str, float]:
             per_pass = min(sizes.train, config.mia.subsample_z) + min(
                 sizes.val, config.mia.subsample_val)
         models = 2 + 2 * len(methods)  # pretrain, retrain, each method and its reference
-        stages["attacks"] = (sum(cost[m] + evaluation for m in methods)
+        calibration = 0.0
+        if config.mia.get("rmia_held_out"):  # one more retrain, without N more people
+            models += 1
+            calibration = epochs * (retain - forget + sizes.val * FORWARD_SHARE) + evaluation
+        stages["attacks"] = (sum(cost[m] + evaluation for m in methods) + calibration
                              + models * config.mia.passes * per_pass * FORWARD_SHARE)
     return stages
 
