@@ -375,3 +375,30 @@ def small_config_for_validation():
     import synthfaces
 
     return synthfaces.get_config("runlocal=True")
+
+
+def test_the_held_out_selection_takes_the_highest_auc_and_reads_no_forget_row(monkeypatch):
+    """``privacy.select_on_held_out``: the grid point with the highest AUC on the held-out
+    request (the first of equal ones), from the z, held-out and val signals alone."""
+    import types
+
+    import ml_collections
+
+    from oneshui_jax.study import privacy
+
+    seen = {}
+
+    def fake_grid(z_in, z_avg, x_in, x_avg, v_in, v_avg):
+        seen["members"] = x_in.shape
+        fpr, tpr = np.array([0.0, 0.5, 1.0]), np.array([0.0, 0.8, 1.0])
+        return [{"gamma": g, "a": a, "auc": auc, "fpr": fpr, "tpr": tpr}
+                for (g, a), auc in zip([(1, 0.2), (2, 0.2), (2, 0.5), (4, 1)],
+                                       [0.50, 0.61, 0.61, 0.55], strict=True)]
+
+    monkeypatch.setattr(rmia, "score_grid", fake_grid)
+    ctx = types.SimpleNamespace(config=ml_collections.ConfigDict({"mia": {}}))
+    signals = {k: np.ones((2, n)) for k, n in (("z", 30), ("held_out", 7), ("val", 11))}
+    chosen = privacy.select_on_held_out(ctx, signals, signals)  # no "forget" key at all
+    assert (chosen["gamma"], chosen["a"], chosen["auc"]) == (2, 0.2, pytest.approx(61.0))
+    assert chosen["tpr_at_1pct"] == pytest.approx(100 * 0.8 * 0.01 / 0.5)
+    assert (chosen["members"], chosen["nonmembers"], seen["members"]) == (7, 11, (2, 7))

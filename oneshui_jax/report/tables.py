@@ -288,7 +288,7 @@ def legend(metric: str, attacks: Sequence[str] = ()) -> str:
                           "(γ, a) of `config.mia.rmia_point`, fixed before the study, so no "
                           "label chose it and every model is scored at the same point.",
         "rmia_held_out_auc": "- **RMIA AUC / TPR@1%FPR, held-out selection** (%): the same "
-                             "attack at the (γ, a) that separates best, at 1% FPR, the images of "
+                             "attack at the (γ, a) that separates best (by AUC) the images of "
                              "a held-out simulated request of training identities from val "
                              "images, with the retrained model as target and a model trained "
                              "without those people as reference: chosen without the forget or "
