@@ -26,6 +26,9 @@
 #                    (its dtypes, our bf16 forward's differences)              -> timm_parity.json
 #   ties     (60 s)  torch.mode's rule for a tied boolean vote (RMIA) on CPU and CUDA, not in
 #                    "all" (tools/check_torch_mode_ties.py)                    -> torch_mode_ties.json
+#   ensemble (120 s) K = 1, 4, 8, 16 members of the SynthFaces demo ViT trained in one compiled
+#                    program (bench/ensemble.py; target: K = 16 at >= 8x one model's images/s),
+#                    not in "all"                                              -> ensemble.json
 #   summary  (20 s)  bench/gpu_summary.py: ratios vs targets -> bench/results/gpu_<date>.json and
 #                    $OUT/gpu_<date>.json
 # The whole output also goes to $OUT/gpu_check.log. At most 8 files come back from $OUT: "all"
@@ -48,9 +51,9 @@ if [ ${#SECTIONS[@]} -eq 0 ] || [ "${SECTIONS[*]}" = "all" ]; then
 fi
 for section in "${SECTIONS[@]}"; do
   case "$section" in
-    anchor|train|meta|request|profile|parity|ties) ;;
+    anchor|train|meta|request|profile|parity|ties|ensemble) ;;
     *) echo "unknown section $section (expected anchor, train, meta, request, profile, parity," \
-            "ties or all)"
+            "ties, ensemble or all)"
        exit 2 ;;
   esac
 done
@@ -68,12 +71,14 @@ if [ "${GPU_CHECK_SMALL:-0}" = 1 ]; then  # tiny shapes: the anchor's ANCHOR_SMA
   META=(--support 4 --outer_batches 2 --batch 8 --steps 1 --requests 3)
   REQUEST=(--portraits 4 --requests 20 --sha_requests 0)
   PROFILE=(--support 4 --outer_batches 2 --meta_batch 8 --batch 8)
+  ENSEMBLE=(--model vit_tiny_test --members 1,2 --batch 8 --steps 1)
   SUMMARY=(--out "$OUT/gpu_dry_run.json" --no_copy)  # not a GPU result: not in bench/results
 else
   MODEL=vit_base_patch16_224 DTYPE=bfloat16 TRAIN_BATCH=128 TRAIN_STEPS=20
   META=(--steps 3 --requests 50)
   REQUEST=(--portraits 20 --requests 50)
   PROFILE=(--batch 128)
+  ENSEMBLE=(--model vit_small_demo --members 1,4,8,16 --batch 64 --steps 10)
   SUMMARY=()
 fi
 echo "== $(date -u +%FT%TZ) sections: ${SECTIONS[*]}; model $MODEL, $DTYPE; out $OUT; anchor $ANCHOR"
@@ -129,6 +134,10 @@ ties() {
   local rc=$?
   cat "$OUT/torch_mode_ties.json"
   return $rc
+}
+ensemble() {
+  echo "== ensembles: K members in one compiled program vs one model"
+  timeout 120 python3 bench/ensemble.py "${ENSEMBLE[@]}" --out "$OUT/ensemble.json"
 }
 for section in "${SECTIONS[@]}"; do
   start=$SECONDS

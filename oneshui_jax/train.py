@@ -117,6 +117,13 @@ def make_train_step(model_cfg: vit.ViTConfig, cfg: TrainConfig,
                     tx: optax.GradientTransformation) -> Callable:
     """``step(params, opt_state, batch, lr) -> (params, opt_state, {"loss"})``, jit-compiled
     (with ``cfg.remat``, every transformer block is rematerialised in the backward pass)."""
+    return jax.jit(train_step_fn(model_cfg, cfg, tx), donate_argnums=(0, 1))
+
+
+def train_step_fn(model_cfg: vit.ViTConfig, cfg: TrainConfig,
+                  tx: optax.GradientTransformation) -> Callable:
+    """The pure step of :func:`make_train_step`, not compiled: ``ensemble.py`` maps it over
+    the members of an ensemble before compiling it."""
     dtype = jnp.dtype(cfg.compute_dtype)
 
     def loss_fn(params, batch):
@@ -130,7 +137,7 @@ def make_train_step(model_cfg: vit.ViTConfig, cfg: TrainConfig,
         params = jax.tree.map(lambda p, u: p - lr * u.astype(p.dtype), params, updates)
         return params, opt_state, {"loss": loss}
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return step
 
 
 @functools.lru_cache(maxsize=8)
