@@ -25,8 +25,9 @@ class Range:
 
     A number (an int with ``integer``; never a bool) that is finite and within ``low`` /
     ``high`` (excluded with ``low_open`` / ``high_open``), or one of ``also``; None with
-    ``optional``; with ``sequence``, a non-empty tuple of such numbers (``length`` of them,
-    ``ordered`` non-decreasing, where given). ``expected`` says it in words for the error.
+    ``optional`` (and, for a ``sequence``, the empty tuple: "none"); with ``sequence``, a
+    non-empty tuple of such numbers (``length`` of them, ``ordered`` non-decreasing, where
+    given). ``expected`` says it in words for the error.
     """
 
     expected: str
@@ -61,7 +62,9 @@ class Range:
             return self.optional
         if not self.sequence:
             return self._number(value)
-        if not isinstance(value, tuple | list) or not value:
+        if isinstance(value, tuple | list) and not value:
+            return self.optional
+        if not isinstance(value, tuple | list):
             return False
         if self.length is not None and len(value) != self.length:
             return False

@@ -305,7 +305,7 @@ def test_the_study_runs_on_real_mufac_faces_and_records_the_audit(shared_data, t
     config.train.epochs = 1
     config.progress = False
     records = study.run(config)
-    assert [r["method"] for r in records] == ["pretrain", "retrain", "lipschitz"]
+    assert [r["method"] for r in records] == ["pretrain", "retrain", "retrain_2", "lipschitz"]
     assert all(0.0 <= r[s]["metric"] <= 100.0 for r in records for s in metrics.EVAL_SPLITS)
     saved = json.load(open(tmp_path / "work" / "results.json"))
     audit_summary = saved["data_audit"]

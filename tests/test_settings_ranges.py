@@ -118,6 +118,8 @@ def test_a_method_with_a_numeric_setting_without_a_range_is_refused():
     (validate.SETTINGS["mesh.data"], [-1, 1, 8], [0, -2]),
     (validate.SETTINGS["mia.passes"], [1, 255], [0, 256]),
     (validate.SETTINGS["split_seed"], [None, 0, MAX_SEED], [-1, MAX_SEED + 1]),
+    (validate.SETTINGS["mia.rmia_point"], [(), (2, 0.5), (1, 1.0)],
+     [(0, 0.5), (2,), (-1.0, 0.5), (2, 0.5, 1), (math.nan, 1)]),
     (validate.SETTINGS["data.crop_scale"], [(0.08, 1.0), (1.0, 1.0), [0.5, 0.5]],
      [(0.0, 1.0), (0.9, 0.5), (0.5, 1.5), (0.5,), (0.1, 0.5, 1.0)]),
 ])

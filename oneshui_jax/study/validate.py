@@ -57,6 +57,9 @@ SETTINGS: dict[str, ranges.Range] = {
     "mia.subsample_z": ranges.COUNT,
     "mia.subsample_val": ranges.COUNT,
     "mia.cache_mb": ranges.Range("a finite number of MB >= 0", low=0.0),
+    "mia.rmia_point": ranges.Range("(gamma, a), two numbers > 0 (a point of RMIA's grid), or () "
+                                   "for no fixed point", low=0.0, low_open=True, sequence=True,
+                                   length=2, optional=True),
     "mesh.data": ranges.Range("-1 (every device) or a number of devices >= 1", integer=True,
                               low=1, also=(-1,)),
 }
