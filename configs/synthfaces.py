@@ -23,7 +23,9 @@ Run it (from the repository root)::
 
 ``get_config(arg)`` takes ``key=value`` pairs separated by commas: ``N`` (forget identities,
 default 10), ``size`` (the SynthFaces variant: ``medium``, the default, 600 identities;
-``large``, 1,200; ``small``, 150 at 32 px) and ``runlocal`` (``True``: the smoke test, below).
+``large``, 1,200; ``small``, 150 at 32 px), ``runlocal`` (``True``: the smoke test, below) and
+``ensemble`` (K >= 3: K members of pretrain and of retrain for the per-person test, e.g.
+``configs/synthfaces.py:ensemble=8``).
 
 The config is ``config_lib.base_config`` (the paper's setting) with what this CPU demo changes:
 its data, a small ViT from scratch with AdamW, float32, MetaUnlearn's selected step, every
@@ -65,12 +67,14 @@ RUNLOCAL = {
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     args = config_lib.parse_arg(
-        arg, {"N": 10, "size": synthfaces.DEFAULT_CONFIG, "runlocal": False},
+        arg, {"N": 10, "size": synthfaces.DEFAULT_CONFIG, "runlocal": False, "ensemble": 0},
         choices={"size": tuple(synthfaces.CONFIGS)}, runlocal_defaults={"N": 5, "size": "small"})
     # Every row of the paper's table, in its order (config_lib.ALL).
     config = config_lib.base_config("synthfaces", args["N"])
 
     config.data.synthfaces_config = args["size"]  # medium | large | small
+    # ensemble=K: K members of pretrain and of retrain for the per-person test (mia/ulira.py)
+    config.ensemble.size = args["ensemble"]
     config.data.data_dir = ""  # unused for SynthFaces (generated, nothing read)
     config.data.image_size = 32  # model input; SynthFaces images are 48 px (32 for "small")
     # RandomResizedCrop area range. The reference's (0.08, 1.0) leaves too little of a 48 px

@@ -131,6 +131,10 @@ def base_config(dataset: str, num_identities: int) -> ml_collections.ConfigDict:
     # result (True), or stop at once naming its pid and host (False).
     config.wait_for_lock = True
     config.stages = study_stages("all")  # in this order: every row of the paper's table
+    # The per-person likelihood-ratio test (mia/ulira.py): this many members of pretrain and of
+    # retrain (training seeds seed .. seed + size - 1, the same split), trained together
+    # (oneshui_jax/ensemble.py); 0: none, else at least 3.
+    config.ensemble = ml_collections.ConfigDict({"size": 0})
 
     config.data = data = ml_collections.ConfigDict()
     data.data_dir = "datasets/"  # the reference's --data_dir default; the original layout

@@ -39,6 +39,8 @@ ATTACK_STATS: dict[str, tuple[tuple[str, ...], str | None]] = {
     "rmia_held_out_tpr_1pct": (("rmia_held_out", "tpr_at_1pct"),
                                "RMIA TPR@1%FPR, held-out selection"),
     "person_auc": (("per_person", "mean", "auc"), "person AUC"),
+    "ulira_auc": (("ulira", "auc"), "per-person LRT AUC"),
+    "ulira_told_apart": (("ulira", "told_apart"), "people told apart (%)"),
 }
 # Each attack's ROC curve, when recorded: ``record["mia"][attack]["roc"] = {"fpr": [...],
 # "tpr": [...]}`` (per_person: under its "mean" aggregation).

@@ -295,6 +295,12 @@ def legend(metric: str, attacks: Sequence[str] = ()) -> str:
                              "test labels.",
         "person_auc": "- **person AUC** (%): the attack on people (each person's mean score): "
                       "forget identities vs unseen validation identities.",
+        "ulira_auc": "- **per-person LRT AUC** (%) and **people told apart** (%): the per-person "
+                     "likelihood-ratio test against ensembles (`config.ensemble.size` members "
+                     "of pretrain and of retrain): for each forget person, whether models that "
+                     "trained on them can be told from models that did not, by the confidence "
+                     "of the true labels on their images (pretrain's row: the test's strength); "
+                     "the share of people told apart at 5% FPR.",
     }
     lines += [explained[a] for a in attacks if a in explained]
     lines.append("- **seconds**: wall-clock time of the stage.")

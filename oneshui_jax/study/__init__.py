@@ -29,7 +29,7 @@ import time
 from absl import logging
 
 from oneshui_jax import interrupts, metrics, report, sharding
-from oneshui_jax.study import privacy
+from oneshui_jax.study import person_test, privacy
 from oneshui_jax.study.context import Context, Status, evaluate_splits, initial_params, prepare
 from oneshui_jax.study.stages import calibration_stage, method_stage, run_stage, train_stage
 from oneshui_jax.study.validate import SECOND_ORACLE, TRAINING_STAGES, validate_config
@@ -72,6 +72,9 @@ def run(config, status: Status | None = None) -> list[dict]:
             if privacy.wants_rmia(config):  # kept for the attacks after the stages
                 trained[stage] = params
         records.append(record)
+    if person_test.wants_person_test(config):  # ensembles of pretrain and retrain
+        status.where = "in the ensembles of the per-person test, after the stages"
+        person_test.run(ctx, records)
     if privacy.wants_rmia(config):  # RMIA attacks every model after the stages
         status.where = "in the privacy attacks, after the stages"
         attack_models(ctx, records, trained)

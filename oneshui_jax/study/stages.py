@@ -38,7 +38,13 @@ from oneshui_jax import train as train_lib
 from oneshui_jax.data import pipeline
 from oneshui_jax.errors import CheckpointError
 from oneshui_jax.study import access, privacy, reuse
-from oneshui_jax.study.context import Context, evaluate_splits, initial_params, wants_loss_attack
+from oneshui_jax.study.context import (
+    Context,
+    evaluate_splits,
+    initial_params,
+    split_seed,
+    wants_loss_attack,
+)
 from oneshui_jax.study.validate import SECOND_ORACLE, TRAINING_STAGES
 from oneshui_jax.unlearn import api, registry
 
@@ -78,7 +84,8 @@ def _load_for_reuse(rdir: str, template: Any) -> Any:
 
 def run_stage(ctx: Context, stage: str, *, settings_name: str, settings: dict[str, Any],
               template: Any, parent_hash: str | None, body: Body, training: bool, access: str,
-              extra_metadata: dict[str, Any] | None = None) -> tuple[dict, Any]:
+              extra_metadata: dict[str, Any] | None = None,
+              evaluate: bool = True) -> tuple[dict, Any]:
     """Runs (or reuses, or resumes) one stage: ``(record, params)`` (module docstring).
 
     The run directory is locked (``locks.hold``) before the reuse decision: a second process on
@@ -100,7 +107,8 @@ def run_stage(ctx: Context, stage: str, *, settings_name: str, settings: dict[st
             record.setdefault("access", access)  # checkpoints older than the access column
             record["splits_hash"] = fp["parts"]["splits"]  # equal fingerprints, equal splits
             params = _load_for_reuse(rdir, template)
-            if wants_loss_attack(ctx.config) and "loss_rf" not in (record.get("mia") or {}):
+            if evaluate and wants_loss_attack(ctx.config) and "loss_rf" not in (
+                    record.get("mia") or {}):
                 # finished before the attack ran with every evaluation: evaluate again (the
                 # result depends on the parameters and the data only), without touching the
                 # checkpoint
@@ -121,7 +129,8 @@ def run_stage(ctx: Context, stage: str, *, settings_name: str, settings: dict[st
                   # which split: the report pairs each method with the pretrain of its own split
                   "splits_hash": fp["parts"]["splits"],
                   "seconds": time.perf_counter() - start, **out.record}
-        record.update(evaluate_splits(ctx, out.params))
+        if evaluate:  # an ensemble's stacked parameters are evaluated member by member instead
+            record.update(evaluate_splits(ctx, out.params))
         extra = dict(out.metadata)
         if out.artifacts:
             extra["artifacts_hash"] = checkpoints.save_tree(rdir, checkpoints.ARTIFACTS_DIR,
@@ -163,6 +172,62 @@ def calibration_stage(ctx: Context, init_params) -> tuple[dict, Any]:
     record, params = _train(ctx, privacy.CALIBRATION, init_params, keep,
                             privacy.calibration_settings(ctx), "calibration")
     return {**record, "held_out_identities": [int(i) for i in identities]}, params
+
+
+def member_context(ctx: Context, k: int) -> Context:
+    """The context of ensemble member ``k``: the study's split, training seed ``seed + k``
+    (member 0 is the study's own seed, member 1 the reference context's: ``retrain_2``)."""
+    config = ctx.config.copy_and_resolve_references()
+    config.split_seed = split_seed(ctx.config)
+    config.seed = ctx.config.seed + k
+    return dataclasses.replace(ctx, config=config)
+
+
+def ensemble_stage(ctx: Context, stage: str) -> tuple[dict, Any]:
+    """``config.ensemble.size`` members of ``stage`` (pretrain or retrain) trained together
+    (``oneshui_jax/ensemble.py``), member ``k`` exactly as the stage trained alone with
+    training seed ``seed + k`` (:func:`member_context`: its initial head, data order and
+    augmentation), stored as one stage ``<stage>_ensemble<K>`` of stacked parameters, reused
+    and fingerprinted like any other. ``(record, stacked params)``; the record (not a row of
+    the table) holds each member's best epoch and history."""
+    from oneshui_jax import ensemble
+
+    size = int(ctx.config.ensemble.size)
+    members = [member_context(ctx, k) for k in range(size)]
+    inits = [initial_params(m) for m in members]
+    template = ensemble.stack(inits)
+    tcfg, ds, config = ctx.train_config, ctx.dataset, ctx.config
+    train_idx = ctx.images[TRAINING_STAGES[stage]]
+
+    def body(rdir: str, checkpointer) -> StageOutput:
+        steps = pipeline.steps_per_epoch(len(train_idx), tcfg.batch_size)
+        iterators = []
+        for m in members:
+            pcfg = m.pipeline_config(tcfg.batch_size, crop_scale=tuple(config.data.crop_scale))
+            iterators.append(pipeline.to_iterator(
+                pipeline.train_dataset(ds.source, train_idx, pcfg, tcfg.epochs), pcfg))
+        val_cfg = ctx.pipeline_config(config.data.eval_batch_size)
+
+        def validate_fn(params):
+            return train_lib.evaluate(
+                ctx.eval_step, params,
+                pipeline.eval_batches(ds.source, ctx.images["val"], val_cfg), ds.task,
+                score_dtype=tcfg.score_dtype)
+
+        logging.info("%s: %d members of %d images, %d steps/epoch -> %s", stage, size,
+                     len(train_idx), steps, rdir)
+        result = ensemble.fit(ctx.model_cfg, tcfg, inits, iterators, steps, validate_fn,
+                              desc=f"{stage} ensemble")
+        return StageOutput(result.params, {"access": "ensemble", "members": size,
+                                           "training_seeds": [m.config.seed for m in members],
+                                           "best_epochs": result.best_epochs,
+                                           "images_per_s": result.images_per_s,
+                                           "histories": result.histories})
+
+    settings = {**config.train.to_dict(), "members": size}
+    return run_stage(ctx, f"{stage}_ensemble{size}", settings_name="train", settings=settings,
+                     template=template, parent_hash=checkpoints.params_hash(template),
+                     body=body, training=True, access="ensemble", evaluate=False)
 
 
 def _train(ctx: Context, stage: str, init_params, train_idx, settings: dict[str, Any],

@@ -57,6 +57,9 @@ SETTINGS: dict[str, ranges.Range] = {
     "mia.subsample_z": ranges.COUNT,
     "mia.subsample_val": ranges.COUNT,
     "mia.cache_mb": ranges.Range("a finite number of MB >= 0", low=0.0),
+    "ensemble.size": ranges.Range("0 (no ensembles) or an int >= 3 (the per-person test fits "
+                                  "each group without the model it scores)", integer=True,
+                                  low=3, also=(0,)),
     "mia.rmia_point": ranges.Range("(gamma, a), two numbers > 0 (a point of RMIA's grid), or () "
                                    "for no fixed point", low=0.0, low_open=True, sequence=True,
                                    length=2, optional=True),
