@@ -13,7 +13,7 @@ from oneshui_jax import train as train_lib
 from oneshui_jax.data import pipeline
 from oneshui_jax.errors import CheckpointError, ConfigError
 from oneshui_jax.mia import rmia
-from oneshui_jax.study import privacy
+from oneshui_jax.study import plan, privacy
 from oneshui_jax.study.context import dataset_folder
 
 
@@ -115,6 +115,10 @@ def test_rmia_builds_its_reference_models_and_attacks_models_and_people(small_st
     assert held["auc"] == pytest.approx(100 * at["auc"])
     assert held["tpr_at_1pct"] == pytest.approx(100 * at["tpr_at_1pct"])
     assert "RMIA AUC, held-out selection" in md and "RMIA AUC, fixed point" in md
+    done, reason, plans = plan.check(config)  # the sweep's skip knows the calibration model
+    assert done, reason
+    assert (privacy.CALIBRATION, calibration_dir, "reuse") in [
+        (p.stage, p.run_dir, p.decision) for p in plans]
 
     # a rerun reuses the reference model and every model's cached signals: no forward pass
     stamp = os.path.getmtime(os.path.join(ref_dir, checkpoints.METADATA_FILE))

@@ -28,20 +28,26 @@ def test_the_statistic_is_the_logit_of_the_true_labels_probability():
         ulira.person_statistic(np.arange(6.0), ids, [9])
 
 
-def test_leave_one_out_scores_equal_a_naive_loop():
+def test_leave_one_pair_out_scores_equal_a_naive_loop():
     rng = np.random.default_rng(1)
-    u, r = rng.normal(1, 0.5, (5, 3)), rng.normal(0, 0.7, (4, 3))
+    u, r = rng.normal(1, 0.5, (5, 3)), rng.normal(0, 0.7, (5, 3))
     held_u, held_r = ulira.scores(u, r)
     for k in range(5):
-        others = np.delete(u, k, 0)
-        expected = (norm.logpdf(u[k], others.mean(0), others.std(0, ddof=1))
-                    - norm.logpdf(u[k], r.mean(0), r.std(0, ddof=1)))
-        np.testing.assert_allclose(held_u[k], expected, rtol=1e-9)
-    for k in range(4):
-        others = np.delete(r, k, 0)
-        expected = (norm.logpdf(r[k], u.mean(0), u.std(0, ddof=1))
-                    - norm.logpdf(r[k], others.mean(0), others.std(0, ddof=1)))
-        np.testing.assert_allclose(held_r[k], expected, rtol=1e-9)
+        ou, orr = np.delete(u, k, 0), np.delete(r, k, 0)
+        for x, got in ((u[k], held_u[k]), (r[k], held_r[k])):
+            expected = (norm.logpdf(x, ou.mean(0), ou.std(0, ddof=1))
+                        - norm.logpdf(x, orr.mean(0), orr.std(0, ddof=1)))
+            np.testing.assert_allclose(got, expected, rtol=1e-9)
+
+
+def test_with_three_models_per_group_the_null_is_centred_at_50():
+    """The smallest ensembles: over many draws of two groups of three models from one
+    distribution, the AUC averages 50 (leaving out the scored model alone would fit its group to
+    two models and the other to three, and average well below 50)."""
+    rng = np.random.default_rng(3)
+    aucs = [ulira._auc(*ulira.scores(_members(rng, 3, 10, 0.0), _members(rng, 3, 10, 0.0)))
+            for _ in range(300)]
+    assert abs(100 * np.mean(aucs) - 50) < 1.5
 
 
 def _members(rng, k, people, shift):
@@ -66,8 +72,10 @@ def test_models_that_saw_the_person_are_told_apart_and_two_oracle_groups_are_not
 
 def test_too_few_members_or_other_people_are_one_error():
     with pytest.raises(ValueError, match="at least 3 models per group"):
-        ulira.scores(np.zeros((2, 4)), np.zeros((5, 4)))
-    with pytest.raises(ValueError, match="of the same people"):
+        ulira.scores(np.zeros((2, 4)), np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="of the same people in each group"):
         ulira.scores(np.zeros((4, 4)), np.zeros((4, 3)))
+    with pytest.raises(ValueError, match="as many models"):
+        ulira.scores(np.zeros((4, 4)), np.zeros((5, 4)))
     flat = ulira.test(np.zeros((3, 2)), np.zeros((3, 2)))  # identical members: no NaN
     assert flat["auc"] == pytest.approx(50.0)

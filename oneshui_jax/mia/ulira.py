@@ -11,9 +11,13 @@ retrained models. For 1-SHUI the example is a person:
   attributes; classification: ``p = softmax(z)[y]``.
 * **test** (:func:`test`): with K "unlearned" models (the method applied to K pretrained
   members) and K "retrained" members, each person's statistic is modelled by one Gaussian per
-  group. Leave one out: every held-out model is scored, for every person, by the log likelihood
-  ratio ``log N(φ; μ_u, σ_u) − log N(φ; μ_r, σ_r)`` of Gaussians fitted to the *other* models of
-  each group. Unlearned models are the positives, retrained ones the negatives.
+  group. Leave one pair out: for each ``k``, the Gaussians are fitted to the unlearned and the
+  retrained models other than the ``k``-th of each, and both ``k``-th models are scored, for
+  every person, by the log likelihood ratio ``log N(φ; μ_u, σ_u) − log N(φ; μ_r, σ_r)``.
+  Unlearned models are the positives, retrained ones the negatives. Both fits always rest on
+  K − 1 models, so when the groups do not differ the two scores are exchangeable and the AUC is
+  50 in expectation (leaving out the scored model alone would fit its own group to K − 1 models
+  and the other to K, which biases the AUC below 50 for small K).
 
 Reported: the AUC over (person, model) pairs with a 95% interval by resampling people, the TPR
 at 1% and 10% FPR, and the share of people the test tells apart at 5% FPR (the threshold is the
@@ -81,22 +85,22 @@ def _leave_one_out(stats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def scores(unlearned: np.ndarray, retrained: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``([K_u, P], [K_r, P])`` leave-one-out log likelihood ratios of each unlearned and each
-    retrained model, per person (higher: more like the unlearned group)."""
+    """``([K, P], [K, P])`` leave-one-pair-out log likelihood ratios of each unlearned and each
+    retrained model, per person (module docstring; higher: more like the unlearned group)."""
     u, r = np.asarray(unlearned, np.float64), np.asarray(retrained, np.float64)
-    if u.ndim != 2 or r.ndim != 2 or u.shape[1] != r.shape[1]:
-        raise ValueError(f"expected [models, people] statistics of the same people, got "
-                         f"{u.shape} and {r.shape}")
-    if min(u.shape[0], r.shape[0]) < MIN_MEMBERS:
+    if u.ndim != 2 or r.ndim != 2 or u.shape != r.shape:
+        raise ValueError(f"expected [models, people] statistics of as many models of the same "
+                         f"people in each group, got {u.shape} and {r.shape}")
+    if u.shape[0] < MIN_MEMBERS:
         raise ValueError(f"the per-person test needs at least {MIN_MEMBERS} models per group "
-                         f"(config.ensemble.size), got {u.shape[0]} and {r.shape[0]}")
-    u_mean, u_std = u.mean(0), np.maximum(u.std(0, ddof=1), STD_FLOOR)
-    r_mean, r_std = r.mean(0), np.maximum(r.std(0, ddof=1), STD_FLOOR)
-    u_loo_mean, u_loo_std = _leave_one_out(u)
-    r_loo_mean, r_loo_std = _leave_one_out(r)
-    held_u = _log_normal(u, u_loo_mean, u_loo_std) - _log_normal(u, r_mean, r_std)
-    held_r = _log_normal(r, u_mean, u_std) - _log_normal(r, r_loo_mean, r_loo_std)
-    return held_u, held_r
+                         f"(config.ensemble.size), got {u.shape[0]}")
+    u_mean, u_std = _leave_one_out(u)  # [K, P]: the fits without the k-th model
+    r_mean, r_std = _leave_one_out(r)
+
+    def ratio(x):
+        return _log_normal(x, u_mean, u_std) - _log_normal(x, r_mean, r_std)
+
+    return ratio(u), ratio(r)
 
 
 def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
