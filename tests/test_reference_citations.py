@@ -168,15 +168,17 @@ def _read(rel: str) -> str:
         return f.read()
 
 
+def _texts_but_the_page():
+    """``(file, text)`` of every scanned file but the page itself."""
+    page = os.path.relpath(PAGE, REPO)
+    return [(rel, _read(rel)) for rel in scanned_files() if rel != page]
+
+
 def repository_citations() -> list[tuple[str, int, set[str]]]:
     """(file, line, cited) of every citation outside the page itself (the page's own
     cross-references are checked by ``test_the_page_cross_references_resolve``)."""
-    page = os.path.relpath(PAGE, REPO)
     out = []
-    for rel in scanned_files():
-        if rel == page:
-            continue
-        text = _read(rel)
+    for rel, text in _texts_but_the_page():
         for offset, items in citations(text):
             out.append((rel, text.count("\n", 0, offset) + 1, items))
     return out
@@ -213,12 +215,8 @@ def test_every_citation_resolves_to_a_heading_of_the_page(page):
 
 def test_every_spec_md_mention_names_a_section():
     """``SPEC.md`` is a citation, never a file to open: a section must follow it."""
-    page = os.path.relpath(PAGE, REPO)
     dangling = []
-    for rel in scanned_files():
-        if rel == page:
-            continue
-        text = _read(rel)
+    for rel, text in _texts_but_the_page():
         resolved = {m.start() for m in SPEC_CITATION.finditer(text)}
         dangling += [f"{rel}:{text.count(chr(10), 0, m.start()) + 1}"
                      for m in re.finditer(r"\bSPEC\.md\b", text) if m.start() not in resolved]
