@@ -24,6 +24,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from oneshui_jax import hparams
+from oneshui_jax.metrics import SECOND_ORACLE
 from oneshui_jax.unlearn import api, registry
 
 # Methods a config file can name: the reference's table, then the API's methods it lacks.
@@ -40,7 +41,7 @@ METHOD_GROUPS = {"one_shot": ONE_SHOT, "all": ALL}
 METHOD_CHOICES = METHODS + tuple(METHOD_GROUPS)  # every value of a config's ``method=``
 # The stages every study starts with: the model, the oracle and a second oracle (another
 # training seed, the same data), whose ToW against the first is the noise floor of ToW.
-TRAINING = ("pretrain", "retrain", "retrain_2")
+TRAINING = ("pretrain", "retrain", SECOND_ORACLE)  # metrics.SECOND_ORACLE: the ToW noise floor
 
 _TRUE = ("true", "t", "y", "yes", "1")
 _FALSE = ("false", "f", "n", "no", "0")

@@ -81,6 +81,11 @@ def task_metric(task: str, logits: np.ndarray, targets: np.ndarray,
     raise ValueError(f"unknown task {task!r}; expected 'multilabel' or 'classification'")
 
 
+SECOND_ORACLE = "retrain_2"
+"""The stage that retrains again (the same data, every other draw from ``seed + 1``): its ToW
+against retrain is the noise floor of ToW (study and report)."""
+
+
 def tow(metrics: dict[str, float], retrain: dict[str, float],
         splits: tuple[str, ...] = TABLE_SPLITS) -> float:
     """Tug-of-War: 100 * prod over splits of (1 - |metric - retrained metric| / 100)."""

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import scipy.stats
 
-from oneshui_jax.metrics import EVAL_SPLITS
+from oneshui_jax.metrics import EVAL_SPLITS, SECOND_ORACLE
 
 # The privacy evaluation's numbers in a record (all in %): stat name -> (path under
 # ``record["mia"]``, column header or None for CSV / JSON only). ``loss_rf``: the reference's
@@ -284,7 +284,6 @@ def roc_curves(records: Sequence[Row]) -> dict[str, dict[str, tuple[Any, Any, fl
 
 
 
-SECOND_ORACLE = "retrain_2"  # study.validate.SECOND_ORACLE: retrain again, training seed + 1
 
 
 def oracle_floor(records: Sequence[Row]) -> dict[tuple[Any, str, Any], Row]:
@@ -294,19 +293,19 @@ def oracle_floor(records: Sequence[Row]) -> dict[tuple[Any, str, Any], Row]:
     plus ``floor`` (retrain_2's mean ToW against retrain) and ``reaches``: whether the method is
     as close to the oracle as another oracle is, i.e. the difference's 95% interval reaches 0
     (with one seed: the difference itself is ≥ 0). Empty without a retrain_2 record."""
-    floors = {(r.get("group"), r.get("num_identities")): [] for r in records
-              if r["method"] == SECOND_ORACLE}
+    floors: dict[tuple[Any, Any], list[float]] = {}
     for r in records:
         if r["method"] == SECOND_ORACLE and r.get("tow") is not None:
-            floors[(r.get("group"), r.get("num_identities"))].append(float(r["tow"]))
+            floors.setdefault((r.get("group"), r.get("num_identities")), []).append(
+                float(r["tow"]))
     out = {}
     for row in paired(records, baseline=SECOND_ORACLE, stats=("tow",)):
         entry = dict(row["tow"])
         if entry["mean"] is None:
             continue
         top = entry["interval"][1] if entry["interval"] is not None else entry["mean"]
-        tows = floors.get((row.get("group"), row.get("num_identities"))) or [None]
-        entry["floor"] = None if None in tows else float(np.mean(tows))
+        tows = floors.get((row.get("group"), row.get("num_identities")))
+        entry["floor"] = float(np.mean(tows)) if tows else None
         entry["reaches"] = bool(top >= 0.0)
         out[(row.get("group"), row["method"], row.get("num_identities"))] = entry
     return out

@@ -72,6 +72,13 @@ def _paired_cell(entry: Row) -> str:
     return text
 
 
+def _table(head: Sequence[str], left: int, rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table: ``head``, its first ``left`` columns left-aligned, the others right."""
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join("---" if i < left else "---:" for i in range(len(head))) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
 def paired_table(rows: Sequence[Row], metric_name: str,
                  floor: dict[Any, Row] | None = None) -> str:
     """The paired differences as markdown: ToW per seed, then mean ± std [95% interval] of the
@@ -84,9 +91,7 @@ def paired_table(rows: Sequence[Row], metric_name: str,
         "seeds", "ToW per seed", "ToW", f"forget {metric_name}", f"retain {metric_name}",
         f"test {metric_name}"] + (["ToW − retrain_2's", "within the oracles' spread"]
                                   if floor else [])
-    lines = ["| " + " | ".join(head) + " |",
-             "|" + "|".join("---" if i < 3 + several_n + grouped else "---:"
-                            for i in range(len(head))) + "|"]
+    body = []
     for row in rows:
         per_seed = ", ".join("" if v is None else _signed(v) for v in row["tow"]["values"])
         cells = [str(row["method"])] + ([_group_text(row)] if grouped else [])
@@ -99,8 +104,8 @@ def paired_table(rows: Sequence[Row], metric_name: str,
             entry = floor.get((row.get("group"), row["method"], row.get("num_identities")))
             cells += ["", ""] if entry is None else [
                 _paired_cell(entry), "yes" if entry["reaches"] else "no"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return _table(head, 3 + several_n + grouped, body)
 
 
 def _size(value: float | None) -> str:
@@ -115,9 +120,7 @@ def power_table(rows: Sequence[Row], metric_name: str) -> str:
     head = (["method"] + (["config"] if grouped else []) + (["N"] if several_n else [])
             + ["seeds", "smallest ToW difference", f"smallest forget {metric_name} difference",
                "seeds for 1 ToW point"])
-    lines = ["| " + " | ".join(head) + " |",
-             "|" + "|".join("---" if i < 2 + several_n + grouped else "---:"
-                            for i in range(len(head))) + "|"]
+    body = []
     for row in rows:
         cells = [str(row["method"])] + ([_group_text(row)] if grouped else [])
         cells += [str(row["num_identities"])] if several_n else []
@@ -126,8 +129,8 @@ def power_table(rows: Sequence[Row], metric_name: str) -> str:
                   _size(row["forget_metric"]["detectable"]),
                   "" if row["tow"]["std"] is None else (
                       f"> {power.MAX_SEEDS}" if needed is None else str(needed))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return _table(head, 2 + several_n + grouped, body)
 
 
 POWER_LINE = ("Power (80%, two-sided 5% paired t-test with the seeds' own spread; "
@@ -311,6 +314,7 @@ def markdown_report(records: Sequence[Row]) -> str:
     """The content of results.md: title, table(s), legend."""
     metric = _metric_name_of(records)
     parts = [f"# Results: {subject(records)}", ""]
+    floor = oracle_floor(records)
     if has_repeated_seeds(records):
         rows = aggregate(records)
         parts += ["Mean ± sample std [95% t-interval of the mean] over seeds:", "",
@@ -319,14 +323,14 @@ def markdown_report(records: Sequence[Row]) -> str:
         if differences:
             parts += ["Paired with pretrain on the same split (method − pretrain per seed; "
                       "mean ± sample std [95% t-interval] over seeds):", "",
-                      paired_table(differences, metric, oracle_floor(records)), "",
-                      *_pretrain_floor(records),
+                      paired_table(differences, metric, floor), "",
+                      *_pretrain_floor(floor),
                       POWER_LINE, "", power_table(power.power_rows(differences), metric), ""]
-        parts += ["Per run:", ""]
-    parts += [markdown_table(records, metric), ""]
-    if not has_repeated_seeds(records):
-        floor = floor_line(records)
-        parts += [floor, ""] if floor else []
+        parts += ["Per run:", "", markdown_table(records, metric), ""]
+    else:
+        parts += [markdown_table(records, metric), ""]
+        line = floor_line(records, floor)
+        parts += [line, ""] if line else []
         parts += [ONE_SEED_POWER_LINE, ""] if paired(records) else []
     parts += [legend(metric, _attack_columns(records)), ""]
     if roc_curves(records):
@@ -334,11 +338,11 @@ def markdown_report(records: Sequence[Row]) -> str:
     return "\n".join(parts)
 
 
-def _pretrain_floor(records: Sequence[Row]) -> list[str]:
-    """Under the paired table: pretrain's ToW against the second oracle's (is the study able to
-    tell an untouched model from an oracle at all?)."""
+def _pretrain_floor(floor: dict[Any, Row]) -> list[str]:
+    """Under the paired table: pretrain's ToW against the second oracle's (``floor``:
+    ``stats.oracle_floor``; is the study able to tell an untouched model from an oracle?)."""
     lines = []
-    for (group, method, n), entry in oracle_floor(records).items():
+    for (group, method, n), entry in floor.items():
         if method == "pretrain":
             where = "within" if entry["reaches"] else "outside"
             lines += [f"pretrain{f' ({group})' if group else ''}, N={n}: ToW − {SECOND_ORACLE}'s "
@@ -346,11 +350,11 @@ def _pretrain_floor(records: Sequence[Row]) -> list[str]:
     return lines
 
 
-def floor_line(records: Sequence[Row]) -> str | None:
+def floor_line(records: Sequence[Row], floor: dict[Any, Row] | None = None) -> str | None:
     """One study's noise floor of ToW in words: retrain_2's ToW against retrain, and which
-    methods reach it (``stats.oracle_floor``, one seed); None without retrain_2 or with several
-    seeds (the paired table says it per method then)."""
-    floor = oracle_floor(records)
+    methods reach it (``floor``: ``stats.oracle_floor(records)``, computed when not given; one
+    seed); None without retrain_2 or with several seeds (the paired table says it then)."""
+    floor = oracle_floor(records) if floor is None else floor
     if not floor or has_repeated_seeds(records):
         return None
     value = next(iter(floor.values()))["floor"]

@@ -122,6 +122,15 @@ def split_seed(config) -> int:
     return config.seed if value is None else value
 
 
+def seeded_context(ctx: Context, seed: int) -> Context:
+    """``ctx`` with every draw but the split's from ``seed``: the same data and split
+    (``config.split_seed`` keeps it), another initial head, data order and augmentation."""
+    config = ctx.config.copy_and_resolve_references()
+    config.split_seed = split_seed(ctx.config)
+    config.seed = seed
+    return dataclasses.replace(ctx, config=config)
+
+
 def model_config(config, num_classes: int) -> vit.ViTConfig:
     return vit.ViTConfig.preset(config.model.name, num_classes=num_classes,
                                 image_size=config.data.image_size)

@@ -36,7 +36,6 @@ Each target's record gains ``mia.rmia`` (``auc``, ``tpr_at_1e-4`` and ``tpr_at_1
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -48,7 +47,7 @@ from absl import logging
 from oneshui_jax import checkpoints, files, interrupts, sharding
 from oneshui_jax.data import pipeline
 from oneshui_jax.mia import rmia
-from oneshui_jax.study.context import Context, split_seed
+from oneshui_jax.study.context import Context, seeded_context
 
 
 def probabilities(losses: np.ndarray, task: str, num_classes: int) -> np.ndarray:
@@ -86,22 +85,20 @@ def held_out(ctx: Context) -> tuple[np.ndarray, np.ndarray]:
     return identities, retain[np.isin(owners, identities)]
 
 
-def calibration_settings(ctx: Context) -> dict[str, Any]:
+def calibration_settings(ctx: Context, identities: np.ndarray | None = None) -> dict[str, Any]:
     """The calibration model's settings (its fingerprint): ``config.train`` and the held-out
-    identities it is trained without."""
-    return {**ctx.config.train.to_dict(),
-            "held_out_identities": [int(i) for i in held_out(ctx)[0]]}
+    identities it is trained without (``held_out``'s, unless given)."""
+    identities = held_out(ctx)[0] if identities is None else identities
+    return {**ctx.config.train.to_dict(), "held_out_identities": [int(i) for i in identities]}
 
 
 def reference_context(ctx: Context) -> Context:
     """The context of a target's reference model: the same data and split, ``seed + 1`` for
     every other draw (``config.split_seed`` keeps the split)."""
-    config = ctx.config.copy_and_resolve_references()
-    config.split_seed = split_seed(ctx.config)
-    config.seed = ctx.config.seed + 1
-    if "mia" in config:  # the reference model's own loss attack is never reported
-        config.mia.loss_rf = False
-    return dataclasses.replace(ctx, config=config)
+    other = seeded_context(ctx, ctx.config.seed + 1)
+    if "mia" in other.config:  # the reference model's own loss attack is never reported
+        other.config.mia.loss_rf = False
+    return other
 
 
 _SUBSAMPLE_STREAM = 5  # the random stream of the subsample draws, after the seed
@@ -227,6 +224,21 @@ def signals(ctx: Context, params, passes: Passes,
     return out
 
 
+def _grid(ctx: Context, variant: str, target: dict[str, np.ndarray],
+          reference: dict[str, np.ndarray], members: str) -> list[dict]:
+    """RMIA's grid (``rmia.score_grid``, or on probabilities ``score_grid_canonical`` for the
+    ``canonical`` variant) of the ``members`` rows against the val rows; reads the ``z``,
+    ``members`` and ``val`` rows only."""
+    rows = ("z", members, "val")
+    if variant == "canonical":
+        convert = lambda x: probabilities(x, ctx.dataset.task, ctx.dataset.num_classes)  # noqa: E731
+        target = {k: convert(target[k]) for k in rows}
+        reference = {k: convert(reference[k]) for k in rows}
+    score = rmia.score_grid_canonical if variant == "canonical" else rmia.score_grid
+    return score(target["z"], reference["z"], target[members], reference[members],
+                 target["val"], reference["val"])
+
+
 def attack(ctx: Context, target: dict[str, np.ndarray], reference: dict[str, np.ndarray],
            variant: str = "reference", rows: dict[str, np.ndarray] | None = None,
            selected: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -237,13 +249,7 @@ def attack(ctx: Context, target: dict[str, np.ndarray], reference: dict[str, np.
     from oneshui_jax.mia import per_person, roc
 
     rows = plan(ctx) if rows is None else rows
-    if variant == "canonical":
-        convert = lambda x: probabilities(x, ctx.dataset.task, ctx.dataset.num_classes)
-        target = {k: convert(v) for k, v in target.items()}
-        reference = {k: convert(v) for k, v in reference.items()}
-    score = rmia.score_grid_canonical if variant == "canonical" else rmia.score_grid
-    grid = score(target["z"], reference["z"], target["forget"], reference["forget"],
-                 target["val"], reference["val"])
+    grid = _grid(ctx, variant, target, reference, "forget")
     fixed = fixed_point(ctx.config, grid) if ctx is not None else {}  # None: the grid alone
     if selected is not None:  # the point chosen on the held-out request (Evaluation.calibrate)
         fixed["rmia_held_out"] = _at_point_entry(grid, selected["gamma"], selected["a"])
@@ -289,7 +295,6 @@ def attack(ctx: Context, target: dict[str, np.ndarray], reference: dict[str, np.
 def fixed_point(config, grid: list[dict]) -> dict[str, Any]:
     """``{"rmia_fixed": ...}``: the attack at ``config.mia.rmia_point`` (γ, a), a point stated
     before the study (``rmia.at_point``), in %; ``{}`` when the config names none."""
-
     point = config.mia.get("rmia_point")
     if not point:
         return {}
@@ -315,14 +320,8 @@ def select_on_held_out(ctx: Context, target: dict[str, np.ndarray],
     equal ones, in the grid's order): with about a hundred members and a thousand
     non-members, a TPR at 1% FPR rests on ten non-members and is too noisy to choose by. Reads
     the ``z``, ``held_out`` and ``val`` rows only: never a forget or test image."""
-    score = (rmia.score_grid_canonical
-             if ctx.config.mia.get("rmia_variant", "reference") == "canonical" else rmia.score_grid)
-    if ctx.config.mia.get("rmia_variant", "reference") == "canonical":
-        convert = lambda x: probabilities(x, ctx.dataset.task, ctx.dataset.num_classes)  # noqa: E731
-        target = {k: convert(target[k]) for k in ("z", "held_out", "val")}
-        reference = {k: convert(reference[k]) for k in ("z", "held_out", "val")}
-    grid = score(target["z"], reference["z"], target["held_out"], reference["held_out"],
-                 target["val"], reference["val"])
+    grid = _grid(ctx, ctx.config.mia.get("rmia_variant", "reference"), target, reference,
+                 "held_out")
     chosen = grid[0]
     for entry in grid[1:]:
         if entry["auc"] > chosen["auc"]:

@@ -42,7 +42,7 @@ from oneshui_jax.study.context import (
     Context,
     evaluate_splits,
     initial_params,
-    split_seed,
+    seeded_context,
     wants_loss_attack,
 )
 from oneshui_jax.study.validate import SECOND_ORACLE, TRAINING_STAGES
@@ -170,17 +170,14 @@ def calibration_stage(ctx: Context, init_params) -> tuple[dict, Any]:
     identities, images = privacy.held_out(ctx)
     keep = np.setdiff1d(np.asarray(ctx.images["retain"]), images)
     record, params = _train(ctx, privacy.CALIBRATION, init_params, keep,
-                            privacy.calibration_settings(ctx), "calibration")
+                            privacy.calibration_settings(ctx, identities), "calibration")
     return {**record, "held_out_identities": [int(i) for i in identities]}, params
 
 
 def member_context(ctx: Context, k: int) -> Context:
     """The context of ensemble member ``k``: the study's split, training seed ``seed + k``
     (member 0 is the study's own seed, member 1 the reference context's: ``retrain_2``)."""
-    config = ctx.config.copy_and_resolve_references()
-    config.split_seed = split_seed(ctx.config)
-    config.seed = ctx.config.seed + k
-    return dataclasses.replace(ctx, config=config)
+    return seeded_context(ctx, ctx.config.seed + k)
 
 
 def ensemble_stage(ctx: Context, stage: str) -> tuple[dict, Any]:

@@ -24,13 +24,13 @@ from oneshui_jax import ranges
 from oneshui_jax import train as train_lib
 from oneshui_jax.data import catalog
 from oneshui_jax.errors import ConfigError
+from oneshui_jax.metrics import SECOND_ORACLE
 from oneshui_jax.mia import rmia
 from oneshui_jax.models import vit
 from oneshui_jax.unlearn import api, registry
 
-# A second retrained model: the same split and data as retrain, every other draw from seed + 1
+# SECOND_ORACLE (metrics): the same split and data as retrain, every other draw from seed + 1
 # (study/privacy.reference_context); its ToW against retrain is the noise floor of ToW.
-SECOND_ORACLE = "retrain_2"
 TRAINING_STAGES = {"pretrain": "train", "retrain": "retain",
                    SECOND_ORACLE: "retain"}  # stage -> identities it fits
 RMIA_VARIANTS = ("reference", "canonical")  # config.mia.rmia_variant (study/privacy.py)
