@@ -66,7 +66,7 @@ def measure(cfg, tcfg, members, batch_size, steps):
             "step_ms": 1e3 * seconds, "compile_s": compile_s}
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="vit_small_demo")
     parser.add_argument("--members", default="1,4,8,16")
@@ -74,7 +74,7 @@ def main():
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", default="bench_out/ensemble.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cfg = vit.ViTConfig.preset(args.model, num_classes=40)
     tcfg = train_lib.TrainConfig(task="multilabel", compute_dtype=args.dtype, epochs=1,
                                  batch_size=1, lr=1.0, warmup_epochs=0)
@@ -100,6 +100,7 @@ def main():
         json.dump(result, f, indent=1)
     os.replace(args.out + ".tmp", args.out)
     print(f"wrote {args.out}")
+    return result
 
 
 if __name__ == "__main__":

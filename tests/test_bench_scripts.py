@@ -1,7 +1,7 @@
 """The GPU check's own scripts, on CPU: bench/gpu_summary.py (ratios and targets from the
 sections' JSON), bench/profile_ops.py (a jax.profiler trace summarised op by op) and
-bench/gpu_check.sh (its syntax, its section argument), and bench/ap_scores.py on the shared small
-study. Nothing is timed."""
+bench/gpu_check.sh (its syntax, its section argument), bench/ensemble.py on a tiny model, and
+bench/ap_scores.py on the shared small study. Nothing is timed."""
 
 import gzip
 import importlib.util
@@ -25,6 +25,7 @@ def _load(name):
 
 gpu_summary = _load("gpu_summary")
 profile_ops = _load("profile_ops")
+ensemble_bench = _load("ensemble")
 
 # The keys the scripts write (bench/results/h100_*.json; the anchor's print in ../shared/anchors).
 ANCHOR = {"framework": "torch 2.11.0", "device": "cuda", "gpu": "NVIDIA H200",
@@ -210,6 +211,21 @@ def test_profile_ops_traces_a_tiny_train_step(tmp_path):
         md = f.read()
     assert "| op | module | count | total ms | share |" in md and names[0] in md
     assert result["steps"]["train"]["top_ops"] == train["top_ops"]
+
+
+def test_ensemble_bench_measures_members_against_one_model(tmp_path):
+    out = str(tmp_path / "ensemble.json")
+    result = ensemble_bench.main(["--model", "vit_tiny_test", "--members", "2,3", "--batch", "4",
+                                  "--steps", "1", "--out", out])
+    with open(out) as f:
+        assert json.load(f) == json.loads(json.dumps(result))
+    rows = result["rows"]
+    assert [r["members"] for r in rows] == [1, 2, 3]  # one model is always the baseline
+    assert rows[0]["speedup_vs_one_at_a_time"] == 1.0
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["step_ms"] > 0
+        assert r["speedup_vs_one_at_a_time"] == pytest.approx(
+            r["images_per_s"] / rows[0]["images_per_s"])
 
 
 def test_gpu_check_script(tmp_path):
